@@ -1,0 +1,1 @@
+"""Gradio chat demo."""

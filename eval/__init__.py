@@ -1,0 +1,1 @@
+"""Evaluation: multiple-choice video QA, V-NIAH, lmms-eval wrapper, memory profiling."""

@@ -1,0 +1,1 @@
+"""Training recipes: encoder pretraining, classification, VideoLLM fine-tuning, synthetic data."""

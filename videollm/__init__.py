@@ -1,0 +1,1 @@
+"""VideoLLM: VideoMAP encoder → projector → Hugging Face causal LM."""

@@ -1,0 +1,5 @@
+import sys
+
+from videollm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""The `videollm` console script.
+
+The one place that knows every package. A subcommand's module is imported only when that
+subcommand runs, so ``videollm --help`` answers without loading torch. Each subcommand module has
+``main(argv) -> int`` and is also runnable as ``python -m <module>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# (words, module, one-line help). Two-word commands are groups ("bench scan").
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("inspect",), "encoder.video_io", "print a video's metadata and the timestamps --frames N would sample"),
+    (("encode",), "encoder.encode", "run a VideoMAP / ViT encoder on a video and print shapes and time"),
+    (("bench", "scan"), "encoder.bench_scan", "time the selective scan: reference vs fast path (JSON)"),
+]
+
+
+def _usage() -> str:
+    lines = ["usage: videollm COMMAND [ARGS…]   (videollm COMMAND --help for details)", "", "commands:"]
+    for words, _, text in COMMANDS:
+        lines.append(f"  {' '.join(words):<16} {text}")
+    return "\n".join(lines)
+
+
+def _lookup(argv: list[str]):
+    for words, module, _ in sorted(COMMANDS, key=lambda c: -len(c[0])):
+        if tuple(argv[: len(words)]) == words:
+            return words, module
+    return None, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    words, module = _lookup(argv)
+    if module is None:
+        group = [c for c in COMMANDS if c[0][0] == argv[0]]
+        hint = f"; '{argv[0]}' takes one of: {', '.join(c[0][1] for c in group)}" if group else ""
+        print(f"error: unknown command '{' '.join(argv[:2])}'{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    from encoder.errors import run_cli
+
+    return run_cli(lambda rest: importlib.import_module(module).main(rest), argv[len(words):])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
