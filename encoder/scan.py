@@ -1,0 +1,206 @@
+"""Selective scan (Mamba's S6 recurrence), three implementations behind one signature.
+
+For channel d and state n, with ``Δ = softplus(delta + delta_bias)`` if asked::
+
+    h_t = exp(Δ_t · A) ⊙ h_{t-1} + Δ_t · B_t · u_t
+    y_t = <C_t, h_t> + D · u_t            then   y ⊙ silu(z)
+
+The signature and semantics are those of mamba-ssm's ``selective_scan_fn``:
+``u, delta: (b, d, l)``, ``A: (d, n)``, ``B, C: (b, n, l)`` or grouped ``(b, g, n, l)`` (channel
+d reads group ``d // (d / g)``) or time-invariant ``(d, n)``; ``D: (d,)``, ``z: (b, d, l)``,
+``delta_bias: (d,)``. Returns ``y: (b, d, l)`` and, with ``return_last_state``, ``h_l: (b, d, n)``.
+
+- `selective_scan_ref`: the sequential fp32 loop, the readable definition (parity tests).
+- `selective_scan_cpu`: a C++ kernel JIT-built with `torch.utils.cpp_extension` (see
+  ``csrc/selective_scan.cpp``), the default on CPU.
+- mamba-ssm's CUDA kernel when it imports and the tensors are on CUDA.
+
+`selective_scan` picks one by a single explicit condition and logs a fallback once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+try:  # Optional CUDA extra; it cannot import on machines without CUDA.
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
+except Exception:  # noqa: BLE001 - ImportError, or a CUDA/ABI error raised while importing
+    _mamba_selective_scan_fn = None
+
+
+def _expand_bc(X: torch.Tensor, b: int, d: int, l: int) -> torch.Tensor:
+    """B or C in any accepted layout → grouped ``(b, g, n, l)``."""
+    if X.dim() == 2:  # time-invariant (d, n): one group per channel
+        return X.t().reshape(1, d, 1, X.shape[1]).transpose(2, 3).expand(b, d, X.shape[1], l)
+    if X.dim() == 3:  # (b, n, l)
+        return X.unsqueeze(1)
+    if X.dim() == 4:
+        return X
+    raise ValueError(f"B/C must be (d, n), (b, n, l) or (b, g, n, l); got shape {tuple(X.shape)}")
+
+
+def _check(u, delta, A, B, C):
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (b, d, l); got {tuple(u.shape)} and {tuple(delta.shape)}")
+    b, d, l = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (d={d}, n); got {tuple(A.shape)}")
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported (VideoMAP uses real S4D init)")
+    for name, X in (("B", B), ("C", C)):
+        g = _expand_bc(X, b, d, l).shape[1]
+        if d % g:
+            raise ValueError(f"{name} has {g} groups, which does not divide d={d}")
+
+
+def _prepare_delta(delta, delta_bias, delta_softplus):
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def _finish(y, u, D, z, out_dtype):
+    if D is not None:
+        y = y + u.float() * D.float()[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The definition: a sequential loop over time in fp32.
+
+    u, delta: r(b d l); A: r(d n); B, C: r(d n) | r(b n l) | r(b g n l); D, delta_bias: r(d); z: r(b d l)
+    """
+    _check(u, delta, A, B, C)
+    out_dtype = u.dtype
+    b, d, l = u.shape
+    n = A.shape[1]
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    Bg, Cg = _expand_bc(B.float(), b, d, l), _expand_bc(C.float(), b, d, l)
+    # Each channel reads its group's B/C: (b, g, n, l) → (b, d, n, l) as a broadcastable view.
+    Bd = Bg.repeat_interleave(d // Bg.shape[1], dim=1) if Bg.shape[1] != d else Bg
+    Cd = Cg.repeat_interleave(d // Cg.shape[1], dim=1) if Cg.shape[1] != d else Cg
+    A = A.float()
+    uf = u.float()
+    h = uf.new_zeros(b, d, n)
+    ys = []
+    # unbind once, not index per step: indexing a slice per step makes autograd allocate a full
+    # zero gradient for every step, which turns the backward quadratic.
+    for u_t, dt_t, B_t, C_t in zip(uf.unbind(2), delta.unbind(2), Bd.unbind(3), Cd.unbind(3)):
+        h = torch.exp(dt_t[:, :, None] * A) * h + (dt_t * u_t)[:, :, None] * B_t  # (b, d, n)
+        ys.append((h * C_t).sum(-1))  # (b, d)
+    y = _finish(torch.stack(ys, dim=2), u, D, z, out_dtype)  # (b, d, l)
+    return (y, h) if return_last_state else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast CPU path: C++ kernel, JIT-built on first use (about a minute), then cached by torch.
+
+_CPU_EXT = None
+_CPU_EXT_ERROR: str | None = None
+_LOGGED: set[str] = set()
+
+
+def _log_once(key: str, msg: str, *args) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.warning(msg, *args)
+
+
+def load_cpu_kernel():
+    """Build (first time) and load the C++ scan kernel; returns None if it cannot be built."""
+    global _CPU_EXT, _CPU_EXT_ERROR
+    if _CPU_EXT is None and _CPU_EXT_ERROR is None:
+        from pathlib import Path
+
+        from torch.utils import cpp_extension
+
+        src = Path(__file__).with_name("csrc") / "selective_scan.cpp"
+        try:
+            # -march=native: the kernel is built on the machine that runs it, so its SIMD vectors
+            # use the widest registers there. Threads come from at::parallel_for.
+            _CPU_EXT = cpp_extension.load(
+                name="videomap_selective_scan_cpu",
+                sources=[str(src)],
+                extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
+                verbose=False,
+            )
+        except Exception as err:  # noqa: BLE001 - no compiler, no ninja, no headers …
+            _CPU_EXT_ERROR = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    return _CPU_EXT
+
+
+class _ScanCPU(torch.autograd.Function):
+    """The bare recurrence on the C++ kernel, in its layouts: u, delta (b, l, d); A (n, d);
+    B, C (b, g, l, n). Returns y (b, l, d) and the last state (b, d, n)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        y, last, states = _CPU_EXT.fwd(u, delta, A, B, C, any(ctx.needs_input_grad))
+        ctx.save_for_backward(u, delta, A, B, C, states)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, states = ctx.saved_tensors
+        dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+        b, _, d = u.shape
+        dlast = u.new_zeros(b, d, A.shape[0]) if dlast is None else dlast.contiguous()
+        return tuple(_CPU_EXT.bwd(u, delta, A, B, C, states, dy, dlast))
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The C++ kernel; same signature and results as `selective_scan_ref`."""
+    _check(u, delta, A, B, C)
+    if load_cpu_kernel() is None:
+        raise RuntimeError(f"the CPU selective-scan kernel could not be built: {_CPU_EXT_ERROR}")
+    b, d, l = u.shape
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    y, last = _ScanCPU.apply(
+        u.float().transpose(1, 2).contiguous(),  # (b, d, l) -> (b, l, d)
+        delta.transpose(1, 2).contiguous(),  # (b, d, l) -> (b, l, d)
+        A.float().t().contiguous(),  # (d, n) -> (n, d)
+        _expand_bc(B.float(), b, d, l).transpose(2, 3).contiguous(),  # (b, g, n, l) -> (b, g, l, n)
+        _expand_bc(C.float(), b, d, l).transpose(2, 3).contiguous(),
+    )
+    y = _finish(y.transpose(1, 2), u, D, z, u.dtype)  # (b, l, d) -> (b, d, l)
+    return (y, last) if return_last_state else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _pick_impl(device_type: str):
+    """The one condition that picks an implementation for tensors on `device_type`."""
+    if device_type == "cuda" and _mamba_selective_scan_fn is not None:
+        return _mamba_selective_scan_fn
+    if device_type == "cpu":
+        if load_cpu_kernel() is not None:
+            return selective_scan_cpu
+        _log_once("cpu", "selective_scan: C++ CPU kernel unavailable (%s); using the slow reference",
+                  _CPU_EXT_ERROR)
+        return selective_scan_ref
+    _log_once(device_type, "selective_scan: no fast kernel for %s tensors (mamba-ssm %s); using the "
+              "slow reference", device_type,
+              "not importable" if _mamba_selective_scan_fn is None else "is CUDA-only")
+    return selective_scan_ref
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """Dispatcher with mamba-ssm's ``selective_scan_fn`` signature (see module docstring)."""
+    impl = _pick_impl(u.device.type)
+    return impl(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                return_last_state=return_last_state)
