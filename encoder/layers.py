@@ -1,0 +1,283 @@
+"""Building blocks shared by the VideoMAP backbone (`encoder/videomap.py`) and the ViT baseline
+(`encoder/vit.py`): norms, drop-path, MLP, attention, the 3-D patch embedding, position tables
+and their interpolation, token masking and the common output type.
+
+Shape letters: B batch, C channels, T frames, H/W pixels, h/w patches per side, N = h·w patches
+per frame, L sequence length, D width, nh heads, hd head width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class VideoEncoderOutput(ModelOutput):
+    """What both video encoders return.
+
+    last_hidden_state: (B, 1 + T·N_visible, D), after the final norm; token 0 is the cls token,
+        then frame 1's visible patches, frame 2's, … (spatial-first).
+    pooler_output: (B, D), the cls token, or the mean of the patch tokens when ``pool="mean"``.
+    grid: (T, h, w), the token grid of the input before masking (h = H/P, w = W/P).
+    hidden_states: with ``output_hidden_states=True``, the input of every block plus the output of
+        the last one (before the final norm), each (B, 1 + T·N_visible, D).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    grid: tuple[int, int, int] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (no bias, no mean subtraction), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a whole residual branch per sample with probability p and
+    scale the kept ones by 1/(1-p); the identity in eval mode or when p == 0."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, …)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class MLP(nn.Module):
+    """Linear → GELU → Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`.
+
+    ``attn_mask`` follows SDPA: a bool tensor where True means "may attend", or a float tensor added
+    to the scores; it must broadcast to (B, nh, L, L). (Note the opposite sense of a token mask,
+    where True means "dropped".)
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, nh, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, nh, L, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, L, hd)
+        out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        return self.proj(out)
+
+
+class AttentionBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + DropPath(MHSA(RMSNorm(x))), then x + DropPath(MLP(RMSNorm(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 qkv_bias: bool = True, norm_eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = RMSNorm(dim, norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, hidden_states: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden_states stays positional: HF's checkpoint wrapper only tracks gradients of *args.
+        h = hidden_states + self.drop_path(self.attn(self.norm1(hidden_states), attn_mask=attn_mask))
+        return h + self.drop_path(self.mlp(self.norm2(h)))
+
+
+class PatchEmbed3D(nn.Module):
+    """Frame-wise patchify: ``Conv3d(C, D, kernel=(1, P, P), stride=(1, P, P))``.
+
+    Each frame is cut into non-overlapping P×P patches independently (no temporal tubelets), so the
+    token count per frame is N = (H/P)·(W/P) for any frame count.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
+        super().__init__()
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_chans, dim, kernel_size=(1, patch_size, patch_size),
+                              stride=(1, patch_size, patch_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != self.in_chans:
+            raise ValueError(f"pixel_values must be (B, {self.in_chans}, T, H, W); got {tuple(pixel_values.shape)}")
+        B, _, T, H, W = pixel_values.shape
+        P = self.patch_size
+        if H % P or W % P:
+            raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {P}; "
+                             f"resize or crop the frames to a multiple of {P} (e.g. {max(P, H // P * P)}x{max(P, W // P * P)})")
+        x = self.proj(pixel_values)  # (B, D, T, h, w)
+        grid = tuple(x.shape[2:])  # (T, h, w)
+        x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T, N, D)
+        return x, grid
+
+
+def interpolate_spatial_pos(table: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
+    """Resize a (1, 1 + h0·w0, D) table of [cls, patch positions] to (1, 1 + h·w, D).
+
+    The cls entry is kept; the patch entries are treated as an h0×w0 image with D channels and
+    resized with 2-D bicubic interpolation (as ViT/DeiT do for fine-tuning at another resolution).
+    Returns ``table`` itself when the size already matches.
+    """
+    if tuple(src_hw) == tuple(dst_hw):
+        return table
+    (h0, w0), (h, w) = src_hw, dst_hw
+    D = table.shape[-1]
+    cls, patches = table[:, :1], table[:, 1:]  # (1, 1, D), (1, h0·w0, D)
+    patches = patches.reshape(1, h0, w0, D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
+    patches = F.interpolate(patches.float(), size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, h * w, D).to(table.dtype)  # (1, h·w, D)
+    return torch.cat([cls, patches], dim=1)  # (1, 1 + h·w, D)
+
+
+def interpolate_temporal_pos(table: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Resize a (1, T0, D) frame-position table to (1, T, D) by 1-D linear interpolation.
+
+    Returns ``table`` itself when T == T0.
+    """
+    if table.shape[1] == num_frames:
+        return table
+    x = table.transpose(1, 2)  # (1, D, T0)
+    x = F.interpolate(x.float(), size=num_frames, mode="linear", align_corners=False)  # (1, D, T)
+    return x.transpose(1, 2).to(table.dtype)  # (1, T, D)
+
+
+def apply_token_mask(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Drop the masked patch tokens: (B, T, N, D) → (B, T, N_visible, D), order kept.
+
+    token_mask: bool (B, T, N), True = masked (removed). Every frame of every sample must mask the
+    same number of tokens so the result stays a dense tensor (the VideoMAP/MAE masking scheme).
+    """
+    if token_mask is None:
+        return x
+    B, T, N, D = x.shape
+    if token_mask.dtype != torch.bool:
+        raise ValueError(f"token_mask must be a bool tensor (True = masked); got dtype {token_mask.dtype}")
+    if tuple(token_mask.shape) != (B, T, N):
+        raise ValueError(f"token_mask must have shape (B, T, N) = {(B, T, N)}; got {tuple(token_mask.shape)}")
+    counts = token_mask.sum(-1)  # (B, T)
+    if (counts != counts.flatten()[0]).any():
+        raise ValueError("token_mask must mask the same number of tokens in every frame of every sample; "
+                         f"got per-frame counts ranging from {int(counts.min())} to {int(counts.max())}")
+    n_visible = N - int(counts.flatten()[0])
+    if n_visible == 0:
+        raise ValueError(f"token_mask masks all {N} tokens of every frame; keep at least one per frame")
+    # Boolean indexing walks (B, T, N) in row-major order, so the kept tokens keep their order.
+    return x[~token_mask].reshape(B, T, n_visible, D)  # (B, T, N_visible, D)
+
+
+class VideoEmbeddings(nn.Module):
+    """Patch embedding + cls token + position tables.
+
+    Positions: a learnable spatial table for [cls, N patches] shared by all frames, plus a learnable
+    temporal table (one row per frame) added to every patch of that frame; the cls token gets only
+    its spatial entry. Both tables are interpolated on the fly when the input's grid differs from
+    the one they were built for (``img_size``/``num_frames``), so a checkpoint trained on short,
+    small clips runs on long, large ones. Masked tokens are dropped after the positions are added.
+    """
+
+    no_weight_decay_params = ("cls_token", "pos_embed", "temporal_pos_embed")
+
+    def __init__(self, img_size: int, patch_size: int, num_frames: int, in_chans: int, dim: int):
+        super().__init__()
+        self.patch_embed = PatchEmbed3D(in_chans, dim, patch_size)
+        self.grid_hw = (img_size // patch_size, img_size // patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_hw[0] * self.grid_hw[1], dim))
+        self.temporal_pos_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
+        self.cls_token._no_weight_decay = True
+        self.pos_embed._no_weight_decay = True
+        self.temporal_pos_embed._no_weight_decay = True
+
+    def forward(self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None):
+        """Returns cls (B, 1, D), patches (B, T, N_visible, D), grid (T, h, w)."""
+        x, grid = self.patch_embed(pixel_values)  # (B, T, N, D)
+        T, h, w = grid
+        pos = interpolate_spatial_pos(self.pos_embed, self.grid_hw, (h, w))  # (1, 1 + N, D)
+        tpos = interpolate_temporal_pos(self.temporal_pos_embed, T)  # (1, T, D)
+        x = x + pos[:, None, 1:] + tpos[:, :, None]  # (B, T, N, D)
+        x = apply_token_mask(x, token_mask)  # (B, T, N_visible, D)
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        return cls, x, grid
+
+
+def drop_path_schedule(rate: float, n: int) -> list[float]:
+    """Linearly increasing drop-path probabilities, 0 for the first block and ``rate`` for the last."""
+    if n <= 1:
+        return [0.0] * n
+    return [rate * i / (n - 1) for i in range(n)]
+
+
+def init_video_weights(module: nn.Module, std: float) -> None:
+    """Init shared by both encoders, called by `PreTrainedModel` on every module (children first).
+
+    Linear and patch-embedding weights and the cls/position tables: truncated normal(0, std);
+    biases 0; norm scales 1. The guarded `transformers.initialization` functions leave tensors that
+    were loaded from a checkpoint untouched.
+    """
+    if isinstance(module, (nn.Linear, nn.Conv3d)):
+        init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, RMSNorm):
+        init.ones_(module.weight)
+    elif isinstance(module, VideoEmbeddings):
+        for table in (module.cls_token, module.pos_embed, module.temporal_pos_embed):
+            init.trunc_normal_(table, std=std)
+
+
+def tag_no_weight_decay(model: nn.Module) -> set[str]:
+    """(Re)set ``_no_weight_decay = True`` on the parameters each module lists in its
+    ``no_weight_decay_params`` and return their names.
+
+    Modules tag their parameters when built; loading a checkpoint with ``from_pretrained`` creates
+    new Parameter objects without the tag, so the models call this again after loading.
+    """
+    for module in model.modules():
+        for name in getattr(module, "no_weight_decay_params", ()):
+            getattr(module, name)._no_weight_decay = True
+    return {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}

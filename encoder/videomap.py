@@ -1,0 +1,383 @@
+"""VideoMAP: a hybrid Mamba-Transformer video backbone (bidirectional Mamba blocks with one
+attention block after every ``attn_every`` of them).
+
+Data flow (shapes for the default 224 px, P=16 → N=196 patches per frame)::
+
+    pixel_values (B, 3, T, H, W)
+      → Conv3d patch embed, kernel (1, P, P)           (B, T, N, D)
+      → + spatial table (cls + N, shared by frames) + temporal table (T)
+      → drop masked tokens (token_mask, same count per frame)   (B, T, N_vis, D)
+      → [cls, frame 1 patches, frame 2 patches, …]     (B, 1 + T·N_vis, D)   spatial-first
+      → blocks: M M M M A  M M M M A  …  (pre-norm RMSNorm residual, stochastic depth)
+      → final RMSNorm                                   last_hidden_state, pooler_output
+
+The Mamba block is VideoMamba's bidirectional B-Mamba (Li et al., 2024): one shared ``in_proj``
+and ``out_proj``; the forward and backward directions each have their own causal depthwise conv,
+``x_proj``, ``dt_proj``, ``A_log`` and ``D``; the backward direction scans the flipped sequence and
+is flipped back; the two are averaged and gated by SiLU(z). The scan itself is
+`encoder.scan.selective_scan` (mamba-ssm's ``selective_scan_fn`` semantics).
+
+Block layout (``attn_every``; ``depth_mamba`` Mamba blocks in all hybrid cases)::
+
+    attn_every = k ≥ 2   depth_mamba Mamba blocks, one attention block after every k of them
+                         (depth_mamba // k attention blocks; a remainder of Mamba blocks ends the stack)
+    attn_every = 1       pure attention: depth_mamba attention blocks (each Mamba block replaced)
+    attn_every = 0       pure Mamba: depth_mamba Mamba blocks
+
+Presets (``VideoMAPConfig.from_preset``; widths/depths follow VideoMamba, 4:1 adds one attention
+block per 4 Mamba blocks). Parameter counts as built at 224 px, 8 frames, patch 16 (they change
+only through the position tables: (1 + N + T)·D):
+
+    ======  ====  ===========  =====  ==============
+    preset  D     Mamba+attn   heads  parameters
+    ======  ====  ===========  =====  ==============
+    nano    128   8 + 2        4      1,599,232
+    tiny    192   24 + 6       3      9,623,424
+    small   384   24 + 6       6      36,056,832
+    middle  576   32 + 8       9      105,546,240
+    base    768   24 + 6       12     139,353,600
+    ======  ====  ===========  =====  ==============
+
+``PRESET_PARAMS`` holds the same numbers; a test builds every preset and checks them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from encoder.layers import (
+    AttentionBlock,
+    DropPath,
+    RMSNorm,
+    VideoEmbeddings,
+    VideoEncoderOutput,
+    drop_path_schedule,
+    init_video_weights,
+    tag_no_weight_decay,
+)
+from encoder.scan import selective_scan
+
+PRESETS: dict[str, dict] = {
+    "nano": dict(embed_dim=128, depth_mamba=8, num_heads=4),
+    "tiny": dict(embed_dim=192, depth_mamba=24, num_heads=3),
+    "small": dict(embed_dim=384, depth_mamba=24, num_heads=6),
+    "middle": dict(embed_dim=576, depth_mamba=32, num_heads=9),
+    "base": dict(embed_dim=768, depth_mamba=24, num_heads=12),
+}
+
+# Built at the defaults (224 px, 8 frames, patch 16, attn_every 4); see the table above.
+PRESET_PARAMS: dict[str, int] = {
+    "nano": 1_599_232,
+    "tiny": 9_623_424,
+    "small": 36_056_832,
+    "middle": 105_546_240,
+    "base": 139_353_600,
+}
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+class VideoMAPConfig(PretrainedConfig):
+    """Configuration of `VideoMAPModel`. The defaults are the ``nano`` preset.
+
+    Args:
+        img_size: frame side the spatial position table is built for (inputs of other sizes
+            interpolate it). patch_size: P, the side of a square patch. num_frames: frame count the
+            temporal table is built for (interpolated likewise). in_chans: input channels.
+        embed_dim: D. depth_mamba: number of Mamba blocks (see ``attn_every``).
+        attn_every: one attention block after every ``attn_every`` Mamba blocks; 0 = pure Mamba,
+            1 = pure attention (``depth_mamba`` attention blocks). See `block_types`.
+        num_heads, mlp_ratio, qkv_bias: the attention blocks.
+        d_state, d_conv, expand, dt_rank ("auto" = ceil(D/16)), dt_min, dt_max, dt_init_floor: the
+            Mamba mixer, with Mamba's names and meanings.
+        drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
+        pool: "cls" (pooler_output = cls token) or "mean" (mean of the patch tokens).
+        norm_eps: RMSNorm epsilon. initializer_range: std of the truncated-normal init.
+        gradient_checkpointing: pass True to build the model with activation checkpointing on
+            (Hugging Face consumes this flag in ``post_init``); or call
+            ``model.activation_checkpointing_enable()``.
+    """
+
+    model_type = "videomap"
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        num_frames: int = 8,
+        in_chans: int = 3,
+        embed_dim: int = 128,
+        depth_mamba: int = 8,
+        attn_every: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        drop_path_rate: float = 0.0,
+        pool: str = "cls",
+        norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        for name, value, minimum in (("img_size", img_size, 1), ("patch_size", patch_size, 1),
+                                     ("num_frames", num_frames, 1), ("in_chans", in_chans, 1),
+                                     ("embed_dim", embed_dim, 1), ("depth_mamba", depth_mamba, 1),
+                                     ("attn_every", attn_every, 0), ("num_heads", num_heads, 1),
+                                     ("d_state", d_state, 1), ("d_conv", d_conv, 1), ("expand", expand, 1)):
+            _check_int(name, value, minimum)
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
+        if attn_every != 0 and embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if dt_rank != "auto":
+            _check_int("dt_rank", dt_rank, 1)
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}")
+        if mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0; got {mlp_ratio}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_frames = num_frames
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.depth_mamba = depth_mamba
+        self.attn_every = attn_every
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.dt_rank = dt_rank
+        self.dt_min = dt_min
+        self.dt_max = dt_max
+        self.dt_init_floor = dt_init_floor
+        self.drop_path_rate = drop_path_rate
+        self.pool = pool
+        self.norm_eps = norm_eps
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "VideoMAPConfig":
+        """A preset (nano, tiny, small, middle, base) with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown VideoMAP preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return math.ceil(self.embed_dim / 16) if self.dt_rank == "auto" else self.dt_rank
+
+    @property
+    def block_types(self) -> list[str]:
+        """The stack in order, e.g. ['mamba'] * 4 + ['attn'] + … for attn_every=4."""
+        if self.attn_every == 0:
+            return ["mamba"] * self.depth_mamba
+        if self.attn_every == 1:
+            return ["attn"] * self.depth_mamba
+        types = []
+        for i in range(1, self.depth_mamba + 1):
+            types.append("mamba")
+            if i % self.attn_every == 0:
+                types.append("attn")
+        return types
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal conv: output t sees inputs t-K+1 … t only (left zero padding).
+
+    x: (B, E, L); weight: (E, 1, K); bias: (E,) → (B, E, L)
+    """
+    K = weight.shape[-1]
+    return F.conv1d(F.pad(x, (K - 1, 0)), weight, bias, groups=weight.shape[0])  # (B, E, L)
+
+
+class SelectiveSSM(nn.Module):
+    """One direction of the B-Mamba mixer: causal conv → SiLU → input-dependent (Δ, B, C) → scan.
+
+    forward: x (B, E, L) → y (B, E, L), ungated (the mixer gates the average of both directions).
+    """
+
+    no_weight_decay_params = ("A_log", "D")
+
+    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int):
+        super().__init__()
+        self.d_state = d_state
+        self.dt_rank = dt_rank
+        # Padding is applied by causal_conv1d, so the module itself only holds the weights.
+        self.conv1d = nn.Conv1d(d_inner, d_inner, kernel_size=d_conv, groups=d_inner, bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (B, E, L)
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2S)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R), (B, L, S) ×2
+        # dt_proj's bias is applied inside the scan (delta_bias), as Mamba does.
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, E, L)
+        A = -torch.exp(self.A_log.float())  # (E, S)
+        return selective_scan(
+            x, delta, A,
+            B.transpose(1, 2).contiguous(),  # (B, S, L)
+            C.transpose(1, 2).contiguous(),  # (B, S, L)
+            D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )  # (B, E, L)
+
+
+class BiMambaMixer(nn.Module):
+    """VideoMamba's bidirectional Mamba mixer: (B, L, D) → (B, L, D)."""
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 8):
+        super().__init__()
+        d_inner = expand * dim
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.ssm_fwd = SelectiveSSM(d_inner, d_state, d_conv, dt_rank)
+        self.ssm_bwd = SelectiveSSM(d_inner, d_state, d_conv, dt_rank)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
+        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
+        y_fwd = self.ssm_fwd(x)  # (B, E, L)
+        y_bwd = self.ssm_bwd(x.flip(-1)).flip(-1)  # (B, E, L), back in the original order
+        # Gating is elementwise, so gating the average equals averaging the gated directions.
+        y = 0.5 * (y_fwd + y_bwd) * F.silu(z)  # (B, E, L)
+        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+
+
+class MambaBlock(GradientCheckpointingLayer):
+    """Pre-norm residual Mamba block: x + DropPath(BiMamba(RMSNorm(x)))."""
+
+    def __init__(self, dim: int, d_state: int, d_conv: int, expand: int, dt_rank: int,
+                 drop_path: float = 0.0, norm_eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(dim, norm_eps)
+        self.mixer = BiMambaMixer(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.drop_path(self.mixer(self.norm(hidden_states)))
+
+
+class VideoMAPPreTrainedModel(PreTrainedModel):
+    config_class = VideoMAPConfig
+    base_model_prefix = "videomap"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MambaBlock", "AttentionBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # `init.*` skip tensors that were loaded from a checkpoint, so from_pretrained keeps them.
+        # Hugging Face applies this children-first, so the SelectiveSSM/BiMambaMixer branches below
+        # override the generic Linear init of their dt_proj/out_proj.
+        cfg = self.config
+        if isinstance(module, SelectiveSSM):
+            self._init_ssm(module)
+        elif isinstance(module, BiMambaMixer):
+            # Mamba's rescaled pre-norm residual init: shrink the residual write by 1/sqrt(#blocks).
+            init.trunc_normal_(module.out_proj.weight, std=cfg.initializer_range / math.sqrt(len(cfg.block_types)))
+        elif isinstance(module, nn.Conv1d):
+            # PyTorch's default conv init, which Mamba keeps for its depthwise conv.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
+            init.uniform_(module.bias, -bound, bound)
+        else:
+            init_video_weights(module, cfg.initializer_range)
+
+    def _init_ssm(self, ssm: SelectiveSSM) -> None:
+        """Mamba's S6 init: Δ log-uniform in [dt_min, dt_max] through the dt_proj bias (inverse
+        softplus), dt_proj weight uniform ±R^-0.5, A = -[1..d_state] (S4D-real), D = 1."""
+        cfg = self.config
+        d_inner = ssm.D.shape[0]
+        init.uniform_(ssm.dt_proj.weight, -ssm.dt_rank ** -0.5, ssm.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        inv_softplus_dt = dt + torch.log(-torch.expm1(-dt))  # softplus(inv_softplus_dt) == dt
+        init.copy_(ssm.dt_proj.bias, inv_softplus_dt)
+        A = torch.arange(1, ssm.d_state + 1, dtype=torch.float32).repeat(d_inner, 1)  # (E, S)
+        init.copy_(ssm.A_log, torch.log(A))
+        init.ones_(ssm.D)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters an optimizer should not decay (A_log, D, cls, position tables);
+        those parameters also carry ``_no_weight_decay = True``."""
+        return tag_no_weight_decay(self)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        tag_no_weight_decay(model)  # loading replaces the Parameter objects, and with them the tags
+        return model
+
+
+class VideoMAPModel(VideoMAPPreTrainedModel):
+    """The VideoMAP encoder. See the module docstring for the architecture."""
+
+    def __init__(self, config: VideoMAPConfig):
+        super().__init__(config)
+        D = config.embed_dim
+        self.embeddings = VideoEmbeddings(config.img_size, config.patch_size, config.num_frames,
+                                          config.in_chans, D)
+        types = config.block_types
+        dpr = drop_path_schedule(config.drop_path_rate, len(types))
+        blocks = []
+        for kind, p in zip(types, dpr):
+            if kind == "mamba":
+                blocks.append(MambaBlock(D, config.d_state, config.d_conv, config.expand,
+                                         config.resolved_dt_rank, drop_path=p, norm_eps=config.norm_eps))
+            else:
+                blocks.append(AttentionBlock(D, config.num_heads, config.mlp_ratio, drop_path=p,
+                                             qkv_bias=config.qkv_bias, norm_eps=config.norm_eps))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(D, config.norm_eps)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> VideoEncoderOutput:
+        """pixel_values: (B, C, T, H, W) float; token_mask: optional bool (B, T, N), True = dropped
+        before the blocks (same count in every frame)."""
+        pixel_values = pixel_values.to(self.embeddings.patch_embed.proj.weight.dtype)
+        cls, x, grid = self.embeddings(pixel_values, token_mask)  # (B, 1, D), (B, T, N_vis, D)
+        B, T, Nv, D = x.shape
+        h = torch.cat([cls, x.reshape(B, T * Nv, D)], dim=1)  # (B, 1 + T·N_vis, D), spatial-first
+        hidden_states = []
+        for block in self.blocks:
+            if output_hidden_states:
+                hidden_states.append(h)
+            h = block(h)  # (B, 1 + T·N_vis, D)
+        if output_hidden_states:
+            hidden_states.append(h)
+        h = self.norm(h)
+        pooled = h[:, 0] if self.config.pool == "cls" else h[:, 1:].mean(dim=1)  # (B, D)
+        return VideoEncoderOutput(last_hidden_state=h, pooler_output=pooled, grid=grid,
+                                  hidden_states=tuple(hidden_states) if output_hidden_states else None)
+
+
+AutoConfig.register("videomap", VideoMAPConfig, exist_ok=True)
+AutoModel.register(VideoMAPConfig, VideoMAPModel, exist_ok=True)
