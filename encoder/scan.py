@@ -32,6 +32,11 @@ try:  # Optional CUDA extra; it cannot import on machines without CUDA.
 except Exception:  # noqa: BLE001 - ImportError, or a CUDA/ABI error raised while importing
     _mamba_selective_scan_fn = None
 
+try:  # Optional CUDA extra, as above.
+    from causal_conv1d import causal_conv1d_fn as _cuda_causal_conv1d_fn
+except Exception:  # noqa: BLE001
+    _cuda_causal_conv1d_fn = None
+
 
 def _expand_bc(X: torch.Tensor, b: int, d: int, l: int) -> torch.Tensor:
     """B or C in any accepted layout → grouped ``(b, g, n, l)``."""
@@ -176,6 +181,28 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     )
     y = _finish(y.transpose(1, 2), u, D, z, u.dtype)  # (b, l, d) -> (b, d, l)
     return (y, last) if return_last_state else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise causal conv1d (the mixer's short conv before the scan)
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation=None):
+    """x: r(b d l); weight: r(d k); bias: r(d). Output[t] sees inputs t-k+1 … t only."""
+    k = weight.shape[-1]
+    y = F.conv1d(F.pad(x, (k - 1, 0)), weight.unsqueeze(1), bias, groups=weight.shape[0])  # (b, d, l)
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
+    return y
+
+
+def causal_conv1d(x, weight, bias=None, activation=None):
+    """causal-conv1d's ``causal_conv1d_fn`` on CUDA when it imports, else the PyTorch conv."""
+    if x.is_cuda and _cuda_causal_conv1d_fn is not None:
+        return _cuda_causal_conv1d_fn(x, weight, bias, activation=activation)
+    return causal_conv1d_ref(x, weight, bias, activation)
 
 
 # ---------------------------------------------------------------------------------------------

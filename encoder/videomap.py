@@ -62,7 +62,7 @@ from encoder.layers import (
     init_video_weights,
     tag_no_weight_decay,
 )
-from encoder.scan import selective_scan
+from encoder.scan import causal_conv1d, selective_scan
 
 PRESETS: dict[str, dict] = {
     "nano": dict(embed_dim=128, depth_mamba=8, num_heads=4),
@@ -204,15 +204,6 @@ class VideoMAPConfig(PretrainedConfig):
         return types
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise causal conv: output t sees inputs t-K+1 … t only (left zero padding).
-
-    x: (B, E, L); weight: (E, 1, K); bias: (E,) → (B, E, L)
-    """
-    K = weight.shape[-1]
-    return F.conv1d(F.pad(x, (K - 1, 0)), weight, bias, groups=weight.shape[0])  # (B, E, L)
-
-
 class SelectiveSSM(nn.Module):
     """One direction of the B-Mamba mixer: causal conv → SiLU → input-dependent (Δ, B, C) → scan.
 
@@ -235,7 +226,8 @@ class SelectiveSSM(nn.Module):
         self.D._no_weight_decay = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (B, E, L)
+        # causal-conv1d's CUDA kernel when available; weight (E, 1, K) -> (E, K)
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")  # (B, E, L)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2S)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R), (B, L, S) ×2
         # dt_proj's bias is applied inside the scan (delta_bias), as Mamba does.

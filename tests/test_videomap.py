@@ -25,8 +25,8 @@ from encoder.videomap import (
     MambaBlock,
     VideoMAPConfig,
     VideoMAPModel,
-    causal_conv1d,
 )
+from encoder.scan import causal_conv1d
 
 
 def tiny_config(**overrides) -> VideoMAPConfig:
@@ -175,7 +175,7 @@ def test_token_order_is_spatial_first():
 def test_causal_conv1d_never_reads_the_future():
     torch.manual_seed(0)
     x = torch.randn(1, 6, 12)
-    w, b = torch.randn(6, 1, 4), torch.randn(6)
+    w, b = torch.randn(6, 4), torch.randn(6)
     y = causal_conv1d(x, w, b)
     x2 = x.clone()
     x2[..., 5] += 1.0

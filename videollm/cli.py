@@ -14,7 +14,16 @@ import sys
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("inspect",), "encoder.video_io", "print a video's metadata and the timestamps --frames N would sample"),
     (("encode",), "encoder.encode", "run a VideoMAP / ViT encoder on a video and print shapes and time"),
+    (("chat",), "videollm.chat", "ask questions about a video (streams the answer; interactive without a question)"),
+    (("merge-lora",), "videollm.merge", "write a standalone model with the LoRA adapter merged into the LLM"),
+    (("pretrain",), "training.pretrain", "pretrain a VideoMAP encoder (masked autoregressive recipe)"),
+    (("classify",), "training.classify", "fine-tune / linear-probe an encoder for video classification"),
+    (("finetune",), "training.finetune", "align and instruction-tune the VideoLLM (LoRA / QLoRA / DeepSpeed)"),
+    (("data", "synth"), "training.synth_cli", "write a synthetic video dataset with ground truth and instructions"),
+    (("data", "check"), "training.data_cli", "validate an instruction-data file and name each bad record"),
     (("bench", "scan"), "encoder.bench_scan", "time the selective scan: reference vs fast path (JSON)"),
+    (("bench", "chat"), "videollm.bench_chat", "time to first token, tokens/s and peak memory of a chat (JSON)"),
+    (("bench", "ablation"), "training.ablation", "pretraining ablation on the synthetic time-dependent task"),
 ]
 
 
