@@ -1,0 +1,528 @@
+"""Video instruction data: load, validate, mix, import, and turn into model batches.
+
+The format is LLaVA-video's, one record per video conversation (a JSON list, or JSONL with one
+record per line)::
+
+    {"id": "clip-7", "video": "videos/clip7.mp4", "start": 2.0, "end": 9.5,
+     "conversations": [{"from": "human", "value": "<video>\\nWhat happens?"},
+                       {"from": "gpt", "value": "A red square moves left."}, ...]}
+
+Rules (`validate_record` enforces them, ``videollm data check`` reports them):
+
+- roles ``human``/``gpt`` (or ``user``/``assistant``); turns alternate and start with the human;
+  ``{"role", "content"}`` keys are accepted as well as ``{"from", "value"}``;
+- exactly one ``<video>`` tag in the whole conversation, in the first human turn;
+- every assistant answer is a non-empty string (the loss is computed on these only);
+- ``start``/``end`` are optional seconds (``0 <= start < end``);
+- ``video`` is resolved against the video root: ``--video-root`` / ``video_root:`` if given, else
+  the folder holding the data file.
+
+Record numbers are 1-based. In JSONL files the record number is the line number, so an invalid
+line and a bad record are both reported as ``record <line>: …``.
+
+A data mix (YAML) combines files with per-file sampling, deterministic by seed::
+
+    seed: 0
+    datasets:
+      - {path: captions.jsonl, video_root: /data/videos, sampling: 0.5}   # keep half
+      - {path: qa.json, sampling: 3}                                      # three copies
+      - {path: mc.json, samples: 1000}                                    # exactly 1000
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from encoder.errors import UserError, VideoReadError
+
+logger = logging.getLogger(__name__)
+
+VIDEO_TAG = "<video>"
+HUMAN_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+MIX_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class Record:
+    """One validated conversation about one video (roles normalised to ``human``/``gpt``)."""
+
+    id: str
+    video: Path  # resolved path
+    conversations: list[dict[str, str]]  # [{"from": "human"|"gpt", "value": str}, ...]
+    start: float | None = None
+    end: float | None = None
+    source: str = ""  # "file:record" for error messages
+
+    def to_json(self, video_root: Path | None = None) -> dict[str, Any]:
+        video = self.video
+        if video_root is not None:
+            try:
+                video = video.relative_to(video_root)
+            except ValueError:
+                pass
+        out: dict[str, Any] = {"id": self.id, "video": str(video), "conversations": self.conversations}
+        if self.start is not None:
+            out["start"] = self.start
+        if self.end is not None:
+            out["end"] = self.end
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating one file
+# ---------------------------------------------------------------------------------------------
+
+
+def read_raw(path: str | Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """Parse a JSON list or JSONL file → ``([(record_number, obj)], [(record_number, problem)])``.
+
+    A ``.jsonl`` file, or a file whose text is not one JSON document but starts with ``{``, is
+    read line by line (record number = line number; blank lines are skipped). An unparsable JSON
+    list is one problem with number 0 naming the line and column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file '{path}' not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            if not text.lstrip().startswith("{"):
+                return [], [(0, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}")]
+        else:
+            if isinstance(data, dict):  # a single record
+                data = [data]
+            if not isinstance(data, list):
+                return [], [(0, f"expected a JSON list of records, got {type(data).__name__}")]
+            return list(enumerate(data, 1)), []
+    items, problems = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as err:
+            problems.append((lineno, f"invalid JSON on line {lineno} (column {err.colno}): {err.msg}"))
+    return items, problems
+
+
+def _turns(conversations: list) -> tuple[list[dict[str, str]] | None, str | None]:
+    """Normalise turns to ``{"from", "value"}`` with roles human/gpt; (turns, problem)."""
+    out = []
+    for i, turn in enumerate(conversations, 1):
+        if not isinstance(turn, dict):
+            return None, f"turn {i} is not an object"
+        role = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if role is None:
+            return None, f"turn {i} has no 'from' (or 'role') key"
+        if role in HUMAN_ROLES:
+            role = "human"
+        elif role in ASSISTANT_ROLES:
+            role = "gpt"
+        else:
+            return None, (f"turn {i} has role '{role}'; use one of "
+                          f"{', '.join(HUMAN_ROLES + ASSISTANT_ROLES)}")
+        if not isinstance(value, str):
+            return None, f"turn {i} has no text ('value' or 'content' must be a string)"
+        out.append({"from": role, "value": value})
+    return out, None
+
+
+def parse_record(obj: Any, video_root: Path, number: int = 0,
+                 source: str = "") -> tuple[Record | None, list[str]]:
+    """Check one raw record; return ``(Record, [])`` or ``(None, [problems])``. No file access."""
+    if not isinstance(obj, dict):
+        return None, [f"a record must be a JSON object, got {type(obj).__name__}"]
+    problems = []
+    video = obj.get("video")
+    if not isinstance(video, str) or not video.strip():
+        problems.append("missing 'video' (a path to the video file)")
+    conv = obj.get("conversations")
+    turns = None
+    if conv is None:
+        problems.append("missing 'conversations'")
+    elif not isinstance(conv, list) or not conv:
+        problems.append("'conversations' must be a non-empty list of turns")
+    else:
+        turns, problem = _turns(conv)
+        if problem:
+            problems.append(problem)
+    if turns is not None:
+        for i, turn in enumerate(turns):
+            want = "human" if i % 2 == 0 else "gpt"
+            if turn["from"] != want:
+                problems.append(f"turn {i + 1} is from '{conv[i].get('from', conv[i].get('role'))}' "
+                                f"but turns must alternate human, gpt, human, … starting with the human")
+                break
+        if len(turns) < 2 or turns[-1]["from"] != "gpt":
+            problems.append("the conversation must end with an assistant (gpt) answer")
+        for i, turn in enumerate(turns):
+            if turn["from"] == "gpt" and not turn["value"].strip():
+                problems.append(f"turn {i + 1}: empty answer")
+        tags = sum(t["value"].count(VIDEO_TAG) for t in turns)
+        if tags == 0:
+            problems.append(f"no {VIDEO_TAG} tag; put exactly one in the first human turn")
+        elif tags > 1:
+            problems.append(f"{tags} {VIDEO_TAG} tags; put exactly one, in the first human turn")
+        elif VIDEO_TAG not in turns[0]["value"]:
+            problems.append(f"the {VIDEO_TAG} tag must be in the first human turn")
+    start, end = obj.get("start"), obj.get("end")
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"'{name}' must be a number of seconds, got {value!r}")
+    if not problems:
+        if start is not None and start < 0:
+            problems.append(f"'start' must be >= 0, got {start}")
+        if start is not None and end is not None and end <= start:
+            problems.append(f"'end' ({end}) must be after 'start' ({start})")
+    if problems:
+        return None, problems
+    rid = obj.get("id")
+    return Record(
+        id=str(rid) if rid is not None else f"{Path(source).stem or 'record'}-{number}",
+        video=(Path(video_root) / video).resolve() if not Path(video).is_absolute() else Path(video),
+        conversations=turns,
+        start=float(start) if start is not None else None,
+        end=float(end) if end is not None else None,
+        source=f"{source}:{number}",
+    ), []
+
+
+def check_video(record: Record, *, decode: bool = False, num_frames: int = 4) -> str | None:
+    """None if the record's video is usable, else the problem. `decode` actually decodes frames."""
+    if not record.video.is_file():
+        return f"video file '{record.video}' not found"
+    if not decode:
+        return None
+    from encoder.video_io import read_video
+
+    try:
+        read_video(record.video, num_frames, start=record.start, end=record.end)
+    except VideoReadError as err:
+        return f"video '{record.video}' cannot be decoded: {err.reason}"
+    except UserError as err:  # e.g. start/end past the end of the video
+        return f"video '{record.video}': {err}"
+    return None
+
+
+def validate_records(items: Iterable[tuple[int, Any]], video_root: str | Path, *,
+                     check_files: bool = True, decode: bool = False, num_frames: int = 4,
+                     source: str = "") -> tuple[list[Record], list[tuple[int, str]]]:
+    """Validate raw ``(record_number, obj)`` pairs → ``(good records, [(record_number, problem)])``.
+
+    `check_files` checks each video exists; `decode` also decodes `num_frames` frames of it.
+    """
+    records, problems = [], []
+    for number, obj in items:
+        record, errs = parse_record(obj, Path(video_root), number, source)
+        if record is not None and check_files:
+            problem = check_video(record, decode=decode, num_frames=num_frames)
+            if problem:
+                errs = [problem]
+                record = None
+        problems.extend((number, e) for e in errs)
+        if record is not None:
+            records.append(record)
+    return records, problems
+
+
+def check_file(path: str | Path, video_root: str | Path | None = None, *, check_files: bool = True,
+               decode: bool = False, num_frames: int = 4) -> tuple[list[Record], list[tuple[int, str]]]:
+    """Read and validate one data file (see `read_raw`, `validate_records`)."""
+    path = Path(path)
+    items, problems = read_raw(path)
+    root = Path(video_root) if video_root is not None else path.parent
+    records, more = validate_records(items, root, check_files=check_files, decode=decode,
+                                     num_frames=num_frames, source=str(path))
+    return records, sorted(problems + more, key=lambda p: p[0])
+
+
+def format_problems(path: str | Path, problems: list[tuple[int, str]], limit: int = 20) -> str:
+    lines = [f"record {n}: {p}" if n else p for n, p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"… and {len(problems) - limit} more")
+    return (f"'{path}' has {len(problems)} problem(s); run `videollm data check {path}` "
+            f"for the full list:\n  " + "\n  ".join(lines))
+
+
+def load_instruct_file(path: str | Path, video_root: str | Path | None = None, *,
+                       check_files: bool = True) -> list[Record]:
+    """All records of one file; any bad record is a `UserError` listing the problems."""
+    records, problems = check_file(path, video_root, check_files=check_files)
+    if problems:
+        raise UserError(format_problems(path, problems))
+    if not records:
+        raise UserError(f"data file '{path}' holds no records")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Data mix
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MixEntry:
+    path: Path
+    video_root: Path | None = None
+    sampling: float | None = None  # <1: fraction kept; >=1: repeat factor
+    samples: int | None = None  # exact number of records (cycles through a shuffled copy)
+
+
+@dataclass
+class DataMix:
+    datasets: list[MixEntry]
+    seed: int = 0
+    path: Path | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        return [d.path for d in self.datasets]
+
+
+def read_mix(path: str | Path) -> DataMix:
+    """Parse a data-mix YAML (paths relative to the YAML's folder)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data mix '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"data mix '{path}' is not valid YAML: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("datasets"), list) or not data["datasets"]:
+        raise UserError(f"data mix '{path}' must have a non-empty 'datasets:' list "
+                        "of {path, video_root?, sampling? | samples?}")
+    unknown = sorted(set(data) - {"datasets", "seed"})
+    if unknown:
+        raise UserError(f"data mix '{path}': unknown key(s) {', '.join(unknown)}; valid: datasets, seed")
+    entries = []
+    for i, d in enumerate(data["datasets"], 1):
+        where = f"data mix '{path}', dataset {i}"
+        if not isinstance(d, dict) or "path" not in d:
+            raise UserError(f"{where}: each entry needs a 'path'")
+        bad = sorted(set(d) - {"path", "video_root", "sampling", "samples"})
+        if bad:
+            raise UserError(f"{where}: unknown key(s) {', '.join(bad)}; valid: path, video_root, sampling, samples")
+        if d.get("sampling") is not None and d.get("samples") is not None:
+            raise UserError(f"{where}: give 'sampling' or 'samples', not both")
+        sampling, samples = d.get("sampling"), d.get("samples")
+        if sampling is not None and (isinstance(sampling, bool) or not isinstance(sampling, (int, float))
+                                     or sampling <= 0):
+            raise UserError(f"{where}: 'sampling' must be a number > 0 (a fraction or a repeat factor), "
+                            f"got {sampling!r}")
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
+            raise UserError(f"{where}: 'samples' must be a positive integer, got {samples!r}")
+        root = d.get("video_root")
+        entries.append(MixEntry(
+            path=(path.parent / d["path"]),
+            video_root=(path.parent / root) if root is not None else None,
+            sampling=float(sampling) if sampling is not None else None,
+            samples=samples,
+        ))
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"data mix '{path}': 'seed' must be an integer, got {seed!r}")
+    return DataMix(entries, seed, path)
+
+
+def sample_records(records: list, *, sampling: float | None = None, samples: int | None = None,
+                   seed: int = 0) -> list:
+    """Subsample or repeat `records` deterministically.
+
+    ``sampling=0.25`` keeps a random quarter (order preserved); ``sampling=2.5`` keeps two full
+    copies plus a random half; ``samples=N`` takes exactly N (whole copies, then a random rest).
+    """
+    n = len(records)
+    if n == 0 or (sampling is None and samples is None):
+        return list(records)
+    target = samples if samples is not None else round(n * sampling)
+    rng = random.Random(seed)
+    copies, rest = divmod(target, n)
+    keep = sorted(rng.sample(range(n), rest))
+    return list(records) * copies + [records[i] for i in keep]
+
+
+def load_mix(path: str | Path, seed: int | None = None, *, check_files: bool = True) -> list[Record]:
+    """All records of a data mix after per-file sampling (`seed` overrides the YAML's)."""
+    mix = read_mix(path)
+    seed = mix.seed if seed is None else seed
+    out: list[Record] = []
+    for i, entry in enumerate(mix.datasets):
+        records = load_instruct_file(entry.path, entry.video_root, check_files=check_files)
+        # A per-file seed: adding a file to the mix leaves the others' samples unchanged.
+        out += sample_records(records, sampling=entry.sampling, samples=entry.samples,
+                              seed=seed * 1_000_003 + i)
+    return out
+
+
+def load_records(path: str | Path, video_root: str | Path | None = None, *, seed: int | None = None,
+                 check_files: bool = True) -> list[Record]:
+    """A JSON/JSONL file or a data-mix YAML → records."""
+    if Path(path).suffix in MIX_SUFFIXES:
+        if video_root is not None:
+            raise UserError("a data mix sets video_root per dataset; do not also pass a video root")
+        return load_mix(path, seed, check_files=check_files)
+    return load_instruct_file(path, video_root, check_files=check_files)
+
+
+# ---------------------------------------------------------------------------------------------
+# VideoChat2 importer
+# ---------------------------------------------------------------------------------------------
+
+
+def videochat2_to_llava(items: list, id_prefix: str = "videochat2") -> list[dict[str, Any]]:
+    """VideoChat2's ``[{"video", "QA": [{"i", "q", "a"}, …]}]`` → LLaVA-video records.
+
+    Each QA pair becomes one human/gpt exchange; the first human turn gets the ``<video>`` tag.
+    VideoChat2 puts the task instruction in ``i`` (often shared by all pairs) and the question in
+    ``q``; they are joined with a newline (either may be empty). ``start``/``end`` are kept.
+    """
+    if not isinstance(items, list):
+        raise UserError(f"a VideoChat2 file holds a JSON list, got {type(items).__name__}")
+    out = []
+    for n, item in enumerate(items, 1):
+        if not isinstance(item, dict) or "video" not in item or not isinstance(item.get("QA"), list):
+            raise UserError(f"VideoChat2 record {n}: needs 'video' and a 'QA' list")
+        turns = []
+        for qa in item["QA"]:
+            if not isinstance(qa, dict) or "a" not in qa:
+                raise UserError(f"VideoChat2 record {n}: each QA entry needs at least 'a' (the answer)")
+            prompt = "\n".join(s.strip() for s in (qa.get("i") or "", qa.get("q") or "") if s.strip())
+            if not turns:
+                prompt = f"{VIDEO_TAG}\n{prompt}" if prompt else VIDEO_TAG
+            turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(qa["a"])}]
+        record = {"id": str(item.get("id", f"{id_prefix}-{n}")), "video": item["video"], "conversations": turns}
+        for key in ("start", "end"):
+            if item.get(key) is not None:
+                record[key] = item[key]
+        out.append(record)
+    return out
+
+
+def import_videochat2(in_path: str | Path, out_path: str | Path) -> int:
+    """Convert a VideoChat2 JSON file to a LLaVA-video JSON (or JSONL) file; returns the count."""
+    from training.checkpoint import atomic_write_text
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not in_path.is_file():
+        raise UserError(f"VideoChat2 file '{in_path}' not found")
+    try:
+        items = json.loads(in_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"'{in_path}' is not valid JSON (line {err.lineno}): {err.msg}") from None
+    records = videochat2_to_llava(items, id_prefix=in_path.stem)
+    if out_path.suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
+    atomic_write_text(out_path, text)
+    return len(records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset and collate
+# ---------------------------------------------------------------------------------------------
+
+
+class InstructDataset(torch.utils.data.Dataset):
+    """Records → model inputs: decode `num_frames` frames (start/end honoured), tokenize.
+
+    `encode(record, frames)` turns one record and its decoded uint8 ``(T, H, W, 3)`` frames into
+    ``{"input_ids": (L,), "labels": (L,), "pixel_values": (3, T, H, W)}`` (the processor does this).
+    A video that fails to decode is logged, counted in ``bad_videos`` and replaced by the next
+    good record; more than `max_bad_videos` distinct failures is a `UserError` (a broken data set
+    should stop the run, a few corrupt files should not).
+    """
+
+    def __init__(self, records: list[Record], encode: Callable[[Record, Any], dict[str, torch.Tensor]],
+                 num_frames: int, *, max_bad_videos: int = 10):
+        if not records:
+            raise UserError("the instruction data set is empty")
+        self.records = records
+        self.encode = encode
+        self.num_frames = num_frames
+        self.max_bad_videos = max_bad_videos
+        self.bad: set[str] = set()
+
+    @property
+    def bad_videos(self) -> int:
+        return len(self.bad)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, record: Record) -> dict[str, torch.Tensor]:
+        from encoder.video_io import read_video
+
+        clip = read_video(record.video, self.num_frames, start=record.start, end=record.end)
+        return self.encode(record, clip.frames)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        n = len(self.records)
+        for offset in range(n):
+            record = self.records[(index + offset) % n]
+            if str(record.video) in self.bad:
+                continue
+            try:
+                return self.load(record)
+            except VideoReadError as err:
+                self.bad.add(str(record.video))
+                logger.warning("skipping record %s (%s): %s [%d bad videos so far]",
+                               record.id, record.source, err, len(self.bad))
+                if len(self.bad) > self.max_bad_videos:
+                    raise UserError(f"more than {self.max_bad_videos} videos failed to decode (last: "
+                                    f"{err}); run `videollm data check FILE --decode` to list them, "
+                                    f"or raise data.max_bad_videos") from None
+        raise UserError("no record of the data set has a decodable video")
+
+
+def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad ``input_ids`` (with `pad_token_id`), ``labels`` (with -100) and build ``attention_mask``;
+    stack ``pixel_values`` → (B, 3, T, H, W)."""
+    longest = max(len(b["input_ids"]) for b in batch)
+    B = len(batch)
+    input_ids = torch.full((B, longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((B, longest), -100, dtype=torch.long)
+    attention_mask = torch.zeros((B, longest), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        input_ids[i, sl] = torch.as_tensor(b["input_ids"])
+        labels[i, sl] = torch.as_tensor(b["labels"])
+        attention_mask[i, sl] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "pixel_values": torch.stack([torch.as_tensor(b["pixel_values"]) for b in batch])}
+
+
+def split_eval(records: list, fraction: float, seed: int, min_eval: int = 1) -> tuple[list, list]:
+    """Hold out a deterministic `fraction` of the records (by id, so repeats stay on one side)."""
+    if fraction <= 0:
+        return list(records), []
+    ids = sorted({r.id for r in records})
+    n_eval = max(min_eval, math.floor(len(ids) * fraction))
+    if n_eval >= len(ids):
+        raise UserError(f"data.eval_fraction={fraction} leaves no training records ({len(ids)} distinct ids)")
+    held = set(random.Random(seed).sample(ids, n_eval))
+    return [r for r in records if r.id not in held], [r for r in records if r.id in held]
+
+
+def summarize(records: list[Record]) -> dict[str, int]:
+    return {
+        "records": len(records),
+        "turns": sum(len(r.conversations) for r in records),
+        "answers": sum(1 for r in records for t in r.conversations if t["from"] == "gpt"),
+        "videos": len({str(r.video) for r in records}),
+    }
