@@ -1,0 +1,171 @@
+"""VideoLLM model + processor on a tiny encoder, a tiny random Llama and a character tokenizer."""
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from encoder.videomap import VideoMAPConfig
+from videollm.configuration_videollm import VIDEO_TOKEN, VideoLLMConfig
+from videollm.modeling_videollm import VideoLLMForCausalLM, build_videollm, load_videollm, save_videollm
+from videollm.processing_videollm import IGNORE_INDEX
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    """One token per character (printable ASCII + newline) plus ChatML markers: 99 ids."""
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_llm():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_encoder_config(**overrides):
+    return VideoMAPConfig.from_preset("nano", embed_dim=32, depth_mamba=2, attn_every=2, num_heads=2,
+                                      img_size=32, num_frames=2, **overrides)
+
+
+def tiny_videollm(**kwargs):
+    kwargs.setdefault("spatial_pool", 1)
+    return build_videollm((tiny_llm(), tiny_tokenizer()), tiny_encoder_config(), num_frames=2, **kwargs)
+
+
+def video_frames(T=2, H=40, W=48, seed=0):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (T, H, W, 3), dtype=np.uint8)
+
+
+def test_num_video_tokens_matches_projector():
+    cfg = VideoLLMConfig(vision_config=tiny_encoder_config(), text_config=tiny_llm().config, spatial_pool=2)
+    assert cfg.num_video_tokens(2, 32, 32) == 2  # 2×2 grid pooled 2×2 → 1 per frame
+    cfg = VideoLLMConfig(vision_config=VideoMAPConfig(), spatial_pool=2, max_video_tokens=100, use_cls_token=True)
+    assert cfg.num_video_tokens(8, 224, 224) == 2 * 49 + 1  # 7×7 per frame, budget keeps 2 frames
+    model, _ = tiny_videollm(spatial_pool=1, max_video_tokens=5, use_cls_token=True)
+    x = torch.randn(1, 3, 6, 32, 32)
+    assert model.get_video_features(x).shape == (1, model.num_video_tokens(6, 32, 32), 32)  # 1 + 1·4
+    with pytest.raises(ValueError, match="tokens_per_frame"):
+        VideoLLMConfig(tokens_per_frame=3)
+
+
+def test_forward_loss_and_mismatch():
+    model, proc = tiny_videollm()
+    conv = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A dog."}]
+    ex = proc.build_training_example(conv, video=video_frames())
+    ids = torch.tensor([ex["input_ids"]])
+    assert (ids == model.config.video_token_id).sum() == model.num_video_tokens(2, 32, 32) == 8
+    out = model(input_ids=ids, pixel_values=ex["pixel_values"], labels=torch.tensor([ex["labels"]]))
+    assert torch.isfinite(out.loss) and out.logits.shape[:2] == ids.shape
+    out.loss.backward()
+    assert model.projector.linear_1.weight.grad.abs().sum() > 0
+    assert next(model.vision_tower.parameters()).grad is not None
+    no_placeholders = ids.masked_fill(ids == model.config.video_token_id, 5)
+    with pytest.raises(ValueError, match="Video features and video tokens do not match"):
+        model(input_ids=no_placeholders, pixel_values=ex["pixel_values"])
+    extra = torch.cat([ids, torch.tensor([[model.config.video_token_id]])], dim=1)
+    with pytest.raises(ValueError, match="Video features and video tokens do not match"):
+        model(input_ids=extra, pixel_values=ex["pixel_values"])
+
+
+def test_labels_only_on_assistant_turns():
+    _, proc = tiny_videollm()
+    answers = ["A red ball rolls.", "Twice, at 1 s and 3 s."]
+    conv = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": answers[0]},
+            {"from": "human", "value": "How often? (red ball rolls)"}, {"from": "gpt", "value": answers[1]}]
+    ex = proc.build_training_example(conv, video=video_frames())
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert len(ids) == len(labels)
+    spans, cur = [], []
+    for i, (tok, lab) in enumerate(zip(ids, labels)):
+        assert lab in (IGNORE_INDEX, tok), f"label at {i} is neither -100 nor the token"
+        if lab != IGNORE_INDEX:
+            cur.append(tok)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    decoded = [proc.tokenizer.decode(s) for s in spans]
+    assert decoded == [a + "<|im_end|>" for a in answers]
+    assert all(labels[i] == IGNORE_INDEX for i, t in enumerate(ids) if t == proc.video_token_id)
+    text = proc.tokenizer.decode(ids)
+    assert "The video lasts" not in text and "2 frames sampled at 0.0 s, 1.0 s." in text  # raw frames: no duration
+
+
+def test_generate_with_kv_cache():
+    model, proc = tiny_videollm()
+    inputs = proc([{"role": "user", "content": "<video>\nDescribe."}], video=video_frames())
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         pixel_values=inputs["pixel_values"], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 6
+    # Decoding with the cache gives the same tokens as recomputing everything at every step.
+    no_cache = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              pixel_values=inputs["pixel_values"], max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False, use_cache=False)
+    assert torch.equal(out, no_cache)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+
+
+def test_save_load_roundtrip(tmp_path):
+    model, proc = tiny_videollm()
+    with torch.no_grad():  # make the projector non-trivial and distinct from a fresh init
+        model.projector.linear_2.bias.normal_()
+    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames())
+    save_videollm(model, proc, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "m"), VideoLLMConfig)
+    loaded, proc2 = load_videollm(tmp_path / "m")
+    assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(auto, VideoLLMForCausalLM)
+    assert proc2.num_frames == 2 and proc2.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) == proc.video_token_id
+
+
+def test_save_load_roundtrip_with_lora(tmp_path):
+    from peft import LoraConfig
+
+    # The base LLM is referenced by path, so it must exist on disk (as "smollm2" would in the cache).
+    base = tmp_path / "base"
+    tiny_llm().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    model, proc = build_videollm(str(base), tiny_encoder_config(), num_frames=2, spatial_pool=1)
+    model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert model.has_lora
+    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames())
+    save_videollm(model, proc, tmp_path / "lora")
+    saved = {p.name for p in (tmp_path / "lora").iterdir()}
+    assert {"model.safetensors", "llm_adapter", "config.json"} <= saved
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "lora" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("language_model.")]  # base LLM by reference only
+    loaded, _ = load_videollm(tmp_path / "lora")
+    assert loaded.has_lora
+    ref = _logits(model, inputs)
+    assert torch.allclose(ref, _logits(loaded, inputs), atol=1e-5)
+
+    from videollm.merge import main as merge_main
+
+    assert merge_main(["--model", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = load_videollm(tmp_path / "merged")
+    assert not merged.has_lora and not (tmp_path / "merged" / "llm_adapter").exists()
+    assert torch.allclose(ref, _logits(merged, inputs), atol=1e-5)

@@ -1,0 +1,243 @@
+"""Video + conversation → model inputs, with the LLM's own chat template.
+
+    video path ──read_video──► frames (T, H, W, 3) uint8 ──frames_to_tensor──► pixel_values (1, 3, T, S, S)
+    conversation ──"<video>" → K placeholders (+ time line)──apply_chat_template──► text ──► input_ids
+
+Conversations come in the LLaVA-video layout (``{"from": "human"|"gpt", "value": …}``) or as chat
+messages (``{"role": "user"|"assistant", "content": …}``); ``<video>`` marks where the clip goes in a
+user turn (at most once per conversation). K is `VideoLLMConfig.num_video_tokens`, so the number of
+placeholders always equals the number of projected features.
+
+Training labels (`build_training_example`) are -100 everywhere except the tokens of each assistant
+answer and the end-of-turn token that closes it; the spans are found on the rendered text (each
+assistant turn starts where the template's generation prompt for the preceding turns ends) and
+mapped to tokens through the tokenizer's offsets, so it works for any template that renders a
+conversation's prefix as a prefix of the whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from encoder.errors import UserError
+from videollm.configuration_videollm import VIDEO_TOKEN, VideoLLMConfig
+
+PROCESSOR_FILE = "videollm_processor.json"
+IGNORE_INDEX = -100
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class VideoInputs:
+    """One decoded clip ready for the model."""
+
+    pixel_values: torch.Tensor  # (1, 3, T, S, S) float
+    timestamps: list[float]  # (T,) seconds
+    duration: float | None  # seconds, None when unknown (raw frames)
+    frames: object | None = field(default=None, repr=False)  # (T, H, W, 3) uint8, for galleries
+
+    @property
+    def num_frames(self) -> int:
+        return self.pixel_values.shape[2]
+
+
+def to_messages(conversation: list[dict]) -> list[dict]:
+    """LLaVA layout or chat messages → ``[{"role", "content"}]``; names the bad turn otherwise."""
+    messages = []
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict):
+            raise UserError(f"turn {i} is not an object: {turn!r}")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in _ROLES:
+            raise UserError(f"turn {i}: unknown role {role!r}; use human/user, gpt/assistant or system")
+        if not isinstance(content, str):
+            raise UserError(f"turn {i}: the text must be a string; got {type(content).__name__}")
+        messages.append({"role": _ROLES[role], "content": content})
+    return messages
+
+
+def time_line(timestamps: list[float], duration: float | None) -> str:
+    """"The video lasts 42.0 s; 16 frames sampled at 0.0 s, 2.8 s, …." (every timestamp listed)."""
+    stamps = ", ".join(f"{t:.1f} s" for t in timestamps)
+    head = f"The video lasts {duration:.1f} s; " if duration is not None else ""
+    return f"{head}{len(timestamps)} frames sampled at {stamps}."
+
+
+class VideoLLMProcessor:
+    """Turns (video, conversation) into ``input_ids``/``attention_mask``/``pixel_values``.
+
+    Args:
+        tokenizer: the LLM's tokenizer with ``<video>`` added (see `add_video_token`).
+        config: the model's `VideoLLMConfig` (token arithmetic, patch size, default image size).
+        num_frames: frames sampled uniformly from a video. image_size: square side S the frames are
+            resized/cropped to (default: the encoder's ``img_size``). use_time_line: add the
+            "The video lasts …" line after the video tokens. mean/std: normalisation (CLIP's).
+    """
+
+    def __init__(self, tokenizer, config: VideoLLMConfig, num_frames: int = 8, image_size: int | None = None,
+                 use_time_line: bool = True, mean=None, std=None):
+        from encoder.transforms import CLIP_MEAN, CLIP_STD
+
+        if VIDEO_TOKEN not in tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer has no {VIDEO_TOKEN} token; build the model with build_videollm "
+                             "or call add_video_token(llm, tokenizer)")
+        if num_frames < 1:
+            raise UserError(f"num_frames must be >= 1; got {num_frames}")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.num_frames = num_frames
+        self.image_size = image_size or config.vision_config.img_size
+        config.frame_grid(self.image_size, self.image_size)  # validates against the patch size
+        self.use_time_line = use_time_line
+        self.mean = tuple(mean or CLIP_MEAN)
+        self.std = tuple(std or CLIP_STD)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+
+    # ---- video ----------------------------------------------------------------------------------
+
+    def load_video(self, video, num_frames: int | None = None, start: float | None = None,
+                   end: float | None = None) -> VideoInputs:
+        """A path (or bundled clip name), or uint8 frames (T, H, W, 3) → `VideoInputs`.
+        Raises `VideoReadError` for an unreadable file."""
+        import numpy as np
+
+        from encoder.transforms import frames_to_tensor
+
+        if isinstance(video, VideoInputs):
+            return video
+        if isinstance(video, np.ndarray):
+            frames, timestamps, duration = video, [float(i) for i in range(len(video))], None
+        else:
+            from encoder.video_io import read_video
+
+            clip = read_video(video, num_frames or self.num_frames, start=start, end=end)
+            frames, timestamps, duration = clip.frames, clip.timestamps, clip.info.duration
+        pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std).unsqueeze(0)  # (1, 3, T, S, S)
+        return VideoInputs(pixel_values, list(timestamps), duration, frames)
+
+    def num_video_tokens(self, video: VideoInputs) -> int:
+        _, _, T, H, W = video.pixel_values.shape
+        return self.config.num_video_tokens(T, H, W)
+
+    def video_text(self, video: VideoInputs) -> str:
+        """What ``<video>`` is replaced by: K placeholders, then the optional time line."""
+        text = VIDEO_TOKEN * self.num_video_tokens(video)
+        if self.use_time_line:
+            text += "\n" + time_line(video.timestamps, video.duration)
+        return text
+
+    # ---- text -----------------------------------------------------------------------------------
+
+    def _expand(self, messages: list[dict], video: VideoInputs | None) -> list[dict]:
+        count = sum(m["content"].count(VIDEO_TOKEN) for m in messages)
+        if count > 1:
+            raise UserError(f"the conversation has {count} {VIDEO_TOKEN} markers; one video per conversation")
+        if video is None:
+            if count:
+                raise UserError(f"the conversation has a {VIDEO_TOKEN} marker but no video was given")
+            return messages
+        messages = [dict(m) for m in messages]
+        if count == 0:  # no marker: the video goes before the first user text
+            first_user = next((m for m in messages if m["role"] == "user"), None)
+            if first_user is None:
+                raise UserError("a video needs a user turn to attach to")
+            first_user["content"] = f"{VIDEO_TOKEN}\n{first_user['content']}"
+        for m in messages:
+            if VIDEO_TOKEN in m["content"]:
+                if m["role"] != "user":
+                    raise UserError(f"{VIDEO_TOKEN} must be in a user turn, not a {m['role']} turn")
+                m["content"] = m["content"].replace(VIDEO_TOKEN, self.video_text(video))
+        return messages
+
+    def render(self, conversation: list[dict], video: VideoInputs | None = None,
+               add_generation_prompt: bool = True) -> str:
+        """The prompt text: chat template applied, ``<video>`` expanded to K placeholders."""
+        messages = self._expand(to_messages(conversation), video)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, conversation: list[dict], video=None, add_generation_prompt: bool = True) -> dict:
+        """Inference inputs (batch of one): input_ids (1, L), attention_mask (1, L), pixel_values
+        (1, 3, T, S, S) or None, and the `VideoInputs` under "video"."""
+        video = self.load_video(video) if video is not None else None
+        text = self.render(conversation, video, add_generation_prompt)
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, L)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": video.pixel_values if video is not None else None, "video": video}
+
+    def build_training_example(self, conversation: list[dict], video=None, max_length: int | None = None) -> dict:
+        """input_ids and labels (lists of int) for one conversation; labels are -100 except on
+        assistant answers + their end-of-turn token. With a video, also pixel_values (1, 3, T, S, S).
+
+        max_length: truncate the tail; an error if that would cut into the video placeholders."""
+        video = self.load_video(video) if video is not None else None
+        messages = self._expand(to_messages(conversation), video)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError("the conversation has no assistant turn, so nothing to learn from")
+        apply = self.tokenizer.apply_chat_template
+        text = apply(messages, tokenize=False)
+        eot = self.tokenizer.eos_token
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = apply(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            if not text.startswith(prefix):
+                raise ValueError("this chat template does not render a conversation's prefix as a prefix of the "
+                                 "whole, so assistant turns cannot be located; use another template")
+            start = text.find(m["content"], len(prefix))
+            if start < 0:
+                raise ValueError(f"assistant turn {i} is not found verbatim in the rendered conversation")
+            end = start + len(m["content"])
+            following = text[end:]
+            nxt = apply(messages[:i + 1], tokenize=False)
+            # The end-of-turn token that closes this answer (e.g. <|im_end|>) is learned too.
+            close = following.find(eot) if eot else -1
+            if close >= 0 and end + close + len(eot) <= len(nxt):
+                end = end + close + len(eot)
+            spans.append((start, end))
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for j, (a, b) in enumerate(offsets):
+            if b > a and any(s <= a and b <= e for s, e in spans):
+                labels[j] = input_ids[j]
+        if max_length is not None and len(input_ids) > max_length:
+            placeholders = input_ids.count(self.video_token_id)
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            if input_ids.count(self.video_token_id) != placeholders:
+                raise UserError(f"max_length={max_length} would cut the video's {placeholders} tokens; "
+                                "raise it or use fewer frames")
+        out = {"input_ids": input_ids, "labels": labels}
+        if video is not None:
+            out["pixel_values"] = video.pixel_values
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ---- save / load ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {"num_frames": self.num_frames, "image_size": self.image_size, "use_time_line": self.use_time_line,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        (directory / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory, config: VideoLLMConfig | None = None, **overrides) -> "VideoLLMProcessor":
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        config = config or VideoLLMConfig.from_pretrained(directory)
+        settings = json.loads((directory / PROCESSOR_FILE).read_text()) if (directory / PROCESSOR_FILE).is_file() else {}
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(AutoTokenizer.from_pretrained(directory), config, **settings)
