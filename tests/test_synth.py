@@ -31,6 +31,7 @@ from training.synth import (
     sample_spec,
     write_synth_dataset,
 )
+from training.instruct_data import check_file
 from training.synth_cli import main as synth_main
 
 
@@ -119,6 +120,10 @@ def test_bad_arguments_raise_user_error():
         sample_spec(rng, 4, 64, task="order")
     with pytest.raises(UserError, match="label"):
         make_clip(0, task="motion", label=8)
+    with pytest.raises(UserError, match="distractors"):
+        make_clip(0, task="order", distractors=1)
+    with pytest.raises(UserError, match="size"):
+        make_clip(0, size=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +334,9 @@ def test_write_synth_dataset_reads_back(tmp_path):
     cx, cy = int(round(main.x)), int(round(main.y))
     assert np.abs(video.frames[0, cy, cx].astype(int) - COLORS[main.color]).max() < 40
     assert annotations[0]["spec"]["objects"][0]["motion"] == clip.label_name
+    # the instruction-data validator that fine-tuning runs accepts every record
+    records, problems = check_file(tmp_path / "instruct.json")
+    assert problems == [] and len(records) == 3
 
 
 def test_cli_writes_and_rejects_bad_arguments(tmp_path, capsys):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -353,6 +354,8 @@ def sample_spec(
     check_clip_args(num_frames, size, task)
     if label is not None and not 0 <= int(label) < NUM_CLASSES[task]:
         raise UserError(f"label for task '{task}' must be in [0, {NUM_CLASSES[task]}); got {label}")
+    if distractors is not None and task != "motion":
+        raise UserError(f"distractors are for task 'motion' only; task is '{task}'")
     if background is not None and background not in BACKGROUNDS:
         raise UserError(f"unknown background '{background}'; choose one of: {', '.join(BACKGROUNDS)}")
     T, S = int(num_frames), int(size)
@@ -764,11 +767,18 @@ def write_synth_dataset(out_dir, n: int, seed: int = 0, num_frames: int = 16, si
                         "qa": clip.qa, "spec": asdict(clip.spec)})
         instruct.append({"id": clip_id, "video": rel, "conversations": conversation(clip)})
     files = {"index": "index.csv", "annotations": "annotations.jsonl", "instruct": "instruct.json"}
-    (out / files["index"]).write_text("".join(index_lines))
-    (out / files["annotations"]).write_text("".join(json.dumps(r) + "\n" for r in records))
-    (out / files["instruct"]).write_text(json.dumps(instruct, indent=1))
+    # instruct.json last and every file atomically: recipes take its presence to mean "complete".
+    _write_atomic(out / files["index"], "".join(index_lines))
+    _write_atomic(out / files["annotations"], "".join(json.dumps(r) + "\n" for r in records))
+    _write_atomic(out / files["instruct"], json.dumps(instruct, indent=1))
     return {"n": int(n), "out": str(out), "task": task, "num_classes": NUM_CLASSES[task],
             "files": {**files, "videos": "videos/"}}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def clear_synth_dataset(out_dir) -> None:
