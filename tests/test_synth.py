@@ -302,21 +302,28 @@ def check_dataset_dir(out, n, task):
     lines = (out / "index.csv").read_text().splitlines()
     annotations = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
     instruct = json.loads((out / "instruct.json").read_text())
-    assert len(lines) == len(annotations) == len(instruct) == n
-    for line, ann, rec in zip(lines, annotations, instruct):
+    assert len(lines) == len(annotations) == n and len(instruct) == 3 * n
+    for k, (line, ann) in enumerate(zip(lines, annotations)):
         path, label = line.split(",")
-        assert (out / path).is_file() and path == ann["video"] == rec["video"]
+        assert (out / path).is_file() and path == ann["video"] == f"videos/{k:06d}.mp4"
         assert int(label) == ann["label"] and 0 <= ann["label"] < NUM_CLASSES[task]
-        assert ann["id"] == rec["id"] and ann["caption"] and ann["qa"]
-        conv = rec["conversations"]
-        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and len(conv) >= 4
-        assert conv[0]["value"].count("<video>") == 1 and conv[0]["value"].startswith("<video>\n")
-        assert sum(t["value"].count("<video>") for t in conv) == 1
-        assert conv[1]["value"] == ann["caption"]
-        mc = [q for q in ann["qa"] if q["type"] == "mc"]
-        prompts = {t["value"]: conv[i + 1]["value"] for i, t in enumerate(conv) if t["from"] == "human"}
-        for q in mc:
-            assert prompts[format_mc(q["question"], q["options"])] == q["answer_letter"]
+        assert ann["caption"] and ann["qa"]
+        records = {rec["id"]: rec for rec in instruct if rec["video"] == path}
+        assert sorted(records) == sorted(f"{ann['id']}_{kind}" for kind in ("caption", "open", "mc"))
+        prompts = {}
+        for rec in records.values():
+            conv = rec["conversations"]
+            assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and conv
+            assert conv[0]["value"].startswith("<video>\n")
+            assert sum(t["value"].count("<video>") for t in conv) == 1
+            prompts.update({t["value"].removeprefix("<video>\n"): conv[i + 1]["value"]
+                            for i, t in enumerate(conv) if t["from"] == "human"})
+        assert records[f"{ann['id']}_caption"]["conversations"][1]["value"] == ann["caption"]
+        for q in ann["qa"]:
+            if q["type"] == "mc":
+                assert prompts[format_mc(q["question"], q["options"])] == q["answer_letter"]
+            else:
+                assert prompts[q["question"]] == q["answer"]
     return annotations
 
 
@@ -336,7 +343,7 @@ def test_write_synth_dataset_reads_back(tmp_path):
     assert annotations[0]["spec"]["objects"][0]["motion"] == clip.label_name
     # the instruction-data validator that fine-tuning runs accepts every record
     records, problems = check_file(tmp_path / "instruct.json")
-    assert problems == [] and len(records) == 3
+    assert problems == [] and len(records) == 9
 
 
 def test_cli_writes_and_rejects_bad_arguments(tmp_path, capsys):

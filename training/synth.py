@@ -723,17 +723,27 @@ class SynthVideoDataset(torch.utils.data.Dataset):
         return {"frames": clip.frames, "label": clip.label, "seed": seed}
 
 
-def conversation(clip: SynthClip) -> list[dict]:
-    """The LLaVA-video turns of a clip: a caption request, then every QA pair (MC as letters)."""
-    turns = [("<video>\n" + CAPTION_PROMPT, clip.caption)]
-    for item in clip.qa:
-        if item["type"] == "mc":
-            turns.append((format_mc(item["question"], item["options"]), item["answer_letter"]))
-        else:
-            turns.append((item["question"], item["answer"]))
-    out = []
-    for human, gpt in turns:
-        out += [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+def conversations(clip: SynthClip) -> dict[str, list[dict]]:
+    """LLaVA-video turns of a clip, as three separate conversations: ``"caption"`` (one caption
+    request), ``"open"`` (every open question) and ``"mc"`` (every multiple-choice question via
+    `format_mc`, answered with its letter).
+
+    Separate because in one conversation the history would give the answers away: the caption
+    names every colour, shape and motion, and each MC question repeats an open one.
+    """
+    groups = {
+        "caption": [(CAPTION_PROMPT, clip.caption)],
+        "open": [(q["question"], q["answer"]) for q in clip.qa if q["type"] == "open"],
+        "mc": [(format_mc(q["question"], q["options"]), q["answer_letter"])
+               for q in clip.qa if q["type"] == "mc"],
+    }
+    out = {}
+    for name, turns in groups.items():
+        if not turns:
+            continue
+        turns[0] = ("<video>\n" + turns[0][0], turns[0][1])
+        out[name] = [{"from": role, "value": text} for human, gpt in turns
+                     for role, text in (("human", human), ("gpt", gpt))]
     return out
 
 
@@ -744,7 +754,9 @@ def write_synth_dataset(out_dir, n: int, seed: int = 0, num_frames: int = 16, si
     Files: ``videos/{i:06d}.mp4`` (H.264), ``index.csv`` (``path,label`` lines, no header; paths
     relative to `out_dir`; the Kinetics-style list the classification recipes read),
     ``annotations.jsonl`` (per clip: id, video, seed, label, label_name, caption, qa, spec) and
-    ``instruct.json`` (LLaVA-video conversations, see `conversation`). Returns a summary dict.
+    ``instruct.json`` (LLaVA-video records ``{id}_caption``, ``{id}_open``, ``{id}_mc`` per clip,
+    see `conversations`). Returns a summary dict. Existing files of these names are replaced;
+    `clear_synth_dataset` removes a previous, larger set first.
     """
     from encoder.video_io import write_video
 
@@ -765,7 +777,8 @@ def write_synth_dataset(out_dir, n: int, seed: int = 0, num_frames: int = 16, si
         records.append({"id": clip_id, "video": rel, "seed": clip.seed, "task": task, "fps": fps,
                         "label": clip.label, "label_name": clip.label_name, "caption": clip.caption,
                         "qa": clip.qa, "spec": asdict(clip.spec)})
-        instruct.append({"id": clip_id, "video": rel, "conversations": conversation(clip)})
+        instruct += [{"id": f"{clip_id}_{kind}", "video": rel, "conversations": turns}
+                     for kind, turns in conversations(clip).items()]
     files = {"index": "index.csv", "annotations": "annotations.jsonl", "instruct": "instruct.json"}
     # instruct.json last and every file atomically: recipes take its presence to mean "complete".
     _write_atomic(out / files["index"], "".join(index_lines))
