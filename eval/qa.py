@@ -1,0 +1,288 @@
+"""``videollm eval qa``: multiple-choice video QA accuracy on a benchmark, resumable.
+
+    videollm eval qa --benchmark videomme --data ~/data/Video-MME --model runs/sft --out out/vmme --frames 32
+    videollm eval qa --benchmark synthqa --seed 1 --n 200 --model runs/sft --out out/synth-heldout
+
+Per question: sample ``--frames`` frames, prompt in the benchmarks' style (question, ``A. …``
+option lines, "Answer with the option's letter from the given choices directly."), decode
+greedily, read the letter with `eval.answer.extract_letter` (no letter = wrong).
+
+Outputs in ``--out``: ``samples.jsonl`` (one line per question, appended and flushed as it is
+answered), ``results.json`` (``accuracy`` as a fraction, per-category breakdowns, n, model,
+benchmark, frames) and ``summary.md``. A rerun with the same ``--out`` skips the ids already in
+``samples.jsonl``, so an interrupted run resumes where it stopped.
+
+The model sits behind one function, ``answer_fn(frames (T, H, W, 3) uint8, prompt) -> reply``;
+`run_qa` takes any such function (tests pass a fake one), `VideoLLMAnswerer` is the real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from encoder.errors import UserError, run_cli
+from eval.answer import extract_letter, format_options
+from eval.benchmarks import BENCHMARKS, MCSample, load_benchmark
+
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+SAMPLES_FILE = "samples.jsonl"
+RESULTS_FILE = "results.json"
+SUMMARY_FILE = "summary.md"
+
+AnswerFn = Callable[[np.ndarray, str], str]
+
+
+def build_prompt(sample: MCSample) -> str:
+    """Question, lettered options, the letter instruction (lmms-eval's Video-MME/EgoSchema style)."""
+    return f"{sample.question}\n{format_options(sample.options)}\n{MC_INSTRUCTION}"
+
+
+def uniform_frames(frames: np.ndarray, num_frames: int) -> np.ndarray:
+    """num_frames frames spread evenly over (T, H, W, 3) (repeats when T < num_frames)."""
+    idx = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
+    return frames[idx]
+
+
+def load_frames(sample: MCSample, num_frames: int) -> np.ndarray:
+    """The sample's video as uint8 (num_frames, H, W, 3): in-memory frames, a folder of images
+    (MVBench's frame tasks) or a video file (start/end seconds respected)."""
+    if sample.frames is not None:
+        return uniform_frames(sample.frames, num_frames)
+    path = Path(sample.video)
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not files:
+            raise UserError(f"frame folder '{path}' has no .jpg/.png images")
+        idx = np.linspace(0, len(files) - 1, num_frames).round().astype(int)
+        return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in idx])
+    from encoder.video_io import read_video
+
+    return read_video(path, num_frames, start=sample.start, end=sample.end).frames
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_done(path: Path, wanted: set[str]) -> list[dict]:
+    """Records already in samples.jsonl for ids we still want; rewrites the file without a torn
+    last line (a run killed mid-write) or records of other ids."""
+    if not path.is_file():
+        return []
+    done, seen = [], set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("id") in wanted and record["id"] not in seen:
+            done.append(record)
+            seen.add(record["id"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in done), encoding="utf-8")
+    return done
+
+
+def score(records: list[dict]) -> dict:
+    """Overall and per-category accuracy of answered records."""
+    n = len(records)
+    correct = sum(bool(r["correct"]) for r in records)
+    breakdowns: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r in records:
+        for key, value in r.get("categories", {}).items():
+            cell = breakdowns[key][str(value)]
+            cell[0] += bool(r["correct"])
+            cell[1] += 1
+    per_category = {
+        key: {value: {"accuracy": c / t, "correct": c, "n": t} for value, (c, t) in sorted(cells.items())}
+        for key, cells in breakdowns.items()
+    }
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "correct": correct,
+        "n": n,
+        "unparsed": sum(r["pred"] is None for r in records),
+        "errors": sum(bool(r.get("error")) for r in records),
+        "per_category": per_category,
+    }
+
+
+def summary_markdown(results: dict) -> str:
+    lines = [f"# {results['benchmark']} — {results['model']}", "",
+             f"frames: {results['frames']} · questions: {results['n']} · "
+             f"unparsed replies (scored wrong): {results['unparsed']} · errors: {results['errors']}", "",
+             f"**accuracy: {100 * results['accuracy']:.1f}%** ({results['correct']}/{results['n']})", ""]
+    for key, cells in results["per_category"].items():
+        lines += [f"## by {key}", "", f"| {key} | accuracy | n |", "| --- | ---: | ---: |"]
+        lines += [f"| {value} | {100 * c['accuracy']:.1f}% | {c['n']} |" for value, c in cells.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_qa(samples: list[MCSample], answer_fn: AnswerFn, out_dir: str | Path, *, num_frames: int,
+           meta: dict | None = None, log=print) -> dict:
+    """Answer every sample not yet in ``out_dir/samples.jsonl``, then write results and summary.
+
+    meta: extra fields for results.json (model, benchmark, …). Returns the results dict.
+    A video that cannot be read is recorded with its error and scored wrong.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / SAMPLES_FILE
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise UserError("sample ids are not unique; resuming would be ambiguous")
+    done = _read_done(jsonl, set(ids))
+    done_ids = {r["id"] for r in done}
+    todo = [s for s in samples if s.id not in done_ids]
+    if done:
+        log(f"resuming: {len(done)} of {len(samples)} already answered in {jsonl}")
+    records = list(done)
+    start = time.perf_counter()
+    with jsonl.open("a", encoding="utf-8") as f:
+        for i, sample in enumerate(todo):
+            prompt = build_prompt(sample)
+            error = None
+            try:
+                frames = load_frames(sample, num_frames)
+                reply = answer_fn(frames, prompt)
+            except UserError as err:  # unreadable video: wrong, with the reason kept
+                reply, error = "", str(err)
+            pred = extract_letter(reply, sample.options)
+            record = {"id": sample.id, "question": sample.question, "options": sample.options,
+                      "answer": sample.answer, "reply": reply, "pred": pred, "correct": pred == sample.answer,
+                      "categories": sample.categories}
+            if error:
+                record["error"] = error
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            records.append(record)
+            if (i + 1) % 10 == 0 or i + 1 == len(todo):
+                acc = sum(r["correct"] for r in records) / len(records)
+                log(f"[{len(records)}/{len(samples)}] accuracy so far {acc:.3f} "
+                    f"({(time.perf_counter() - start) / (i + 1):.2f} s/question)")
+    order = {sid: k for k, sid in enumerate(ids)}
+    records.sort(key=lambda r: order[r["id"]])
+    results = {**(meta or {}), "frames": num_frames, **score(records)}
+    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out_dir / SUMMARY_FILE).write_text(summary_markdown({"model": "?", "benchmark": "?", **results}) + "\n",
+                                        encoding="utf-8")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The model behind answer_fn
+# ---------------------------------------------------------------------------------------------
+
+
+class VideoLLMAnswerer:
+    """``answer_fn`` for a saved VideoLLM: chat template, ``<video>`` expanded to the projector's
+    token count, greedy decoding of up to `max_new_tokens` tokens.
+
+    Frames are passed in memory (no temporary video file); they are resized to the encoder's
+    ``img_size`` by `encoder.transforms.frames_to_tensor`.
+    """
+
+    def __init__(self, model_dir: str | Path, max_new_tokens: int = 16):
+        import torch
+        from transformers import AutoTokenizer
+
+        from videollm.configuration_videollm import VIDEO_TOKEN
+        from videollm.modeling_videollm import VideoLLMForCausalLM, add_video_token
+
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise UserError(f"model directory '{path}' does not exist")
+        self.torch = torch
+        self.video_token = VIDEO_TOKEN
+        self.model = VideoLLMForCausalLM.from_pretrained(path).eval()
+        if (path / "tokenizer_config.json").is_file():
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        else:  # LoRA checkpoints keep only a reference to the base LLM
+            from videollm.llm import load_llm
+
+            llm, self.tokenizer = load_llm(self.model.config.base_llm)
+            add_video_token(llm, self.tokenizer)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.size = int(self.model.config.vision_config.img_size)
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, frames: np.ndarray, prompt: str) -> str:
+        from encoder.transforms import frames_to_tensor
+
+        torch = self.torch
+        pixel_values = frames_to_tensor(frames, self.size).unsqueeze(0)  # (1, 3, T, S, S)
+        k = self.model.config.num_video_tokens(len(frames), self.size, self.size)
+        messages = [{"role": "user", "content": f"{self.video_token}\n{prompt}"}]
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = messages[0]["content"] + "\n"
+        text = text.replace(self.video_token, self.video_token * k, 1)
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = self.model.generate(**enc, pixel_values=pixel_values, max_new_tokens=self.max_new_tokens,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="videollm eval qa", description=__doc__.split("\n\n")[0])
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    p.add_argument("--data", help="the benchmark's local folder or annotation file (not for synthqa)")
+    p.add_argument("--model", required=True, help="a saved VideoLLM directory")
+    p.add_argument("--out", required=True, help="output folder (reused to resume)")
+    p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default 16)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--video-root", help="folder of the videos, if not where the layout puts them")
+    p.add_argument("--seed", type=int, default=0, help="synthqa: which set (another seed = held out)")
+    p.add_argument("--n", type=int, default=50, help="synthqa: number of questions (default 50)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--skip-missing", action="store_true", help="drop questions whose video is missing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.frames < 1:
+        raise UserError(f"--frames must be >= 1; got {args.frames}")
+    samples = load_benchmark(args.benchmark, args.data, args.video_root, seed=args.seed, n=args.n)
+    if args.limit is not None:
+        samples = samples[: args.limit]
+    missing = [s for s in samples if s.frames is None and not Path(s.video).exists()]
+    if missing and not args.skip_missing:
+        raise UserError(f"{len(missing)} of {len(samples)} videos are missing, e.g. '{missing[0].video}'; "
+                        "point --video-root at the videos, or pass --skip-missing")
+    missing_ids = {s.id for s in missing}
+    samples = [s for s in samples if s.id not in missing_ids]
+    if not samples:
+        raise UserError("no questions to answer")
+    answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens)
+    meta = {"benchmark": args.benchmark, "model": str(args.model), "data": args.data,
+            "skipped_missing": len(missing)}
+    if args.benchmark == "synthqa":
+        meta.update(seed=args.seed)
+    results = run_qa(samples, answerer, args.out, num_frames=args.frames, meta=meta,
+                     log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({k: results[k] for k in ("benchmark", "accuracy", "correct", "n", "unparsed", "frames")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
