@@ -3,7 +3,6 @@ QA well-formedness, needles, the mp4 dataset writer and its CLI."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
