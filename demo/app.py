@@ -1,0 +1,310 @@
+"""``videollm demo``: chat with a video in the browser (Gradio Blocks).
+
+    video (upload or example) ──processor.load_video(N frames)──► VideoInputs ──► gallery (frames + timestamps)
+                                                                       │
+    question + history ──videollm.chat.generate_stream──► text pieces ──► chatbot (the answer grows as it streams)
+                                                                       └─► info line (ChatTiming)
+
+The model is loaded once and shared by every session; a queue with one concurrency group
+("model") caps how many answers run at once, the chat and the ``/answer`` API together. Each
+session keeps its own history and its decoded clip (re-used across turns while the video and the
+frame count stay the same). A bad video is answered in the chat with what is wrong; the app keeps
+serving. `build_app` is separate from `main` so tests can build the app around a tiny model.
+
+API for programs (``gradio_client``)::
+
+    Client(url).predict(handle_file("clip.mp4"), "What happens?", 8, api_name="/answer")  # → str
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from encoder.errors import UserError, VideoReadError, run_cli
+
+logger = logging.getLogger(__name__)
+
+MIN_FRAMES, MAX_FRAMES = 8, 256
+API_MAX_FRAMES = MAX_FRAMES
+THUMBNAIL_SIDE = 192  # the gallery shows thumbnails; 256 full-size frames would be slow to send
+CONCURRENCY_ID = "model"
+
+NO_VIDEO = "Please upload a video or pick an example first."
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (no gradio)
+# ---------------------------------------------------------------------------------------------
+
+
+def error_text(err: BaseException) -> str:
+    """What the chat shows for a failed answer. Uploaded files live under a long temp path, so a
+    `VideoReadError` names just the file."""
+    if isinstance(err, VideoReadError):
+        return f"⚠️ cannot read video '{Path(err.path).name}': {err.reason}. Try another file."
+    if isinstance(err, UserError):
+        return f"⚠️ {err}"
+    return f"⚠️ the model failed on this request ({type(err).__name__}: {err}); the demo is still running."
+
+
+def info_text(timing) -> str:
+    """One line per answer from a `videollm.chat.ChatTiming`."""
+    return (f"{timing.num_frames} frames · {timing.video_tokens} video tokens · "
+            f"decode {timing.decode_seconds:.2f} s · encode {timing.encode_seconds:.2f} s · "
+            f"first token {timing.time_to_first_token:.2f} s · {timing.tokens_per_second:.1f} tokens/s · "
+            f"{timing.new_tokens} tokens in {timing.total_seconds:.2f} s")
+
+
+def thumbnails(frames: np.ndarray, timestamps: list[float], side: int = THUMBNAIL_SIDE) -> list[tuple]:
+    """Gallery items ``(image (h, w, 3) uint8, "t = 1.2 s")``, each frame shrunk to fit ``side``."""
+    from PIL import Image
+
+    items = []
+    for i, (frame, t) in enumerate(zip(frames, timestamps)):  # frame (H, W, 3)
+        image = Image.fromarray(frame)
+        image.thumbnail((side, side))
+        items.append((np.asarray(image), f"#{i + 1} · {t:.1f} s"))
+    return items
+
+
+def check_frames(num_frames, low: int = 1, high: int = API_MAX_FRAMES) -> int:
+    try:
+        n = int(num_frames)
+    except (TypeError, ValueError):
+        raise UserError(f"number of frames must be an integer; got {num_frames!r}") from None
+    if not low <= n <= high or n != num_frames:
+        raise UserError(f"number of frames must be an integer in {low}..{high}; got {num_frames!r}")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+
+def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES, max_new_tokens: int = 128,
+              concurrency: int = 2, queue_size: int = 64, title: str = "VideoMAP-LLM") -> gr.Blocks:
+    """The demo around an already-loaded (model, processor).
+
+    examples: `demo.examples.Example` rows (video path + question) shown under the video.
+    default_frames / max_new_tokens: initial slider values. concurrency: answers generated at once
+    (chat and API share the limit); queue_size: requests waiting beyond that before new ones are
+    turned away.
+    """
+    from videollm.chat import UNTRAINED_NOTICE, ChatTiming, generate_stream
+
+    def load_clip(path: str, num_frames: int, cache: dict | None):
+        """The decoded clip for (path, num_frames), re-used from the session cache when unchanged."""
+        key = (path, num_frames)
+        if cache and cache.get("key") == key:
+            return cache["clip"], cache
+        clip = processor.load_video(path, num_frames=num_frames)  # VideoInputs; VideoReadError if bad
+        return clip, {"key": key, "clip": clip}
+
+    def respond(video, question, chat, history, cache, num_frames, temperature, top_p, new_tokens):
+        """Chat turn: yields (chatbot, question box, gallery, info, chat, history, cache)."""
+        question = (question or "").strip()
+        chat, history = list(chat or []), list(history or [])
+        if not question:
+            yield chat, "", gr.skip(), gr.skip(), chat, history, cache
+            return
+        chat.append({"role": "user", "content": question})
+        yield chat, "", gr.skip(), "", chat, history, cache  # echo the question before decoding
+        if not video:
+            chat.append({"role": "assistant", "content": NO_VIDEO})
+            yield chat, "", gr.skip(), "", chat, history, cache
+            return
+        try:
+            clip, cache = load_clip(video, int(num_frames), cache)
+        except UserError as err:
+            chat.append({"role": "assistant", "content": error_text(err)})
+            yield chat, "", [], "", chat, history, None
+            return
+        yield chat, "", thumbnails(clip.frames, clip.timestamps), "", chat, history, cache
+
+        conversation = history + [{"role": "user", "content": question}]
+        timing = ChatTiming()
+        answer = ""
+        try:
+            for piece in generate_stream(model, processor, clip, conversation, timing=timing,
+                                         max_new_tokens=int(new_tokens), temperature=float(temperature),
+                                         top_p=float(top_p)):
+                answer += piece
+                yield chat + [{"role": "assistant", "content": answer}], gr.skip(), gr.skip(), gr.skip(), \
+                    chat, history, cache
+        except Exception as err:  # noqa: BLE001 — one failed answer must not take the demo down
+            logger.exception("generation failed")
+            chat.append({"role": "assistant", "content": (answer + "\n\n" if answer else "") + error_text(err)})
+            yield chat, gr.skip(), gr.skip(), "", chat, history, cache
+            return
+        if not answer:
+            answer = "(the model ended its answer without any text)"
+        chat.append({"role": "assistant", "content": answer})
+        history = conversation + [{"role": "assistant", "content": answer}]
+        yield chat, gr.skip(), gr.skip(), info_text(timing), chat, history, cache
+
+    def answer_api(video_file, question, num_frames) -> str:
+        """Stateless: one question about one video, the whole answer as text. Errors are raised
+        as `gr.Error`, which gradio_client turns into an exception carrying the message."""
+        try:
+            if not video_file:
+                raise UserError("no video file was given")
+            if not (question or "").strip():
+                raise UserError("the question is empty")
+            clip = processor.load_video(video_file, num_frames=check_frames(num_frames))
+            return "".join(generate_stream(model, processor, clip, question.strip(),
+                                           max_new_tokens=max_new_tokens, temperature=0.0))
+        except UserError as err:
+            raise gr.Error(error_text(err).removeprefix("⚠️ "), print_exception=False) from None
+
+    def clear():
+        return [], "", [], "", [], [], None
+
+    def new_video():
+        # A conversation is about one video: a new one starts afresh (the decoded-clip cache too).
+        return [], [], "", [], [], None
+
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(f"# {title}\nAsk questions about a video. The answer streams in as it is generated.")
+        if getattr(model, "vision_untrained", False):
+            gr.Markdown(f"> {UNTRAINED_NOTICE}.", elem_id="untrained-notice")
+        chat_state = gr.State([])  # what the chatbot shows (errors included)
+        history_state = gr.State([])  # what the model sees: user/assistant turns only
+        clip_state = gr.State(None)  # {"key": (path, frames), "clip": VideoInputs}
+        with gr.Row():
+            with gr.Column(scale=2):
+                video = gr.Video(label="Video", sources=["upload"], include_audio=True, elem_id="video")
+                frames = gr.Slider(MIN_FRAMES, MAX_FRAMES, value=max(MIN_FRAMES, min(MAX_FRAMES, default_frames)),
+                                   step=1, label="Frames sampled (uniformly)", elem_id="frames")
+                with gr.Accordion("Generation", open=False):
+                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (with temperature > 0)")
+                    new_tokens = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="Max new tokens")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"])
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask about the video and press Enter", show_label=False,
+                                          scale=5, elem_id="question", submit_btn=False)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    clear_btn = gr.Button("Clear chat", elem_id="clear")
+                info = gr.Markdown("", elem_id="info")
+        gallery = gr.Gallery(label="Sampled frames (timestamp in the caption)", columns=8, height="auto",
+                             elem_id="gallery", interactive=False)
+        if examples:
+            gr.Examples([[str(e.path), e.question] for e in examples], inputs=[video, question],
+                        example_labels=[e.name for e in examples], label="Example clips")
+
+        turn = dict(fn=respond,
+                    inputs=[video, question, chat_state, history_state, clip_state, frames, temperature, top_p,
+                            new_tokens],
+                    outputs=[chatbot, question, gallery, info, chat_state, history_state, clip_state],
+                    concurrency_limit=concurrency, concurrency_id=CONCURRENCY_ID, api_visibility="private")
+        question.submit(**turn)
+        send.click(**turn)
+        clear_btn.click(clear, outputs=[chatbot, question, gallery, info, chat_state, history_state, clip_state],
+                        queue=False, api_visibility="private")
+        video.change(new_video, outputs=[chatbot, gallery, info, chat_state, history_state, clip_state],
+                     queue=False, api_visibility="private")
+
+        # The stateless API: hidden components, no UI.
+        api_video = gr.File(visible=False, file_types=None)
+        api_question = gr.Textbox(visible=False)
+        api_frames = gr.Number(value=default_frames, precision=0, visible=False)
+        api_answer = gr.Textbox(visible=False)
+        api_button = gr.Button(visible=False)
+        api_button.click(answer_api, inputs=[api_video, api_question, api_frames], outputs=api_answer,
+                         api_name="answer", concurrency_limit=concurrency, concurrency_id=CONCURRENCY_ID)
+    app.queue(max_size=queue_size, default_concurrency_limit=concurrency)
+    app.allowed_example_paths = sorted({str(Path(e.path).resolve().parent) for e in examples})
+    return app
+
+
+def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           max_file_size: str | int | None = "200mb", block: bool = True):
+    """Start serving; returns ``(local_url, share_url)``. ``block=False`` returns at once (tests)."""
+    _, local_url, share_url = app.launch(
+        server_name=host, server_port=port, share=share, max_file_size=max_file_size,
+        allowed_paths=getattr(app, "allowed_example_paths", []), prevent_thread_lock=True,
+        quiet=True, ssr_mode=False, show_error=True, footer_links=["api"])
+    print(f"VideoMAP-LLM demo running on {local_url}" + (f" (public: {share_url})" if share_url else ""),
+          flush=True)
+    if block:
+        try:
+            app.block_thread()
+        finally:
+            app.close()
+    return local_url, share_url
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="videollm demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a VideoLLM checkpoint directory (default: the embedded default)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs network)")
+    p.add_argument("--max-file-size", default="200mb", help="largest accepted upload, e.g. 200mb, 1gb (default 200mb)")
+    p.add_argument("--concurrency", type=int, default=2, help="answers generated at the same time (default 2)")
+    p.add_argument("--frames", type=int, default=MIN_FRAMES,
+                   help=f"initial frame count, {MIN_FRAMES}..{MAX_FRAMES} (default {MIN_FRAMES})")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="initial answer length limit (default 128)")
+    p.add_argument("--no-examples", action="store_true", help="do not list example clips")
+    p.add_argument("--cache-dir", default=None,
+                   help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/videomap-llm/llm); the "
+                        "synthetic example clips go to its sibling 'demo_examples'")
+    args = p.parse_args(argv)
+    if args.concurrency < 1:
+        p.error("--concurrency must be >= 1")
+    if not MIN_FRAMES <= args.frames <= MAX_FRAMES:
+        p.error(f"--frames must be in {MIN_FRAMES}..{MAX_FRAMES}")
+    if not 1 <= args.port <= 65535:
+        p.error("--port must be in 1..65535")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import time
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from videollm.chat import UNTRAINED_NOTICE
+    from videollm.llm import default_cache_dir
+    from videollm.modeling_videollm import load_videollm
+
+    from demo.examples import example_clips
+
+    t0 = time.perf_counter()
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    examples = [] if args.no_examples else example_clips(cache_dir.parent / "demo_examples")
+    print("loading the model…", flush=True)
+    model, processor = load_videollm(args.model, num_frames=args.frames, cache_dir=cache_dir)
+    if getattr(model, "vision_untrained", False):
+        print(UNTRAINED_NOTICE, file=sys.stderr)
+    app = build_app(model, processor, examples=examples, default_frames=args.frames,
+                    max_new_tokens=args.max_new_tokens, concurrency=args.concurrency)
+    try:
+        launch(app, host=args.host, port=args.port, share=args.share, max_file_size=args.max_file_size,
+               block=False)
+    except OSError as err:  # the port is taken, or the host is not an address of this machine
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {err}; pick another --port") from None
+    print(f"ready in {time.perf_counter() - t0:.1f} s; Ctrl+C stops it", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
