@@ -1,0 +1,60 @@
+"""The chat CLI end to end with smollm2 (+ the random nano encoder), run as a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def llm_cache(tmp_path_factory):
+    from videollm.llm import load_llm
+
+    # Shared with test_llm_loading: one GGUF dequantization per session.
+    cache = tmp_path_factory.getbasetemp() / "videomap-llm-cache"
+    load_llm("smollm2", cache_dir=cache)
+    return cache
+
+
+def chat(args, cache, stdin=None):
+    env = {**os.environ, "VIDEOMAP_LLM_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "videollm.chat", *args], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=600, cwd=REPO)
+
+
+def test_no_video_question_is_answered_by_smollm2(llm_cache):
+    r = chat(["--no-video", "What is the capital of France?", "--max-new-tokens", "16"], llm_cache)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_video_question_streams_text(llm_cache):
+    r = chat(["bigbuckbunny", "Describe the video.", "--frames", "8", "--max-new-tokens", "8", "--timing"], llm_cache)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "untrained" in r.stderr or "randomly initialised" in r.stderr
+    import json
+
+    timing = json.loads([line for line in r.stderr.splitlines() if line.startswith("{")][-1])
+    assert timing["num_frames"] == 8 and timing["video_tokens"] == 8 * 49 and timing["new_tokens"] >= 1
+
+
+def test_interactive_multi_turn_with_reset(llm_cache):
+    r = chat(["--no-video", "--max-new-tokens", "6"], llm_cache,
+             stdin="What is the capital of France?\n/reset\nAnd of Italy?\n/quit\nnever asked\n")
+    assert r.returncode == 0, r.stderr
+    before, sep, after = r.stdout.partition("(history cleared)")
+    assert sep and before.strip() and after.strip()  # one answer before the reset, one after, none after /quit
+
+
+def test_bad_video_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    r = chat([str(bad), "What happens?"], tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "broken.mp4" in lines[0]

@@ -1,0 +1,77 @@
+"""``videollm bench chat``: one JSON line with the cost of answering about a video on this machine —
+time to first token, tokens/s, encode time, peak RSS — for smollm2 + the nano encoder on the
+bundled 32-frame "bigbuckbunny" clip by default."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+
+from encoder.errors import run_cli
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="videollm bench chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("--video", default="bigbuckbunny", help="video file or bundled clip name")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--model", default=None, help="a VideoLLM checkpoint directory (default: smollm2 + nano)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--question", default="Describe the video.")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="answer once before measuring (first-call costs: kernel load, allocator)")
+    p.add_argument("--cache-dir", default=None, help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/…)")
+    return p.parse_args(argv)
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if platform.system() == "Darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from pathlib import Path
+
+    import torch
+
+    from videollm.chat import ChatTiming, generate_stream
+    from videollm.llm import default_cache_dir
+    from videollm.modeling_videollm import load_videollm
+
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    model, processor = load_videollm(args.model, num_frames=args.frames, cache_dir=cache_dir)
+
+    def answer(max_new_tokens):
+        timing = ChatTiming()
+        text = "".join(generate_stream(model, processor, args.video, args.question, timing=timing,
+                                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                       num_frames=args.frames))
+        return timing, text
+
+    if args.warmup:
+        answer(2)
+    timing, _ = answer(args.max_new_tokens)
+    record = {
+        "bench": "chat",
+        "model": args.model or "default (smollm2 + random nano)",
+        "video": args.video,
+        "frames": timing.num_frames,
+        "video_tokens": timing.video_tokens,
+        "prompt_tokens": timing.prompt_tokens,
+        "new_tokens": timing.new_tokens,
+        "decode_s": round(timing.decode_seconds, 3),
+        "encode_s": round(timing.encode_seconds, 3),
+        "time_to_first_token_s": round(timing.time_to_first_token, 3),
+        "tokens_per_s": round(timing.tokens_per_second, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
