@@ -195,7 +195,7 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
                 with gr.Row():
                     clear_btn = gr.Button("Clear chat", elem_id="clear")
                 info = gr.Markdown("", elem_id="info")
-        gallery = gr.Gallery(label="Sampled frames (timestamp in the caption)", columns=8, height="auto",
+        gallery = gr.Gallery(label="Sampled frames (timestamp in the caption)", columns=8, height=260,
                              elem_id="gallery", interactive=False)
         if examples:
             gr.Examples([[str(e.path), e.question] for e in examples], inputs=[video, question],
@@ -208,8 +208,9 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
                     concurrency_limit=concurrency, concurrency_id=CONCURRENCY_ID, api_visibility="private")
         question.submit(**turn)
         send.click(**turn)
-        clear_btn.click(clear, outputs=[chatbot, question, gallery, info, chat_state, history_state, clip_state],
-                        queue=False, api_visibility="private")
+        cleared = [chatbot, question, gallery, info, chat_state, history_state, clip_state]
+        clear_btn.click(clear, outputs=cleared, queue=False, api_visibility="private")
+        chatbot.clear(clear, outputs=cleared, queue=False, api_visibility="private")  # its own trash icon
         video.change(new_video, outputs=[chatbot, gallery, info, chat_state, history_state, clip_state],
                      queue=False, api_visibility="private")
 
