@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -120,12 +121,14 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
             chat.append({"role": "assistant", "content": NO_VIDEO})
             yield chat, "", gr.skip(), "", chat, history, cache
             return
+        t0 = time.perf_counter()
         try:
             clip, cache = load_clip(video, int(num_frames), cache)
         except UserError as err:
             chat.append({"role": "assistant", "content": error_text(err)})
             yield chat, "", [], "", chat, history, None
             return
+        decode_seconds = time.perf_counter() - t0  # ~0 on later turns: the clip is cached
         yield chat, "", thumbnails(clip.frames, clip.timestamps), "", chat, history, cache
 
         conversation = history + [{"role": "user", "content": question}]
@@ -143,6 +146,10 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
             chat.append({"role": "assistant", "content": (answer + "\n\n" if answer else "") + error_text(err)})
             yield chat, gr.skip(), gr.skip(), "", chat, history, cache
             return
+        # generate_stream got an already-decoded clip, so its clock started after decoding.
+        timing.decode_seconds += decode_seconds
+        timing.time_to_first_token += decode_seconds
+        timing.total_seconds += decode_seconds
         if not answer:
             answer = "(the model ended its answer without any text)"
         chat.append({"role": "assistant", "content": answer})
@@ -180,6 +187,11 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
         with gr.Row():
             with gr.Column(scale=2):
                 video = gr.Video(label="Video", sources=["upload"], include_audio=True, elem_id="video")
+                question = gr.Textbox(placeholder="Ask about the video and press Enter", show_label=False,
+                                      scale=5, elem_id="question", submit_btn=False, render=False)
+                if examples:
+                    gr.Examples([[str(e.path), e.question] for e in examples], inputs=[video, question],
+                                example_labels=[e.name for e in examples], label="Example clips")
                 frames = gr.Slider(MIN_FRAMES, MAX_FRAMES, value=max(MIN_FRAMES, min(MAX_FRAMES, default_frames)),
                                    step=1, label="Frames sampled (uniformly)", elem_id="frames")
                 with gr.Accordion("Generation", open=False):
@@ -189,17 +201,13 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"])
                 with gr.Row():
-                    question = gr.Textbox(placeholder="Ask about the video and press Enter", show_label=False,
-                                          scale=5, elem_id="question", submit_btn=False)
+                    question.render()
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 with gr.Row():
                     clear_btn = gr.Button("Clear chat", elem_id="clear")
                 info = gr.Markdown("", elem_id="info")
         gallery = gr.Gallery(label="Sampled frames (timestamp in the caption)", columns=8, height=260,
                              elem_id="gallery", interactive=False)
-        if examples:
-            gr.Examples([[str(e.path), e.question] for e in examples], inputs=[video, question],
-                        example_labels=[e.name for e in examples], label="Example clips")
 
         turn = dict(fn=respond,
                     inputs=[video, question, chat_state, history_state, clip_state, frames, temperature, top_p,
@@ -276,8 +284,6 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import time
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from videollm.chat import UNTRAINED_NOTICE
     from videollm.llm import default_cache_dir

@@ -45,8 +45,10 @@ WATCH_BOT = """() => {
 
 @pytest.fixture(scope="module")
 def demo_url():
+    from demo.examples import bundled_examples
+
     model, processor = tiny_videollm()
-    app, url = serve(model, processor, max_new_tokens=48)
+    app, url = serve(model, processor, max_new_tokens=48, examples=bundled_examples())
     yield url
     app.close()
 
@@ -113,3 +115,14 @@ def test_bad_upload_is_answered_in_the_chat(demo_url, page, tmp_path):
     bot = page.locator('#chatbot [data-testid="bot"]')
     bot.last.wait_for(timeout=30_000)
     assert "cannot read video 'broken.mp4'" in bot.last.inner_text()
+
+
+def test_example_clip_fills_the_video_and_question(demo_url, page):
+    page.goto(demo_url)
+    page.get_by_text("carphone_pristine", exact=True).first.click()
+    page.wait_for_selector("#video video", timeout=30_000)
+    box = page.locator("#question textarea")
+    assert box.input_value() == "What happens in this video?"
+    box.press("Enter")
+    page.wait_for_function("document.querySelector('#info').innerText.includes('tokens/s')", timeout=60_000)
+    assert page.locator('#chatbot [data-testid="bot"]').last.inner_text().strip()
