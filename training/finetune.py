@@ -410,8 +410,12 @@ def _make_accelerator(cfg: FinetuneConfig):
             import deepspeed  # noqa: F401
         except ImportError:
             raise UserError("deepspeed=… needs the deepspeed package: pip install deepspeed") from None
+        # The model is built whole on each rank before this plugin exists and is partitioned when
+        # DeepSpeed initialises (no zero.Init): once the plugin is selected, transformers loads
+        # weights the ZeRO-3 way and the in-place edits after loading (adding <video> rows) would
+        # hit unmaterialised shards. Fine for models that fit in one host's RAM (7B fp32: 28 GB).
         plugin = DeepSpeedPlugin(hf_ds_config=str(cfg.deepspeed), gradient_accumulation_steps=cfg.grad_accum,
-                                 gradient_clipping=cfg.optim.grad_clip or None)
+                                 gradient_clipping=cfg.optim.grad_clip or None, zero3_init_flag=False)
         # We build our own loader (exact resume), so accelerate cannot read the micro-batch off it.
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, deepspeed_plugin=plugin,
@@ -441,10 +445,13 @@ def train(cfg: FinetuneConfig) -> int:
                                      save_checkpoint)
     from training.instruct_data import InstructDataset, collate, load_records, split_eval
 
-    accelerator = _make_accelerator(cfg)
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    from accelerate import PartialState
+
+    # The Accelerator (and with it DeepSpeed's global config that transformers consults while
+    # loading) is created after the model is built; see `_make_accelerator`.
+    state = PartialState()
+    is_main, rank, world = state.is_main_process, state.process_index, state.num_processes
     use_ds = cfg.deepspeed is not None
-    zero3 = use_ds and accelerator.state.deepspeed_plugin.zero_stage == 3
     run_dir = Path(cfg.output_dir)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if is_main:
@@ -452,7 +459,7 @@ def train(cfg: FinetuneConfig) -> int:
         (run_dir / "config.yaml").write_text(config_yaml)
 
     # ---- data ----
-    data_path, video_root = resolve_data(cfg, is_main, accelerator.wait_for_everyone)
+    data_path, video_root = resolve_data(cfg, is_main, state.wait_for_everyone)
     records = load_records(data_path, video_root, seed=cfg.seed)
     train_records, eval_records = split_eval(records, cfg.data.eval_fraction, cfg.seed)
     if len(train_records) < cfg.batch_size * world:
@@ -461,6 +468,9 @@ def train(cfg: FinetuneConfig) -> int:
 
     # ---- model ----
     model, tokenizer = build_model(cfg)
+    n_4bit = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    if cfg.quant == "4bit":
+        logger.info("QLoRA: %d bitsandbytes Linear4bit layers in the base LLM", n_4bit)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     logger.info("stage %d: %d trainable / %d parameters (%.2f%%)", cfg.stage, n_train, n_total, 100 * n_train / n_total)
@@ -480,6 +490,8 @@ def train(cfg: FinetuneConfig) -> int:
     # Stepped by us once per optimizer step (not prepared: accelerate would step it per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio))
+    accelerator = _make_accelerator(cfg)
+    zero3 = use_ds and accelerator.state.deepspeed_plugin.zero_stage == 3
     if use_ds:
         _fill_ds_auto(accelerator, model.config.text_config.hidden_size)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -619,7 +631,7 @@ def train(cfg: FinetuneConfig) -> int:
     accelerator.wait_for_everyone()
     if is_main:
         summary = {"steps": step, "final": str(run_dir / "final"), "bad_videos": train_ds.bad_videos,
-                   "trainable_params": n_train}
+                   "trainable_params": n_train, "linear4bit_layers": n_4bit}
         print(json.dumps(summary))
     accelerator.end_training()
     return 0
