@@ -23,11 +23,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-
-import gradio as gr
-import numpy as np
+from typing import TYPE_CHECKING
 
 from encoder.errors import UserError, VideoReadError, run_cli
+
+if TYPE_CHECKING:  # gradio is imported when the app is built, so `videollm demo --help` is instant
+    import gradio as gr
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ def info_text(timing) -> str:
             f"{timing.new_tokens} tokens in {timing.total_seconds:.2f} s")
 
 
-def thumbnails(frames: np.ndarray, timestamps: list[float], side: int = THUMBNAIL_SIDE) -> list[tuple]:
-    """Gallery items ``(image (h, w, 3) uint8, "t = 1.2 s")``, each frame shrunk to fit ``side``."""
+def thumbnails(frames, timestamps: list[float], side: int = THUMBNAIL_SIDE) -> list[tuple]:
+    """Gallery items ``(image (h, w, 3) uint8, "#1 · 1.2 s")`` from frames (T, H, W, 3), each frame
+    shrunk to fit ``side``."""
+    import numpy as np
     from PIL import Image
 
     items = []
@@ -98,6 +101,8 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
     (chat and API share the limit); queue_size: requests waiting beyond that before new ones are
     turned away.
     """
+    import gradio as gr
+
     from videollm.chat import UNTRAINED_NOTICE, ChatTiming, generate_stream
 
     def load_clip(path: str, num_frames: int, cache: dict | None):
@@ -257,6 +262,18 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
 # ---------------------------------------------------------------------------------------------
 
 
+def check_port(host: str, port: int) -> None:
+    """UserError when ``host:port`` cannot be bound (taken, or not an address of this machine)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot serve on {host}:{port}: {err.strerror or err}; pick another --port "
+                        "(or --host)") from None
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="videollm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a VideoLLM checkpoint directory (default: the embedded default)")
@@ -292,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     from demo.examples import example_clips
 
     t0 = time.perf_counter()
+    check_port(args.host, args.port)  # fail in a second, not after loading the model
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     examples = [] if args.no_examples else example_clips(cache_dir.parent / "demo_examples")
     print("loading the model…", flush=True)

@@ -179,6 +179,17 @@ def test_main_rejects_bad_options():
         assert exc.value.code == 2
 
 
+def test_main_refuses_a_taken_port_before_loading_the_model():
+    from demo.app import main
+    from encoder.errors import UserError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{s.getsockname()[1]}"):
+            main(["--port", str(s.getsockname()[1]), "--no-examples"])
+
+
 @pytest.mark.slow
 def test_real_default_model():
     """smollm2 + nano, served and asked about a bundled clip (about a minute on 2 CPU cores)."""
