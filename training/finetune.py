@@ -577,7 +577,10 @@ def train(cfg: FinetuneConfig) -> int:
         batches = epoch_batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world)
         loader = torch.utils.data.DataLoader(
             train_ds, batch_sampler=batches[in_epoch * cfg.grad_accum: steps_per_epoch * cfg.grad_accum],
-            collate_fn=collate_fn, num_workers=cfg.data.num_workers)
+            collate_fn=collate_fn, num_workers=cfg.data.num_workers,
+            # Its own generator: a new iterator otherwise draws from the global RNG, and a resumed
+            # run (which starts a fresh iterator mid-epoch) would see different dropout masks.
+            generator=torch.Generator().manual_seed(cfg.seed + epoch))
         it = iter(loader)
         while step < stop and in_epoch < steps_per_epoch:
             losses = []
