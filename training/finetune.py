@@ -468,7 +468,9 @@ def train(cfg: FinetuneConfig) -> int:
 
     # ---- model ----
     model, tokenizer = build_model(cfg)
-    n_4bit = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    # bitsandbytes' own layers (peft's LoRA wrapper around each is also called Linear4bit).
+    n_4bit = sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+                 for m in model.modules())
     if cfg.quant == "4bit":
         logger.info("QLoRA: %d bitsandbytes Linear4bit layers in the base LLM", n_4bit)
     trainable = [p for p in model.parameters() if p.requires_grad]
