@@ -77,12 +77,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(model, processor, **build_kw):
+def serve(model, processor, max_file_size="200mb", **build_kw):
     """Build and launch the demo in this process; returns (app, url)."""
     from demo.app import build_app, launch
 
     app = build_app(model, processor, **build_kw)
-    url, _ = launch(app, port=free_port(), block=False)
+    url, _ = launch(app, port=free_port(), max_file_size=max_file_size, block=False)
     return app, url
 
 
@@ -131,6 +131,19 @@ def test_answer_api_rejects_bad_arguments(client):
         client.predict(clip, "q", 0, api_name="/answer")
     with pytest.raises(AppError, match="question is empty"):
         client.predict(clip, "  ", 8, api_name="/answer")
+
+
+def test_upload_size_limit(tiny_model):
+    model, processor = tiny_model
+    app, url = serve(model, processor, max_file_size="100kb", max_new_tokens=4)
+    try:
+        big = sample_clip_path("bikes")
+        assert big.stat().st_size > 100_000
+        # gradio_client reads the server's limit from its config and refuses before uploading.
+        with pytest.raises(ValueError, match="exceeds the maximum file size of 102400 bytes"):
+            Client(url, verbose=False).predict(handle_file(str(big)), "q", 8, api_name="/answer")
+    finally:
+        app.close()
 
 
 def test_chat_endpoints_are_private(client):
