@@ -64,3 +64,19 @@ def test_bad_init_is_a_user_error(tmp_path, capsys):
     rc = cli(["classify", "--config", str(REPO / "training/configs/classify_synth_motion.yaml"), *TINY,
               f"init={tmp_path}", f"output_dir={tmp_path / 'o'}"])
     assert rc == 2 and "not an encoder directory" in capsys.readouterr().err
+
+
+def test_ablation_table_from_rows():
+    """The bench's aggregation (mean ± std per arm) and markdown, on known numbers."""
+    from training.ablation import BUDGETS, summarize, to_markdown
+
+    runs = [{"arm": arm, "seed": s, "pretrain_loss": None if arm == "scratch" else 1.0,
+             "finetune_top1": acc, "finetune_top5": 1.0, "linear_top1": acc / 2}
+            for arm, accs in (("videomap", (0.5, 0.7)), ("scratch", (0.2, 0.2))) for s, acc in enumerate(accs)]
+    summary = summarize(runs)
+    assert summary["videomap"]["finetune_top1"]["mean"] == pytest.approx(0.6)
+    assert summary["videomap"]["finetune_top1"]["std"] == pytest.approx(0.1414, abs=1e-3)
+    assert summary["scratch"]["finetune_top1"]["std"] == 0.0 and summary["scratch"]["pretrain_loss"] is None
+    md = to_markdown({"task": "motion", "num_classes": 8, "seeds": [0, 1], "budget": BUDGETS["smoke"],
+                      "summary": summary, "seconds": 60})
+    assert "| videomap | hybrid 2:1 | VideoMAP | 60.0 ± 14.1 | 30.0 ± 7.1 | 1.000 |" in md

@@ -1,0 +1,225 @@
+"""``videollm bench ablation``: the paper's pretraining claims in miniature, on a CPU.
+
+    videollm bench ablation --out runs/ablation [--seeds 3] [--budget default|smoke] [--task motion]
+
+On the synthetic time-dependent classification task (``motion``: 8 directions, or ``order``),
+with only 10 % of the training labels for the supervised part, compare four encoders of the same
+(nano-family, shrunk) architecture:
+
+    ==================  ===========================================  ===========================
+    arm                 encoder                                      pretraining
+    ==================  ===========================================  ===========================
+    videomap            hybrid (4 Mamba : 1 attention)               VideoMAP (frame-causal MAR)
+    scratch             hybrid                                       none
+    mae                 hybrid                                       MAE (non-causal decoder)
+    videomap_mamba      pure Mamba (``attn_every=0``)                VideoMAP
+    ==================  ===========================================  ===========================
+
+Every pretrained arm gets the same budget (steps × batch, on the unlabeled training clips), then
+each encoder is fine-tuned (and, as a cheap second reading, linear-probed) on the labeled 10 %, and
+tested on held-out seeds. Each arm runs with every seed; the table reports mean ± std of top-1.
+Results land in ``--out``: ``ablation.json``, ``ablation.md``, and one folder per run (pretraining
+metrics, classification results). Finished runs are reused, so an interrupted bench continues.
+
+Budgets are sized for the 2-core CPU this repo is developed on (one torch thread per process
+is fastest when the CPU is shared): ``default`` ≈ 30–45 min for 3 seeds, ``smoke`` ≈ 1 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from encoder.errors import UserError, run_cli
+
+ARMS = ("videomap", "scratch", "mae", "videomap_mamba")
+
+# Shared by every arm: the nano preset's family, shrunk to what a CPU trains in minutes.
+BUDGETS: dict[str, dict] = {
+    "default": dict(
+        encoder=dict(embed_dim=64, depth_mamba=4, num_heads=4, patch_size=8), hybrid_attn_every=4,
+        num_frames=8, size=32, pool=2000, pretrain_steps=250, pretrain_batch=16, pretrain_lr=1e-3,
+        decoder=dict(decoder_dim=64, decoder_depth=2, decoder_heads=4),
+        num_train=2000, num_val=400, label_fraction=0.1, finetune_epochs=20, finetune_lr=1e-3,
+        linear_epochs=50, linear_lr=1e-2, batch_size=16),
+    "smoke": dict(
+        encoder=dict(embed_dim=32, depth_mamba=2, num_heads=2, patch_size=8), hybrid_attn_every=2,
+        num_frames=8, size=32, pool=64, pretrain_steps=5, pretrain_batch=8, pretrain_lr=1e-3,
+        decoder=dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
+        num_train=80, num_val=16, label_fraction=0.1, finetune_epochs=2, finetune_lr=1e-3,
+        linear_epochs=5, linear_lr=1e-2, batch_size=8),
+}
+
+
+def _kv(prefix: str, d: dict) -> list[str]:
+    return [f"{prefix}{k}={v}" for k, v in d.items()]
+
+
+def pretrain_arm(arm: str, seed: int, b: dict, task: str, threads: int, run_dir: Path) -> dict:
+    from training.config import load_config
+    from training.pretrain import PretrainConfig, train
+
+    if (run_dir / "encoder" / "config.json").is_file() and (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text())
+    attn_every = 0 if arm == "videomap_mamba" else b["hybrid_attn_every"]
+    objective = "mae" if arm == "mae" else "videomap"
+    cfg = load_config(PretrainConfig, None, [
+        *_kv("model.overrides.", {**b["encoder"], "attn_every": attn_every}),
+        *_kv("objective.", b["decoder"]), f"objective.name={objective}",
+        f"data.task={task}", f"data.num_frames={b['num_frames']}", f"data.size={b['size']}",
+        f"data.synth_pool={b['pool']}", f"batch_size={b['pretrain_batch']}", f"max_steps={b['pretrain_steps']}",
+        f"optim.lr={b['pretrain_lr']}", f"optim.warmup_steps={max(1, b['pretrain_steps'] // 10)}",
+        f"save_every={max(1, b['pretrain_steps'] // 2)}", f"log_every={max(1, b['pretrain_steps'] // 50)}",
+        f"seed={seed}", f"num_threads={threads}", f"output_dir={run_dir}", "resume=true"])
+    t0 = time.time()
+    summary = train(cfg)
+    summary = {"loss": summary.get("loss"), "seconds": round(time.time() - t0, 1),
+               "clips_seen": b["pretrain_steps"] * b["pretrain_batch"]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def classify_arm(arm: str, seed: int, b: dict, task: str, threads: int, init: Path | None, mode: str,
+                 out: Path) -> dict:
+    from training.classify import ClassifyConfig, train
+    from training.config import load_config
+
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    attn_every = 0 if arm == "videomap_mamba" else b["hybrid_attn_every"]
+    epochs, lr = (b["finetune_epochs"], b["finetune_lr"]) if mode == "finetune" else (b["linear_epochs"], b["linear_lr"])
+    cfg = load_config(ClassifyConfig, None, [
+        *_kv("model.overrides.", {**b["encoder"], "attn_every": attn_every}),
+        f"init={init if init else 'null'}", f"mode={mode}", f"data.task={task}",
+        f"data.num_frames={b['num_frames']}", f"data.size={b['size']}", f"data.num_train={b['num_train']}",
+        f"data.num_val={b['num_val']}", f"data.label_fraction={b['label_fraction']}", f"epochs={epochs}",
+        f"lr={lr}", f"batch_size={b['batch_size']}", f"seed={seed}", f"num_threads={threads}",
+        f"output_dir={out}"])
+    return train(cfg)
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for arm in ARMS:
+        rows = [r for r in runs if r["arm"] == arm]
+        if not rows:
+            continue
+        entry = {"n": len(rows)}
+        for key in ("finetune_top1", "linear_top1", "finetune_top5"):
+            m, s = _mean_std([r[key] for r in rows])
+            entry[key] = {"mean": m, "std": s}
+        losses = [r["pretrain_loss"] for r in rows if r["pretrain_loss"] is not None]
+        entry["pretrain_loss"] = statistics.fmean(losses) if losses else None
+        out[arm] = entry
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    b, s = result["budget"], result["summary"]
+    lines = [
+        f"# Pretraining ablation — synthetic `{result['task']}` ({result['num_classes']} classes), "
+        f"{int(b['label_fraction'] * 100)} % labels, {len(result['seeds'])} seeds",
+        "",
+        f"Encoder: nano family shrunk to D={b['encoder']['embed_dim']}, {b['encoder']['depth_mamba']} Mamba "
+        f"blocks (+{b['encoder']['depth_mamba'] // b['hybrid_attn_every']} attention block(s) in the hybrid), {b['num_frames']} frames × {b['size']} px, patch "
+        f"{b['encoder']['patch_size']}. Pretraining: {b['pretrain_steps']} steps × {b['pretrain_batch']} clips "
+        f"= {b['pretrain_steps'] * b['pretrain_batch']} clips seen from a pool of {b['pool']} unlabeled "
+        f"training clips. Supervised: {round(b['num_train'] * b['label_fraction'])} labeled clips, "
+        f"fine-tune {b['finetune_epochs']} epochs / linear probe {b['linear_epochs']} epochs; "
+        f"test on {b['num_val']} held-out clips. Chance = {100 / result['num_classes']:.1f} %.",
+        "",
+        "| arm | encoder | pretraining | fine-tune top-1 (%) | linear-probe top-1 (%) | final pretrain loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    hybrid = f"hybrid {b['hybrid_attn_every']}:1"
+    desc = {"videomap": (hybrid, "VideoMAP"), "scratch": (hybrid, "none"),
+            "mae": (hybrid, "MAE"), "videomap_mamba": ("pure Mamba", "VideoMAP")}
+    for arm, e in s.items():
+        ft, lp = e["finetune_top1"], e["linear_top1"]
+        loss = f"{e['pretrain_loss']:.3f}" if e["pretrain_loss"] is not None else "—"
+        lines.append(f"| {arm} | {desc[arm][0]} | {desc[arm][1]} | {100 * ft['mean']:.1f} ± {100 * ft['std']:.1f} "
+                     f"| {100 * lp['mean']:.1f} ± {100 * lp['std']:.1f} | {loss} |")
+    lines += ["", f"Total time: {result['seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def run_seed(out: Path, seed: int, budget: str, task: str, threads: int) -> list[dict]:
+    """Every arm for one seed (runs in a worker process when --jobs > 1)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    b = BUDGETS[budget]
+    runs = []
+    for arm in ARMS:
+        run_dir = out / arm / f"seed{seed}"
+        pre = None
+        init = None
+        if arm != "scratch":
+            pre = pretrain_arm(arm, seed, b, task, threads, run_dir / "pretrain")
+            init = run_dir / "pretrain" / "encoder"
+        ft = classify_arm(arm, seed, b, task, threads, init, "finetune", run_dir / "finetune")
+        lp = classify_arm(arm, seed, b, task, threads, init, "linear", run_dir / "linear")
+        row = {"arm": arm, "seed": seed, "pretrain_loss": pre["loss"] if pre else None,
+               "pretrain_seconds": pre["seconds"] if pre else 0.0,
+               "finetune_top1": ft["top1"], "finetune_top5": ft["top5"], "linear_top1": lp["top1"],
+               "finetune_seconds": ft["seconds"], "linear_seconds": lp["seconds"]}
+        runs.append(row)
+        logging.getLogger("training.ablation").info("%s", json.dumps(row))
+    return runs
+
+
+def run(out: Path, seeds: int, budget: str, task: str, threads: int, jobs: int = 1) -> dict:
+    from training.synth import NUM_CLASSES
+
+    if budget not in BUDGETS:
+        raise UserError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    if task not in ("motion", "order"):
+        raise UserError(f"task must be a time-dependent one: motion or order; got {task!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if jobs > 1:  # seeds are independent: one process per seed, `jobs` at a time
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_seed = list(pool.map(run_seed, [out] * seeds, range(seeds), [budget] * seeds, [task] * seeds,
+                                     [threads] * seeds))
+    else:
+        per_seed = [run_seed(out, seed, budget, task, threads) for seed in range(seeds)]
+    runs = [row for rows in per_seed for row in rows]
+    b = BUDGETS[budget]
+    result = {"task": task, "num_classes": NUM_CLASSES[task], "seeds": list(range(seeds)), "budget_name": budget,
+              "budget": b, "runs": runs, "summary": summarize(runs), "seconds": round(time.time() - t0, 1)}
+    (out / "ablation.json").write_text(json.dumps(result, indent=1))
+    (out / "ablation.md").write_text(to_markdown(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="videollm bench ablation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (reused runs are skipped)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", default="default", choices=sorted(BUDGETS))
+    parser.add_argument("--task", default="motion", choices=("motion", "order"))
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (1 is fastest on a shared CPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (2 on a 2-core machine)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1; got {args.seeds}")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = run(Path(args.out), args.seeds, args.budget, args.task, args.threads, args.jobs)
+    print(json.dumps({"summary": result["summary"], "seconds": result["seconds"], "out": args.out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
