@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from encoder.errors import UserError
-from encoder.video_io import write_video
+from encoder.video_io import read_video, write_video
 from training.instruct_data import (InstructDataset, collate, import_videochat2, load_mix, load_records,
                                     sample_records, split_eval, videochat2_to_llava)
 from videollm.cli import main as cli
@@ -145,12 +145,13 @@ def test_dataset_skips_and_counts_bad_videos(tmp_path, video_dir):
     f.write_text(json.dumps(recs))
     records = load_records(f, video_dir)
 
-    def encode(record, frames):
+    def encode(record):
+        frames = read_video(record.video, 4).frames
         n = 3 + int(record.id)
         return {"input_ids": torch.arange(n), "labels": torch.arange(n),
                 "pixel_values": torch.from_numpy(frames).permute(3, 0, 1, 2).float()}
 
-    ds = InstructDataset(records, encode, num_frames=4, max_bad_videos=2)
+    ds = InstructDataset(records, encode, max_bad_videos=2)
     items = [ds[i] for i in range(5)]
     assert ds.bad_videos == 1  # both records share one broken file
     assert [len(x["input_ids"]) for x in items] == [3, 6, 6, 6, 7]  # 1 and 2 fall through to 3
@@ -158,7 +159,7 @@ def test_dataset_skips_and_counts_bad_videos(tmp_path, video_dir):
     assert batch["input_ids"].shape == (2, 6) and batch["pixel_values"].shape == (2, 3, 4, 32, 32)
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
     assert batch["labels"][0].tolist() == [0, 1, 2, -100, -100, -100]
-    ds = InstructDataset(records, encode, num_frames=4, max_bad_videos=0)
+    ds = InstructDataset(records, encode, max_bad_videos=0)
     with pytest.raises(UserError, match="failed to decode"):
         ds[1]
     train, held = split_eval(records, 0.2, seed=0)

@@ -64,6 +64,7 @@ class DataConfig:
     num_frames: int = 8  # frames sampled per video (uniformly, within start/end)
     image_size: int = 224  # frames are resized + centre-cropped to this square
     max_length: int = 2048  # tokens per example (video placeholders included); longer is truncated
+    time_line: bool = True  # "The video lasts …" after the video tokens (as at inference)
     eval_fraction: float = 0.05  # held-out share of the distinct record ids (0: no eval)
     max_bad_videos: int = 10  # undecodable videos skipped before the run stops
     num_workers: int = 0
@@ -256,75 +257,32 @@ def build_model(cfg: FinetuneConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# Examples: conversation → input_ids / labels (loss on assistant turns only)
+# Examples: record → input_ids / labels (loss on assistant turns only) / pixel_values
 # ---------------------------------------------------------------------------------------------
 
 
-def _segments(tokenizer, turns: list[dict[str, str]]) -> list[tuple[str, bool]]:
-    """Split the chat-formatted conversation into (text, is_answer) pieces.
+def make_processor(model, tokenizer, cfg: FinetuneConfig):
+    from videollm.processing_videollm import VideoLLMProcessor
 
-    With a chat template, the answer to turn i is what the template adds between the prompt
-    rendered with ``add_generation_prompt`` and the conversation up to that answer, so the
-    end-of-turn token is trained too (the model must learn to stop).
-    """
-    messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
-    if getattr(tokenizer, "chat_template", None):
-        out, done = [], ""
-        for i in range(1, len(messages), 2):
-            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise UserError("the tokenizer's chat template does not render conversations as growing "
-                                "prefixes; assistant-only labels cannot be derived from it")
-            out += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
-        return out
-    eos = tokenizer.eos_token or ""
-    out = []
-    for i in range(0, len(messages), 2):
-        out += [(f"User: {messages[i]['content']}\nAssistant: ", False), (f"{messages[i + 1]['content']}{eos}\n", True)]
-    return out
+    return VideoLLMProcessor(tokenizer, model.config, num_frames=cfg.data.num_frames,
+                             image_size=cfg.data.image_size, use_time_line=cfg.data.time_line)
 
 
-def encode_conversation(tokenizer, turns: list[dict[str, str]], video_token_id: int, num_video_tokens: int,
-                        max_length: int, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels): one ``<video>`` expanded to `num_video_tokens` placeholders; labels -100
-    except on assistant answers; truncated to `max_length` (never inside the video)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, is_answer in _segments(tokenizer, turns):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        expanded = []
-        for t in piece:
-            expanded += [t] * num_video_tokens if t == video_token_id else [t]
-        ids += expanded
-        labels += expanded if is_answer else [-100] * len(expanded)
-    if ids.count(video_token_id) != num_video_tokens:
-        raise UserError(f"{where}: expected one <video> tag in the prompt after tokenization")
-    if len(ids) > max_length:
-        last_video = max(i for i, t in enumerate(ids) if t == video_token_id)
-        if last_video >= max_length:
-            raise UserError(f"{where}: the video alone takes {num_video_tokens} tokens, more than "
-                            f"data.max_length={max_length}; raise it or lower data.num_frames")
-        ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == -100 for label in labels):
-        raise UserError(f"{where}: no answer token survives truncation to data.max_length={max_length}")
-    return torch.tensor(ids), torch.tensor(labels)
+def make_encode(processor, max_length: int):
+    """The `InstructDataset` hook: record → model inputs, through the same `VideoLLMProcessor`
+    that chat and eval use, so training prompts look exactly like inference prompts."""
 
-
-def make_encode(model, tokenizer, image_size: int, max_length: int):
-    """The `InstructDataset` hook: (record, frames) → model inputs."""
-    from encoder.transforms import frames_to_tensor
-
-    config = model.config
-    video_token_id = config.video_token_id
-
-    def encode(record, frames):
-        pixel_values = frames_to_tensor(frames, size=image_size)  # (3, T, S, S)
-        k = config.num_video_tokens(pixel_values.shape[1], image_size, image_size)
-        input_ids, labels = encode_conversation(tokenizer, record.conversations, video_token_id, k,
-                                                max_length, where=f"record {record.source}")
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+    def encode(record):
+        video = processor.load_video(record.video, start=record.start, end=record.end)
+        try:
+            ex = processor.build_training_example(record.conversations, video, max_length=max_length)
+        except UserError as err:
+            raise UserError(f"record {record.source}: {err}") from None
+        if all(label == -100 for label in ex["labels"]):
+            raise UserError(f"record {record.source}: no answer token survives truncation to "
+                            f"data.max_length={max_length}")
+        return {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"]),
+                "pixel_values": ex["pixel_values"][0]}  # (3, T, S, S)
 
     return encode
 
@@ -476,10 +434,10 @@ def train(cfg: FinetuneConfig) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     logger.info("stage %d: %d trainable / %d parameters (%.2f%%)", cfg.stage, n_train, n_total, 100 * n_train / n_total)
-    encode = make_encode(model, tokenizer, cfg.data.image_size, cfg.data.max_length)
-    train_ds = InstructDataset(train_records, encode, cfg.data.num_frames, max_bad_videos=cfg.data.max_bad_videos)
-    eval_ds = (InstructDataset(eval_records, encode, cfg.data.num_frames, max_bad_videos=cfg.data.max_bad_videos)
-               if eval_records else None)
+    processor = make_processor(model, tokenizer, cfg)
+    encode = make_encode(processor, cfg.data.max_length)
+    train_ds = InstructDataset(train_records, encode, max_bad_videos=cfg.data.max_bad_videos)
+    eval_ds = InstructDataset(eval_records, encode, max_bad_videos=cfg.data.max_bad_videos) if eval_records else None
 
     def collate_fn(batch):
         return collate(batch, tokenizer.pad_token_id)
@@ -631,7 +589,7 @@ def train(cfg: FinetuneConfig) -> int:
         if is_main:
             with atomic_dir(run_dir / "final") as tmp:
                 unwrapped.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+                processor.save_pretrained(str(tmp))  # tokenizer with <video> + frame settings
                 (tmp / "finetune_config.yaml").write_text(config_yaml)
     accelerator.wait_for_everyone()
     if is_main:

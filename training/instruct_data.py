@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -438,22 +438,20 @@ def import_videochat2(in_path: str | Path, out_path: str | Path) -> int:
 
 
 class InstructDataset(torch.utils.data.Dataset):
-    """Records → model inputs: decode `num_frames` frames (start/end honoured), tokenize.
-
-    `encode(record, frames)` turns one record and its decoded uint8 ``(T, H, W, 3)`` frames into
-    ``{"input_ids": (L,), "labels": (L,), "pixel_values": (3, T, H, W)}`` (the processor does this).
+    """Records → model inputs through `encode(record)`, which decodes the record's video (start/end
+    honoured) and tokenizes its conversation into ``{"input_ids": (L,), "labels": (L,),
+    "pixel_values": (3, T, H, W)}`` (the recipe wraps `VideoLLMProcessor` in it).
     A video that fails to decode is logged, counted in ``bad_videos`` and replaced by the next
     good record; more than `max_bad_videos` distinct failures is a `UserError` (a broken data set
     should stop the run, a few corrupt files should not).
     """
 
-    def __init__(self, records: list[Record], encode: Callable[[Record, Any], dict[str, torch.Tensor]],
-                 num_frames: int, *, max_bad_videos: int = 10):
+    def __init__(self, records: list[Record], encode: Callable[[Record], dict[str, torch.Tensor]],
+                 *, max_bad_videos: int = 10):
         if not records:
             raise UserError("the instruction data set is empty")
         self.records = records
         self.encode = encode
-        self.num_frames = num_frames
         self.max_bad_videos = max_bad_videos
         self.bad: set[str] = set()
 
@@ -464,12 +462,6 @@ class InstructDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, record: Record) -> dict[str, torch.Tensor]:
-        from encoder.video_io import read_video
-
-        clip = read_video(record.video, self.num_frames, start=record.start, end=record.end)
-        return self.encode(record, clip.frames)
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         n = len(self.records)
         for offset in range(n):
@@ -477,7 +469,7 @@ class InstructDataset(torch.utils.data.Dataset):
             if str(record.video) in self.bad:
                 continue
             try:
-                return self.load(record)
+                return self.encode(record)
             except VideoReadError as err:
                 self.bad.add(str(record.video))
                 logger.warning("skipping record %s (%s): %s [%d bad videos so far]",
