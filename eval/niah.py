@@ -126,7 +126,8 @@ def _floats(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="videollm eval niah", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a saved VideoLLM directory")
+    p.add_argument("--model", default="default",
+                   help="a saved VideoLLM directory (default: the embedded default model)")
     p.add_argument("--frames", default="64,128,256", help="haystack lengths (comma-separated)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     p.add_argument("--needles", type=int, default=5, help="needles (questions) per cell")

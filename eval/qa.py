@@ -186,55 +186,30 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn, out_dir: str | Path, *,
 
 
 class VideoLLMAnswerer:
-    """``answer_fn`` for a saved VideoLLM: chat template, ``<video>`` expanded to the projector's
-    token count, greedy decoding of up to `max_new_tokens` tokens.
+    """``answer_fn`` for a saved VideoLLM (or the default one): `videollm.modeling_videollm.load_videollm`
+    + `videollm.chat.generate_stream` with greedy decoding, so prompts go through the same processor
+    (chat template, ``<video>`` expansion, time line) as in training and chat. Frames are passed in
+    memory, no temporary files.
 
-    Frames are passed in memory (no temporary video file); they are resized to the encoder's
-    ``img_size`` by `encoder.transforms.frames_to_tensor`.
+    model: a checkpoint directory, or None / "default" for the default model.
     """
 
-    def __init__(self, model_dir: str | Path, max_new_tokens: int = 16):
-        import torch
-        from transformers import AutoTokenizer
+    def __init__(self, model: str | Path | None = None, max_new_tokens: int = 16, num_frames: int | None = None):
+        from videollm.modeling_videollm import load_videollm
 
-        from videollm.configuration_videollm import VIDEO_TOKEN
-        from videollm.modeling_videollm import VideoLLMForCausalLM, add_video_token
-
-        path = Path(model_dir)
-        if not path.is_dir():
+        path = None if model in (None, "", "default") else model
+        if path is not None and not Path(path).is_dir():
             raise UserError(f"model directory '{path}' does not exist")
-        self.torch = torch
-        self.video_token = VIDEO_TOKEN
-        self.model = VideoLLMForCausalLM.from_pretrained(path).eval()
-        if (path / "tokenizer_config.json").is_file():
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        else:  # LoRA checkpoints keep only a reference to the base LLM
-            from videollm.llm import load_llm
-
-            llm, self.tokenizer = load_llm(self.model.config.base_llm)
-            add_video_token(llm, self.tokenizer)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.size = int(self.model.config.vision_config.img_size)
+        self.model, self.processor = load_videollm(path, num_frames=num_frames)
+        self.size = int(self.processor.image_size)
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, frames: np.ndarray, prompt: str) -> str:
-        from encoder.transforms import frames_to_tensor
+        from videollm.chat import generate_stream
 
-        torch = self.torch
-        pixel_values = frames_to_tensor(frames, self.size).unsqueeze(0)  # (1, 3, T, S, S)
-        k = self.model.config.num_video_tokens(len(frames), self.size, self.size)
-        messages = [{"role": "user", "content": f"{self.video_token}\n{prompt}"}]
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = messages[0]["content"] + "\n"
-        text = text.replace(self.video_token, self.video_token * k, 1)
-        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            out = self.model.generate(**enc, pixel_values=pixel_values, max_new_tokens=self.max_new_tokens,
-                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        pieces = generate_stream(self.model, self.processor, frames, [{"role": "user", "content": prompt}],
+                                 max_new_tokens=self.max_new_tokens, temperature=0.0)
+        return "".join(pieces).strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="videollm eval qa", description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     p.add_argument("--data", help="the benchmark's local folder or annotation file (not for synthqa)")
-    p.add_argument("--model", required=True, help="a saved VideoLLM directory")
+    p.add_argument("--model", default="default",
+                   help="a saved VideoLLM directory (default: the embedded default model)")
     p.add_argument("--out", required=True, help="output folder (reused to resume)")
     p.add_argument("--frames", type=int, default=16, help="frames sampled per video (default 16)")
     p.add_argument("--limit", type=int, help="only the first N questions")
@@ -273,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = [s for s in samples if s.id not in missing_ids]
     if not samples:
         raise UserError("no questions to answer")
-    answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens)
+    answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens, num_frames=args.frames)
     meta = {"benchmark": args.benchmark, "model": str(args.model), "data": args.data,
             "skipped_missing": len(missing)}
     if args.benchmark == "synthqa":

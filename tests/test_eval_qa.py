@@ -84,3 +84,19 @@ def test_real_video_frames_and_cli_checks_missing_videos(tmp_path):
     with pytest.raises(UserError, match="videos are missing"):
         qa.main(["--benchmark", "egoschema", "--data", "tests/fixtures/egoschema", "--model", str(tmp_path),
                  "--out", str(tmp_path / "o")])
+
+
+def test_cli_end_to_end_with_a_tiny_saved_model(tmp_path):
+    from test_videollm_model import tiny_videollm  # tests/ is on sys.path under pytest
+
+    from videollm.modeling_videollm import save_videollm
+
+    model, processor = tiny_videollm()
+    save_videollm(model, processor, tmp_path / "m")
+    rc = qa.main(["--benchmark", "synthqa", "--seed", "5", "--n", "2", "--model", str(tmp_path / "m"),
+                  "--out", str(tmp_path / "o"), "--frames", "2", "--max-new-tokens", "3"])
+    assert rc == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["n"] == 2 and results["benchmark"] == "synthqa" and results["seed"] == 5
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["frames"] == 2
+    assert len((tmp_path / "o" / "samples.jsonl").read_text().splitlines()) == 2
