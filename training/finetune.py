@@ -136,8 +136,15 @@ class FinetuneConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.data.eval_fraction < 1:
             raise UserError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise UserError(f"deepspeed config '{self.deepspeed}' not found")
+        if self.deepspeed is not None:
+            if not Path(self.deepspeed).is_file():
+                raise UserError(f"deepspeed config '{self.deepspeed}' not found")
+            try:
+                stage = json.loads(Path(self.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+            except json.JSONDecodeError as err:
+                raise UserError(f"deepspeed config '{self.deepspeed}' is not valid JSON: {err}") from None
+            if self.quant == "4bit" and stage == 3:
+                raise UserError("quant=4bit with ZeRO-3 is not supported; use zero2.json or no DeepSpeed")
 
 
 # ---------------------------------------------------------------------------------------------
