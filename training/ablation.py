@@ -22,7 +22,7 @@ Results land in ``--out``: ``ablation.json``, ``ablation.md``, and one folder pe
 metrics, classification results). Finished runs are reused, so an interrupted bench continues.
 
 Budgets are sized for the 2-core CPU this repo is developed on (one torch thread per process
-is fastest when the CPU is shared): ``default`` ≈ 30–45 min for 3 seeds, ``smoke`` ≈ 1 min.
+is fastest when the CPU is shared): ``default`` ≈ 30–40 min for 3 seeds with ``--jobs 3``, ``smoke`` ≈ 1 min.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ ARMS = ("videomap", "scratch", "mae", "videomap_mamba")
 BUDGETS: dict[str, dict] = {
     "default": dict(
         encoder=dict(embed_dim=64, depth_mamba=4, num_heads=4, patch_size=8), hybrid_attn_every=4,
-        num_frames=8, size=32, pool=2000, pretrain_steps=250, pretrain_batch=16, pretrain_lr=1e-3,
+        num_frames=8, size=32, pool=2000, pretrain_steps=150, pretrain_batch=16, pretrain_lr=1e-3,
         decoder=dict(decoder_dim=64, decoder_depth=2, decoder_heads=4),
-        num_train=2000, num_val=400, label_fraction=0.1, finetune_epochs=20, finetune_lr=1e-3,
-        linear_epochs=50, linear_lr=1e-2, batch_size=16),
+        num_train=2000, num_val=300, label_fraction=0.1, finetune_epochs=10, finetune_lr=1e-3,
+        linear_epochs=30, linear_lr=1e-2, batch_size=16),
     "smoke": dict(
         encoder=dict(embed_dim=32, depth_mamba=2, num_heads=2, patch_size=8), hybrid_attn_every=2,
         num_frames=8, size=32, pool=64, pretrain_steps=5, pretrain_batch=8, pretrain_lr=1e-3,
