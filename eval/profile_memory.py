@@ -24,7 +24,8 @@ What a point measures:
 A series (encoder, mode) stops at the first point that fails: ``oom`` (killed by a signal or
 MemoryError), ``timeout`` (over ``--time-limit`` seconds) or ``error``; larger frame counts are
 recorded as ``skipped``. Results: ``profile.csv`` (appended point by point; a rerun with the same
-``--out`` reuses finished points), ``profile.png`` (log-log memory and time vs frames),
+``--out`` reuses the points that finished and retries the others, e.g. with a longer
+``--time-limit``), ``profile.png`` (log-log memory and time vs frames),
 ``profile.md`` (a table and the measured crossover frame counts).
 """
 
@@ -326,9 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "profile.csv"
     rows: list[dict] = []
-    if csv_path.is_file():
+    if csv_path.is_file():  # reuse finished points; failed/skipped ones are measured again
         with csv_path.open() as f:
-            rows = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
     done = {_key(r): r for r in rows}
     new_file = not csv_path.is_file()
     with csv_path.open("a", newline="") as f:

@@ -36,6 +36,11 @@ def test_series_stops_at_time_limit(tmp_path):
              "--out", str(tmp_path), "--time-limit", "0.05"])
     rows = list(csv.DictReader((tmp_path / "profile.csv").open()))
     assert [(r["frames"], r["status"]) for r in rows] == [("2", "timeout"), ("4", "skipped")]
+    # a rerun retries failed points (here: fails again) instead of reusing or duplicating them
+    pm.main(["--encoders", "vit-nano-frame", "--frames", "2,4", "--mode", "infer", "--size", "32",
+             "--out", str(tmp_path), "--time-limit", "0.05"])
+    rows = list(csv.DictReader((tmp_path / "profile.csv").open()))
+    assert [(r["frames"], r["status"]) for r in rows] == [("2", "timeout"), ("4", "skipped")]
 
 
 def test_crossover_and_encoder_names():
