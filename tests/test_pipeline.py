@@ -1,0 +1,83 @@
+"""The default-model pipeline end to end through its real CLI, at toy budget
+(training/configs/default_model_smoke.yaml): data → pretrain → stage 1 → stage 2 → eval → ship.
+
+Slow (~3–4 min on 2 busy cores: six stage processes each load smollm2), hence ``-m slow``. The
+parts that need no training (config loading, open-ended scoring, embedding stripping) run fast."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.config import load_config
+from training.pipeline import PipelineConfig, open_correct, open_samples, stage_commands
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "training" / "configs"
+
+
+@pytest.mark.parametrize("name", ["default_model.yaml", "default_model_smoke.yaml"])
+def test_configs_load_and_build_commands(name, tmp_path):
+    cfg = load_config(PipelineConfig, CONFIGS / name)
+    cmds = stage_commands(cfg, tmp_path)
+    assert set(cmds) == {"pretrain", "stage1", "stage2"}
+    for cmd in cmds.values():
+        assert all((REPO / c).is_file() for c in cmd if c.endswith(".yaml"))
+    assert any(c.startswith("init_from=") and "stage1" in c for c in cmds["stage2"])
+
+
+def test_open_scoring():
+    assert open_correct("The moving object moves up-left.", "up-left")
+    assert open_correct("It moves up left", "up-left")
+    assert open_correct("RED", "red")
+    assert not open_correct("It is blue.", "red")
+    samples = open_samples(1001, 6, 8, 32)
+    assert len(samples) == 6 and {s["category"] for s in samples} <= {"color", "shape", "motion"}
+    assert open_samples(1001, 6, 8, 32)[0]["answer"] == samples[0]["answer"]  # deterministic
+
+
+@pytest.mark.slow
+def test_pipeline_smoke_end_to_end(tmp_path):
+    out, ship = tmp_path / "run", tmp_path / "ship"
+    cmd = [sys.executable, "-m", "training.pipeline", "--config", str(CONFIGS / "default_model_smoke.yaml"),
+           "--out", str(out), "--ship", str(ship)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    # every stage's output
+    assert (out / "data" / "instruct.json").is_file() and (out / "data" / "pretrain_list.csv").is_file()
+    assert (out / "pretrain" / "encoder" / "config.json").is_file()
+    for stage in ("stage1", "stage2"):
+        assert (out / stage / "final" / "config.json").is_file()
+        assert (out / stage / "metrics.jsonl").is_file()
+    assert (out / "eval" / "mc" / "results.json").is_file() and (out / "eval" / "niah" / "niah.json").is_file()
+
+    # metrics are fractions
+    m = json.loads((ship / "metrics.json").read_text())
+    values = [m["mc_accuracy"], m["open_accuracy"], *m["niah_accuracy"].values()]
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and math.isfinite(v) for v in values)
+    assert isinstance(m["text_ok"], bool)
+    assert summary["metrics"]["mc_accuracy"] == m["mc_accuracy"]
+
+    # model card, curves, size cap, no frozen embedding copies in the adapter
+    card = (ship / "MODEL_CARD.md").read_text()
+    assert "python -m training.pipeline" in card and "| metric |" in card and "curves.png" in card
+    assert (ship / "curves.png").stat().st_size > 1000
+    assert sum(p.stat().st_size for p in ship.rglob("*") if p.is_file()) < 30 * 2 ** 20
+
+    # a rerun skips every finished stage
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "pretrain: " in again.stderr and "exists, skipping" in again.stderr
+
+    # the shipped folder loads and answers
+    from videollm.chat import generate_stream
+    from videollm.modeling_videollm import load_videollm
+
+    model, processor = load_videollm(ship)
+    reply = "".join(generate_stream(model, processor, None, "What is the capital of France?", max_new_tokens=8))
+    assert reply.strip()

