@@ -36,6 +36,8 @@ from videollm.configuration_videollm import VIDEO_TOKEN, VideoLLMConfig
 
 ADAPTER_DIR = "llm_adapter"
 NON_LLM_WEIGHTS = "model.safetensors"
+# The embedded default model, written by `python -m training.pipeline` (see its MODEL_CARD.md).
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 
 
 @dataclass
@@ -428,10 +430,12 @@ def save_videollm(model: VideoLLMForCausalLM, processor, directory) -> None:
 def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bool | None = None,
                   cache_dir=None, dtype: torch.dtype = torch.float32, is_trainable: bool = False):
     """(model, processor) from a directory written by `save_videollm` / merge-lora; None: the default
-    model (no trained weights ship yet: a random ``nano`` encoder + projector on smollm2, with
-    ``model.vision_untrained = True``)."""
+    model, `DEFAULT_WEIGHTS` (shipped in the package), or — when that folder is absent — a random
+    ``nano`` encoder + projector on smollm2 with ``model.vision_untrained = True``."""
     from videollm.processing_videollm import VideoLLMProcessor
 
+    if path is None and (DEFAULT_WEIGHTS / "config.json").is_file():
+        path = DEFAULT_WEIGHTS
     if path is None:
         return build_videollm("smollm2", "nano", num_frames=num_frames or 8, cache_dir=cache_dir, dtype=dtype,
                               use_time_line=True if use_time_line is None else use_time_line)
