@@ -219,11 +219,12 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
                             new_tokens],
                     outputs=[chatbot, question, gallery, info, chat_state, history_state, clip_state],
                     concurrency_limit=concurrency, concurrency_id=CONCURRENCY_ID, api_visibility="private")
-        question.submit(**turn)
-        send.click(**turn)
+        turns = [question.submit(**turn), send.click(**turn)]
+        # Clearing stops an answer still streaming, or it would refill the chat.
         cleared = [chatbot, question, gallery, info, chat_state, history_state, clip_state]
-        clear_btn.click(clear, outputs=cleared, queue=False, api_visibility="private")
-        chatbot.clear(clear, outputs=cleared, queue=False, api_visibility="private")  # its own trash icon
+        clear_btn.click(clear, outputs=cleared, queue=False, api_visibility="private", cancels=turns)
+        chatbot.clear(clear, outputs=cleared, queue=False, api_visibility="private",  # its own trash icon
+                      cancels=turns)
         video.change(new_video, outputs=[chatbot, gallery, info, chat_state, history_state, clip_state],
                      queue=False, api_visibility="private")
 

@@ -93,11 +93,15 @@ def test_upload_ask_and_see_the_answer_stream(demo_url, page):
     page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
 
-    # A second turn keeps the first; clearing empties the chat.
+    # A second turn keeps the first; once it has finished (the info line is rewritten), clearing
+    # empties the chat.
+    page.evaluate("window.__info = document.querySelector('#info').innerText")
     box.fill("And then?")
     box.press("Enter")
     page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length == 2",
                            timeout=60_000)
+    page.wait_for_function("(() => { const t = document.querySelector('#info').innerText; "
+                           "return t !== window.__info && t.includes('tokens/s'); })()", timeout=60_000)
     page.locator("#clear").click()
     page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length == 0",
                            timeout=30_000)
