@@ -20,6 +20,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("pretrain",), "training.pretrain", "pretrain a VideoMAP encoder (masked autoregressive recipe)"),
     (("classify",), "training.classify", "fine-tune / linear-probe an encoder for video classification"),
     (("finetune",), "training.finetune", "align and instruction-tune the VideoLLM (LoRA / QLoRA / DeepSpeed)"),
+    (("train-default",), "training.pipeline", "reproduce the embedded default model: pretrain, align, instruction-tune, evaluate, ship"),
     (("data", "synth"), "training.synth_cli", "write a synthetic video dataset with ground truth and instructions"),
     (("data", "check"), "training.data_cli", "validate an instruction-data file and name each bad record"),
     (("eval", "qa"), "eval.qa", "multiple-choice video QA (Video-MME, MVBench, EgoSchema, MLVU, LongVideoBench, synthqa)"),
