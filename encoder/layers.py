@@ -281,3 +281,23 @@ def tag_no_weight_decay(model: nn.Module) -> set[str]:
         for name in getattr(module, "no_weight_decay_params", ()):
             getattr(module, name)._no_weight_decay = True
     return {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
+
+class NoWeightDecayTagsMixin:
+    """For the encoders' `PreTrainedModel`s: `no_weight_decay()` names the tagged parameters, and
+    `from_pretrained` re-tags them (loading replaces the Parameter objects, and with them the tags)."""
+
+    def no_weight_decay(self) -> set[str]:
+        return tag_no_weight_decay(self)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        tag_no_weight_decay(model)
+        return model
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """Config validation: `value` must be an int (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")

@@ -54,13 +54,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from encoder.layers import (
     AttentionBlock,
+    NoWeightDecayTagsMixin,
     DropPath,
     RMSNorm,
     VideoEmbeddings,
     VideoEncoderOutput,
+    check_int,
     drop_path_schedule,
     init_video_weights,
-    tag_no_weight_decay,
 )
 from encoder.scan import causal_conv1d, selective_scan
 
@@ -81,10 +82,6 @@ PRESET_PARAMS: dict[str, int] = {
     "base": 139_353_600,
 }
 
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
 class VideoMAPConfig(PretrainedConfig):
@@ -140,13 +137,13 @@ class VideoMAPConfig(PretrainedConfig):
                                      ("embed_dim", embed_dim, 1), ("depth_mamba", depth_mamba, 1),
                                      ("attn_every", attn_every, 0), ("num_heads", num_heads, 1),
                                      ("d_state", d_state, 1), ("d_conv", d_conv, 1), ("expand", expand, 1)):
-            _check_int(name, value, minimum)
+            check_int(name, value, minimum)
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
         if attn_every != 0 and embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         if dt_rank != "auto":
-            _check_int("dt_rank", dt_rank, 1)
+            check_int("dt_rank", dt_rank, 1)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
         if not 0.0 <= drop_path_rate < 1.0:
@@ -276,7 +273,7 @@ class MambaBlock(GradientCheckpointingLayer):
         return hidden_states + self.drop_path(self.mixer(self.norm(hidden_states)))
 
 
-class VideoMAPPreTrainedModel(PreTrainedModel):
+class VideoMAPPreTrainedModel(NoWeightDecayTagsMixin, PreTrainedModel):
     config_class = VideoMAPConfig
     base_model_prefix = "videomap"
     main_input_name = "pixel_values"
@@ -316,16 +313,6 @@ class VideoMAPPreTrainedModel(PreTrainedModel):
         init.copy_(ssm.A_log, torch.log(A))
         init.ones_(ssm.D)
 
-    def no_weight_decay(self) -> set[str]:
-        """Names of the parameters an optimizer should not decay (A_log, D, cls, position tables);
-        those parameters also carry ``_no_weight_decay = True``."""
-        return tag_no_weight_decay(self)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        tag_no_weight_decay(model)  # loading replaces the Parameter objects, and with them the tags
-        return model
 
 
 class VideoMAPModel(VideoMAPPreTrainedModel):

@@ -34,12 +34,13 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from encoder.layers import (
     AttentionBlock,
+    NoWeightDecayTagsMixin,
     RMSNorm,
     VideoEmbeddings,
     VideoEncoderOutput,
+    check_int,
     drop_path_schedule,
     init_video_weights,
-    tag_no_weight_decay,
 )
 
 PRESETS: dict[str, dict] = {
@@ -56,10 +57,6 @@ PRESET_PARAMS: dict[str, int] = {
     "base": 85_785_600,
 }
 
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
 class ViTVideoConfig(PretrainedConfig):
@@ -94,7 +91,7 @@ class ViTVideoConfig(PretrainedConfig):
                                      ("num_frames", num_frames, 1), ("in_chans", in_chans, 1),
                                      ("embed_dim", embed_dim, 1), ("depth", depth, 1),
                                      ("num_heads", num_heads, 1)):
-            _check_int(name, value, minimum)
+            check_int(name, value, minimum)
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
         if embed_dim % num_heads:
@@ -131,7 +128,7 @@ class ViTVideoConfig(PretrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
-class ViTVideoPreTrainedModel(PreTrainedModel):
+class ViTVideoPreTrainedModel(NoWeightDecayTagsMixin, PreTrainedModel):
     config_class = ViTVideoConfig
     base_model_prefix = "vit_video"
     main_input_name = "pixel_values"
@@ -142,15 +139,6 @@ class ViTVideoPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         init_video_weights(module, self.config.initializer_range)
 
-    def no_weight_decay(self) -> set[str]:
-        """Names of the parameters an optimizer should not decay (cls and position tables)."""
-        return tag_no_weight_decay(self)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        tag_no_weight_decay(model)  # loading replaces the Parameter objects, and with them the tags
-        return model
 
 
 class ViTVideoModel(ViTVideoPreTrainedModel):

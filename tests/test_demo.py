@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 
-import numpy as np
 import pytest
 
 gr = pytest.importorskip("gradio", reason="the demo needs gradio: pip install -c constraints.txt gradio")
@@ -22,7 +20,7 @@ import torch  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from encoder.video_io import sample_clip_path, write_video  # noqa: E402
+from encoder.video_io import sample_clip_path  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -132,7 +132,6 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
     """Build the dataclass `cls` from YAML file `path` (may be None) and ``key=value`` overrides."""
     data: dict[str, Any] = {}
-    source = "defaults"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -143,7 +142,6 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
             raise UserError(f"config file '{path}' is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise UserError(f"config file '{path}' must hold a mapping of keys to values")
-        source = str(path)
     data = _merge(data, _nest(parse_overrides(overrides or [])))
     cfg = _from_dict(cls, data, "")
     post = getattr(cfg, "validate", None)
