@@ -250,13 +250,16 @@ def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) 
             log.append(" ".join(commands[name]))
             continue
         t0 = time.perf_counter()
-        _run(commands[name], log)
+        try:
+            _run(commands[name], log)
+        finally:  # a failed or Ctrl-C'd stage's time counts too: the rerun adds to it
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
+            _write_json(out / "timings.json", timings)
         if name == "pretrain":  # the encoder dir is not written atomically; the marker is
             if not (out / "pretrain" / "encoder" / "config.json").is_file():
                 raise UserError(f"pretraining finished without {out / 'pretrain' / 'encoder'}")
             outputs[name].write_text("ok\n")
-        timings[name] = round(time.perf_counter() - t0, 1)
-        logger.info("%s done in %.0f s", name, timings[name])
+        logger.info("%s done (%.0f s in total)", name, timings[name])
 
 
 # ---------------------------------------------------------------------------------------------
