@@ -80,3 +80,46 @@ def test_ablation_table_from_rows():
     md = to_markdown({"task": "motion", "num_classes": 8, "seeds": [0, 1], "budget": BUDGETS["smoke"],
                       "summary": summary, "seconds": 60})
     assert "| videomap | hybrid 2:1 | VideoMAP | 60.0 ± 14.1 | 30.0 ± 7.1 | 1.000 |" in md
+
+
+def test_scene_options_and_time_pool(tmp_path, capsys):
+    """data.background / data.distractors fix the synthetic scene; pool=time keeps frame order."""
+    import torch
+
+    from encoder.videomap import VideoMAPConfig, VideoMAPModel
+    from training.classify import SceneSynthSource, VideoClassifier
+    from training.synth import PLAIN_BACKGROUNDS, make_clip
+
+    src = SceneSynthSource(4, 32, "motion", base_seed=10, size_hint=4, background="plain", distractors=0)
+    for i in range(2):
+        kw = src.spec_kw(10 + i)
+        assert kw["background"] in PLAIN_BACKGROUNDS and kw["distractors"] == 0
+        clip = make_clip(10 + i, 4, 32, "motion", **kw)
+        assert len(clip.spec.objects) == 1
+        x, y = src.load(i)
+        assert x.shape == (3, 4, 32, 32) and y == clip.label
+    enc = VideoMAPModel(VideoMAPConfig.from_preset("nano", img_size=32, num_frames=4, embed_dim=32, depth_mamba=2,
+                                                   attn_every=2, num_heads=2, patch_size=8))
+    model = VideoClassifier(enc, 8, pool="time").eval()
+    x = torch.randn(2, 3, 4, 32, 32)
+    assert model.features(x).shape == (2, 4 * 32) and model(x).shape == (2, 8)
+    out = tmp_path / "scene"
+    rc = cli(["classify", "--config", str(REPO / "training/configs/classify_synth_motion.yaml"), *TINY,
+              "data.num_train=8", "data.num_val=4", "init=null", "pool=time", "data.background=plain",
+              "data.distractors=0", "epochs=1", f"output_dir={out}"])
+    assert rc == 0 and check_results(out, capsys)["num_test"] == 4
+    rc = cli(["classify", "--config", str(REPO / "training/configs/classify_synth_motion.yaml"), *TINY,
+              "data.background=sky", f"output_dir={tmp_path / 'bad'}"])
+    assert rc == 2 and "data.background" in capsys.readouterr().err
+
+
+def test_ablation_levers_override_the_budget():
+    from encoder.errors import UserError
+    from training.ablation import BUDGETS, resolve_budget
+
+    b = resolve_budget("smoke", {"size": 48, "patch_size": 8, "background": "plain", "distractors": 0,
+                                 "feature_pool": "time", "finetune_epochs": None})
+    assert b["size"] == 48 and b["background"] == "plain" and b["distractors"] == 0 and b["feature_pool"] == "time"
+    assert b["finetune_epochs"] == BUDGETS["smoke"]["finetune_epochs"] and BUDGETS["smoke"]["size"] == 32
+    with pytest.raises(UserError):
+        resolve_budget("smoke", {"size": 36})

@@ -46,14 +46,91 @@ BUDGETS: dict[str, dict] = {
         num_frames=8, size=32, pool=2000, pretrain_steps=150, pretrain_batch=16, pretrain_lr=1e-3,
         decoder=dict(decoder_dim=64, decoder_depth=2, decoder_heads=4),
         num_train=2000, num_val=300, label_fraction=0.1, finetune_epochs=10, finetune_lr=1e-3,
-        linear_epochs=30, linear_lr=1e-2, batch_size=16),
+        linear_epochs=30, linear_lr=1e-2, batch_size=16,
+        background=None, distractors=None, feature_pool="mean"),
     "smoke": dict(
         encoder=dict(embed_dim=32, depth_mamba=2, num_heads=2, patch_size=8), hybrid_attn_every=2,
         num_frames=8, size=32, pool=64, pretrain_steps=5, pretrain_batch=8, pretrain_lr=1e-3,
         decoder=dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
         num_train=80, num_val=16, label_fraction=0.1, finetune_epochs=2, finetune_lr=1e-3,
-        linear_epochs=5, linear_lr=1e-2, batch_size=8),
+        linear_epochs=5, linear_lr=1e-2, batch_size=8,
+        background=None, distractors=None, feature_pool="mean"),
 }
+
+# Task-setting levers (CLI flag → budget key). background / distractors set the synthetic scene of
+# every clip, pretraining's unlabeled pool included (null = the generator's random mix); feature_pool (--pool) is the
+# classifier's pooling (see `training.classify.VideoClassifier`).
+LEVERS = {"size": "size", "frames": "num_frames", "patch": "patch_size", "epochs": "finetune_epochs",
+          "batch": "batch_size", "background": "background", "distractors": "distractors", "pool": "feature_pool"}
+
+
+def resolve_budget(budget: str, overrides: dict | None = None) -> dict:
+    """The named budget with the task-setting overrides applied (a new dict)."""
+    import copy
+
+    if budget not in BUDGETS:
+        raise UserError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    b = copy.deepcopy(BUDGETS[budget])
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "patch_size":
+            b["encoder"]["patch_size"] = int(value)
+        elif key not in b:
+            raise UserError(f"unknown ablation setting {key!r}")
+        elif key == "distractors":
+            if str(value) == "random":
+                b[key] = None
+            elif str(value).isdigit() and 0 <= int(value) <= 3:
+                b[key] = int(value)
+            else:
+                raise UserError(f"distractors must be 0..3 or 'random'; got {value!r}")
+        else:
+            b[key] = value
+    if b["size"] % b["encoder"]["patch_size"]:
+        raise UserError(f"size {b['size']} is not a multiple of patch {b['encoder']['patch_size']}")
+    if b["feature_pool"] not in ("mean", "cls", "time"):
+        raise UserError(f"pool must be mean, cls or time; got {b['feature_pool']!r}")
+    if b["background"] == "mixed":
+        b["background"] = None
+    from training.synth import BACKGROUNDS
+
+    if b["background"] not in (None, "plain", *BACKGROUNDS):
+        raise UserError(f"background must be mixed, plain or one of {', '.join(BACKGROUNDS)}; got {b['background']!r}")
+    return b
+
+
+class _ScenePretrainData:
+    """While active, pretraining draws its unlabeled pool with the budget's scene options (the same
+    clips, seeds 0..pool-1, that classification labels a subset of)."""
+
+    def __init__(self, b: dict):
+        self.b = b
+
+    def __enter__(self):
+        import training.pretrain as tp
+
+        self.orig = tp.build_source
+        b = self.b
+        if b.get("background") is None and b.get("distractors") is None:
+            return self
+
+        def build_source(data, train=True):
+            from training.classify import SceneSynthSource
+
+            if data.source != "synth":
+                return self.orig(data, train)
+            return SceneSynthSource(data.num_frames, data.size, data.task, base_seed=0, size_hint=data.synth_pool,
+                                    background=b["background"], distractors=b["distractors"])
+
+        tp.build_source = build_source
+        return self
+
+    def __exit__(self, *exc):
+        import training.pretrain as tp
+
+        tp.build_source = self.orig
+        return False
 
 
 def _kv(prefix: str, d: dict) -> list[str]:
@@ -77,7 +154,8 @@ def pretrain_arm(arm: str, seed: int, b: dict, task: str, threads: int, run_dir:
         f"save_every={max(1, b['pretrain_steps'] // 2)}", f"log_every={max(1, b['pretrain_steps'] // 50)}",
         f"seed={seed}", f"num_threads={threads}", f"output_dir={run_dir}", "resume=true"])
     t0 = time.time()
-    summary = train(cfg)
+    with _ScenePretrainData(b):
+        summary = train(cfg)
     summary = {"loss": summary.get("loss"), "seconds": round(time.time() - t0, 1),
                "clips_seen": b["pretrain_steps"] * b["pretrain_batch"]}
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -99,7 +177,9 @@ def classify_arm(arm: str, seed: int, b: dict, task: str, threads: int, init: Pa
         f"data.num_frames={b['num_frames']}", f"data.size={b['size']}", f"data.num_train={b['num_train']}",
         f"data.num_val={b['num_val']}", f"data.label_fraction={b['label_fraction']}", f"epochs={epochs}",
         f"lr={lr}", f"batch_size={b['batch_size']}", f"seed={seed}", f"num_threads={threads}",
-        f"output_dir={out}"])
+        f"output_dir={out}", f"pool={b.get('feature_pool', 'mean')}",
+        f"data.background={b.get('background') or 'null'}",
+        f"data.distractors={'null' if b.get('distractors') is None else b['distractors']}"])
     return train(cfg)
 
 
@@ -136,6 +216,9 @@ def to_markdown(result: dict) -> str:
         f"training clips. Supervised: {round(b['num_train'] * b['label_fraction'])} labeled clips, "
         f"fine-tune {b['finetune_epochs']} epochs / linear probe {b['linear_epochs']} epochs; "
         f"test on {b['num_val']} held-out clips. Chance = {100 / result['num_classes']:.1f} %.",
+        f"Scene: background {b.get('background') or 'random mix'}, distractors "
+        f"{'0–2 at random' if b.get('distractors') is None else b['distractors']} (pretraining pool too); "
+        f"classifier pooling: {b.get('feature_pool', 'mean')}.",
         "",
         "| arm | encoder | pretraining | fine-tune top-1 (%) | linear-probe top-1 (%) | final pretrain loss |",
         "|---|---|---|---|---|---|",
@@ -152,11 +235,11 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_seed(out: Path, seed: int, budget: str, task: str, threads: int) -> list[dict]:
+def run_seed(out: Path, seed: int, budget: str, task: str, threads: int, overrides: dict | None = None) -> list[dict]:
     """Every arm for one seed (runs in a worker process when --jobs > 1)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    b = BUDGETS[budget]
+    b = resolve_budget(budget, overrides)
     runs = []
     for arm in ARMS:
         run_dir = out / arm / f"seed{seed}"
@@ -176,11 +259,13 @@ def run_seed(out: Path, seed: int, budget: str, task: str, threads: int) -> list
     return runs
 
 
-def run(out: Path, seeds: int, budget: str, task: str, threads: int, jobs: int = 1) -> dict:
+def run(out: Path, seeds: int, budget: str, task: str, threads: int, jobs: int = 1,
+        overrides: dict | None = None) -> dict:
     from training.synth import NUM_CLASSES
 
-    if budget not in BUDGETS:
-        raise UserError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    b = resolve_budget(budget, overrides)
+    if (b.get("background") is not None or b.get("distractors") is not None) and task != "motion":
+        raise UserError("--background / --distractors apply to the motion task only")
     if task not in ("motion", "order"):
         raise UserError(f"task must be a time-dependent one: motion or order; got {task!r}")
     out.mkdir(parents=True, exist_ok=True)
@@ -191,13 +276,12 @@ def run(out: Path, seeds: int, budget: str, task: str, threads: int, jobs: int =
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             per_seed = list(pool.map(run_seed, [out] * seeds, range(seeds), [budget] * seeds, [task] * seeds,
-                                     [threads] * seeds))
+                                     [threads] * seeds, [overrides] * seeds))
     else:
-        per_seed = [run_seed(out, seed, budget, task, threads) for seed in range(seeds)]
+        per_seed = [run_seed(out, seed, budget, task, threads, overrides) for seed in range(seeds)]
     runs = [row for rows in per_seed for row in rows]
-    b = BUDGETS[budget]
     result = {"task": task, "num_classes": NUM_CLASSES[task], "seeds": list(range(seeds)), "budget_name": budget,
-              "budget": b, "runs": runs, "summary": summarize(runs), "seconds": round(time.time() - t0, 1)}
+              "overrides": {k: v for k, v in (overrides or {}).items() if v is not None}, "budget": b, "runs": runs, "summary": summarize(runs), "seconds": round(time.time() - t0, 1)}
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     (out / "ablation.md").write_text(to_markdown(result))
     return result
@@ -211,12 +295,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="motion", choices=("motion", "order"))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (1 is fastest on a shared CPU)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (2 on a 2-core machine)")
+    g = parser.add_argument_group("task setting (default: the budget's; recorded in ablation.json)")
+    g.add_argument("--size", type=int, help="frame side in px (the object travels 18–30 %% of it per clip)")
+    g.add_argument("--frames", type=int, help="frames per clip")
+    g.add_argument("--patch", type=int, help="patch side in px")
+    g.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    g.add_argument("--batch", type=int, help="fine-tuning / probing batch size (smaller = more updates per epoch)")
+    g.add_argument("--background", help="mixed (the generator's random mix), plain, or a training.synth.BACKGROUNDS name")
+    g.add_argument("--distractors", help="static extra objects per motion clip: 0..3, or random (0–2 at random)")
+    g.add_argument("--pool", choices=("mean", "cls", "time"), help="classifier pooling (time: per-frame means, concatenated)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1; got {args.seeds}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run(Path(args.out), args.seeds, args.budget, args.task, args.threads, args.jobs)
+    overrides = {key: getattr(args, flag) for flag, key in LEVERS.items()}
+    result = run(Path(args.out), args.seeds, args.budget, args.task, args.threads, args.jobs, overrides)
     print(json.dumps({"summary": result["summary"], "seconds": result["seconds"], "out": args.out}))
     return 0
 

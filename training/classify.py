@@ -57,6 +57,12 @@ class ClassifyDataConfig:
     num_frames: int = 8
     size: int = 32
     max_skipped: int = 10
+    # Synthetic scene options (motion task), for both training and test clips. background: null =
+    # the generator's random mix (plain, noisy, checkered, striped); "plain" = a plain background
+    # (gray or black, alternating by seed); or one `training.synth.BACKGROUNDS` name.
+    # distractors: null = 0–2 static extra objects at random; n = exactly n.
+    background: str | None = None
+    distractors: int | None = None
 
 
 @dataclass
@@ -66,7 +72,7 @@ class ClassifyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # used when init is null
     num_classes: int | None = None  # default: the synthetic task's, or max label + 1 of the list
     mode: str = "finetune"  # finetune | linear
-    pool: str = "mean"  # mean (of patch tokens) | cls
+    pool: str = "mean"  # mean (of patch tokens) | cls | time (per-frame means, concatenated over time)
     epochs: int = 10
     batch_size: int = 16
     eval_batch_size: int = 32
@@ -83,8 +89,19 @@ class ClassifyConfig:
     def validate(self) -> None:
         if self.mode not in ("finetune", "linear"):
             raise UserError(f"mode must be 'finetune' or 'linear'; got {self.mode!r}")
-        if self.pool not in ("mean", "cls"):
-            raise UserError(f"pool must be 'mean' or 'cls'; got {self.pool!r}")
+        if self.pool not in ("mean", "cls", "time"):
+            raise UserError(f"pool must be 'mean', 'cls' or 'time'; got {self.pool!r}")
+        if self.data.background is not None:
+            from training.synth import BACKGROUNDS
+
+            if self.data.background != "plain" and self.data.background not in BACKGROUNDS:
+                raise UserError(f"data.background must be null, 'plain' or one of {', '.join(BACKGROUNDS)}; "
+                                f"got {self.data.background!r}")
+        if self.data.distractors is not None and not 0 <= self.data.distractors <= 3:
+            raise UserError(f"data.distractors must be null or in 0..3; got {self.data.distractors}")
+        if (self.data.background is not None or self.data.distractors is not None) and (
+                self.data.source != "synth" or self.data.task != "motion"):
+            raise UserError("data.background / data.distractors apply to the synthetic motion task only")
         if not 0 < self.data.label_fraction <= 1:
             raise UserError(f"data.label_fraction must be in (0, 1]; got {self.data.label_fraction}")
         if self.data.source == "list" and not (self.data.train_list and self.data.val_list):
@@ -96,20 +113,31 @@ class ClassifyConfig:
 
 
 class VideoClassifier(nn.Module):
-    """encoder → pooled features (B, D) → [BatchNorm] → Linear → logits (B, C)."""
+    """encoder → pooled features (B, F) → [BatchNorm] → Linear → logits (B, C).
+
+    ``pool``: ``mean`` of all patch tokens (F = D), the ``cls`` token (F = D), or ``time``: the
+    mean patch token of each frame, concatenated in frame order (F = T·D), so the head itself sees
+    *when* something is where — a mean over all tokens discards the order of the frames.
+    """
 
     def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "mean", probe_norm: bool = False):
         super().__init__()
         self.encoder = encoder
         self.pool = pool
         D = encoder.config.embed_dim
-        self.norm = nn.BatchNorm1d(D, affine=False) if probe_norm else nn.Identity()
-        self.head = nn.Linear(D, num_classes)
+        F_ = D * encoder.config.num_frames if pool == "time" else D
+        self.norm = nn.BatchNorm1d(F_, affine=False) if probe_norm else nn.Identity()
+        self.head = nn.Linear(F_, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         h = self.encoder(pixel_values).last_hidden_state  # (B, 1 + T·N, D)
+        if self.pool == "time":
+            T = pixel_values.shape[2]
+            if T != self.encoder.config.num_frames:
+                raise UserError(f"pool=time needs clips of exactly {self.encoder.config.num_frames} frames; got {T}")
+            return h[:, 1:].reshape(h.shape[0], T, -1, h.shape[-1]).mean(dim=2).flatten(1)  # (B, T·D)
         return h[:, 1:].mean(dim=1) if self.pool == "mean" else h[:, 0]  # (B, D)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -145,14 +173,45 @@ def build_sources(cfg: ClassifyConfig):
     else:
         from training.synth import NUM_CLASSES
 
-        train = SynthSource(d.num_frames, d.size, d.task, base_seed=d.train_seed, size_hint=d.num_train)
-        val = SynthSource(d.num_frames, d.size, d.task, base_seed=d.val_seed, size_hint=d.num_val)
+        src = SynthSource if d.background is None and d.distractors is None else SceneSynthSource
+        kw = {} if src is SynthSource else {"background": d.background, "distractors": d.distractors}
+        train = src(d.num_frames, d.size, d.task, base_seed=d.train_seed, size_hint=d.num_train, **kw)
+        val = src(d.num_frames, d.size, d.task, base_seed=d.val_seed, size_hint=d.num_val, **kw)
         num_classes = cfg.num_classes or NUM_CLASSES[d.task]
         n_train = d.num_train
     # A fixed, seeded subset of the training labels.
     k = max(1, round(d.label_fraction * n_train))
     subset = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:k].tolist()
     return train, val, sorted(subset), num_classes
+
+
+class SceneSynthSource(SynthSource):
+    """`SynthSource` with fixed scene options: ``background`` (None, "plain" or a `BACKGROUNDS`
+    name) and ``distractors`` (None or 0..3), passed to `training.synth.make_clip`."""
+
+    def __init__(self, num_frames: int, size: int, task: str = "motion", base_seed: int = 0, size_hint: int = 0,
+                 background: str | None = None, distractors: int | None = None):
+        super().__init__(num_frames, size, task, base_seed, size_hint)
+        self.background, self.distractors = background, distractors
+
+    def spec_kw(self, seed: int) -> dict:
+        from training.synth import PLAIN_BACKGROUNDS
+
+        kw = {}
+        if self.background is not None:
+            kw["background"] = (PLAIN_BACKGROUNDS[seed % len(PLAIN_BACKGROUNDS)] if self.background == "plain"
+                                else self.background)
+        if self.distractors is not None:
+            kw["distractors"] = self.distractors
+        return kw
+
+    def load(self, i: int, rng=None) -> tuple[torch.Tensor, int]:
+        from encoder.transforms import frames_to_tensor
+        from training.synth import make_clip
+
+        seed = self.base_seed + int(i)
+        clip = make_clip(seed, self.num_frames, self.size, self.task, **self.spec_kw(seed))
+        return frames_to_tensor(clip.frames, self.size), clip.label
 
 
 class _Cached:
