@@ -127,8 +127,9 @@ def _kv(overrides: dict[str, Any]) -> list[str]:
 
 def _run(cmd: list[str], log) -> None:
     """Run a stage's CLI from the repo root; a failure stops the pipeline naming the command."""
-    log.append(" ".join(cmd))
-    logger.info("$ %s", " ".join(cmd))
+    shown = " ".join(["python" if c == sys.executable else c for c in cmd])  # the card shows `python -m …`
+    log.append(shown)
+    logger.info("$ %s", shown)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
     if rc != 0:
@@ -247,7 +248,7 @@ def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) 
     for name in ("pretrain", "stage1", "stage2"):
         if outputs[name].exists():
             logger.info("%s: %s exists, skipping", name, outputs[name])
-            log.append(" ".join(commands[name]))
+            log.append(" ".join(["python" if c == sys.executable else c for c in commands[name]]))
             continue
         t0 = time.perf_counter()
         try:
@@ -338,7 +339,8 @@ def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) ->
     ev = out / "eval"
     if (ev / "metrics.json").is_file():
         logger.info("eval: %s exists, skipping", ev / "metrics.json")
-        log.extend(" ".join(c) for c in eval_commands(cfg, out / "stage2" / "final", ev).values())
+        log.extend(" ".join(["python" if a == sys.executable else a for a in c])
+                   for c in eval_commands(cfg, out / "stage2" / "final", ev).values())
         return json.loads((ev / "metrics.json").read_text())
     ev.mkdir(parents=True, exist_ok=True)
     model_dir = out / "stage2" / "final"
