@@ -126,20 +126,34 @@ def load_cpu_kernel():
     """Build (first time) and load the C++ scan kernel; returns None if it cannot be built."""
     global _CPU_EXT, _CPU_EXT_ERROR
     if _CPU_EXT is None and _CPU_EXT_ERROR is None:
+        import hashlib
+        import os
         from pathlib import Path
 
         from torch.utils import cpp_extension
 
         src = Path(__file__).with_name("csrc") / "selective_scan.cpp"
+        # -march=native: the kernel is built on the machine that runs it, so its SIMD vectors
+        # use the widest registers there. Threads come from at::parallel_for.
+        cflags = ["-O3", "-march=native", "-ffp-contract=fast"]
+        # Name and build folder follow the source, the flags and the torch install (its headers and
+        # paths go into the build), and the build compiles a copy of the source kept in that
+        # folder: checkouts sharing a venv share one build, and different kernels or venvs never
+        # rebuild over each other.
+        code = src.read_bytes()
+        key = f"{' '.join(cflags)}|{torch.__version__}|{Path(torch.__file__).resolve()}".encode()
+        digest = hashlib.sha256(code + key).hexdigest()[:12]
+        name = f"videomap_selective_scan_cpu_{digest}"
+        build_dir = Path(cpp_extension.get_default_build_root()) / name
         try:
-            # -march=native: the kernel is built on the machine that runs it, so its SIMD vectors
-            # use the widest registers there. Threads come from at::parallel_for.
-            _CPU_EXT = cpp_extension.load(
-                name="videomap_selective_scan_cpu",
-                sources=[str(src)],
-                extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"],
-                verbose=False,
-            )
+            os.makedirs(build_dir, exist_ok=True)
+            local_src = build_dir / src.name
+            if not local_src.is_file() or local_src.read_bytes() != code:
+                tmp = build_dir / f".{src.name}.{os.getpid()}"
+                tmp.write_bytes(code)
+                os.replace(tmp, local_src)
+            _CPU_EXT = cpp_extension.load(name=name, sources=[str(local_src)], extra_cflags=cflags,
+                                          build_directory=str(build_dir), verbose=False)
         except Exception as err:  # noqa: BLE001 - no compiler, no ninja, no headers …
             _CPU_EXT_ERROR = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
     return _CPU_EXT
