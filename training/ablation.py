@@ -21,8 +21,18 @@ tested on held-out seeds. Each arm runs with every seed; the table reports mean 
 Results land in ``--out``: ``ablation.json``, ``ablation.md``, and one folder per run (pretraining
 metrics, classification results). Finished runs are reused, so an interrupted bench continues.
 
+Task setting (flags, recorded in ``ablation.json`` as ``overrides`` and in the effective ``budget``):
+``--background`` (mixed | plain | a `training.synth.BACKGROUNDS` name), ``--distractors`` (0..3 |
+random), ``--pool`` (classifier pooling: mean | cls | time), ``--batch``, ``--epochs`` (fine-tuning),
+``--size``, ``--frames``, ``--patch``. The scene options apply to the pretraining pool too. The
+``default`` budget is plain backgrounds, no distractors, ``time`` pooling (per-frame mean tokens
+concatenated in frame order), batch 8, 20 fine-tuning epochs: with the generator's cluttered mix,
+mean pooling, batch 16 and 10 epochs (``--background mixed --distractors random --pool mean --batch
+16 --epochs 10``) every arm, scratch with 50 % labels included, stayed at chance on 8-way motion —
+an experiment that measures nothing. See docs/ablation.md for the pilots behind the choice.
+
 Budgets are sized for the 2-core CPU this repo is developed on (one torch thread per process
-is fastest when the CPU is shared): ``default`` ≈ 30–40 min for 3 seeds with ``--jobs 3``, ``smoke`` ≈ 1 min.
+is fastest when the CPU is shared): ``default`` ≈ 37 min for 3 seeds with ``--jobs 3`` on a busy machine (measured), ``smoke`` ≈ 1 min.
 """
 
 from __future__ import annotations
@@ -45,9 +55,9 @@ BUDGETS: dict[str, dict] = {
         encoder=dict(embed_dim=64, depth_mamba=4, num_heads=4, patch_size=8), hybrid_attn_every=4,
         num_frames=8, size=32, pool=2000, pretrain_steps=150, pretrain_batch=16, pretrain_lr=1e-3,
         decoder=dict(decoder_dim=64, decoder_depth=2, decoder_heads=4),
-        num_train=2000, num_val=300, label_fraction=0.1, finetune_epochs=10, finetune_lr=1e-3,
-        linear_epochs=30, linear_lr=1e-2, batch_size=16,
-        background=None, distractors=None, feature_pool="mean"),
+        num_train=2000, num_val=300, label_fraction=0.1, finetune_epochs=20, finetune_lr=1e-3,
+        linear_epochs=30, linear_lr=1e-2, batch_size=8,
+        background="plain", distractors=0, feature_pool="time"),
     "smoke": dict(
         encoder=dict(embed_dim=32, depth_mamba=2, num_heads=2, patch_size=8), hybrid_attn_every=2,
         num_frames=8, size=32, pool=64, pretrain_steps=5, pretrain_batch=8, pretrain_lr=1e-3,
@@ -214,7 +224,7 @@ def to_markdown(result: dict) -> str:
         f"{b['encoder']['patch_size']}. Pretraining: {b['pretrain_steps']} steps × {b['pretrain_batch']} clips "
         f"= {b['pretrain_steps'] * b['pretrain_batch']} clips seen from a pool of {b['pool']} unlabeled "
         f"training clips. Supervised: {round(b['num_train'] * b['label_fraction'])} labeled clips, "
-        f"fine-tune {b['finetune_epochs']} epochs / linear probe {b['linear_epochs']} epochs; "
+        f"fine-tune {b['finetune_epochs']} epochs / linear probe {b['linear_epochs']} epochs, batch {b['batch_size']}; "
         f"test on {b['num_val']} held-out clips. Chance = {100 / result['num_classes']:.1f} %.",
         f"Scene: background {b.get('background') or 'random mix'}, distractors "
         f"{'0–2 at random' if b.get('distractors') is None else b['distractors']} (pretraining pool too); "
