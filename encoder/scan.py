@@ -92,9 +92,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     n = A.shape[1]
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     Bg, Cg = _expand_bc(B.float(), b, d, l), _expand_bc(C.float(), b, d, l)
-    # Each channel reads its group's B/C: (b, g, n, l) → (b, d, n, l) as a broadcastable view.
-    Bd = Bg.repeat_interleave(d // Bg.shape[1], dim=1) if Bg.shape[1] != d else Bg
-    Cd = Cg.repeat_interleave(d // Cg.shape[1], dim=1) if Cg.shape[1] != d else Cg
+    # Each channel reads its group's B/C: one group broadcasts as (b, 1, n, l); several are
+    # repeated out to (b, d, n, l).
+    Bd = Bg.repeat_interleave(d // Bg.shape[1], dim=1) if Bg.shape[1] not in (1, d) else Bg
+    Cd = Cg.repeat_interleave(d // Cg.shape[1], dim=1) if Cg.shape[1] not in (1, d) else Cg
     A = A.float()
     uf = u.float()
     h = uf.new_zeros(b, d, n)
