@@ -172,12 +172,9 @@ def load_videomme(data: str | Path, video_root: str | Path | None = None) -> lis
     return samples
 
 
-# ---------------------------------------------------------------------------------------------
-# MVBench
-# ---------------------------------------------------------------------------------------------
-
-
-def load_mvbench(data: str | Path, video_root: str | Path | None = None) -> list[MCSample]:
+def _task_files(data, video_root, benchmark: str, what: str) -> tuple[list[Path], Path]:
+    """MVBench / MLVU layout: one JSON per task under ``<root>/json/`` (or the folder or file
+    given), videos under ``<root>/video/`` unless `video_root` says otherwise."""
     data = Path(data)
     if data.is_file():
         files = [data]
@@ -185,9 +182,19 @@ def load_mvbench(data: str | Path, video_root: str | Path | None = None) -> list
         folder = data / "json" if (data / "json").is_dir() else data
         files = sorted(folder.glob("*.json"))
         if not files:
-            raise UserError(f"MVBench: no <task>.json files under '{folder}'")
+            raise UserError(f"{benchmark}: no {what} files under '{folder}'")
     base = _data_dir(data)
     root = Path(video_root) if video_root else (base if base.name != "json" else base.parent) / "video"
+    return files, root
+
+
+# ---------------------------------------------------------------------------------------------
+# MVBench
+# ---------------------------------------------------------------------------------------------
+
+
+def load_mvbench(data: str | Path, video_root: str | Path | None = None) -> list[MCSample]:
+    files, root = _task_files(data, video_root, "MVBench", "<task>.json")
     samples = []
     for file in files:
         task = file.stem
@@ -248,16 +255,7 @@ def load_egoschema(data: str | Path, video_root: str | Path | None = None) -> li
 
 
 def load_mlvu(data: str | Path, video_root: str | Path | None = None) -> list[MCSample]:
-    data = Path(data)
-    if data.is_file():
-        files = [data]
-    else:
-        folder = data / "json" if (data / "json").is_dir() else data
-        files = sorted(folder.glob("*.json"))
-        if not files:
-            raise UserError(f"MLVU: no <n>_<task>.json files under '{folder}'")
-    base = _data_dir(data)
-    root = Path(video_root) if video_root else (base if base.name != "json" else base.parent) / "video"
+    files, root = _task_files(data, video_root, "MLVU", "<n>_<task>.json")
     samples = []
     for file in files:
         task = file.stem  # e.g. "1_plotQA"
