@@ -21,7 +21,6 @@ printed as JSON and written to ``output_dir/results.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoder.errors import UserError, VideoReadError, run_cli
-from training.config import load_config, save_config
+from training.config import config_from_argv, save_config
 from training.data_video import SkipTracker, SynthSource, VideoListSource, load_batch, step_rng
 from training.pretrain import ModelConfig, build_encoder, seed_everything, warmup_cosine
 
@@ -354,14 +353,7 @@ def train(cfg: ClassifyConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videollm classify", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file under training/configs/ (defaults if omitted)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mode=linear init=null")
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(ClassifyConfig, args.config, args.overrides)
+    cfg = config_from_argv(ClassifyConfig, "videollm classify", __doc__, argv, "mode=linear init=null")
     result = train(cfg)
     print(json.dumps({k: result[k] for k in ("top1", "top5", "num_test", "mode", "num_train_labeled")}))
     return 0

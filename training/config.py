@@ -159,3 +159,19 @@ def save_config(cfg: Any, path: str | Path) -> None:
     from training.checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_argv(cls: type[T], prog: str, doc: str, argv: list[str] | None, example: str) -> T:
+    """A recipe's command line: ``--config FILE`` plus ``key=value`` overrides → the config `cls`.
+    Also sets up INFO logging unless the caller configured logging already."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file under training/configs/ (defaults if omitted)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return load_config(cls, args.config, args.overrides)

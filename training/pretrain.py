@@ -21,7 +21,6 @@ and by the VideoLLM).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from encoder.errors import UserError, run_cli
-from training.config import load_config, save_config
+from training.config import config_from_argv, save_config
 from training.data_video import SkipTracker, SynthSource, VideoListSource, load_batch, step_rng, step_seed
 
 logger = logging.getLogger("training.pretrain")
@@ -295,14 +294,7 @@ def train(cfg: PretrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="videollm pretrain", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file under training/configs/ (defaults if omitted)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 output_dir=runs/x")
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    cfg = config_from_argv(PretrainConfig, "videollm pretrain", __doc__, argv, "optim.lr=3e-4 output_dir=runs/x")
     summary = train(cfg)
     print(json.dumps({k: summary.get(k) for k in ("step", "loss", "skipped", "output_dir", "encoder")}))
     return 0
