@@ -161,22 +161,27 @@ def load_cpu_kernel():
 
 
 class _ScanCPU(torch.autograd.Function):
-    """The bare recurrence on the C++ kernel, in its layouts: u, delta (b, l, d); A (n, d);
-    B, C (b, g, l, n). Returns y (b, l, d) and the last state (b, d, n)."""
+    """The fused kernel: Δ = softplus(delta + delta_bias), the recurrence, D·u and the silu(z) gate
+    in one pass, forward and backward. All tensors fp32 in mamba-ssm's logical layouts, any strides
+    (transposed and broadcast views are read in place): u, delta, z (b, d, l); A (d, n);
+    B, C (b, g, n, l); D, delta_bias (d,). Returns out (b, d, l) and the last state (b, d, n)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        y, last, states = _CPU_EXT.fwd(u, delta, A, B, C, any(ctx.needs_input_grad))
-        ctx.save_for_backward(u, delta, A, B, C, states)
-        return y, last
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+        out, last, states = _CPU_EXT.fwd(u, delta, A, B, C, D, z, delta_bias, softplus,
+                                         any(ctx.needs_input_grad))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.softplus = softplus
+        return out, last
 
     @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, B, C, states = ctx.saved_tensors
-        dy = torch.zeros_like(u) if dy is None else dy.contiguous()
-        b, _, d = u.shape
-        dlast = u.new_zeros(b, d, A.shape[0]) if dlast is None else dlast.contiguous()
-        return tuple(_CPU_EXT.bwd(u, delta, A, B, C, states, dy, dlast))
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _CPU_EXT.bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, dout, dlast)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -186,16 +191,17 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if load_cpu_kernel() is None:
         raise RuntimeError(f"the CPU selective-scan kernel could not be built: {_CPU_EXT_ERROR}")
     b, d, l = u.shape
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)
-    y, last = _ScanCPU.apply(
-        u.float().transpose(1, 2).contiguous(),  # (b, d, l) -> (b, l, d)
-        delta.transpose(1, 2).contiguous(),  # (b, d, l) -> (b, l, d)
-        A.float().t().contiguous(),  # (d, n) -> (n, d)
-        _expand_bc(B.float(), b, d, l).transpose(2, 3).contiguous(),  # (b, g, n, l) -> (b, g, l, n)
-        _expand_bc(C.float(), b, d, l).transpose(2, 3).contiguous(),
+
+    def f32(t):
+        return None if t is None else t.float()
+
+    out, last = _ScanCPU.apply(
+        u.float(), delta.float(), A.float(),
+        _expand_bc(B.float(), b, d, l), _expand_bc(C.float(), b, d, l),  # views, no copies
+        f32(D), f32(z), f32(delta_bias), bool(delta_softplus),
     )
-    y = _finish(y.transpose(1, 2), u, D, z, u.dtype)  # (b, l, d) -> (b, d, l)
-    return (y, last) if return_last_state else y
+    out = out.to(u.dtype)
+    return (out, last) if return_last_state else out
 
 
 # ---------------------------------------------------------------------------------------------

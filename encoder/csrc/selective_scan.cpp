@@ -1,24 +1,32 @@
 // Selective scan on the CPU: the fast path behind encoder.scan.selective_scan.
 //
-// Only the recurrence itself lives here; softplus/delta_bias, D·u and the silu(z) gate stay in
-// PyTorch (elementwise, autograd for free). Layouts (all fp32, contiguous), chosen so the inner
-// loop runs over channels with unit stride:
-//   u, delta, y: (b, l, d)   A: (n, d)   B, C: (b, g, l, n)   last state: (b, d, n)
+// The whole of mamba-ssm's selective_scan_fn is fused here, forward and backward:
+//   Δ = softplus(delta + delta_bias)      (each part optional)
+//   h_t = exp(Δ_t·A) ⊙ h_{t-1} + Δ_t·u_t·B_t,   y_t = <C_t, h_t> + D·u_t,   out = y ⊙ silu(z)
+// so no elementwise pass over (b, d, l) runs outside the kernel and nothing is copied to another
+// layout: every tensor is read and written through its strides, in mamba-ssm's logical layouts
+//   u, delta, z, out: (b, d, l)   A: (d, n)   B, C: (b, g, n, l)   D, delta_bias: (d)
+//   last state: (b, d, n).
+// A Mamba mixer that keeps its activations as (b, l, d) passes transposed views at no cost, and a
+// single-group or time-invariant B/C comes in as a broadcast (stride-0) view.
 //
-// Work unit: a block of up to W=16 channels of one batch row and one B/C group. Within a block the
-// n states of the W channels are n·W independent recurrences that share B_t[k] and C_t[k], so each
-// time step is n vector updates over W lanes with no cross-lane work (the forward has no
-// reductions at all). Blocks are spread over threads with at::parallel_for. A block narrower than
-// W (a group of fewer channels) is padded with zero lanes: delta = u = 0 leaves them at zero.
+// Work unit: a block of up to W=16 channels of one batch row and one B/C group. The n states of
+// the block's W channels are n·W independent recurrences that share B_t[k] and C_t[k], so a time
+// step is n vector updates over W lanes with no cross-lane work in the forward. Time runs in tiles
+// of kChunk steps: a tile of u, delta, z (and dout) is gathered into lane-major vectors, B and C
+// into (step, n) rows, and the output tile is scattered back, so the strided access is paid once
+// per element and the recurrence runs on unit-stride, L1-resident data. Blocks are spread over
+// threads with at::parallel_for. A block narrower than W is padded with zero lanes (Δ = u = 0
+// keeps them at zero; they are never stored).
 //
-// Backward: mamba-ssm's CUDA kernel recomputes states instead of storing (b, d, n, l) of them;
-// here each block runs the forward once keeping only the state at every chunk start (every 64
-// steps), then walks the chunks in reverse, recomputing a chunk's states into a small buffer and
-// running the adjoint recurrence through it. dB and dC sum over the channels of a group: each
-// thread owns a (b, g, l, n) accumulator and the parts are added at the end.
+// Backward: like mamba-ssm's CUDA kernel it recomputes states instead of storing (b, d, n, l).
+// The forward keeps the state at every tile start; the backward walks the tiles in reverse,
+// recomputes one tile's states into a small buffer and runs the adjoint recurrence through it.
+// dB and dC sum over a group's channels and dA, dD, d(delta_bias) over the batch: each thread owns
+// accumulators for them and the parts are added at the end.
 //
 // Stability: exp's argument is clamped to the float range, so a large delta·|A| underflows to 0
-// exactly as the reference's exp does; no step divides or takes a log.
+// exactly as the reference's exp does; softplus is max(x, 0) + log1p(e^-|x|), finite everywhere.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -36,6 +44,8 @@ namespace {
 constexpr int64_t W = 16;
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+constexpr int64_t kChunk = 64;  // time tile; also the backward's recompute span
 
 // e^x lane by lane: range reduction x = k·ln2 + r, a degree-6 polynomial for e^r on
 // |r| <= ln2/2 (Cephes' expf coefficients, ~1 ulp), then 2^k through the exponent bits.
@@ -60,42 +70,139 @@ inline vf vexp(vf x) {
   return (vf)((vi)(p * scale) & ~under);
 }
 
-inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int64_t w = 0; w < W; ++w) s += v[w];
-  return s;
+inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+inline vf vmax0(vf x) { return x > 0.0f ? x : 0.0f; }
+
+// softplus(x) = max(x, 0) + log1p(e^-|x|), and its derivative sigmoid(x). With e = e^-|x| in
+// (0, 1], log1p(e) = 2·atanh(s), s = e / (2 + e) <= 1/3: the odd series to s^13 is within 1e-7.
+inline void vsoftplus(vf x, vf& sp, vf& sig) {
+  const vf e = vexp(-vabs(x));
+  const vf s = e / (2.0f + e), s2 = s * s;
+  vf p = s2 * (1.0f / 13) + 1.0f / 11;
+  p = p * s2 + 1.0f / 9;
+  p = p * s2 + 1.0f / 7;
+  p = p * s2 + 1.0f / 5;
+  p = p * s2 + 1.0f / 3;
+  p = p * s2 + 1.0f;
+  sp = vmax0(x) + 2.0f * s * p;
+  const vf inv = 1.0f / (1.0f + e);
+  sig = x >= 0.0f ? inv : e * inv;
 }
 
-// Split [0, total) into one contiguous range per thread; fn(tid, begin, end).
-template <typename Fn>
-void for_each_thread(int64_t total, int64_t nthreads, const Fn& fn) {
-  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t tid = t0; tid < t1; ++tid) {
-      const int64_t begin = total * tid / nthreads, end = total * (tid + 1) / nthreads;
-      fn(tid, begin, end);
-    }
-  });
+inline vf vsigmoid(vf x) {
+  const vf e = vexp(-vabs(x));
+  const vf inv = 1.0f / (1.0f + e);
+  return x >= 0.0f ? inv : e * inv;
 }
 
-constexpr int64_t kChunk = 64;   // backward recompute chunk (steps)
+// Sixteen horizontal sums at once: lane j of the result is the sum of v[j]'s lanes. Four rounds
+// of "add the two halves of each pair of vectors" (30 shuffles, 15 adds for 16 sums) instead of
+// 16 separate lane-by-lane reductions.
+inline vf hsum16(const vf* v) {
+  vf a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)
+    a[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int j = 0; j < 4; ++j)
+    b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * j], a[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int j = 0; j < 2; ++j)
+    c[j] = __builtin_shufflevector(b[2 * j], b[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * j], b[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// A (b, d, l) tensor seen through its strides; `at(bi, d0)` is the block's origin.
+struct View3 {
+  const float* p;
+  int64_t sb, sd, sl;
+  explicit View3(const at::Tensor& t)
+      : p(t.defined() ? t.data_ptr<float>() : nullptr),
+        sb(t.defined() ? t.stride(0) : 0), sd(t.defined() ? t.stride(1) : 0),
+        sl(t.defined() ? t.stride(2) : 0) {}
+  const float* at(int64_t bi, int64_t d0) const { return p + bi * sb + d0 * sd; }
+};
+
+// Gather steps [t0, t0+T) of wn channels from `src` (the block origin) into T lane vectors.
+// Lanes are written as plain floats: inserting into a vector lane by lane compiles to a vector
+// load/insert/store per element.
+inline void load_tile(vf* dst, const float* src, int64_t sd, int64_t sl, int64_t t0, int64_t T,
+                      int64_t wn) {
+  src += t0 * sl;
+  float* d = reinterpret_cast<float*>(dst);
+  if (wn < W) std::fill(d, d + T * W, 0.0f);
+  if (sd == 1) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t w = 0; w < wn; ++w) d[t * W + w] = src[t * sl + w];
+  } else {
+    for (int64_t w = 0; w < wn; ++w)
+      for (int64_t t = 0; t < T; ++t) d[t * W + w] = src[w * sd + t * sl];
+  }
+}
+
+inline void store_tile(float* dst, const vf* src, int64_t sd, int64_t sl, int64_t t0, int64_t T,
+                       int64_t wn) {
+  dst += t0 * sl;
+  const float* s = reinterpret_cast<const float*>(src);
+  if (sd == 1) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t w = 0; w < wn; ++w) dst[t * sl + w] = s[t * W + w];
+  } else {
+    for (int64_t w = 0; w < wn; ++w)
+      for (int64_t t = 0; t < T; ++t) dst[w * sd + t * sl] = s[t * W + w];
+  }
+}
+
+inline vf load_lanes(const float* src, int64_t stride, int64_t wn) {
+  alignas(64) float v[W] = {};
+  for (int64_t w = 0; w < wn; ++w) v[w] = src[w * stride];
+  vf out;
+  std::memcpy(&out, v, sizeof(out));
+  return out;
+}
+
+struct Options {
+  bool has_D, has_z, has_bias, softplus;
+};
 
 struct Dims {
   int64_t b, l, d, n, g, d_per_group, blocks_per_group;
+  int64_t nblocks() const { return b * g * blocks_per_group; }
+  int64_t nchunks() const { return (l + kChunk - 1) / kChunk; }
 };
 
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "selective_scan_cpu: ", name, " must be float32");
+  TORCH_CHECK(t.device().is_cpu(), "selective_scan_cpu: ", name, " must be on the CPU");
+}
+
 Dims check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                  const at::Tensor& B, const at::Tensor& C) {
-  for (const auto* t : {&u, &delta, &A, &B, &C}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "selective_scan_cpu: inputs must be float32");
-    TORCH_CHECK(t->is_contiguous(), "selective_scan_cpu: inputs must be contiguous");
-    TORCH_CHECK(t->device().is_cpu(), "selective_scan_cpu: inputs must be on the CPU");
-  }
-  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u, delta must be (b, l, d)");
-  Dims s{u.size(0), u.size(1), u.size(2), A.size(0), B.size(1), 0, 0};
-  TORCH_CHECK(A.dim() == 2 && A.size(1) == s.d, "A must be (n, d)");
-  TORCH_CHECK(B.dim() == 4 && C.sizes() == B.sizes(), "B, C must be (b, g, l, n)");
-  TORCH_CHECK(B.size(0) == s.b && B.size(2) == s.l && B.size(3) == s.n, "B, C must be (b, g, l, n)");
+                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
+                  const at::Tensor& z, const at::Tensor& bias) {
+  check_float(u, "u");
+  check_float(delta, "delta");
+  check_float(A, "A");
+  check_float(B, "B");
+  check_float(C, "C");
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u, delta must be (b, d, l)");
+  Dims s{u.size(0), u.size(2), u.size(1), A.size(1), B.size(1), 0, 0};
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == s.d, "A must be (d, n)");
+  TORCH_CHECK(B.dim() == 4 && C.sizes() == B.sizes(), "B, C must be (b, g, n, l)");
+  TORCH_CHECK(B.size(0) == s.b && B.size(2) == s.n && B.size(3) == s.l, "B, C must be (b, g, n, l)");
   TORCH_CHECK(s.g > 0 && s.d % s.g == 0, "groups must divide d");
+  if (D.defined()) {
+    check_float(D, "D");
+    TORCH_CHECK(D.dim() == 1 && D.size(0) == s.d, "D must be (d)");
+  }
+  if (bias.defined()) {
+    check_float(bias, "delta_bias");
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == s.d, "delta_bias must be (d)");
+  }
+  if (z.defined()) {
+    check_float(z, "z");
+    TORCH_CHECK(z.sizes() == u.sizes(), "z must be (b, d, l)");
+  }
   s.d_per_group = s.d / s.g;
   s.blocks_per_group = (s.d_per_group + W - 1) / W;
   return s;
@@ -114,179 +221,266 @@ Block block_at(const Dims& s, int64_t idx) {
   return {bi, d0, std::min(W, (gi + 1) * s.d_per_group - d0), gi};
 }
 
-// wn lanes of row `src`, zero-padded to W.
-inline vf load_lanes(const float* src, int64_t wn) {
-  vf v = {};
-  for (int64_t w = 0; w < wn; ++w) v[w] = src[w];
-  return v;
-}
-
-inline void store_lanes(float* dst, vf v, int64_t wn) {
-  for (int64_t w = 0; w < wn; ++w) dst[w] = v[w];
-}
-
-// One forward step for a block: h ← exp(Δ·A) ⊙ h + Δ·u·B_t; returns y_t = <C_t, h> if C_t given.
-inline vf step(vf* h_out, const vf* h_in, const vf* Ab, vf dt, vf x, const float* Bt,
-               const float* Ct, int64_t n) {
-  vf acc = {};
-  for (int64_t k = 0; k < n; ++k) {
-    const vf hk = vexp(dt * Ab[k]) * h_in[k] + x * Bt[k];
-    h_out[k] = hk;
-    if (Ct) acc += hk * Ct[k];
-  }
-  return acc;
-}
-
-struct BlockInputs {
-  std::vector<vf> Ab;  // (n) lanes of A for the block's channels
-  const float *u, *delta, *B, *C;  // u/delta at (bi, t=0, d0), B/C at (bi, gi)
+// Per-thread scratch for one tile of one block.
+struct Tile {
+  std::vector<vf> u, dt, sig, z, Ab;   // (kChunk) lanes each; Ab: (n)
+  std::vector<float> B, C;             // (kChunk, n)
+  Tile(int64_t n) : u(kChunk), dt(kChunk), sig(kChunk), z(kChunk), Ab(n), B(kChunk * n), C(kChunk * n) {}
 };
 
-BlockInputs block_inputs(const Dims& s, const Block& bk, const float* up, const float* dp,
-                         const float* Ap, const float* Bp, const float* Cp) {
-  BlockInputs in{std::vector<vf>(s.n), up + bk.bi * s.l * s.d + bk.d0,
-                 dp + bk.bi * s.l * s.d + bk.d0, Bp + (bk.bi * s.g + bk.gi) * s.l * s.n,
-                 Cp + (bk.bi * s.g + bk.gi) * s.l * s.n};
-  for (int64_t k = 0; k < s.n; ++k) in.Ab[k] = load_lanes(Ap + k * s.d + bk.d0, bk.wn);
-  return in;
-}
+struct Inputs {
+  View3 u, delta, z;
+  const float *A, *D, *bias;
+  int64_t sAd, sAn, sD, sbias;
+  const float *B, *C;
+  int64_t sBb, sBg, sBn, sBl, sCb, sCg, sCn, sCl;
+  Options o;
 
-int64_t num_blocks(const Dims& s) { return s.b * s.g * s.blocks_per_group; }
-int64_t num_chunks(const Dims& s) { return (s.l + kChunk - 1) / kChunk; }
+  Inputs(const at::Tensor& u_, const at::Tensor& delta_, const at::Tensor& A_, const at::Tensor& B_,
+         const at::Tensor& C_, const at::Tensor& D_, const at::Tensor& z_, const at::Tensor& bias_,
+         bool softplus)
+      : u(u_), delta(delta_), z(z_), A(A_.data_ptr<float>()),
+        D(D_.defined() ? D_.data_ptr<float>() : nullptr),
+        bias(bias_.defined() ? bias_.data_ptr<float>() : nullptr), sAd(A_.stride(0)), sAn(A_.stride(1)),
+        sD(D_.defined() ? D_.stride(0) : 0), sbias(bias_.defined() ? bias_.stride(0) : 0),
+        B(B_.data_ptr<float>()), C(C_.data_ptr<float>()), sBb(B_.stride(0)), sBg(B_.stride(1)),
+        sBn(B_.stride(2)), sBl(B_.stride(3)), sCb(C_.stride(0)), sCg(C_.stride(1)), sCn(C_.stride(2)),
+        sCl(C_.stride(3)), o{D_.defined(), z_.defined(), bias_.defined(), softplus} {}
 
-// Forward. Returns y (b, l, d), the last state (b, d, n) and, if `save_states`, the state at
-// every chunk start (blocks, chunks, n, W) for the backward (3 MB at b=1, d=768, l=4096).
+  void load_A(Tile& tl, const Block& bk, int64_t n) const {
+    for (int64_t k = 0; k < n; ++k) tl.Ab[k] = load_lanes(A + bk.d0 * sAd + k * sAn, sAd, bk.wn);
+  }
+
+  // Fill the tile for steps [t0, t0+T): u, Δ (and softplus' derivative), z, B and C rows.
+  void load(Tile& tl, const Block& bk, int64_t n, int64_t t0, int64_t T) const {
+    load_tile(tl.u.data(), u.at(bk.bi, bk.d0), u.sd, u.sl, t0, T, bk.wn);
+    load_tile(tl.dt.data(), delta.at(bk.bi, bk.d0), delta.sd, delta.sl, t0, T, bk.wn);
+    if (o.has_bias) {
+      const vf bv = load_lanes(bias + bk.d0 * sbias, sbias, bk.wn);
+      for (int64_t t = 0; t < T; ++t) tl.dt[t] += bv;
+    }
+    if (o.softplus)
+      for (int64_t t = 0; t < T; ++t) vsoftplus(tl.dt[t], tl.dt[t], tl.sig[t]);
+    if (wn_pad(bk))  // padded lanes: softplus(0) = log 2, zero them again
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t w = bk.wn; w < W; ++w) tl.dt[t][w] = 0.0f;
+    if (o.has_z) load_tile(tl.z.data(), z.at(bk.bi, bk.d0), z.sd, z.sl, t0, T, bk.wn);
+    const float* Bp = B + bk.bi * sBb + bk.gi * sBg + t0 * sBl;
+    const float* Cp = C + bk.bi * sCb + bk.gi * sCg + t0 * sCl;
+    for (int64_t k = 0; k < n; ++k)
+      for (int64_t t = 0; t < T; ++t) {
+        tl.B[t * n + k] = Bp[k * sBn + t * sBl];
+        tl.C[t * n + k] = Cp[k * sCn + t * sCl];
+      }
+  }
+  static bool wn_pad(const Block& bk) { return bk.wn < W; }
+
+  vf D_lanes(const Block& bk) const { return o.has_D ? load_lanes(D + bk.d0 * sD, sD, bk.wn) : vf{}; }
+};
+
+// Forward. Returns out (b, d, l) in u's memory layout, the last state (b, d, n) and, if
+// `save_states`, the state at every tile start (blocks, chunks, n, W) for the backward
+// (3 MB at b=1, d=768, l=4096).
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                 const at::Tensor& B, const at::Tensor& C, bool save_states) {
-  const Dims s = check_inputs(u, delta, A, B, C);
-  auto y = at::empty({s.b, s.l, s.d}, u.options());
+                                 const at::Tensor& B, const at::Tensor& C,
+                                 const c10::optional<at::Tensor>& D_, const c10::optional<at::Tensor>& z_,
+                                 const c10::optional<at::Tensor>& bias_, bool softplus, bool save_states) {
+  const at::Tensor D = D_.value_or(at::Tensor()), z = z_.value_or(at::Tensor()),
+                   bias = bias_.value_or(at::Tensor());
+  const Dims s = check_inputs(u, delta, A, B, C, D, z, bias);
+  const Inputs in(u, delta, A, B, C, D, z, bias, softplus);
+  auto out = at::empty_like(u);
   auto last = at::empty({s.b, s.d, s.n}, u.options());
-  auto states = save_states ? at::empty({num_blocks(s), num_chunks(s), s.n, W}, u.options())
+  auto states = save_states ? at::empty({s.nblocks(), s.nchunks(), s.n, W}, u.options())
                             : at::empty({0}, u.options());
   vf* statesp = save_states ? reinterpret_cast<vf*>(states.data_ptr<float>()) : nullptr;
-  const float *up = u.data_ptr<float>(), *dp = delta.data_ptr<float>(), *Ap = A.data_ptr<float>();
-  const float *Bp = B.data_ptr<float>(), *Cp = C.data_ptr<float>();
-  float *yp = y.data_ptr<float>(), *lastp = last.data_ptr<float>();
+  float *outp = out.data_ptr<float>(), *lastp = last.data_ptr<float>();
+  const View3 ov(out);
   const int64_t n = s.n;
 
-  at::parallel_for(0, s.b * s.g * s.blocks_per_group, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<vf> h(n);
+  at::parallel_for(0, s.nblocks(), 1, [&](int64_t i0, int64_t i1) {
+    Tile tl(n);
+    std::vector<vf> h(n), y(kChunk);
     for (int64_t i = i0; i < i1; ++i) {
       const Block bk = block_at(s, i);
-      const BlockInputs in = block_inputs(s, bk, up, dp, Ap, Bp, Cp);
+      in.load_A(tl, bk, n);
+      const vf Dv = in.D_lanes(bk);
       std::fill(h.begin(), h.end(), vf{});
-      float* yb = yp + bk.bi * s.l * s.d + bk.d0;
-      vf* ck = statesp ? statesp + i * num_chunks(s) * n : nullptr;
-      for (int64_t t = 0; t < s.l; ++t) {
-        if (ck && t % kChunk == 0) std::copy(h.begin(), h.end(), ck + (t / kChunk) * n);
-        const vf dt = load_lanes(in.delta + t * s.d, bk.wn);
-        const vf x = dt * load_lanes(in.u + t * s.d, bk.wn);
-        store_lanes(yb + t * s.d, step(h.data(), h.data(), in.Ab.data(), dt, x, in.B + t * n,
-                                       in.C + t * n, n), bk.wn);
+      vf* ck = statesp ? statesp + i * s.nchunks() * n : nullptr;
+      float* ob = outp + (ov.at(bk.bi, bk.d0) - ov.p);
+      for (int64_t c = 0; c < s.nchunks(); ++c) {
+        const int64_t t0 = c * kChunk, T = std::min(kChunk, s.l - t0);
+        if (ck) std::copy(h.begin(), h.end(), ck + c * n);
+        in.load(tl, bk, n, t0, T);
+        for (int64_t t = 0; t < T; ++t) {
+          const vf dt = tl.dt[t], ut = tl.u[t], x = dt * ut;
+          const float *Bt = tl.B.data() + t * n, *Ct = tl.C.data() + t * n;
+          vf acc = Dv * ut;
+          for (int64_t k = 0; k < n; ++k) {
+            const vf hk = vexp(dt * tl.Ab[k]) * h[k] + x * Bt[k];
+            h[k] = hk;
+            acc += hk * Ct[k];
+          }
+          if (in.o.has_z) acc *= tl.z[t] * vsigmoid(tl.z[t]);
+          y[t] = acc;
+        }
+        store_tile(ob, y.data(), ov.sd, ov.sl, t0, T, bk.wn);
       }
       for (int64_t w = 0; w < bk.wn; ++w)
         for (int64_t k = 0; k < n; ++k) lastp[(bk.bi * s.d + bk.d0 + w) * n + k] = h[k][w];
     }
   });
-  return {y, last, states};
+  return {out, last, states};
 }
 
-// Backward, from the chunk-start states the forward saved. dy (b, l, d); dlast (b, d, n) is the gradient of the returned last state (zeros if
-// unused). Returns du, ddelta (b, l, d), dA (n, d) summed over the batch, dB, dC (b, g, l, n).
-std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                 const at::Tensor& B, const at::Tensor& C, const at::Tensor& states,
-                                 const at::Tensor& dy, const at::Tensor& dlast) {
-  const Dims s = check_inputs(u, delta, A, B, C);
-  TORCH_CHECK(states.is_contiguous() && states.dim() == 4 && states.size(0) == num_blocks(s) &&
-                  states.size(1) == num_chunks(s) && states.size(2) == s.n && states.size(3) == W,
-              "states must be the chunk-start states saved by fwd");
-  TORCH_CHECK(dy.sizes() == u.sizes() && dy.is_contiguous() && dy.scalar_type() == at::kFloat,
-              "dy must be a contiguous float (b, l, d)");
-  TORCH_CHECK(dlast.dim() == 3 && dlast.size(0) == s.b && dlast.size(1) == s.d &&
-                  dlast.size(2) == s.n && dlast.is_contiguous() && dlast.scalar_type() == at::kFloat,
-              "dlast must be a contiguous float (b, d, n)");
-  const int64_t n = s.n, l = s.l, nblocks = num_blocks(s), nchunks = num_chunks(s);
-  auto du = at::empty_like(u), ddelta = at::empty_like(u);
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
-  // Per-thread accumulators: dA per batch row is summed over b, dB/dC over a group's channels.
-  auto dA_parts = at::zeros({nthreads, n, s.d}, u.options());
-  auto dB_parts = at::zeros({nthreads, s.b, s.g, l, n}, u.options());
-  auto dC_parts = at::zeros({nthreads, s.b, s.g, l, n}, u.options());
+// Split [0, total) into one contiguous range per thread; fn(tid, begin, end).
+template <typename Fn>
+void for_each_thread(int64_t total, int64_t nthreads, const Fn& fn) {
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t tid = t0; tid < t1; ++tid) fn(tid, total * tid / nthreads, total * (tid + 1) / nthreads);
+  });
+}
 
-  const float *up = u.data_ptr<float>(), *dp = delta.data_ptr<float>(), *Ap = A.data_ptr<float>();
-  const float *Bp = B.data_ptr<float>(), *Cp = C.data_ptr<float>();
-  const float *dyp = dy.data_ptr<float>(), *dlp = dlast.data_ptr<float>();
-  float *dup = du.data_ptr<float>(), *ddp = ddelta.data_ptr<float>();
-  const int64_t part = s.b * s.g * l * n;
+// Backward from the tile-start states the forward saved. dout (b, d, l) any layout; dlast
+// (b, d, n) is the gradient of the returned last state (undefined if unused). Returns du, ddelta
+// (u's layout), dA (d, n), dB, dC (b, g, n, l), dD (d), dz (z's layout), d(delta_bias) (d); the
+// last three are undefined when the input was not given.
+std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C,
+                                 const c10::optional<at::Tensor>& D_, const c10::optional<at::Tensor>& z_,
+                                 const c10::optional<at::Tensor>& bias_, bool softplus,
+                                 const at::Tensor& states, const at::Tensor& dout,
+                                 const c10::optional<at::Tensor>& dlast_) {
+  const at::Tensor D = D_.value_or(at::Tensor()), z = z_.value_or(at::Tensor()),
+                   bias = bias_.value_or(at::Tensor()), dlast = dlast_.value_or(at::Tensor());
+  const Dims s = check_inputs(u, delta, A, B, C, D, z, bias);
+  const Inputs in(u, delta, A, B, C, D, z, bias, softplus);
+  TORCH_CHECK(states.is_contiguous() && states.dim() == 4 && states.size(0) == s.nblocks() &&
+                  states.size(1) == s.nchunks() && states.size(2) == s.n && states.size(3) == W,
+              "states must be the tile-start states saved by fwd");
+  check_float(dout, "dout");
+  TORCH_CHECK(dout.sizes() == u.sizes(), "dout must be (b, d, l)");
+  if (dlast.defined()) {
+    check_float(dlast, "dlast");
+    TORCH_CHECK(dlast.sizes() == at::IntArrayRef({s.b, s.d, s.n}), "dlast must be (b, d, n)");
+  }
+  const int64_t n = s.n, l = s.l, nblocks = s.nblocks(), nchunks = s.nchunks();
+  auto du = at::empty_like(u), ddelta = at::empty_like(delta);
+  auto dz = z.defined() ? at::empty_like(z) : at::Tensor();
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  // Per-thread accumulators: dA, dD, dbias sum over b; dB/dC over a group's channels.
+  auto dA_parts = at::zeros({nthreads, s.d, n}, u.options());
+  auto dD_parts = at::zeros({nthreads, s.d}, u.options());
+  auto dbias_parts = at::zeros({nthreads, s.d}, u.options());
+  auto dB_parts = at::zeros({nthreads, s.b, s.g, n, l}, u.options());
+  auto dC_parts = at::zeros({nthreads, s.b, s.g, n, l}, u.options());
+  const View3 gv(dout), duv(du), ddv(ddelta), dzv(dz), dlv(dlast.defined() ? dlast : at::Tensor());
+  const vf* statesp = reinterpret_cast<const vf*>(states.data_ptr<float>());
+  const int64_t part = s.b * s.g * n * l;
 
   for_each_thread(nblocks, nthreads, [&](int64_t tid, int64_t i0, int64_t i1) {
-    // buf[j]: state before step t0 + j of the current chunk; decay[j]: exp(Δ·A) of that step.
+    Tile tl(n);
+    // buf[j]: state before step t0 + j of the tile; decay[j]: exp(Δ·A) of that step.
     std::vector<vf> buf((kChunk + 1) * n), decay(kChunk * n), g(n), dAacc(n);
-    const vf* statesp = reinterpret_cast<const vf*>(states.data_ptr<float>());
-    float* dAp = dA_parts.data_ptr<float>() + tid * n * s.d;
+    std::vector<vf> go(kChunk), du_t(kChunk), ddt_t(kChunk), dz_t(kChunk);
+    // pb/pc: one step's per-state products, padded to whole vectors (zeros past n); dBt/dCt: the
+    // tile's lane sums, (step, n) as vectors, added to the group's dB/dC at the end of the tile.
+    const int64_t nw = (n + W - 1) / W;
+    std::vector<vf> pb(nw * W), pc(nw * W), dBt(kChunk * nw), dCt(kChunk * nw);
+    float* dAp = dA_parts.data_ptr<float>() + tid * s.d * n;
+    float* dDp = dD_parts.data_ptr<float>() + tid * s.d;
+    float* dbp = dbias_parts.data_ptr<float>() + tid * s.d;
     for (int64_t i = i0; i < i1; ++i) {
       const Block bk = block_at(s, i);
-      const BlockInputs in = block_inputs(s, bk, up, dp, Ap, Bp, Cp);
-      const int64_t off = (bk.bi * s.g + bk.gi) * l * n;
-      float* dBb = dB_parts.data_ptr<float>() + tid * part + off;
+      in.load_A(tl, bk, n);
+      const vf Dv = in.D_lanes(bk);
+      const int64_t off = (bk.bi * s.g + bk.gi) * n * l;
+      float* dBb = dB_parts.data_ptr<float>() + tid * part + off;  // (n, l) of this group
       float* dCb = dC_parts.data_ptr<float>() + tid * part + off;
-      const int64_t row = bk.bi * l * s.d + bk.d0;  // (bi, t=0, d0) in (b, l, d)
       const vf* ckpt = statesp + i * nchunks * n;
-
-      // Adjoint, chunk by chunk from the end: recompute the chunk's states, then walk it back. g holds dL/dh_t through all later steps.
-      for (int64_t k = 0; k < n; ++k) {
-        g[k] = vf{};
+      vf dDacc = {}, dbacc = {};
+      for (int64_t k = 0; k < n; ++k) {  // g holds dL/dh_t through all later steps
         dAacc[k] = vf{};
-        for (int64_t w = 0; w < bk.wn; ++w) g[k][w] = dlp[(bk.bi * s.d + bk.d0 + w) * n + k];
+        g[k] = dlast.defined() ? load_lanes(dlv.at(bk.bi, bk.d0) + k * dlv.sl, dlv.sd, bk.wn) : vf{};
       }
       for (int64_t c = nchunks - 1; c >= 0; --c) {
-        const int64_t t0 = c * kChunk, t1 = std::min(l, t0 + kChunk);
+        const int64_t t0 = c * kChunk, T = std::min(l, t0 + kChunk) - t0;
+        in.load(tl, bk, n, t0, T);
+        load_tile(go.data(), gv.at(bk.bi, bk.d0), gv.sd, gv.sl, t0, T, bk.wn);
         std::copy(ckpt + c * n, ckpt + (c + 1) * n, buf.begin());
-        for (int64_t t = t0; t < t1; ++t) {
-          const vf dt = load_lanes(in.delta + t * s.d, bk.wn);
-          const vf x = dt * load_lanes(in.u + t * s.d, bk.wn);
-          const vf* hin = buf.data() + (t - t0) * n;
-          vf *hout = buf.data() + (t - t0 + 1) * n, *e = decay.data() + (t - t0) * n;
+        for (int64_t t = 0; t < T; ++t) {  // recompute the tile's states
+          const vf dt = tl.dt[t], x = dt * tl.u[t];
+          const vf* hin = buf.data() + t * n;
+          vf *hout = buf.data() + (t + 1) * n, *e = decay.data() + t * n;
+          const float* Bt = tl.B.data() + t * n;
           for (int64_t k = 0; k < n; ++k) {
-            e[k] = vexp(dt * in.Ab[k]);
-            hout[k] = e[k] * hin[k] + x * in.B[t * n + k];
+            e[k] = vexp(dt * tl.Ab[k]);
+            hout[k] = e[k] * hin[k] + x * Bt[k];
           }
         }
-        for (int64_t t = t1 - 1; t >= t0; --t) {
-          const vf dt = load_lanes(in.delta + t * s.d, bk.wn);
-          const vf ut = load_lanes(in.u + t * s.d, bk.wn);
-          const vf dy = load_lanes(dyp + row + t * s.d, bk.wn);
-          const vf x = dt * ut;
-          const vf* hprev = buf.data() + (t - t0) * n;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const vf dt = tl.dt[t], ut = tl.u[t], x = dt * ut;
+          vf dy = go[t], silu_z = {}, sig_z = {};
+          if (in.o.has_z) {
+            sig_z = vsigmoid(tl.z[t]);
+            silu_z = tl.z[t] * sig_z;
+            dy = go[t] * silu_z;  // gradient of y = <C, h> + D·u
+          }
+          const vf* hprev = buf.data() + t * n;
           const vf* hcur = hprev + n;
-          const vf* et = decay.data() + (t - t0) * n;
-          const float *Bt = in.B + t * n, *Ct = in.C + t * n;
-          vf du_t = {}, ddt_t = {};
+          const vf* et = decay.data() + t * n;
+          const float *Bt = tl.B.data() + t * n, *Ct = tl.C.data() + t * n;
+          vf dub = {}, ddt = {}, y = Dv * ut;
           for (int64_t k = 0; k < n; ++k) {
             const vf gt = g[k] + dy * Ct[k];  // dL/dh_t
-            const vf e = et[k];
-            const vf ghe = gt * e * hprev[k];
-            dCb[t * n + k] += hsum(dy * hcur[k]);
-            dBb[t * n + k] += hsum(gt * x);
-            du_t += gt * Bt[k];
-            ddt_t += gt * ut * Bt[k] + ghe * in.Ab[k];
+            const vf ghe = gt * et[k] * hprev[k];
+            y += hcur[k] * Ct[k];
+            pc[k] = dy * hcur[k];  // dC_t[k], dB_t[k] before summing over the lanes
+            pb[k] = gt * x;
+            dub += gt * Bt[k];
+            ddt += ghe * tl.Ab[k];
             dAacc[k] += ghe * dt;
-            g[k] = gt * e;  // becomes dL/dh_{t-1}
+            g[k] = gt * et[k];  // becomes dL/dh_{t-1}
           }
-          store_lanes(dup + row + t * s.d, du_t * dt, bk.wn);
-          store_lanes(ddp + row + t * s.d, ddt_t, bk.wn);
+          for (int64_t k0 = 0; k0 < n; k0 += W) {
+            dCt[t * nw + k0 / W] = hsum16(pc.data() + k0);
+            dBt[t * nw + k0 / W] = hsum16(pb.data() + k0);
+          }
+          ddt += dub * ut;
+          if (in.o.has_z) dz_t[t] = go[t] * y * sig_z * (1.0f + tl.z[t] * (1.0f - sig_z));
+          dDacc += dy * ut;
+          du_t[t] = dub * dt + dy * Dv;
+          if (in.o.softplus) ddt *= tl.sig[t];
+          dbacc += ddt;
+          ddt_t[t] = ddt;
         }
+        for (int64_t k = 0; k < n; ++k) {
+          float *dBk = dBb + k * l + t0, *dCk = dCb + k * l + t0;
+          for (int64_t t = 0; t < T; ++t) {
+            dBk[t] += reinterpret_cast<const float*>(dBt.data())[(t * nw) * W + k];
+            dCk[t] += reinterpret_cast<const float*>(dCt.data())[(t * nw) * W + k];
+          }
+        }
+        store_tile(const_cast<float*>(duv.at(bk.bi, bk.d0)), du_t.data(), duv.sd, duv.sl, t0, T, bk.wn);
+        store_tile(const_cast<float*>(ddv.at(bk.bi, bk.d0)), ddt_t.data(), ddv.sd, ddv.sl, t0, T, bk.wn);
+        if (in.o.has_z)
+          store_tile(const_cast<float*>(dzv.at(bk.bi, bk.d0)), dz_t.data(), dzv.sd, dzv.sl, t0, T, bk.wn);
       }
-      for (int64_t k = 0; k < n; ++k)
-        for (int64_t w = 0; w < bk.wn; ++w) dAp[k * s.d + bk.d0 + w] += dAacc[k][w];
+      for (int64_t w = 0; w < bk.wn; ++w) {
+        for (int64_t k = 0; k < n; ++k) dAp[(bk.d0 + w) * n + k] += dAacc[k][w];
+        dDp[bk.d0 + w] += dDacc[w];
+        dbp[bk.d0 + w] += dbacc[w];
+      }
     }
   });
-  return {du, ddelta, dA_parts.sum(0), dB_parts.sum(0), dC_parts.sum(0)};
+  return {du, ddelta, dA_parts.sum(0), dB_parts.sum(0), dC_parts.sum(0),
+          D.defined() ? dD_parts.sum(0) : at::Tensor(), dz,
+          bias.defined() ? dbias_parts.sum(0) : at::Tensor()};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fwd", &scan_fwd, "selective scan forward (CPU)");
-  m.def("bwd", &scan_bwd, "selective scan backward (CPU)");
+  m.def("fwd", &scan_fwd, "fused selective scan forward (CPU)");
+  m.def("bwd", &scan_bwd, "fused selective scan backward (CPU)");
 }
