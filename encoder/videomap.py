@@ -232,8 +232,8 @@ class SelectiveSSM(nn.Module):
         A = -torch.exp(self.A_log.float())  # (E, S)
         return selective_scan(
             x, delta, A,
-            B.transpose(1, 2).contiguous(),  # (B, S, L)
-            C.transpose(1, 2).contiguous(),  # (B, S, L)
+            B.transpose(1, 2),  # (B, S, L) view: the kernels read strided B/C in place
+            C.transpose(1, 2),  # (B, S, L) view
             D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
         )  # (B, E, L)
 

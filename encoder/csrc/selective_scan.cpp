@@ -315,14 +315,23 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
         for (int64_t t = 0; t < T; ++t) {
           const vf dt = tl.dt[t], ut = tl.u[t], x = dt * ut;
           const float *Bt = tl.B.data() + t * n, *Ct = tl.C.data() + t * n;
-          vf acc = Dv * ut;
-          for (int64_t k = 0; k < n; ++k) {
+          // Four partial sums of <C, h>: one chain of n dependent FMAs per step would stall.
+          vf acc[4] = {Dv * ut, vf{}, vf{}, vf{}};
+          int64_t k = 0;
+          for (; k + 4 <= n; k += 4)
+            for (int j = 0; j < 4; ++j) {
+              const vf hk = vexp(dt * tl.Ab[k + j]) * h[k + j] + x * Bt[k + j];
+              h[k + j] = hk;
+              acc[j] += hk * Ct[k + j];
+            }
+          for (; k < n; ++k) {
             const vf hk = vexp(dt * tl.Ab[k]) * h[k] + x * Bt[k];
             h[k] = hk;
-            acc += hk * Ct[k];
+            acc[0] += hk * Ct[k];
           }
-          if (in.o.has_z) acc *= tl.z[t] * vsigmoid(tl.z[t]);
-          y[t] = acc;
+          acc[0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+          if (in.o.has_z) acc[0] *= tl.z[t] * vsigmoid(tl.z[t]);
+          y[t] = acc[0];
         }
         store_tile(ob, y.data(), ov.sd, ov.sl, t0, T, bk.wn);
       }
@@ -430,18 +439,27 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
           const vf* hcur = hprev + n;
           const vf* et = decay.data() + t * n;
           const float *Bt = tl.B.data() + t * n, *Ct = tl.C.data() + t * n;
-          vf dub = {}, ddt = {}, y = Dv * ut;
-          for (int64_t k = 0; k < n; ++k) {
+          // Two partial sums per reduction over the states, as in the forward.
+          vf dub2[2] = {}, ddt2[2] = {}, y2[2] = {Dv * ut, vf{}};
+          auto adjoint = [&](int64_t k, int j) {
             const vf gt = g[k] + dy * Ct[k];  // dL/dh_t
             const vf ghe = gt * et[k] * hprev[k];
-            y += hcur[k] * Ct[k];
+            y2[j] += hcur[k] * Ct[k];
             pc[k] = dy * hcur[k];  // dC_t[k], dB_t[k] before summing over the lanes
             pb[k] = gt * x;
-            dub += gt * Bt[k];
-            ddt += ghe * tl.Ab[k];
+            dub2[j] += gt * Bt[k];
+            ddt2[j] += ghe * tl.Ab[k];
             dAacc[k] += ghe * dt;
             g[k] = gt * et[k];  // becomes dL/dh_{t-1}
+          };
+          int64_t k = 0;
+          for (; k + 2 <= n; k += 2) {
+            adjoint(k, 0);
+            adjoint(k + 1, 1);
           }
+          if (k < n) adjoint(k, 0);
+          const vf dub = dub2[0] + dub2[1], y = y2[0] + y2[1];
+          vf ddt = ddt2[0] + ddt2[1];
           for (int64_t k0 = 0; k0 < n; k0 += W) {
             dCt[t * nw + k0 / W] = hsum16(pc.data() + k0);
             dBt[t * nw + k0 / W] = hsum16(pb.data() + k0);
