@@ -169,3 +169,41 @@ def test_save_load_roundtrip_with_lora(tmp_path):
     merged, _ = load_videollm(tmp_path / "merged")
     assert not merged.has_lora and not (tmp_path / "merged" / "llm_adapter").exists()
     assert torch.allclose(ref, _logits(merged, inputs), atol=1e-5)
+
+
+def test_loss_logits_only_gives_the_same_loss_and_gradients():
+    model, proc = tiny_videollm()
+    convs = [[{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A dog."}],
+             [{"from": "human", "value": "<video>\nColour?"}, {"from": "gpt", "value": "Red"},
+              {"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "A star."}]]
+    exs = [proc.build_training_example(c, video=video_frames(seed=i)) for i, c in enumerate(convs)]
+    L = max(len(e["input_ids"]) for e in exs)
+    ids = torch.tensor([e["input_ids"] + [2] * (L - len(e["input_ids"])) for e in exs])
+    labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (L - len(e["labels"])) for e in exs])
+    pv = torch.cat([e["pixel_values"] for e in exs])
+    results = []
+    for sparse in (False, True):
+        model.zero_grad()
+        model.loss_logits_only = sparse
+        out = model(input_ids=ids, pixel_values=pv, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), model.projector.linear_1.weight.grad.clone(), out.logits.shape[1]))
+    (full, g_full, n_full), (sparse, g_sparse, n_sparse) = results
+    assert torch.allclose(full, sparse, atol=1e-6) and torch.allclose(g_full, g_sparse, atol=1e-6)
+    assert n_full == L and n_sparse == int((labels[:, 1:] != IGNORE_INDEX).any(0).sum()) < L
+
+
+def test_system_prompt_replaces_the_template_default():
+    from videollm.processing_videollm import VideoLLMProcessor
+
+    _, proc = tiny_videollm()
+    conv = [{"role": "user", "content": "Hi"}]
+    assert "system" not in proc.render(conv)  # None: whatever the template does
+    empty = VideoLLMProcessor(proc.tokenizer, proc.config, num_frames=2, system_prompt="")
+    assert empty.render(conv).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi")
+    own = [{"role": "system", "content": "Be brief."}] + conv
+    assert empty.render(own).count("system") == 1  # a conversation's own system turn wins
+    ex = empty.build_training_example(conv + [{"role": "assistant", "content": "Hello"}])
+    assert empty.tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]) \
+        == "Hello<|im_end|>"
+    assert empty.to_dict()["system_prompt"] == ""

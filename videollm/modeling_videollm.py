@@ -134,6 +134,8 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         self.language_model = (language_model if language_model is not None
                                else AutoModelForCausalLM.from_config(config.text_config))
         self.post_init()
+        # Training switch (not saved): with labels, compute logits at labelled positions only.
+        self.loss_logits_only = False
 
     # ---- plumbing the LLM's embeddings / cache / checkpointing through ----------------------
 
@@ -230,17 +232,32 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
             if n:
                 raise ValueError(f"Video features and video tokens do not match: {n} {VIDEO_TOKEN} tokens "
                                  "in input_ids but no pixel_values")
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        return VideoLLMOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+        loss = None
+        if labels is not None and self.loss_logits_only and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            # Logits only where a label is predicted: position p predicts token p + 1, so keep the
+            # positions before a label (union over the batch). The 49k-row LM head is then applied
+            # to a few answer tokens instead of the whole prompt. Same loss as the LLM's own (mean
+            # cross-entropy over the labelled tokens); ``logits`` is then (B, n_kept, V).
+            keep = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # (n,)
+            out = self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, labels=None, use_cache=use_cache, logits_to_keep=keep, **kwargs)
+            targets = labels[:, keep + 1]  # (B, n)
+            loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100)
+        else:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+            loss = out.loss
+        return VideoLLMOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
                               hidden_states=out.hidden_states, attentions=out.attentions,
                               video_hidden_states=video_features)
 

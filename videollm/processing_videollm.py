@@ -77,10 +77,14 @@ class VideoLLMProcessor:
         num_frames: frames sampled uniformly from a video. image_size: square side S the frames are
             resized/cropped to (default: the encoder's ``img_size``). use_time_line: add the
             "The video lasts …" line after the video tokens. mean/std: normalisation (CLIP's).
+        system_prompt: the system turn put first when a conversation has none; None leaves it to
+            the chat template (SmolLM2's adds a ~20-token default), "" gives an empty system turn —
+            every prompt is shorter, which on a CPU is training time. Saved with the processor, so
+            training, eval and chat render prompts alike.
     """
 
     def __init__(self, tokenizer, config: VideoLLMConfig, num_frames: int = 8, image_size: int | None = None,
-                 use_time_line: bool = True, mean=None, std=None):
+                 use_time_line: bool = True, mean=None, std=None, system_prompt: str | None = None):
         from encoder.transforms import CLIP_MEAN, CLIP_STD
 
         if VIDEO_TOKEN not in tokenizer.get_vocab():
@@ -97,6 +101,7 @@ class VideoLLMProcessor:
         self.mean = tuple(mean or CLIP_MEAN)
         self.std = tuple(std or CLIP_STD)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self.system_prompt = system_prompt
 
     # ---- video ----------------------------------------------------------------------------------
 
@@ -133,7 +138,13 @@ class VideoLLMProcessor:
 
     # ---- text -----------------------------------------------------------------------------------
 
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        if self.system_prompt is None or any(m["role"] == "system" for m in messages[:1]):
+            return messages
+        return [{"role": "system", "content": self.system_prompt}] + messages
+
     def _expand(self, messages: list[dict], video: VideoInputs | None) -> list[dict]:
+        messages = self._with_system(messages)
         count = sum(m["content"].count(VIDEO_TOKEN) for m in messages)
         if count > 1:
             raise UserError(f"the conversation has {count} {VIDEO_TOKEN} markers; one video per conversation")
@@ -224,7 +235,7 @@ class VideoLLMProcessor:
 
     def to_dict(self) -> dict:
         return {"num_frames": self.num_frames, "image_size": self.image_size, "use_time_line": self.use_time_line,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "system_prompt": self.system_prompt}
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
