@@ -173,3 +173,21 @@ def test_deepspeed_single_process(assets, tmp_path, zero):
     final = load_file(str(out / "final" / "model.safetensors"))  # gathered, not ZeRO-3 shards
     assert final["projector.linear_1.weight"].numel() > 0
     assert (out / "final" / "llm_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_param_groups_give_projector_and_encoder_their_own_lr():
+    import torch.nn as nn
+
+    from training.finetune import OptimConfig, param_groups
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector, self.vision_tower, self.language_model = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+
+    m = M()
+    m.language_model.bias.requires_grad_(False)
+    groups = param_groups(m, OptimConfig(lr=1e-4, weight_decay=0.1, projector_lr=1e-3, encoder_lr=5e-4))
+    by = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
+    assert by == {(1e-3, 0.1): 1, (1e-3, 0.0): 1, (5e-4, 0.1): 1, (5e-4, 0.0): 1, (1e-4, 0.1): 1}
+    assert sum(by.values()) == 5  # the frozen bias is left out

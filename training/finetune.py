@@ -65,6 +65,7 @@ class DataConfig:
     image_size: int = 224  # frames are resized + centre-cropped to this square
     max_length: int = 2048  # tokens per example (video placeholders included); longer is truncated
     time_line: bool = True  # "The video lasts …" after the video tokens (as at inference)
+    system_prompt: str | None = None  # None: the chat template's default system turn; "": an empty one
     eval_fraction: float = 0.05  # held-out share of the distinct record ids (0: no eval)
     max_bad_videos: int = 10  # undecodable videos skipped before the run stops
     num_workers: int = 0
@@ -90,6 +91,8 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0: no clipping
+    projector_lr: float | None = None  # the projector's own peak lr (default: lr)
+    encoder_lr: float | None = None  # the encoder's, with train_encoder=true (default: lr)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class FinetuneConfig:
     quant: str = "none"  # none | 4bit
     precision: str = "fp32"  # fp32 | bf16
     gradient_checkpointing: bool = False
+    loss_logits_only: bool = False  # LM-head logits only at labelled positions (same loss, less compute)
     deepspeed: str | None = None  # a DeepSpeed JSON, e.g. training/configs/zero2.json
     steps: int = 1000
     batch_size: int = 4  # per process
@@ -272,7 +276,8 @@ def make_processor(model, tokenizer, cfg: FinetuneConfig):
     from videollm.processing_videollm import VideoLLMProcessor
 
     return VideoLLMProcessor(tokenizer, model.config, num_frames=cfg.data.num_frames,
-                             image_size=cfg.data.image_size, use_time_line=cfg.data.time_line)
+                             image_size=cfg.data.image_size, use_time_line=cfg.data.time_line,
+                             system_prompt=cfg.data.system_prompt)
 
 
 def make_encode(processor, max_length: int):
@@ -321,6 +326,22 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, wor
     per_step = batch_size * world
     return [perm[b * per_step + rank * batch_size: b * per_step + (rank + 1) * batch_size]
             for b in range(n // per_step)]
+
+
+def param_groups(model, optim: OptimConfig) -> list[dict]:
+    """AdamW groups over the trainable parameters: weight decay on matrices only, and the
+    projector / encoder at their own peak lr when set (the schedule scales every group alike)."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = optim.lr
+        if name.startswith("projector.") and optim.projector_lr is not None:
+            lr = optim.projector_lr
+        elif name.startswith("vision_tower.") and optim.encoder_lr is not None:
+            lr = optim.encoder_lr
+        groups.setdefault((lr, optim.weight_decay if p.ndim >= 2 else 0.0), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -449,11 +470,8 @@ def train(cfg: FinetuneConfig) -> int:
     def collate_fn(batch):
         return collate(batch, tokenizer.pad_token_id)
 
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    model.loss_logits_only = cfg.loss_logits_only
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     # Stepped by us once per optimizer step (not prepared: accelerate would step it per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio))
