@@ -81,3 +81,35 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     model, processor = load_videollm(ship)
     reply = "".join(generate_stream(model, processor, None, "What is the capital of France?", max_new_tokens=8))
     assert reply.strip()
+
+
+def test_short_records_ask_each_question_once():
+    import numpy as np
+
+    from training.pipeline import DataSpec, short_conversations
+    from training.synth import make_clip
+
+    clip = make_clip(3, 16, 64, "count")
+    spec = DataSpec(records="short", qa_turns=2, caption_fraction=1.0)
+    groups = short_conversations(clip.caption, clip.qa, np.random.default_rng(0), spec)
+    assert groups["caption"][1]["value"] == clip.caption
+    questions = []
+    for name, turns in groups.items():
+        assert turns[0]["value"].startswith("<video>\n") and sum("<video>" in t["value"] for t in turns) == 1
+        assert len(turns) <= 2 * spec.qa_turns and [t["from"] for t in turns[:2]] == ["human", "gpt"]
+        if name != "caption":
+            questions += [t["value"].replace("<video>\n", "").split("\n")[0] for t in turns[::2]]
+    assert len(questions) == len(set(questions))  # the open and MC forms never share a record
+    assert not any(q.startswith("When ") for q in questions)
+    expected = {q["question"] for q in clip.qa if not q["question"].startswith("When ")}
+    assert set(questions) == expected
+
+
+def test_missed_targets():
+    from training.pipeline import missed_targets
+
+    good = {"mc_accuracy": 0.9, "open_accuracy": 0.75, "niah_accuracy": {"64": 0.8, "256": 0.7},
+            "text_ok": True, "text_reply": "Paris"}
+    assert missed_targets(good) == []
+    bad = {**good, "niah_accuracy": {"64": 0.8, "256": 0.5}, "text_ok": False}
+    assert len(missed_targets(bad)) == 2
