@@ -81,12 +81,26 @@ def _finish(y, u, D, z, out_dtype):
     return y.to(out_dtype)
 
 
+def _flip_time(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """`fn` run on the time-reversed sequence, its output put back in time order."""
+    def flip(X):
+        return X if X is None or X.dim() == 2 else X.flip(-1)  # (d, n) B/C have no time axis
+
+    out = fn(flip(u), flip(delta), A, flip(B), flip(C), D=D, z=flip(z), delta_bias=delta_bias,
+             delta_softplus=delta_softplus, return_last_state=return_last_state)
+    return (out[0].flip(-1), out[1]) if return_last_state else out.flip(-1)
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
+                       return_last_state=False, *, reverse=False):
     """The definition: a sequential loop over time in fp32.
 
     u, delta: r(b d l); A: r(d n); B, C: r(d n) | r(b n l) | r(b g n l); D, delta_bias: r(d); z: r(b d l)
+    ``reverse``: scan from the last step to the first (the output stays in time order).
     """
+    if reverse:
+        return _flip_time(selective_scan_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                          return_last_state)
     _check(u, delta, A, B, C)
     out_dtype = u.dtype
     b, d, l = u.shape
@@ -175,11 +189,11 @@ class _ScanCPU(torch.autograd.Function):
     B, C (b, g, n, l); D, delta_bias (d,). Returns out (b, d, l) and the last state (b, d, n)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        out, last, states = _CPU_EXT.fwd(u, delta, A, B, C, D, z, delta_bias, softplus,
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse):
+        out, last, states = _CPU_EXT.fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
                                          any(ctx.needs_input_grad))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-        ctx.softplus = softplus
+        ctx.softplus, ctx.reverse = softplus, reverse
         return out, last
 
     @staticmethod
@@ -188,13 +202,14 @@ class _ScanCPU(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, dbias = _CPU_EXT.bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, dout, dlast)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, states, dout, dlast)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
-    """The C++ kernel; same signature and results as `selective_scan_ref`."""
+                       return_last_state=False, *, reverse=False):
+    """The C++ kernel; same signature and results as `selective_scan_ref`. ``reverse`` runs the
+    recurrence from the last step to the first without flipping anything in memory."""
     _check(u, delta, A, B, C)
     if load_cpu_kernel() is None:
         raise RuntimeError(f"the CPU selective-scan kernel could not be built: {_CPU_EXT_ERROR}")
@@ -206,7 +221,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     out, last = _ScanCPU.apply(
         u.float(), delta.float(), A.float(),
         _expand_bc(B.float(), b, d, l), _expand_bc(C.float(), b, d, l),  # views, no copies
-        f32(D), f32(z), f32(delta_bias), bool(delta_softplus),
+        f32(D), f32(z), f32(delta_bias), bool(delta_softplus), bool(reverse),
     )
     out = out.to(u.dtype)
     return (out, last) if return_last_state else out
@@ -216,10 +231,15 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # Depthwise causal conv1d (the mixer's short conv before the scan)
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation=None):
-    """x: r(b d l); weight: r(d k); bias: r(d). Output[t] sees inputs t-k+1 … t only."""
-    k = weight.shape[-1]
-    y = F.conv1d(F.pad(x, (k - 1, 0)), weight.unsqueeze(1), bias, groups=weight.shape[0])  # (b, d, l)
+def causal_conv1d_ref(x, weight, bias=None, activation=None, *, reverse=False):
+    """x: r(b d l); weight: r(d k); bias: r(d). Output[t] sees inputs t-k+1 … t only (``reverse``:
+    t … t+k-1, the causal conv of the time-flipped sequence, flipped back). Padding is the conv's
+    own, so no padded copy of x is made (or kept for the backward)."""
+    k, l = weight.shape[-1], x.shape[-1]
+    if reverse:  # cross-correlation with the flipped kernel over the window starting at t
+        y = F.conv1d(x, weight.flip(-1).unsqueeze(1), bias, padding=k - 1, groups=weight.shape[0])[..., k - 1:]
+    else:
+        y = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=weight.shape[0])[..., :l]
     if activation in ("silu", "swish"):
         y = F.silu(y)
     elif activation is not None:
@@ -227,11 +247,14 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None):
     return y
 
 
-def causal_conv1d(x, weight, bias=None, activation=None):
-    """causal-conv1d's ``causal_conv1d_fn`` on CUDA when it imports, else the PyTorch conv."""
+def causal_conv1d(x, weight, bias=None, activation=None, *, reverse=False):
+    """causal-conv1d's ``causal_conv1d_fn`` on CUDA when it imports, else the PyTorch conv.
+    ``reverse`` (keyword only): the anti-causal conv a backward-direction scan needs."""
     if x.is_cuda and _cuda_causal_conv1d_fn is not None:
+        if reverse:
+            return _cuda_causal_conv1d_fn(x.flip(-1), weight, bias, activation=activation).flip(-1)
         return _cuda_causal_conv1d_fn(x, weight, bias, activation=activation)
-    return causal_conv1d_ref(x, weight, bias, activation)
+    return causal_conv1d_ref(x, weight, bias, activation, reverse=reverse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +278,15 @@ def _pick_impl(device_type: str):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False):
-    """Dispatcher with mamba-ssm's ``selective_scan_fn`` signature (see module docstring)."""
+                   return_last_state=False, *, reverse=False):
+    """Dispatcher with mamba-ssm's ``selective_scan_fn`` signature (see module docstring), plus
+    ``reverse`` (keyword only): scan from the last step to the first, output in time order. The
+    CPU kernel does it in place; mamba-ssm gets flipped copies."""
     impl = _pick_impl(u.device.type)
+    if reverse and impl is selective_scan_cpu:
+        return impl(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                    return_last_state=return_last_state, reverse=True)
+    if reverse:
+        return _flip_time(impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return impl(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                 return_last_state=return_last_state)

@@ -13,8 +13,9 @@ Data flow (shapes for the default 224 px, P=16 → N=196 patches per frame)::
 
 The Mamba block is VideoMamba's bidirectional B-Mamba (Li et al., 2024): one shared ``in_proj``
 and ``out_proj``; the forward and backward directions each have their own causal depthwise conv,
-``x_proj``, ``dt_proj``, ``A_log`` and ``D``; the backward direction scans the flipped sequence and
-is flipped back; the two are averaged and gated by SiLU(z). The scan itself is
+``x_proj``, ``dt_proj``, ``A_log`` and ``D``; the backward direction scans the sequence from the
+last token to the first (an anti-causal conv and a reversed scan, which equal VideoMamba's
+flip → scan → flip without the flipped copies); the two are gated by SiLU(z) and averaged. The scan itself is
 `encoder.scan.selective_scan` (mamba-ssm's ``selective_scan_fn`` semantics).
 
 Block layout (``attn_every``; ``depth_mamba`` Mamba blocks in all hybrid cases)::
@@ -201,10 +202,22 @@ class VideoMAPConfig(PretrainedConfig):
         return types
 
 
+def weight_times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A Linear's weight applied along dim 1 of x: (O, I) @ (B, I, L) -> (B, O, L).
+
+    As a batched matmul over a broadcast weight, so x is neither transposed nor copied, and the
+    backward keeps x itself (``weight @ x`` would fold x into a (B·L, I) copy and keep that)."""
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 class SelectiveSSM(nn.Module):
     """One direction of the B-Mamba mixer: causal conv → SiLU → input-dependent (Δ, B, C) → scan.
 
-    forward: x (B, E, L) → y (B, E, L), ungated (the mixer gates the average of both directions).
+    forward: x (B, E, L), z (B, E, L) or None → y (B, E, L), gated by silu(z) when z is given.
+    ``reverse`` is the backward direction: an anti-causal conv and a scan from the last step to the
+    first, equal to running the forward direction on the flipped sequence and flipping the result,
+    without the flipped copies. Everything stays in the (B, E, L) layout, so no activation is
+    transposed or copied on the way; x and z may be strided views.
     """
 
     no_weight_decay_params = ("A_log", "D")
@@ -222,19 +235,19 @@ class SelectiveSSM(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, reverse: bool = False) -> torch.Tensor:
         # causal-conv1d's CUDA kernel when available; weight (E, 1, K) -> (E, K)
-        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")  # (B, E, L)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2S)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R), (B, L, S) ×2
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                          reverse=reverse)  # (B, E, L)
+        x_dbl = weight_times(self.x_proj.weight, x)  # (R + 2S, E) @ (B, E, L) -> (B, R + 2S, L)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # (B, R, L), (B, S, L) ×2
         # dt_proj's bias is applied inside the scan (delta_bias), as Mamba does.
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, E, L)
+        delta = weight_times(self.dt_proj.weight, dt)  # (E, R) @ (B, R, L) -> (B, E, L)
         A = -torch.exp(self.A_log.float())  # (E, S)
         return selective_scan(
-            x, delta, A,
-            B.transpose(1, 2),  # (B, S, L) view: the kernels read strided B/C in place
-            C.transpose(1, 2),  # (B, S, L) view
-            D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            x, delta, A, B, C,  # B, C: (B, S, L) views of x_dbl; the kernels read strides
+            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            reverse=reverse,
         )  # (B, E, L)
 
 
@@ -250,13 +263,13 @@ class BiMambaMixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
-        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
-        y_fwd = self.ssm_fwd(x)  # (B, E, L)
-        y_bwd = self.ssm_bwd(x.flip(-1)).flip(-1)  # (B, E, L), back in the original order
-        # Gating is elementwise, so gating the average equals averaging the gated directions.
-        y = 0.5 * (y_fwd + y_bwd) * F.silu(z)  # (B, E, L)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L) view
+        x, z = xz.chunk(2, dim=1)  # (B, E, L) views
+        # Gating is elementwise, so gating each direction inside its scan and averaging equals
+        # gating the average; the scans apply it in their fused epilogue.
+        y = 0.5 * (self.ssm_fwd(x, z) + self.ssm_bwd(x, z, reverse=True))  # (B, E, L)
+        # out_proj as W @ y keeps y in its layout (a Linear on y.transpose would copy it).
+        return weight_times(self.out_proj.weight, y).transpose(1, 2)  # (B, L, D)
 
 
 class MambaBlock(GradientCheckpointingLayer):

@@ -68,11 +68,13 @@ def test_cpu_kernel_matches_reference(bc, options, shape):
         torch.testing.assert_close(g[k], g_ref[k], rtol=RTOL, atol=ATOL, msg=f"grad of {k}")
 
 
-def test_cpu_kernel_reads_strided_views_in_place():
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_cpu_kernel_reads_strided_views_in_place(reverse):
     # A Mamba mixer holds its activations as (b, l, d) and its B/C as columns of x_proj's output:
     # the kernel takes those views as they are (no copies) and must agree with the reference.
     # n=20 spans two 16-lane reduction groups; the loss y.sum() hands backward a broadcast (stride-0)
-    # gradient.
+    # gradient. `reverse` (the bidirectional mixer's backward direction) reads every time axis
+    # backwards in the kernel; the reference flips copies.
     b, d, n, l, r = 2, 40, 20, 70, 3
     g = torch.Generator().manual_seed(3)
     leaves = {
@@ -87,13 +89,22 @@ def test_cpu_kernel_reads_strided_views_in_place():
         views = dict(u=x["u"].transpose(1, 2), delta=x["delta"].transpose(1, 2), A=x["A"].t(),
                      B=x["xdbl"][..., r:r + n].transpose(1, 2), C=x["xdbl"][..., r + n:].transpose(1, 2))
         assert not views["u"].is_contiguous() and not views["B"].is_contiguous()
-        y = fn(**views, D=x["D"], z=x["z"].transpose(1, 2), delta_bias=x["delta_bias"], delta_softplus=True)
-        y.sum().backward()
+        y, last = fn(**views, D=x["D"], z=x["z"].transpose(1, 2), delta_bias=x["delta_bias"],
+                     delta_softplus=True, return_last_state=True, reverse=reverse)
+        (y.sum() + last.square().sum()).backward()
         return y.detach(), {k: v.grad for k, v in x.items()}
 
     y_ref, g_ref = go(selective_scan_ref)
     y, grads = go(selective_scan_cpu)
     torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL)
+    if reverse:  # the reference's reverse is the plain scan of the flipped sequence
+        plain = selective_scan_ref(leaves["u"].transpose(1, 2).flip(-1), leaves["delta"].transpose(1, 2).flip(-1),
+                                   leaves["A"].t(), leaves["xdbl"][..., r:r + n].transpose(1, 2).flip(-1),
+                                   leaves["xdbl"][..., r + n:].transpose(1, 2).flip(-1), D=leaves["D"],
+                                   z=leaves["z"].transpose(1, 2).flip(-1), delta_bias=leaves["delta_bias"],
+                                   delta_softplus=True).flip(-1)
+        torch.testing.assert_close(y_ref, plain)
+        assert not torch.allclose(y_ref, go(lambda *a, reverse, **k: selective_scan_ref(*a, **k))[0])
     for k in g_ref:
         torch.testing.assert_close(grads[k], g_ref[k], rtol=RTOL, atol=ATOL, msg=f"grad of {k}")
 

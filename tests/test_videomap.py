@@ -221,6 +221,55 @@ def test_backward_direction_is_the_forward_one_on_the_flipped_sequence():
     torch.testing.assert_close(swapped(x.flip(1)).flip(1), mixer(x))
 
 
+def test_reverse_conv_and_scan_equal_the_flipped_forward_ones():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 6, 11), torch.randn(6, 4), torch.randn(6)
+    torch.testing.assert_close(causal_conv1d(x, w, b, "silu", reverse=True),
+                               causal_conv1d(x.flip(-1), w, b, "silu").flip(-1))
+    ssm = tiny_model(attn_every=0).blocks[0].mixer.ssm_bwd
+    x, z = torch.randn(2, 32, 10), torch.randn(2, 32, 10)
+    torch.testing.assert_close(ssm(x, z, reverse=True), ssm(x.flip(-1), z.flip(-1)).flip(-1))
+
+
+def test_mixer_equals_videomambas_flip_formulation():
+    # The mixer gates inside the scans, runs the backward direction reversed in place and keeps
+    # (B, E, L) throughout; VideoMamba's formulation flips copies, averages, then gates. Same
+    # function: outputs and every parameter gradient agree.
+    import torch.nn.functional as F
+
+    from encoder.scan import causal_conv1d_ref, selective_scan_ref
+
+    torch.manual_seed(0)
+    mixer = tiny_model(attn_every=0).blocks[0].mixer
+    with torch.no_grad():  # move A, D and the dt bias off their init so every term matters
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    h = torch.randn(2, 13, 16)
+
+    def direction(ssm, x):
+        x = causal_conv1d_ref(x, ssm.conv1d.weight.squeeze(1), ssm.conv1d.bias, "silu")
+        dt, B, C = ssm.x_proj(x.transpose(1, 2)).split([ssm.dt_rank, ssm.d_state, ssm.d_state], dim=-1)
+        delta = (dt @ ssm.dt_proj.weight.t()).transpose(1, 2)
+        return selective_scan_ref(x, delta, -torch.exp(ssm.A_log), B.transpose(1, 2), C.transpose(1, 2),
+                                  D=ssm.D, delta_bias=ssm.dt_proj.bias, delta_softplus=True)
+
+    def flip_formulation(h):
+        x, z = mixer.in_proj(h).transpose(1, 2).chunk(2, dim=1)
+        y = 0.5 * (direction(mixer.ssm_fwd, x) + direction(mixer.ssm_bwd, x.flip(-1)).flip(-1)) * F.silu(z)
+        return mixer.out_proj(y.transpose(1, 2))
+
+    grads = []
+    for fn in (mixer, flip_formulation):
+        mixer.zero_grad()
+        y = fn(h)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append((y.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
+    (y_new, g_new), (y_old, g_old) = grads
+    torch.testing.assert_close(y_new, y_old, rtol=1e-4, atol=1e-5)
+    for name in g_old:
+        torch.testing.assert_close(g_new[name], g_old[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_ssm_parameters_are_initialised_as_mamba_and_tagged():
     model = tiny_model(attn_every=0)
     ssm = model.blocks[0].mixer.ssm_bwd

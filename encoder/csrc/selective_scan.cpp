@@ -8,7 +8,9 @@
 //   u, delta, z, out: (b, d, l)   A: (d, n)   B, C: (b, g, n, l)   D, delta_bias: (d)
 //   last state: (b, d, n).
 // A Mamba mixer that keeps its activations as (b, l, d) passes transposed views at no cost, and a
-// single-group or time-invariant B/C comes in as a broadcast (stride-0) view.
+// single-group or time-invariant B/C comes in as a broadcast (stride-0) view. `reverse` runs the
+// recurrence from the last step to the first (a bidirectional mixer's backward direction) by
+// reading every time axis with a negated stride, so nothing is flipped in memory.
 //
 // Work unit: a block of up to W=16 channels of one batch row and one B/C group. The n states of
 // the block's W channels are n·W independent recurrences that share B_t[k] and C_t[k], so a time
@@ -122,6 +124,14 @@ struct View3 {
         sb(t.defined() ? t.stride(0) : 0), sd(t.defined() ? t.stride(1) : 0),
         sl(t.defined() ? t.stride(2) : 0) {}
   const float* at(int64_t bi, int64_t d0) const { return p + bi * sb + d0 * sd; }
+  // Read time backwards: step t of the view is step l-1-t of the tensor.
+  View3& reversed(bool reverse, int64_t l) {
+    if (reverse && p) {
+      p += (l - 1) * sl;
+      sl = -sl;
+    }
+    return *this;
+  }
 };
 
 // Gather steps [t0, t0+T) of wn channels from `src` (the block origin) into T lane vectors.
@@ -238,14 +248,25 @@ struct Inputs {
 
   Inputs(const at::Tensor& u_, const at::Tensor& delta_, const at::Tensor& A_, const at::Tensor& B_,
          const at::Tensor& C_, const at::Tensor& D_, const at::Tensor& z_, const at::Tensor& bias_,
-         bool softplus)
+         bool softplus, bool reverse)
       : u(u_), delta(delta_), z(z_), A(A_.data_ptr<float>()),
         D(D_.defined() ? D_.data_ptr<float>() : nullptr),
         bias(bias_.defined() ? bias_.data_ptr<float>() : nullptr), sAd(A_.stride(0)), sAn(A_.stride(1)),
         sD(D_.defined() ? D_.stride(0) : 0), sbias(bias_.defined() ? bias_.stride(0) : 0),
         B(B_.data_ptr<float>()), C(C_.data_ptr<float>()), sBb(B_.stride(0)), sBg(B_.stride(1)),
         sBn(B_.stride(2)), sBl(B_.stride(3)), sCb(C_.stride(0)), sCg(C_.stride(1)), sCn(C_.stride(2)),
-        sCl(C_.stride(3)), o{D_.defined(), z_.defined(), bias_.defined(), softplus} {}
+        sCl(C_.stride(3)), o{D_.defined(), z_.defined(), bias_.defined(), softplus} {
+    if (reverse) {  // every time-indexed input is read from its last step back
+      const int64_t l = u_.size(2);
+      u.reversed(true, l);
+      delta.reversed(true, l);
+      z.reversed(true, l);
+      B += (l - 1) * sBl;
+      sBl = -sBl;
+      C += (l - 1) * sCl;
+      sCl = -sCl;
+    }
+  }
 
   void load_A(Tile& tl, const Block& bk, int64_t n) const {
     for (int64_t k = 0; k < n; ++k) tl.Ab[k] = load_lanes(A + bk.d0 * sAd + k * sAn, sAd, bk.wn);
@@ -284,18 +305,20 @@ struct Inputs {
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C,
                                  const c10::optional<at::Tensor>& D_, const c10::optional<at::Tensor>& z_,
-                                 const c10::optional<at::Tensor>& bias_, bool softplus, bool save_states) {
+                                 const c10::optional<at::Tensor>& bias_, bool softplus, bool reverse,
+                                 bool save_states) {
   const at::Tensor D = D_.value_or(at::Tensor()), z = z_.value_or(at::Tensor()),
                    bias = bias_.value_or(at::Tensor());
   const Dims s = check_inputs(u, delta, A, B, C, D, z, bias);
-  const Inputs in(u, delta, A, B, C, D, z, bias, softplus);
+  const Inputs in(u, delta, A, B, C, D, z, bias, softplus, reverse);
   auto out = at::empty_like(u);
   auto last = at::empty({s.b, s.d, s.n}, u.options());
   auto states = save_states ? at::empty({s.nblocks(), s.nchunks(), s.n, W}, u.options())
                             : at::empty({0}, u.options());
   vf* statesp = save_states ? reinterpret_cast<vf*>(states.data_ptr<float>()) : nullptr;
-  float *outp = out.data_ptr<float>(), *lastp = last.data_ptr<float>();
-  const View3 ov(out);
+  float* lastp = last.data_ptr<float>();
+  View3 ov(out);
+  ov.reversed(reverse, s.l);
   const int64_t n = s.n;
 
   at::parallel_for(0, s.nblocks(), 1, [&](int64_t i0, int64_t i1) {
@@ -307,7 +330,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
       const vf Dv = in.D_lanes(bk);
       std::fill(h.begin(), h.end(), vf{});
       vf* ck = statesp ? statesp + i * s.nchunks() * n : nullptr;
-      float* ob = outp + (ov.at(bk.bi, bk.d0) - ov.p);
+      float* ob = const_cast<float*>(ov.at(bk.bi, bk.d0));
       for (int64_t c = 0; c < s.nchunks(); ++c) {
         const int64_t t0 = c * kChunk, T = std::min(kChunk, s.l - t0);
         if (ck) std::copy(h.begin(), h.end(), ck + c * n);
@@ -357,13 +380,13 @@ void for_each_thread(int64_t total, int64_t nthreads, const Fn& fn) {
 std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C,
                                  const c10::optional<at::Tensor>& D_, const c10::optional<at::Tensor>& z_,
-                                 const c10::optional<at::Tensor>& bias_, bool softplus,
+                                 const c10::optional<at::Tensor>& bias_, bool softplus, bool reverse,
                                  const at::Tensor& states, const at::Tensor& dout,
                                  const c10::optional<at::Tensor>& dlast_) {
   const at::Tensor D = D_.value_or(at::Tensor()), z = z_.value_or(at::Tensor()),
                    bias = bias_.value_or(at::Tensor()), dlast = dlast_.value_or(at::Tensor());
   const Dims s = check_inputs(u, delta, A, B, C, D, z, bias);
-  const Inputs in(u, delta, A, B, C, D, z, bias, softplus);
+  const Inputs in(u, delta, A, B, C, D, z, bias, softplus, reverse);
   TORCH_CHECK(states.is_contiguous() && states.dim() == 4 && states.size(0) == s.nblocks() &&
                   states.size(1) == s.nchunks() && states.size(2) == s.n && states.size(3) == W,
               "states must be the tile-start states saved by fwd");
@@ -383,7 +406,9 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   auto dbias_parts = at::zeros({nthreads, s.d}, u.options());
   auto dB_parts = at::zeros({nthreads, s.b, s.g, n, l}, u.options());
   auto dC_parts = at::zeros({nthreads, s.b, s.g, n, l}, u.options());
-  const View3 gv(dout), duv(du), ddv(ddelta), dzv(dz), dlv(dlast.defined() ? dlast : at::Tensor());
+  View3 gv(dout), duv(du), ddv(ddelta), dzv(dz);
+  const View3 dlv(dlast.defined() ? dlast : at::Tensor());
+  for (View3* v : {&gv, &duv, &ddv, &dzv}) v->reversed(reverse, s.l);
   const vf* statesp = reinterpret_cast<const vf*>(states.data_ptr<float>());
   const int64_t part = s.b * s.g * n * l;
 
@@ -491,7 +516,13 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
       }
     }
   });
-  return {du, ddelta, dA_parts.sum(0), dB_parts.sum(0), dC_parts.sum(0),
+  // dB/dC were accumulated in scan order; put them back in time order.
+  auto dB = dB_parts.sum(0), dC = dC_parts.sum(0);
+  if (reverse) {
+    dB = dB.flip(-1);
+    dC = dC.flip(-1);
+  }
+  return {du, ddelta, dA_parts.sum(0), dB, dC,
           D.defined() ? dD_parts.sum(0) : at::Tensor(), dz,
           bias.defined() ? dbias_parts.sum(0) : at::Tensor()};
 }
