@@ -210,17 +210,21 @@ def crossovers(rows: list[dict]) -> list[str]:
                 A = {int(r["frames"]): r for r in series[(a, mode)]}
                 B = {int(r["frames"]): r for r in series[(b, mode)]}
                 for metric, unit in (("time_s", "time"), ("delta_mb", "memory")):
-                    found = None
+                    found, tail = None, ""
                     for f in sorted(set(A) & set(B)):
                         ra, rb = A[f], B[f]
                         if ra["status"] != "ok":
-                            found = None
+                            if rb["status"] != "ok" and found:  # both failed: no evidence either way
+                                tail = (f" (at {f} frames both stopped: {a} {ra['status']}, "
+                                        f"{b} {rb['status']})")
+                            else:
+                                found = None
                             break
                         if rb["status"] != "ok" or float(ra[metric]) < float(rb[metric]):
                             found = found or f
                         else:
                             found = None  # must stay cheaper from there on
-                    where = f"from {found} frames on" if found else "not within the measured range"
+                    where = f"from {found} frames on{tail}" if found else "not within the measured range"
                     lines.append(f"- {mode}, {unit}: {a} cheaper than {b} {where}")
     return lines
 

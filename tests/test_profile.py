@@ -53,6 +53,13 @@ def test_crossover_and_encoder_names():
     lines = pm.crossovers(rows)
     assert "- infer, time: videomap-tiny cheaper than vit-tiny from 16 frames on" in lines
     assert "- infer, memory: videomap-tiny cheaper than vit-tiny from 32 frames on" in lines
+    # Where both stop (say VideoMAP out of memory, ViT out of time) the crossover found below stands;
+    # where only VideoMAP stops, it does not.
+    both = rows + [row("videomap-tiny", 64, "", "", "oom"), row("vit-tiny", 64, "", "", "timeout")]
+    assert ("- infer, time: videomap-tiny cheaper than vit-tiny from 16 frames on "
+            "(at 64 frames both stopped: videomap-tiny oom, vit-tiny timeout)") in pm.crossovers(both)
+    only = rows[:4] + [row("videomap-tiny", 32, "", "", "oom"), row("vit-tiny", 32, 9.0, 300)]
+    assert "- infer, time: videomap-tiny cheaper than vit-tiny not within the measured range" in pm.crossovers(only)
     assert pm.parse_encoder("vit-small-frame") == ("vit", "small", "frame")
     with pytest.raises(UserError, match="unknown encoder"):
         pm.parse_encoder("resnet-50")
