@@ -504,8 +504,12 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
         f"- pretraining: {3 * d.clips_per_task} synthetic clips (motion / order / count, "
         f"{d.clip_frames} frames) + the 4 bundled real clips (bigbuckbunny, bikes, carphone ×2), each "
         f"listed {d.real_repeats}×",
-        f"- instruction tuning ({n_records} records): per synthetic clip a caption, its open questions and "
-        f"its multiple-choice questions (separate conversations); {d.needle_clips} long clips "
+        f"- instruction tuning ({n_records} records): " + (
+            f"per synthetic clip every question once, open or multiple-choice at random, {d.qa_turns} per "
+            f"record (no timing questions), and a caption for {100 * d.caption_fraction:.0f}% of the clips; "
+            if d.records == "short" else
+            "per synthetic clip a caption, its open questions and its multiple-choice questions (separate "
+            "conversations); ") + f"{d.needle_clips} long clips "
         f"({d.haystack_frames} frames of real + synthetic video) with a {d.needle_span}-frame needle "
         "(a large shape) at a random depth, with its open and multiple-choice questions",
         f"- evaluation sets are disjoint seeds: synthqa seed {e.qa_seed}, open-ended SeedSequence([{e.qa_seed}, 1]), "
