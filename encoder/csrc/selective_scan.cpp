@@ -18,8 +18,9 @@
 // of kChunk steps: a tile of u, delta, z (and dout) is gathered into lane-major vectors, B and C
 // into (step, n) rows, and the output tile is scattered back, so the strided access is paid once
 // per element and the recurrence runs on unit-stride, L1-resident data. Blocks are spread over
-// threads with at::parallel_for. A block narrower than W is padded with zero lanes (Δ = u = 0
-// keeps them at zero; they are never stored).
+// threads with at::parallel_for. A block narrower than W is padded with zero lanes: u = 0 keeps
+// their states at zero, dout = 0 their adjoints, so they add nothing to the sums over lanes, and
+// they are never stored.
 //
 // Backward: like mamba-ssm's CUDA kernel it recomputes states instead of storing (b, d, n, l).
 // The forward keeps the state at every tile start; the backward walks the tiles in reverse,
@@ -282,9 +283,6 @@ struct Inputs {
     }
     if (o.softplus)
       for (int64_t t = 0; t < T; ++t) vsoftplus(tl.dt[t], tl.dt[t], tl.sig[t]);
-    if (wn_pad(bk))  // padded lanes: softplus(0) = log 2, zero them again
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t w = bk.wn; w < W; ++w) tl.dt[t][w] = 0.0f;
     if (o.has_z) load_tile(tl.z.data(), z.at(bk.bi, bk.d0), z.sd, z.sl, t0, T, bk.wn);
     const float* Bp = B + bk.bi * sBb + bk.gi * sBg + t0 * sBl;
     const float* Cp = C + bk.bi * sCb + bk.gi * sCg + t0 * sCl;
@@ -294,7 +292,6 @@ struct Inputs {
         tl.C[t * n + k] = Cp[k * sCn + t * sCl];
       }
   }
-  static bool wn_pad(const Block& bk) { return bk.wn < W; }
 
   vf D_lanes(const Block& bk) const { return o.has_D ? load_lanes(D + bk.d0 * sD, sD, bk.wn) : vf{}; }
 };
@@ -338,23 +335,14 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
         for (int64_t t = 0; t < T; ++t) {
           const vf dt = tl.dt[t], ut = tl.u[t], x = dt * ut;
           const float *Bt = tl.B.data() + t * n, *Ct = tl.C.data() + t * n;
-          // Four partial sums of <C, h>: one chain of n dependent FMAs per step would stall.
-          vf acc[4] = {Dv * ut, vf{}, vf{}, vf{}};
-          int64_t k = 0;
-          for (; k + 4 <= n; k += 4)
-            for (int j = 0; j < 4; ++j) {
-              const vf hk = vexp(dt * tl.Ab[k + j]) * h[k + j] + x * Bt[k + j];
-              h[k + j] = hk;
-              acc[j] += hk * Ct[k + j];
-            }
-          for (; k < n; ++k) {
+          vf acc = Dv * ut;
+          for (int64_t k = 0; k < n; ++k) {
             const vf hk = vexp(dt * tl.Ab[k]) * h[k] + x * Bt[k];
             h[k] = hk;
-            acc[0] += hk * Ct[k];
+            acc += hk * Ct[k];
           }
-          acc[0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-          if (in.o.has_z) acc[0] *= tl.z[t] * vsigmoid(tl.z[t]);
-          y[t] = acc[0];
+          if (in.o.has_z) acc *= tl.z[t] * vsigmoid(tl.z[t]);
+          y[t] = acc;
         }
         store_tile(ob, y.data(), ov.sd, ov.sl, t0, T, bk.wn);
       }
@@ -407,7 +395,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   auto dB_parts = at::zeros({nthreads, s.b, s.g, n, l}, u.options());
   auto dC_parts = at::zeros({nthreads, s.b, s.g, n, l}, u.options());
   View3 gv(dout), duv(du), ddv(ddelta), dzv(dz);
-  const View3 dlv(dlast.defined() ? dlast : at::Tensor());
+  const View3 dlv(dlast);
   for (View3* v : {&gv, &duv, &ddv, &dzv}) v->reversed(reverse, s.l);
   const vf* statesp = reinterpret_cast<const vf*>(states.data_ptr<float>());
   const int64_t part = s.b * s.g * n * l;
@@ -464,27 +452,18 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
           const vf* hcur = hprev + n;
           const vf* et = decay.data() + t * n;
           const float *Bt = tl.B.data() + t * n, *Ct = tl.C.data() + t * n;
-          // Two partial sums per reduction over the states, as in the forward.
-          vf dub2[2] = {}, ddt2[2] = {}, y2[2] = {Dv * ut, vf{}};
-          auto adjoint = [&](int64_t k, int j) {
+          vf dub = {}, ddt = {}, y = Dv * ut;
+          for (int64_t k = 0; k < n; ++k) {
             const vf gt = g[k] + dy * Ct[k];  // dL/dh_t
             const vf ghe = gt * et[k] * hprev[k];
-            y2[j] += hcur[k] * Ct[k];
+            y += hcur[k] * Ct[k];
             pc[k] = dy * hcur[k];  // dC_t[k], dB_t[k] before summing over the lanes
             pb[k] = gt * x;
-            dub2[j] += gt * Bt[k];
-            ddt2[j] += ghe * tl.Ab[k];
+            dub += gt * Bt[k];
+            ddt += ghe * tl.Ab[k];
             dAacc[k] += ghe * dt;
             g[k] = gt * et[k];  // becomes dL/dh_{t-1}
-          };
-          int64_t k = 0;
-          for (; k + 2 <= n; k += 2) {
-            adjoint(k, 0);
-            adjoint(k + 1, 1);
           }
-          if (k < n) adjoint(k, 0);
-          const vf dub = dub2[0] + dub2[1], y = y2[0] + y2[1];
-          vf ddt = ddt2[0] + ddt2[1];
           for (int64_t k0 = 0; k0 < n; k0 += W) {
             dCt[t * nw + k0 / W] = hsum16(pc.data() + k0);
             dBt[t * nw + k0 / W] = hsum16(pb.data() + k0);
