@@ -15,8 +15,8 @@ The Mamba block is VideoMamba's bidirectional B-Mamba (Li et al., 2024): one sha
 and ``out_proj``; the forward and backward directions each have their own causal depthwise conv,
 ``x_proj``, ``dt_proj``, ``A_log`` and ``D``; the backward direction scans the sequence from the
 last token to the first (an anti-causal conv and a reversed scan, which equal VideoMamba's
-flip → scan → flip without the flipped copies); the two are gated by SiLU(z) and averaged. The scan itself is
-`encoder.scan.selective_scan` (mamba-ssm's ``selective_scan_fn`` semantics).
+flip → scan → flip without the flipped copies); the two are gated by SiLU(z) and averaged. The
+scan itself is `encoder.scan.selective_scan` (mamba-ssm's ``selective_scan_fn`` semantics).
 
 Block layout (``attn_every``; ``depth_mamba`` Mamba blocks in all hybrid cases)::
 
@@ -48,15 +48,14 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from encoder.layers import (
     AttentionBlock,
-    NoWeightDecayTagsMixin,
     DropPath,
+    NoWeightDecayTagsMixin,
     RMSNorm,
     VideoEmbeddings,
     VideoEncoderOutput,
@@ -82,7 +81,6 @@ PRESET_PARAMS: dict[str, int] = {
     "middle": 105_546_240,
     "base": 139_353_600,
 }
-
 
 
 class VideoMAPConfig(PretrainedConfig):
@@ -325,7 +323,6 @@ class VideoMAPPreTrainedModel(NoWeightDecayTagsMixin, PreTrainedModel):
         A = torch.arange(1, ssm.d_state + 1, dtype=torch.float32).repeat(d_inner, 1)  # (E, S)
         init.copy_(ssm.A_log, torch.log(A))
         init.ones_(ssm.D)
-
 
 
 class VideoMAPModel(VideoMAPPreTrainedModel):

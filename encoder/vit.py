@@ -58,7 +58,6 @@ PRESET_PARAMS: dict[str, int] = {
 }
 
 
-
 class ViTVideoConfig(PretrainedConfig):
     """Configuration of `ViTVideoModel`; the defaults are the ``nano`` preset in joint mode.
 
@@ -138,7 +137,6 @@ class ViTVideoPreTrainedModel(NoWeightDecayTagsMixin, PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         init_video_weights(module, self.config.initializer_range)
-
 
 
 class ViTVideoModel(ViTVideoPreTrainedModel):
