@@ -232,31 +232,29 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
             if n:
                 raise ValueError(f"Video features and video tokens do not match: {n} {VIDEO_TOKEN} tokens "
                                  "in input_ids but no pixel_values")
-        loss = None
-        if labels is not None and self.loss_logits_only and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        answers_only = (labels is not None and self.loss_logits_only and isinstance(logits_to_keep, int)
+                        and logits_to_keep == 0)
+        if answers_only:
             # Logits only where a label is predicted: position p predicts token p + 1, so keep the
             # positions before a label (union over the batch). The 49k-row LM head is then applied
             # to a few answer tokens instead of the whole prompt. Same loss as the LLM's own (mean
             # cross-entropy over the labelled tokens); ``logits`` is then (B, n_kept, V).
-            keep = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # (n,)
-            out = self.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, labels=None, use_cache=use_cache, logits_to_keep=keep, **kwargs)
-            targets = labels[:, keep + 1]  # (B, n)
+            logits_to_keep = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # (n,)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=None if answers_only else labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        loss = out.loss
+        if answers_only:
+            targets = labels[:, logits_to_keep + 1]  # (B, n)
             loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100)
-        else:
-            out = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
-            loss = out.loss
         return VideoLLMOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
                               hidden_states=out.hidden_states, attentions=out.attentions,
                               video_hidden_states=video_features)
