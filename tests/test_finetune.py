@@ -191,3 +191,63 @@ def test_param_groups_give_projector_and_encoder_their_own_lr():
     by = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
     assert by == {(1e-3, 0.1): 1, (1e-3, 0.0): 1, (5e-4, 0.1): 1, (5e-4, 0.0): 1, (1e-4, 0.1): 1}
     assert sum(by.values()) == 5  # the frozen bias is left out
+
+
+def _old_epoch_batches(n, batch_size, epoch, seed, rank, world):
+    """The ungrouped batching as it was before groups existed (resume exactness depends on it)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_step = batch_size * world
+    return [perm[b * per_step + rank * batch_size: b * per_step + (rank + 1) * batch_size]
+            for b in range(n // per_step)]
+
+
+def test_epoch_batches_group_by_frame_count():
+    from training.finetune import epoch_batches
+
+    n, bs, world = 41, 2, 2
+    groups = [64 if i % 3 == 0 else (128 if i % 7 == 0 else None) for i in range(n)]
+    sizes = {g: groups.count(g) for g in set(groups)}  # None: 23, 64: 14, 128: 4
+    for epoch in (0, 1):
+        per_rank = [epoch_batches(n, bs, epoch, 5, rank, world, groups=groups) for rank in range(world)]
+        assert len(per_rank[0]) == len(per_rank[1]) == sum(s // (bs * world) for s in sizes.values())
+        for step in zip(*per_rank):  # one global batch: every rank's part is of one group
+            assert all(len(b) == bs for b in step)
+            assert len({groups[i] for b in step for i in b}) == 1, step
+        seen = [i for batches in per_rank for b in batches for i in b]
+        assert len(seen) == len(set(seen))  # each record at most once
+        perm = _old_epoch_batches(n, n, epoch, 5, 0, 1)[0]  # the epoch's permutation
+        for g, size in sizes.items():  # each group: the first whole global batches of it, in perm order
+            in_perm = [i for i in perm if groups[i] == g]
+            assert {i for i in seen if groups[i] == g} == set(in_perm[:size // (bs * world) * (bs * world)])
+        assert per_rank[0] == epoch_batches(n, bs, epoch, 5, 0, world, groups=list(groups))  # deterministic
+        kinds = [groups[b[0]] for b in per_rank[0]]
+        assert sum(a != b for a, b in zip(kinds, kinds[1:])) > len(sizes) - 1  # the groups interleave
+    assert epoch_batches(n, bs, 0, 5, 0, world, groups=groups) != epoch_batches(n, bs, 1, 5, 0, world, groups=groups)
+    assert epoch_batches(n, bs, 0, 5, 0, world, groups=groups) != epoch_batches(n, bs, 0, 6, 0, world, groups=groups)
+    for rank in range(world):  # no groups, or one: exactly the ungrouped batches
+        for epoch in (0, 3):
+            old = _old_epoch_batches(n, bs, epoch, 5, rank, world)
+            assert epoch_batches(n, bs, epoch, 5, rank, world) == old
+            assert epoch_batches(n, bs, epoch, 5, rank, world, groups=[None] * n) == old
+            assert epoch_batches(n, bs, epoch, 5, rank, world, groups=[64] * n) == old
+    with pytest.raises(ValueError, match="groups"):
+        epoch_batches(n, bs, 0, 5, 0, world, groups=groups[:-1])
+
+
+def test_make_encode_samples_the_records_frame_count(assets, tmp_path):
+    from training.finetune import make_encode, make_processor
+    from training.instruct_data import collate, load_records
+
+    cfg = load_config(FinetuneConfig, STAGE1, _overrides(assets, tmp_path / "enc"))
+    assert cfg.data.num_frames == 4
+    model, tokenizer = build_model(cfg)
+    encode = make_encode(make_processor(model, tokenizer, cfg), cfg.data.max_length)
+    records = load_records(assets["data"])[:2]
+    records[1].num_frames = 6
+    short, long = encode(records[0]), encode(records[1])
+    assert short["pixel_values"].shape[1] == 4 and long["pixel_values"].shape[1] == 6
+    # More frames, more <video> placeholders (and a longer time line) in the prompt.
+    assert len(long["input_ids"]) > len(short["input_ids"])
+    with torch.no_grad():  # the model takes the longer clip (temporal positions interpolated)
+        out = model(**collate([long], tokenizer.pad_token_id))
+    assert torch.isfinite(out.loss)

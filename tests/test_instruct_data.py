@@ -164,3 +164,53 @@ def test_dataset_skips_and_counts_bad_videos(tmp_path, video_dir):
         ds[1]
     train, held = split_eval(records, 0.2, seed=0)
     assert len(train) == 4 and len(held) == 1 and not {r.id for r in train} & {r.id for r in held}
+
+
+def test_num_frames_per_record(tmp_path, video_dir):
+    from training.instruct_data import parse_record
+
+    obj = {"id": "long", "video": "ok.mp4", "num_frames": 64, "conversations": _conv()}
+    record, problems = parse_record(obj, video_dir, 1, "d.json")
+    assert problems == [] and record.num_frames == 64
+    assert record.to_json(video_dir) == obj
+    plain, _ = parse_record({"id": "s", "video": "ok.mp4", "conversations": _conv()}, video_dir, 2, "d.json")
+    assert plain.num_frames is None and "num_frames" not in plain.to_json(video_dir)
+    for bad in (0, -3, "64", True, 2.5):
+        record, problems = parse_record({**obj, "num_frames": bad}, video_dir, 1, "d.json")
+        assert record is None and len(problems) == 1, (bad, problems)
+        assert problems[0].startswith("'num_frames' must be a positive integer") and repr(bad) in problems[0]
+    # Through a data file, too.
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([obj, {**obj, "id": "s", "num_frames": None}]))
+    assert [r.num_frames for r in load_records(f, video_dir)] == [64, None]
+
+
+def test_collate_rejects_mixed_frame_counts():
+    def item(frames):
+        return {"input_ids": torch.arange(3), "labels": torch.arange(3), "pixel_values": torch.zeros(3, frames, 8, 8)}
+
+    assert collate([item(4), item(4)], pad_token_id=0)["pixel_values"].shape == (2, 3, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"4, 16 frames.*grouped by frame count"):
+        collate([item(4), item(16), item(4)], pad_token_id=0)
+
+
+def test_bad_video_falls_through_within_its_frame_count(tmp_path, video_dir):
+    recs = [{"id": "0", "video": "ok.mp4", "conversations": _conv()},
+            {"id": "1", "video": "broken.mp4", "num_frames": 6, "conversations": _conv()},
+            {"id": "2", "video": "ok.mp4", "conversations": _conv()},
+            {"id": "3", "video": "ok.mp4", "num_frames": 6, "conversations": _conv()}]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(recs))
+
+    def encode(record):
+        frames = read_video(record.video, record.num_frames or 4).frames
+        return {"input_ids": torch.tensor([int(record.id)]), "labels": torch.tensor([0]),
+                "pixel_values": torch.from_numpy(frames).permute(3, 0, 1, 2).float()}
+
+    ds = InstructDataset(load_records(f, video_dir), encode)
+    item = ds[1]  # broken: replaced by record 3 (6 frames), not record 2 (4 frames)
+    assert item["input_ids"].tolist() == [3] and item["pixel_values"].shape[1] == 6
+    recs[3]["video"] = "broken.mp4"
+    f.write_text(json.dumps(recs))
+    with pytest.raises(UserError, match="num_frames=6"):
+        InstructDataset(load_records(f, video_dir), encode)[1]

@@ -14,6 +14,8 @@
 - Distributed through accelerate; ``deepspeed=<json>`` wraps a DeepSpeed ZeRO config in an
   accelerate ``DeepSpeedPlugin`` ("auto" values are filled from this config). The same code runs
   single-process on CPU.
+- A record may set its own ``num_frames`` (e.g. 64 for a long clip; default ``data.num_frames``);
+  batches are grouped by it, so a batch never mixes frame counts.
 
 The loop is explicit (torchtune style): AdamW over the trainable parameters, linear warmup then
 cosine decay, gradient accumulation and clipping, eval loss on a held-out split every
@@ -34,6 +36,7 @@ import math
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,7 +288,7 @@ def make_encode(processor, max_length: int):
     that chat and eval use, so training prompts look exactly like inference prompts."""
 
     def encode(record):
-        video = processor.load_video(record.video, start=record.start, end=record.end)
+        video = processor.load_video(record.video, num_frames=record.num_frames, start=record.start, end=record.end)
         try:
             ex = processor.build_training_example(record.conversations, video, max_length=max_length)
         except UserError as err:
@@ -319,13 +322,33 @@ def resolve_data(cfg: FinetuneConfig, is_main: bool, wait) -> tuple[Path, str | 
     return out / "instruct.json", None
 
 
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                  groups: list | None = None) -> list[list[int]]:
     """This process's batches of epoch `epoch`: a seeded permutation cut into global batches of
-    ``batch_size · world``, each split by rank (drop_last, so every process steps equally)."""
+    ``batch_size · world``, each split by rank (drop_last, so every process steps equally).
+
+    groups: one key per record (e.g. its ``num_frames``); a batch then holds one group only. The
+    permutation is split by group (order kept), each group is cut into global batches (drop_last
+    per group), and the global batches are shuffled so the groups interleave. A single group (or
+    None) gives exactly the ungrouped batches. Deterministic in (seed, epoch).
+    """
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} keys for {n} records")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     per_step = batch_size * world
-    return [perm[b * per_step + rank * batch_size: b * per_step + (rank + 1) * batch_size]
-            for b in range(n // per_step)]
+    if groups is None or len(set(groups)) <= 1:
+        steps = [perm[b * per_step:(b + 1) * per_step] for b in range(n // per_step)]
+    else:
+        by_group: dict[Any, list[int]] = {}
+        for i in perm:
+            by_group.setdefault(groups[i], []).append(i)
+        steps = [idx[b * per_step:(b + 1) * per_step] for idx in by_group.values()
+                 for b in range(len(idx) // per_step)]
+        # The order of the global batches: a second stream seeded from (seed, epoch).
+        order = torch.randperm(len(steps), generator=torch.Generator().manual_seed(
+            seed * 100_003 + epoch + 0x9E3779B9)).tolist()
+        steps = [steps[j] for j in order]
+    return [step[rank * batch_size:(rank + 1) * batch_size] for step in steps]
 
 
 def param_groups(model, optim: OptimConfig) -> list[dict]:
@@ -466,6 +489,9 @@ def train(cfg: FinetuneConfig) -> int:
     encode = make_encode(processor, cfg.data.max_length)
     train_ds = InstructDataset(train_records, encode, max_bad_videos=cfg.data.max_bad_videos)
     eval_ds = InstructDataset(eval_records, encode, max_bad_videos=cfg.data.max_bad_videos) if eval_records else None
+    # Batches never mix frame counts (a record's num_frames; None: data.num_frames).
+    train_groups = [r.num_frames for r in train_records]
+    eval_groups = [r.num_frames for r in eval_records]
 
     def collate_fn(batch):
         return collate(batch, tokenizer.pad_token_id)
@@ -533,9 +559,11 @@ def train(cfg: FinetuneConfig) -> int:
         if eval_ds is None:
             return None
         model.eval()
-        batches = epoch_batches(len(eval_ds), cfg.batch_size, 0, cfg.seed, rank, world)
-        if not batches:  # fewer eval records than one global batch: take what there is
-            batches = [list(range(len(eval_ds)))[rank::world] or [0]]
+        batches = epoch_batches(len(eval_ds), cfg.batch_size, 0, cfg.seed, rank, world, groups=eval_groups)
+        if not batches:  # fewer eval records than one global batch: take what there is (of one frame count)
+            most = Counter(eval_groups).most_common(1)[0][0]
+            idx = [i for i, g in enumerate(eval_groups) if g == most]
+            batches = [idx[rank::world] or idx[:1]]
         total, count = torch.zeros(()), torch.zeros(())
         for idx in batches[:cfg.eval_batches]:
             batch = collate_fn([eval_ds[i] for i in idx])
@@ -551,15 +579,19 @@ def train(cfg: FinetuneConfig) -> int:
     # ---- loop ----
     model.train()
     _set_frozen_eval(accelerator.unwrap_model(model), cfg)
-    steps_per_epoch = len(epoch_batches(len(train_ds), cfg.batch_size, 0, cfg.seed, rank, world)) // cfg.grad_accum
+    steps_per_epoch = len(epoch_batches(len(train_ds), cfg.batch_size, 0, cfg.seed, rank, world,
+                                        groups=train_groups)) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise UserError(f"one optimizer step needs {cfg.batch_size * world * cfg.grad_accum} training records "
-                        f"(batch_size × processes × grad_accum); the data has {len(train_ds)}")
+                        f"(batch_size × processes × grad_accum); the data has {len(train_ds)}"
+                        + (" (batches never mix frame counts; records per num_frames: " + ", ".join(
+                            f"{'default' if g is None else g}: {c}" for g, c in Counter(train_groups).items())
+                           + ")" if len(set(train_groups)) > 1 else ""))
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
     t_last = time.perf_counter()
     while step < stop:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = epoch_batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world)
+        batches = epoch_batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, groups=train_groups)
         loader = torch.utils.data.DataLoader(
             train_ds, batch_sampler=batches[in_epoch * cfg.grad_accum: steps_per_epoch * cfg.grad_accum],
             collate_fn=collate_fn, num_workers=cfg.data.num_workers,

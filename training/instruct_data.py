@@ -14,6 +14,8 @@ Rules (`validate_record` enforces them, ``videollm data check`` reports them):
 - exactly one ``<video>`` tag in the whole conversation, in the first human turn;
 - every assistant answer is a non-empty string (the loss is computed on these only);
 - ``start``/``end`` are optional seconds (``0 <= start < end``);
+- ``num_frames`` is an optional positive integer: frames to sample from this video (e.g. 64 for a
+  long needle-in-a-haystack clip; default: the training config's ``data.num_frames``);
 - ``video`` is resolved against the video root: ``--video-root`` / ``video_root:`` if given, else
   the folder holding the data file.
 
@@ -61,6 +63,7 @@ class Record:
     start: float | None = None
     end: float | None = None
     source: str = ""  # "file:record" for error messages
+    num_frames: int | None = None  # frames to sample from this video; None: the config's data.num_frames
 
     def to_json(self, video_root: Path | None = None) -> dict[str, Any]:
         video = self.video
@@ -74,6 +77,8 @@ class Record:
             out["start"] = self.start
         if self.end is not None:
             out["end"] = self.end
+        if self.num_frames is not None:
+            out["num_frames"] = self.num_frames
         return out
 
 
@@ -181,6 +186,11 @@ def parse_record(obj: Any, video_root: Path, number: int = 0,
     for name, value in (("start", start), ("end", end)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             problems.append(f"'{name}' must be a number of seconds, got {value!r}")
+    num_frames = obj.get("num_frames")
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)
+                                   or num_frames < 1):
+        problems.append(f"'num_frames' must be a positive integer (frames to sample from this video), "
+                        f"got {num_frames!r}")
     if not problems:
         if start is not None and start < 0:
             problems.append(f"'start' must be >= 0, got {start}")
@@ -196,6 +206,7 @@ def parse_record(obj: Any, video_root: Path, number: int = 0,
         start=float(start) if start is not None else None,
         end=float(end) if end is not None else None,
         source=f"{source}:{number}",
+        num_frames=num_frames,
     ), []
 
 
@@ -442,8 +453,9 @@ class InstructDataset(torch.utils.data.Dataset):
     honoured) and tokenizes its conversation into ``{"input_ids": (L,), "labels": (L,),
     "pixel_values": (3, T, H, W)}`` (the recipe wraps `VideoLLMProcessor` in it).
     A video that fails to decode is logged, counted in ``bad_videos`` and replaced by the next
-    good record; more than `max_bad_videos` distinct failures is a `UserError` (a broken data set
-    should stop the run, a few corrupt files should not).
+    good record with the same ``num_frames`` (so a batch grouped by frame count stays grouped);
+    more than `max_bad_videos` distinct failures is a `UserError` (a broken data set should stop
+    the run, a few corrupt files should not).
     """
 
     def __init__(self, records: list[Record], encode: Callable[[Record], dict[str, torch.Tensor]],
@@ -464,9 +476,10 @@ class InstructDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         n = len(self.records)
+        num_frames = self.records[index % n].num_frames
         for offset in range(n):
             record = self.records[(index + offset) % n]
-            if str(record.video) in self.bad:
+            if str(record.video) in self.bad or record.num_frames != num_frames:
                 continue
             try:
                 return self.encode(record)
@@ -478,12 +491,20 @@ class InstructDataset(torch.utils.data.Dataset):
                     raise UserError(f"more than {self.max_bad_videos} videos failed to decode (last: "
                                     f"{err}); run `videollm data check FILE --decode` to list them, "
                                     f"or raise data.max_bad_videos") from None
+        if any(r.num_frames != num_frames for r in self.records):
+            group = f"num_frames={num_frames}" if num_frames is not None else "the default num_frames"
+            raise UserError(f"no record of the data set with {group} has a decodable video")
         raise UserError("no record of the data set has a decodable video")
 
 
 def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad ``input_ids`` (with `pad_token_id`), ``labels`` (with -100) and build ``attention_mask``;
-    stack ``pixel_values`` → (B, 3, T, H, W)."""
+    stack ``pixel_values`` → (B, 3, T, H, W). All examples must have the same T (a `ValueError`
+    otherwise: batch records by frame count, as `training.finetune.epoch_batches` does)."""
+    frames = [torch.as_tensor(b["pixel_values"]).shape[1] for b in batch]
+    if len(set(frames)) > 1:
+        raise ValueError(f"a batch mixes videos of {', '.join(map(str, sorted(set(frames))))} frames "
+                         f"(per example: {frames}); batches must be grouped by frame count")
     longest = max(len(b["input_ids"]) for b in batch)
     B = len(batch)
     input_ids = torch.full((B, longest), pad_token_id, dtype=torch.long)
