@@ -23,10 +23,16 @@ CONFIGS = REPO / "training" / "configs"
 def test_configs_load_and_build_commands(name, tmp_path):
     cfg = load_config(PipelineConfig, CONFIGS / name)
     cmds = stage_commands(cfg, tmp_path)
-    assert set(cmds) == {"pretrain", "stage1", "stage2"}
+    assert set(cmds) == {"pretrain", "ground", "stage1", "stage2"}
+    assert list(cmds) == ["pretrain", "ground", "stage1", "stage2"]  # the order they run in
     for cmd in cmds.values():
         assert all((REPO / c).is_file() for c in cmd if c.endswith(".yaml"))
     assert any(c.startswith("init_from=") and "stage1" in c for c in cmds["stage2"])
+    assert any(c.startswith("init_from=") and "ground" in c for c in cmds["stage1"])
+    cfg.ground = None  # without grounding, stage 1 starts from the pretrained encoder
+    cmds = stage_commands(cfg, tmp_path)
+    assert list(cmds) == ["pretrain", "stage1", "stage2"]
+    assert not any(c.startswith("init_from=") for c in cmds["stage1"])
 
 
 def test_open_scoring():
@@ -51,7 +57,7 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     # every stage's output
     assert (out / "data" / "instruct.json").is_file() and (out / "data" / "pretrain_list.csv").is_file()
     assert (out / "pretrain" / "encoder" / "config.json").is_file()
-    for stage in ("stage1", "stage2"):
+    for stage in ("ground", "stage1", "stage2"):
         assert (out / stage / "final" / "config.json").is_file()
         assert (out / stage / "metrics.jsonl").is_file()
     assert (out / "eval" / "mc" / "results.json").is_file() and (out / "eval" / "niah" / "niah.json").is_file()

@@ -13,6 +13,9 @@ training stages also resume from their own checkpoints):
                 pretraining list of every synthetic clip plus the 4 bundled real clips →
                 ``data/pretrain_list.csv``.
 2. ``pretrain`` the VideoMAP recipe (`training.pretrain`) on that list → ``pretrain/encoder``.
+   ``ground``   (optional) the encoder and projector learn to point video tokens at the LLM's
+                word embeddings of what they show (`training.ground`; no LLM forward) →
+                ``ground/final``, which stage 1 starts from.
 3. ``stage1``   alignment, projector only (`training.finetune` stage 1) → ``stage1/final``.
 4. ``stage2``   LoRA instruction tuning (`training.finetune` stage 2) → ``stage2/final``.
 5. ``eval``     held-out synthetic MC QA (``videollm eval qa --benchmark synthqa``, new seed),
@@ -65,6 +68,12 @@ class DataSpec:
     needle_clips: int = 200  # long haystack clips with a needle
     haystack_frames: int = 64
     needle_span: int = 5  # needle frames; > haystack_frames / num_frames so uniform sampling sees it
+    # "mixed": haystacks of real and synthetic segments; "real": the bundled real clips only, as in
+    # V-NIAH (synthetic segments hold shapes too, which a long clip seen whole would show).
+    needle_haystack: str = "mixed"
+    # Frames the model sees of a needle clip (the record's num_frames, e.g. haystack_frames: every
+    # frame, as V-NIAH feeds them); None: the training default (data.num_frames).
+    needle_num_frames: int | None = None
     real_repeats: int = 8  # each bundled real clip is listed this many times for pretraining
     fps: float = 8.0
     # Instruction records. "llava": the generator's three conversations per clip (caption, every
@@ -107,6 +116,9 @@ class PipelineConfig:
     require_targets: bool = False
     data: DataSpec = field(default_factory=DataSpec)
     pretrain: StageSpec = field(default_factory=lambda: StageSpec("training/configs/pretrain_nano_synth.yaml"))
+    # Grounding (`training.ground`, e.g. training/configs/ground_nano.yaml): the encoder and projector
+    # learn to point video tokens at the LLM's word embeddings before stage 1; null: skipped.
+    ground: StageSpec | None = None
     stage1: StageSpec = field(default_factory=lambda: StageSpec("training/configs/finetune_stage1.yaml"))
     stage2: StageSpec = field(default_factory=lambda: StageSpec("training/configs/finetune_stage2.yaml"))
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -207,7 +219,7 @@ def write_needle_clips(out: Path, spec: DataSpec, seed: int) -> list[dict]:
         parts, total = [], 0
         while total < spec.haystack_frames:
             k = int(rng.integers(8, 17))
-            if rng.random() < 0.5:
+            if spec.needle_haystack == "real" or rng.random() < 0.5:
                 src = real[int(rng.integers(len(real)))]
                 a = int(rng.integers(0, len(src) - k + 1))
                 parts.append(src[a:a + k])
@@ -225,7 +237,10 @@ def write_needle_clips(out: Path, spec: DataSpec, seed: int) -> list[dict]:
         else:
             groups = {k: v for k, v in conversations(needle).items() if k != "caption"}
         for kind, turns in groups.items():
-            records.append({"id": f"needle_{seed}_{i}_{kind}", "video": rel, "conversations": turns})
+            record = {"id": f"needle_{seed}_{i}_{kind}", "video": rel, "conversations": turns}
+            if spec.needle_num_frames is not None:
+                record["num_frames"] = spec.needle_num_frames
+            records.append(record)
     return records
 
 
@@ -239,6 +254,11 @@ def stage_data(cfg: PipelineConfig, out: Path) -> Path:
         logger.info("data: %s exists, skipping", data / "instruct.json")
         return data
     spec = cfg.data
+    if spec.needle_haystack not in ("mixed", "real"):
+        raise UserError(f"data.needle_haystack must be 'mixed' or 'real'; got '{spec.needle_haystack}'")
+    if spec.needle_num_frames is not None and not 1 <= spec.needle_num_frames <= spec.haystack_frames:
+        raise UserError(f"data.needle_num_frames must be in [1, haystack_frames={spec.haystack_frames}]; "
+                        f"got {spec.needle_num_frames}")
     records, pretrain_lines = [], []
     for k, task in enumerate(TASKS):
         # Seeds of task k: seed + k·10⁴ …; the held-out QA draws 32-bit seeds from SeedSequence.
@@ -279,24 +299,28 @@ def stage_commands(cfg: PipelineConfig, out: Path) -> dict[str, list[str]]:
     s1 = {**cfg.stage1.overrides, "stage": 1, "llm": "smollm2", "encoder": str(out / "pretrain" / "encoder"),
           "data.source": str(data / "instruct.json"), "seed": cfg.seed, "output_dir": str(out / "stage1"),
           "resume": True}
+    commands = {"pretrain": py + ["training.pretrain", "--config", cfg.pretrain.config] + _kv(pre)}
+    if cfg.ground is not None:
+        gr = {**cfg.ground.overrides, "llm": "smollm2", "encoder": str(out / "pretrain" / "encoder"),
+              "seed": cfg.seed, "output_dir": str(out / "ground"), "resume": True}
+        commands["ground"] = py + ["training.ground", "--config", cfg.ground.config] + _kv(gr)
+        s1["init_from"] = str(out / "ground" / "final")
     s2 = {**cfg.stage2.overrides, "stage": 2, "llm": "smollm2", "init_from": str(out / "stage1" / "final"),
           "data.source": str(data / "instruct.json"), "seed": cfg.seed, "output_dir": str(out / "stage2"),
           "resume": True}
-    return {
-        "pretrain": py + ["training.pretrain", "--config", cfg.pretrain.config] + _kv(pre),
-        "stage1": py + ["training.finetune", "--config", cfg.stage1.config] + _kv(s1),
-        "stage2": py + ["training.finetune", "--config", cfg.stage2.config] + _kv(s2),
-    }
+    commands["stage1"] = py + ["training.finetune", "--config", cfg.stage1.config] + _kv(s1)
+    commands["stage2"] = py + ["training.finetune", "--config", cfg.stage2.config] + _kv(s2)
+    return commands
 
 
 def stage_outputs(out: Path) -> dict[str, Path]:
-    return {"pretrain": out / "pretrain" / "DONE", "stage1": out / "stage1" / "final",
-            "stage2": out / "stage2" / "final"}
+    return {"pretrain": out / "pretrain" / "DONE", "ground": out / "ground" / "final",
+            "stage1": out / "stage1" / "final", "stage2": out / "stage2" / "final"}
 
 
 def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> None:
     commands, outputs = stage_commands(cfg, out), stage_outputs(out)
-    for name in ("pretrain", "stage1", "stage2"):
+    for name in commands:  # pretrain, [ground,] stage1, stage2
         if outputs[name].exists():
             logger.info("%s: %s exists, skipping", name, outputs[name])
             log.append(" ".join(["python" if c == sys.executable else c for c in commands[name]]))
@@ -510,8 +534,9 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
             if d.records == "short" else
             "per synthetic clip a caption, its open questions and its multiple-choice questions (separate "
             "conversations); ") + f"{d.needle_clips} long clips "
-        f"({d.haystack_frames} frames of real + synthetic video) with a {d.needle_span}-frame needle "
-        "(a large shape) at a random depth, with its open and multiple-choice questions",
+        f"({d.haystack_frames} frames of " + ("the real clips" if d.needle_haystack == "real" else "real + synthetic video")
+        + f", seen {'whole' if d.needle_num_frames == d.haystack_frames else f'as {d.needle_num_frames or d.clip_frames} frames'})"
+        f" with a {d.needle_span}-frame needle (a large shape) at a random depth, with its open and multiple-choice questions",
         f"- evaluation sets are disjoint seeds: synthqa seed {e.qa_seed}, open-ended SeedSequence([{e.qa_seed}, 1]), "
         f"V-NIAH needles {e.niah_seed}…",
         "",

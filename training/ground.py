@@ -1,0 +1,386 @@
+"""Grounding: align the video tokens with the LLM's own word embeddings, without running the LLM.
+
+    python -m training.ground --config training/configs/ground_nano.yaml \\
+        encoder=runs/x/pretrain/encoder output_dir=runs/x/ground
+    → output_dir/final (a VideoLLM config + encoder and projector weights: stage 1's ``init_from``)
+
+Why: in stages 1 and 2 every example costs a forward and a backward pass through the whole LLM
+(about 5 ms a token on two CPU cores), and a fresh projector's tokens mean nothing to the LLM, so
+most of that budget goes to discovering which direction of the embedding space is "red". This
+stage learns that from the synthetic clips' ground truth at the cost of the encoder alone: the
+encoder and the projector are trained so that each video token points where the LLM's input
+embeddings of the words for what it shows point (the colour, shape and motion words of the objects
+in its region), and the LLM then reads them almost as it reads those words.
+
+Objective, per clip (a multiple-instance loss: which token shows which object is not known):
+
+    z_k  = projector(encoder(clip))_k                 video tokens, k = 1…K      (K, D_llm)
+    e_w  = mean input embedding of " w"'s sub-tokens, minus the mean over WORDS   (W, D_llm)
+    s_w  = τ · max_k cos(z_k, e_w)                     a word's clip score
+    loss = Σ_groups CE(softmax_{w ∈ group} s_w, uniform over the group's words in the clip)
+           + λ · mean_k (‖z_k‖ / ē − 1)²
+
+Groups are colours, shapes and motions. Word embeddings are centred first: the raw rows of words
+of one kind are close to one another (every colour is near "colour"), and what has to be told
+apart is the difference. ē is the mean norm of the LLM's embedding rows, so video tokens sit at
+the scale of words.
+Clips: the three synthetic tasks (`training.synth`, ``clip_frames`` frames) and, for
+``needle_fraction`` of each batch, a V-NIAH-style haystack (``haystack_frames`` frames of the
+bundled real clips, which name no word) with a one-frame `make_needle` shape at a random depth, so
+a brief shape in long real video is singled out as well. Clips are rendered on the fly from seeds
+(step, index), so a resumed run sees exactly the clips it would have seen.
+
+Logged: loss, and on ``eval_clips`` held-out clips (seeds never used in training) the top-1
+accuracy of the colour, shape and direction of the moving object of the motion task and of the
+needle's shape, read off the token scores — how much of the video the tokens already name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from encoder.errors import UserError, run_cli
+from training.config import config_from_argv, to_dict
+
+logger = logging.getLogger("training.ground")
+
+COLOR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan")
+SHAPE_WORDS = ("circle", "square", "triangle", "diamond", "cross", "star")
+MOTION_WORDS = ("left", "right", "up", "down", "still", "bounces", "grows", "shrinks")
+WORDS = COLOR_WORDS + SHAPE_WORDS + MOTION_WORDS
+# training.synth motion → its words ("up-left" is both "up" and "left").
+_MOTION_TO_WORDS = {"static": ("still",), "bounce": ("bounces",), "grow": ("grows",), "shrink": ("shrinks",)}
+
+
+@dataclass
+class GroundData:
+    clip_frames: int = 16
+    size: int = 64
+    needle_fraction: float = 0.25  # share of each batch that is a real-video haystack with a needle
+    haystack_frames: int = 64
+
+
+@dataclass
+class GroundConfig:
+    output_dir: str = "runs/ground"
+    encoder: str = "nano"  # a pretrained encoder dir (or a preset: random init)
+    llm: str = "smollm2"  # only its input embeddings are used
+    llm_cache_dir: str | None = None
+    spatial_pool: int = 2
+    steps: int = 300
+    batch_size: int = 16  # clips per step (short clips + needle haystacks)
+    lr: float = 1.0e-3  # projector
+    encoder_lr: float = 5.0e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 15.0  # τ: cosine → logit scale
+    norm_weight: float = 0.1  # λ
+    eval_clips: int = 48
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False
+    data: GroundData = field(default_factory=GroundData)
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise UserError(f"steps and batch_size must be >= 1; got steps={self.steps}, batch_size={self.batch_size}")
+        if not 0.0 <= self.data.needle_fraction <= 1.0:
+            raise UserError(f"data.needle_fraction must be in [0, 1]; got {self.data.needle_fraction}")
+        if self.data.haystack_frames < 2:
+            raise UserError(f"data.haystack_frames must be >= 2; got {self.data.haystack_frames}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Words and clips
+# ---------------------------------------------------------------------------------------------
+
+
+def word_embeddings(llm_embeddings: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(W, D): the mean input embedding of each word's sub-tokens, written with a leading space as
+    it appears mid-sentence."""
+    rows = []
+    for w in WORDS:
+        ids = tokenizer(" " + w, add_special_tokens=False).input_ids
+        rows.append(llm_embeddings[ids].mean(0))
+    return torch.stack(rows)
+
+
+def clip_words(spec) -> set[str]:
+    """The words that name something in a `training.synth.SynthSpec`: every object's colours
+    (including those it turns into), shape and motion."""
+    words = set()
+    for obj in spec.objects:
+        words.add(obj.color)
+        words.update(new for _, new in obj.color_changes)
+        words.add(obj.shape)
+        if spec.task != "needle":
+            words.update(_MOTION_TO_WORDS.get(obj.motion, tuple(obj.motion.split("-"))))
+    unknown = words - set(WORDS)
+    if unknown:
+        raise ValueError(f"no grounding word for {sorted(unknown)}; extend training.ground.WORDS")
+    return words
+
+
+GROUPS = (COLOR_WORDS, SHAPE_WORDS, MOTION_WORDS)
+
+
+def group_loss(scores: torch.Tensor, word_sets: list[set[str]]) -> torch.Tensor:
+    """Mean over clips and word groups of the cross-entropy between the softmax of the group's clip
+    scores and the uniform distribution over the group's words present in the clip (a group with
+    no word in the clip, e.g. motion for a needle, is skipped)."""
+    losses = []
+    for group in GROUPS:
+        idx = [WORDS.index(w) for w in group]
+        logp = scores[:, idx].log_softmax(-1)  # (B, |group|)
+        for b, words in enumerate(word_sets):
+            present = [i for i, w in enumerate(group) if w in words]
+            if present:
+                losses.append(-logp[b, present].mean())
+    return torch.stack(losses).mean()
+
+
+class ClipSource:
+    """Seeded clips: ``short(seed)`` is a synthetic clip of a random task, ``needle(seed)`` a
+    real-video haystack with a one-frame needle. Both return (frames uint8 (T, S, S, 3), words,
+    info)."""
+
+    def __init__(self, data: GroundData):
+        from encoder.video_io import SAMPLE_CLIPS, read_video
+        from training.synth import resize_frames
+
+        self.data = data
+        self.real = []
+        for name in SAMPLE_CLIPS:
+            frames = read_video(name, 64).frames
+            h, w = frames.shape[1:3]
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            self.real.append(resize_frames(frames[:, top:top + side, left:left + side], data.size, data.size)
+                             .astype(np.uint8))
+
+    def short(self, seed: int):
+        from training.synth import TASKS, make_clip
+
+        rng = np.random.default_rng([seed, 1])
+        task = TASKS[int(rng.integers(len(TASKS)))]
+        clip = make_clip(seed, self.data.clip_frames, self.data.size, task)
+        return clip.frames, clip_words(clip.spec), clip
+
+    def needle(self, seed: int):
+        from training.synth import insert_needle, make_needle
+
+        rng = np.random.default_rng([seed, 2])
+        parts, total = [], 0
+        while total < self.data.haystack_frames:
+            src = self.real[int(rng.integers(len(self.real)))]
+            k = int(rng.integers(8, 33))
+            a = int(rng.integers(0, len(src) - min(k, len(src)) + 1))
+            parts.append(src[a:a + k])
+            total += len(parts[-1])
+        haystack = np.concatenate(parts)[:self.data.haystack_frames]
+        needle = make_needle(seed, num_frames=1, size=self.data.size)
+        video, _ = insert_needle(haystack, needle.frames, float(rng.uniform(0, 1)))
+        return video, clip_words(needle.spec), needle
+
+
+def batch_seeds(seed: int, step: int, n: int) -> list[int]:
+    """Clip seeds of training step `step` (eval clips use `eval_seeds`, which never collide:
+    training seeds are drawn from a different SeedSequence)."""
+    return [int(s) for s in np.random.SeedSequence([seed, 31, step]).generate_state(n)]
+
+
+def eval_seeds(seed: int, n: int) -> list[int]:
+    return [int(s) for s in np.random.SeedSequence([seed, 37]).generate_state(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective
+# ---------------------------------------------------------------------------------------------
+
+
+class WordScorer(torch.nn.Module):
+    """Video tokens (B, K, D) → per-word clip scores (B, W) and the norm penalty (see module doc)."""
+
+    def __init__(self, word_emb: torch.Tensor, embed_norm: float, temperature: float):
+        super().__init__()
+        centred = word_emb.detach().float() - word_emb.detach().float().mean(0)
+        self.register_buffer("words", F.normalize(centred, dim=-1), persistent=False)
+        self.embed_norm = float(embed_norm)
+        self.temperature = float(temperature)
+
+    def token_scores(self, z: torch.Tensor) -> torch.Tensor:
+        return self.temperature * F.normalize(z, dim=-1) @ self.words.T  # (B, K, W)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.token_scores(z).amax(dim=1)  # (B, W)
+        norm_pen = ((z.norm(dim=-1) / self.embed_norm - 1.0) ** 2).mean()
+        return scores, norm_pen
+
+
+def _pixels(frames: list[np.ndarray], size: int) -> torch.Tensor:
+    from encoder.transforms import frames_to_tensor
+
+    return torch.stack([frames_to_tensor(f, size) for f in frames])  # (B, 3, T, S, S)
+
+
+@torch.no_grad()
+def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], size: int) -> dict[str, float]:
+    """Top-1 word accuracy, within each word group, for the motion task's moving object and for the
+    needle (its shape and colour)."""
+    from training.synth import make_clip
+
+    model.eval()
+    hits: dict[str, list[bool]] = {"color": [], "shape": [], "direction": [], "needle_shape": [], "needle_color": []}
+    groups = {"color": COLOR_WORDS, "shape": SHAPE_WORDS}
+    for i, s in enumerate(seeds):
+        if i % 2 == 0:
+            clip = make_clip(s, source.data.clip_frames, size, "motion", distractors=0)
+            frames, obj = clip.frames, clip.spec.objects[0]
+        else:
+            frames, _, needle = source.needle(s)
+            obj = needle.spec.objects[0]
+        z = model.get_video_features(_pixels([frames], size))
+        tok = scorer.token_scores(z).amax(dim=1)[0]  # (W,)
+
+        def best(words):
+            return words[int(tok[[WORDS.index(w) for w in words]].argmax())]
+
+        if i % 2 == 0:
+            hits["color"].append(best(groups["color"]) == obj.color)
+            hits["shape"].append(best(groups["shape"]) == obj.shape)
+            if "-" not in obj.motion:  # the four plain directions: one word each
+                hits["direction"].append(best(("left", "right", "up", "down")) == obj.motion)
+        else:
+            hits["needle_shape"].append(best(groups["shape"]) == obj.shape)
+            hits["needle_color"].append(best(groups["color"]) == obj.color)
+    model.train()
+    return {f"acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _build(cfg: GroundConfig):
+    from training.finetune import FinetuneConfig, build_model
+
+    ft = FinetuneConfig(stage=1, llm=cfg.llm, llm_cache_dir=cfg.llm_cache_dir, encoder=cfg.encoder,
+                        spatial_pool=cfg.spatial_pool, seed=cfg.seed)
+    ft.data.image_size, ft.data.num_frames = cfg.data.size, cfg.data.clip_frames
+    model, tokenizer = build_model(ft)
+    model.requires_grad_(False)
+    model.vision_tower.requires_grad_(True)
+    model.projector.requires_grad_(True)
+    emb = model.get_input_embeddings().weight.detach()
+    scorer = WordScorer(word_embeddings(emb, tokenizer), float(emb.norm(dim=-1).mean()), cfg.temperature)
+    return model, scorer
+
+
+def save_init(model, path: Path) -> None:
+    """What stage 1's ``init_from`` reads: the VideoLLM config and the encoder + projector weights
+    (the LLM is loaded from ``base_llm`` as usual), written atomically."""
+    from safetensors.torch import save_file
+
+    from training.checkpoint import atomic_dir
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if k.startswith(("vision_tower.", "projector."))}
+    with atomic_dir(path) as tmp:
+        model.config.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def train(cfg: GroundConfig) -> dict[str, Any]:
+    from training.checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint
+    from training.finetune import lr_lambda
+
+    cfg.validate()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    torch.manual_seed(cfg.seed)
+    model, scorer = _build(cfg)
+    source = ClipSource(cfg.data)
+    params = [{"params": list(model.projector.parameters()), "lr": cfg.lr},
+              {"params": list(model.vision_tower.parameters()), "lr": cfg.encoder_lr}]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, 0.1))
+    trainable = torch.nn.ModuleDict({"vision_tower": model.vision_tower, "projector": model.projector,
+                                     "scorer": scorer})
+    step = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, model=trainable, optimizer=optimizer, scheduler=scheduler)["step"]
+        logger.info("resumed from %s at step %d", ckpt, step)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if ckpt is not None else None)
+    n_needle = round(cfg.batch_size * cfg.data.needle_fraction)
+    n_short = cfg.batch_size - n_needle
+    size = cfg.data.size
+    model.train()
+    record: dict[str, Any] = {"step": step}
+    t_last = time.perf_counter()
+    while step < cfg.steps:
+        seeds = batch_seeds(cfg.seed, step, cfg.batch_size)
+        loss = torch.zeros(())
+        parts = {}
+        for kind, group, make in (("short", seeds[:n_short], source.short), ("needle", seeds[n_short:], source.needle)):
+            if not group:
+                continue
+            clips = [make(s) for s in group]
+            z = model.get_video_features(_pixels([c[0] for c in clips], size))  # (b, K, D_llm)
+            scores, norm_pen = scorer(z)
+            ce = group_loss(scores, [c[1] for c in clips])
+            loss = loss + (ce + cfg.norm_weight * norm_pen) * len(group) / cfg.batch_size
+            parts[f"ce_{kind}"] = float(ce.detach())
+            parts[f"norm_{kind}"] = float(norm_pen.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        lr_used = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        if not math.isfinite(float(loss.detach())):
+            raise RuntimeError(f"loss is {float(loss.detach())} at step {step}; lower lr or check the data")
+        record = {"step": step, "loss": float(loss.detach()), "lr": lr_used, **parts}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if step == cfg.steps:
+            record.update(evaluate(model, scorer, source, eval_seeds(cfg.seed, cfg.eval_clips), size))
+        now = time.perf_counter()
+        record["sec_per_step"] = round(now - t_last, 3)
+        t_last = now
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics.log(record)
+            logger.info("step %d %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(run_dir, step, model=trainable, optimizer=optimizer, scheduler=scheduler,
+                            config_yaml=config_yaml)
+    save_init(model, run_dir / "final")
+    logger.info("grounded encoder + projector → %s", run_dir / "final")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_argv(GroundConfig, "python -m training.ground", __doc__, argv,
+                           "encoder=runs/x/pretrain/encoder steps=300")
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
