@@ -32,7 +32,7 @@ from eval.qa import AnswerFn, build_prompt
 def build_haystack(num_frames: int, size: int) -> np.ndarray:
     """uint8 (num_frames, size, size, 3) from the bundled clips, in order (see module docstring)."""
     from encoder.video_io import SAMPLE_CLIPS, read_video
-    from training.synth import resize_frames
+    from training.synth import square_frames
 
     counts = [num_frames // len(SAMPLE_CLIPS) + (i < num_frames % len(SAMPLE_CLIPS))
               for i in range(len(SAMPLE_CLIPS))]
@@ -40,11 +40,7 @@ def build_haystack(num_frames: int, size: int) -> np.ndarray:
     for name, k in zip(SAMPLE_CLIPS, counts):
         if k == 0:
             continue
-        frames = read_video(name, k).frames  # (k, H, W, 3)
-        h, w = frames.shape[1:3]
-        side = min(h, w)  # centre square, then resize: keeps the aspect of the content
-        top, left = (h - side) // 2, (w - side) // 2
-        parts.append(resize_frames(frames[:, top:top + side, left:left + side], size, size))
+        parts.append(square_frames(read_video(name, k).frames, size))  # centre square, resized: (k, S, S, 3)
     return np.concatenate(parts).astype(np.uint8)
 
 

@@ -158,17 +158,10 @@ class ClipSource:
 
     def __init__(self, data: GroundData):
         from encoder.video_io import SAMPLE_CLIPS, read_video
-        from training.synth import resize_frames
+        from training.synth import square_frames
 
         self.data = data
-        self.real = []
-        for name in SAMPLE_CLIPS:
-            frames = read_video(name, 64).frames
-            h, w = frames.shape[1:3]
-            side = min(h, w)
-            top, left = (h - side) // 2, (w - side) // 2
-            self.real.append(resize_frames(frames[:, top:top + side, left:left + side], data.size, data.size)
-                             .astype(np.uint8))
+        self.real = [square_frames(read_video(name, 64).frames, data.size) for name in SAMPLE_CLIPS]
 
     def short(self, seed: int):
         from training.synth import TASKS, make_clip

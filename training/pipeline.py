@@ -163,16 +163,6 @@ def _run(cmd: list[str], log) -> None:
                         "(finished stages are skipped)")
 
 
-def _crop_resize(frames: np.ndarray, size: int) -> np.ndarray:
-    """Centre square, then resize to (size, size) — as the V-NIAH haystack does."""
-    from training.synth import resize_frames
-
-    h, w = frames.shape[1:3]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return resize_frames(frames[:, top:top + side, left:left + side], size, size).astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------
 # Stage 1: data
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +199,9 @@ def write_needle_clips(out: Path, spec: DataSpec, seed: int) -> list[dict]:
     depth; returns their LLaVA-video records (the needle's open and MC questions; its caption
     would describe only the needle, so it is left out)."""
     from encoder.video_io import SAMPLE_CLIPS, read_video, write_video
-    from training.synth import TASKS, conversations, insert_needle, make_clip, make_needle
+    from training.synth import TASKS, conversations, insert_needle, make_clip, make_needle, square_frames
 
-    real = [_crop_resize(read_video(name, 64).frames, spec.size) for name in SAMPLE_CLIPS]  # each (64, S, S, 3)
+    real = [square_frames(read_video(name, 64).frames, spec.size) for name in SAMPLE_CLIPS]  # each (64, S, S, 3)
     (out / "needle" / "videos").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(spec.needle_clips):

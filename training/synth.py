@@ -313,6 +313,16 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def square_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """The centre square of uint8 (T, h, w, 3) frames, resized to (T, size, size, 3): how real clips
+    become haystack frames (V-NIAH, the pipeline's needle clips, grounding)."""
+    frames = np.asarray(frames)
+    h, w = frames.shape[1:3]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return resize_frames(frames[:, top:top + side, left:left + side], size, size).astype(np.uint8)
+
+
 def check_clip_args(num_frames: int, size: int, task: str) -> None:
     """Raise `UserError` unless `task` is known and `num_frames` / `size` suit it."""
     if task not in TASKS:
