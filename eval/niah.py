@@ -41,7 +41,7 @@ def build_haystack(num_frames: int, size: int) -> np.ndarray:
         if k == 0:
             continue
         parts.append(square_frames(read_video(name, k).frames, size))  # centre square, resized: (k, S, S, 3)
-    return np.concatenate(parts).astype(np.uint8)
+    return np.concatenate(parts)
 
 
 def needle_sample(seed: int, size: int, needle_frames: int = 1):

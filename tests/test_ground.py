@@ -3,7 +3,6 @@ and a short run whose output stage 1 can start from."""
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -29,7 +29,6 @@ adapter + encoder/projector; with the tokenizer that knows ``<video>``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -582,11 +581,12 @@ def train(cfg: FinetuneConfig) -> int:
     steps_per_epoch = len(epoch_batches(len(train_ds), cfg.batch_size, 0, cfg.seed, rank, world,
                                         groups=train_groups)) // cfg.grad_accum
     if steps_per_epoch == 0:
+        per_group = ""
+        if len(set(train_groups)) > 1:
+            counts = ", ".join(f"{'default' if g is None else g}: {c}" for g, c in Counter(train_groups).items())
+            per_group = f" (batches never mix frame counts; records per num_frames: {counts})"
         raise UserError(f"one optimizer step needs {cfg.batch_size * world * cfg.grad_accum} training records "
-                        f"(batch_size × processes × grad_accum); the data has {len(train_ds)}"
-                        + (" (batches never mix frame counts; records per num_frames: " + ", ".join(
-                            f"{'default' if g is None else g}: {c}" for g, c in Counter(train_groups).items())
-                           + ")" if len(set(train_groups)) > 1 else ""))
+                        f"(batch_size × processes × grad_accum); the data has {len(train_ds)}{per_group}")
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
     t_last = time.perf_counter()
     while step < stop:

@@ -51,15 +51,17 @@ import yaml
 
 from encoder.errors import UserError, run_cli
 from training.config import config_from_argv, to_dict
+from training.synth import COLORS, DIRECTIONS, SHAPES
 
 logger = logging.getLogger("training.ground")
 
-COLOR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan")
-SHAPE_WORDS = ("circle", "square", "triangle", "diamond", "cross", "star")
-MOTION_WORDS = ("left", "right", "up", "down", "still", "bounces", "grows", "shrinks")
-WORDS = COLOR_WORDS + SHAPE_WORDS + MOTION_WORDS
-# training.synth motion → its words ("up-left" is both "up" and "left").
+# The generator's own vocabulary. A motion names its words: "up-left" is both "up" and "left";
+# the non-directional motions are named as in the captions ("stays still", "bounces", …).
 _MOTION_TO_WORDS = {"static": ("still",), "bounce": ("bounces",), "grow": ("grows",), "shrink": ("shrinks",)}
+COLOR_WORDS = tuple(COLORS)
+SHAPE_WORDS = tuple(SHAPES)
+MOTION_WORDS = tuple(d for d in DIRECTIONS if "-" not in d) + tuple(w for ws in _MOTION_TO_WORDS.values() for w in ws)
+WORDS = COLOR_WORDS + SHAPE_WORDS + MOTION_WORDS
 
 
 @dataclass

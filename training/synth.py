@@ -320,7 +320,7 @@ def square_frames(frames: np.ndarray, size: int) -> np.ndarray:
     h, w = frames.shape[1:3]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    return resize_frames(frames[:, top:top + side, left:left + side], size, size).astype(np.uint8)
+    return resize_frames(frames[:, top:top + side, left:left + side], size, size)
 
 
 def check_clip_args(num_frames: int, size: int, task: str) -> None:
