@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from training.config import load_config
-from training.pipeline import PipelineConfig, open_correct, open_samples, stage_commands
+from training.pipeline import PipelineConfig, mismatched_clip, open_correct, open_samples, stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -45,6 +45,17 @@ def test_open_scoring():
     assert open_samples(1001, 6, 8, 32)[0]["answer"] == samples[0]["answer"]  # deterministic
 
 
+def test_blind_baseline_asks_about_another_clip_of_the_same_task():
+    samples = open_samples(1001, 7, 8, 32)
+    for i, s in enumerate(samples):
+        j = mismatched_clip(i, len(samples))
+        assert j is not None and j != i
+        if j > i:  # no wrap-around: the tasks cycle, so the partner has the same task
+            assert samples[j]["task"] == s["task"]
+        assert (samples[j]["frames"] != s["frames"]).any()
+    assert [mismatched_clip(i, 3) for i in range(3)] == [None] * 3  # three samples: no second clip of a task
+
+
 @pytest.mark.slow
 def test_pipeline_smoke_end_to_end(tmp_path):
     out, ship = tmp_path / "run", tmp_path / "ship"
@@ -67,6 +78,7 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     values = [m["mc_accuracy"], m["open_accuracy"], *m["niah_accuracy"].values()]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and math.isfinite(v) for v in values)
     assert isinstance(m["text_ok"], bool)
+    assert 0.0 <= m["open_blind_accuracy"] <= 1.0
     assert summary["metrics"]["mc_accuracy"] == m["mc_accuracy"]
 
     # model card, curves, size cap, no frozen embedding copies in the adapter
