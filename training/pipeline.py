@@ -20,7 +20,8 @@ training stages also resume from their own checkpoints):
 4. ``stage2``   LoRA instruction tuning (`training.finetune` stage 2) → ``stage2/final``.
 5. ``eval``     held-out synthetic MC QA (``videollm eval qa --benchmark synthqa``, new seed),
                 open-ended colour / shape / motion answers (scored here: the reply must contain
-                the answer), V-NIAH (``videollm eval niah``) and a text-only question
+                the answer) and their blind baseline (each question asked about another clip of
+                the same task: what priors alone get right), V-NIAH (``videollm eval niah``) and a text-only question
                 ("What is the capital of France?" must mention Paris) → ``eval/metrics.json``.
 6. ``ship``     ``stage2/final`` (encoder + projector + LoRA adapter; the LLM stays the `smollm2`
                 package reference) + ``MODEL_CARD.md`` + ``curves.png`` + ``metrics.json`` →
