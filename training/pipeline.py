@@ -21,8 +21,9 @@ training stages also resume from their own checkpoints):
 5. ``eval``     held-out synthetic MC QA (``videollm eval qa --benchmark synthqa``, new seed),
                 open-ended colour / shape / motion answers (scored here: the reply must contain
                 the answer) and their blind baseline (each question asked about another clip of
-                the same task: what priors alone get right), V-NIAH (``videollm eval niah``) and a text-only question
-                ("What is the capital of France?" must mention Paris) → ``eval/metrics.json``.
+                the same task: what priors alone get right), V-NIAH (``videollm eval niah``) and
+                a text-only question ("What is the capital of France?" must mention Paris) →
+                ``eval/metrics.json``.
 6. ``ship``     ``stage2/final`` (encoder + projector + LoRA adapter; the LLM stays the `smollm2`
                 package reference) + ``MODEL_CARD.md`` + ``curves.png`` + ``metrics.json`` →
                 ``--ship`` (default ``videollm/weights/default``), replaced atomically.
@@ -362,11 +363,13 @@ def open_correct(reply: str, answer: str) -> bool:
 
 def mismatched_clip(i: int, n: int) -> int | None:
     """Index of another of the n open-ended samples with the same task as sample i (tasks cycle
-    with period len(TASKS)), or None when there is none."""
+    with period len(TASKS): the next clip of that task, or the previous one at the end), or None
+    when there is none."""
     from training.synth import TASKS
 
-    j = (i + len(TASKS)) % n
-    return None if n <= len(TASKS) or j == i else j
+    if n <= len(TASKS):
+        return None
+    return i + len(TASKS) if i + len(TASKS) < n else i - len(TASKS)
 
 
 def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
