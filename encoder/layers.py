@@ -129,18 +129,39 @@ class AttentionBlock(GradientCheckpointingLayer):
 
 
 class PatchEmbed3D(nn.Module):
-    """Frame-wise patchify: ``Conv3d(C, D, kernel=(1, P, P), stride=(1, P, P))``.
+    """Frame-wise patchify: each frame is cut into non-overlapping P×P patches independently (no
+    temporal tubelets), so the token count per frame is N = (H/P)·(W/P) for any frame count.
 
-    Each frame is cut into non-overlapping P×P patches independently (no temporal tubelets), so the
-    token count per frame is N = (H/P)·(W/P) for any frame count.
+    ``stem="linear"``: one ``Conv3d(C, D, kernel=(1, P, P), stride=(1, P, P))``, as ViT and VideoMAP.
+    ``stem="conv"``: a convolutional stem (Xiao et al. 2021, "Early convolutions help transformers
+    see better"): 3×3 stride-2 convolutions with GELU halve the frame log2(P) − 1 times, widening
+    C → D/2^(k-1) … → D/2, and a (1, 2, 2) stride-2 ``proj`` ends at the same grid and width as
+    the linear patchify. Small shapes that straddle patch borders survive it; a linear 16×16
+    patchify of 64 px frames trained briefly tells them apart no better than chance. P must be a
+    power of two ≥ 2.
     """
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int):
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stem: str = "linear"):
         super().__init__()
         self.in_chans = in_chans
         self.patch_size = patch_size
-        self.proj = nn.Conv3d(in_chans, dim, kernel_size=(1, patch_size, patch_size),
-                              stride=(1, patch_size, patch_size))
+        if stem == "linear":
+            self.stem = None
+            self.proj = nn.Conv3d(in_chans, dim, kernel_size=(1, patch_size, patch_size),
+                                  stride=(1, patch_size, patch_size))
+        elif stem == "conv":
+            n = patch_size.bit_length() - 1
+            if patch_size < 2 or 1 << n != patch_size:
+                raise ValueError(f"patch_stem='conv' needs a patch size that is a power of two >= 2; got {patch_size}")
+            widths = [max(8, dim >> (n - i)) for i in range(1, n)]  # D/2^(n-1) … D/2
+            layers, prev = [], in_chans
+            for w in widths:
+                layers += [nn.Conv2d(prev, w, 3, stride=2, padding=1), nn.GELU()]
+                prev = w
+            self.stem = nn.Sequential(*layers)
+            self.proj = nn.Conv3d(prev, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        else:
+            raise ValueError(f"patch_stem must be 'linear' or 'conv'; got {stem!r}")
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         if pixel_values.dim() != 5 or pixel_values.shape[1] != self.in_chans:
@@ -150,7 +171,11 @@ class PatchEmbed3D(nn.Module):
         if H % P or W % P:
             raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {P}; "
                              f"resize or crop the frames to a multiple of {P} (e.g. {max(P, H // P * P)}x{max(P, W // P * P)})")
-        x = self.proj(pixel_values)  # (B, D, T, h, w)
+        x = pixel_values
+        if self.stem is not None:  # per frame: (B·T, C, H, W) → (B, C', T, H·2/P, W·2/P)
+            x = self.stem(x.transpose(1, 2).reshape(B * T, -1, H, W))
+            x = x.reshape(B, T, *x.shape[1:]).transpose(1, 2)
+        x = self.proj(x)  # (B, D, T, h, w)
         grid = tuple(x.shape[2:])  # (T, h, w)
         x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T, N, D)
         return x, grid
@@ -222,9 +247,10 @@ class VideoEmbeddings(nn.Module):
 
     no_weight_decay_params = ("cls_token", "pos_embed", "temporal_pos_embed")
 
-    def __init__(self, img_size: int, patch_size: int, num_frames: int, in_chans: int, dim: int):
+    def __init__(self, img_size: int, patch_size: int, num_frames: int, in_chans: int, dim: int,
+                 patch_stem: str = "linear"):
         super().__init__()
-        self.patch_embed = PatchEmbed3D(in_chans, dim, patch_size)
+        self.patch_embed = PatchEmbed3D(in_chans, dim, patch_size, patch_stem)
         self.grid_hw = (img_size // patch_size, img_size // patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_hw[0] * self.grid_hw[1], dim))

@@ -98,6 +98,8 @@ class VideoMAPConfig(PretrainedConfig):
             Mamba mixer, with Mamba's names and meanings.
         drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
         pool: "cls" (pooler_output = cls token) or "mean" (mean of the patch tokens).
+        patch_stem: "linear" (one P×P patchify, as VideoMAP) or "conv" (a convolutional stem
+            ending at the same grid; see `encoder.layers.PatchEmbed3D`).
         norm_eps: RMSNorm epsilon. initializer_range: std of the truncated-normal init.
         gradient_checkpointing: pass True to build the model with activation checkpointing on
             (Hugging Face consumes this flag in ``post_init``); or call
@@ -129,6 +131,7 @@ class VideoMAPConfig(PretrainedConfig):
         pool: str = "cls",
         norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
+        patch_stem: str = "linear",
         **kwargs,
     ):
         for name, value, minimum in (("img_size", img_size, 1), ("patch_size", patch_size, 1),
@@ -151,6 +154,11 @@ class VideoMAPConfig(PretrainedConfig):
             raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}")
         if mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0; got {mlp_ratio}")
+        if patch_stem not in ("linear", "conv"):
+            raise ValueError(f"patch_stem must be 'linear' or 'conv'; got {patch_stem!r}")
+        if patch_stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
+            raise ValueError(f"patch_stem='conv' needs a patch_size that is a power of two >= 2; got {patch_size}")
+        self.patch_stem = patch_stem
         self.img_size = img_size
         self.patch_size = patch_size
         self.num_frames = num_frames
@@ -332,7 +340,7 @@ class VideoMAPModel(VideoMAPPreTrainedModel):
         super().__init__(config)
         D = config.embed_dim
         self.embeddings = VideoEmbeddings(config.img_size, config.patch_size, config.num_frames,
-                                          config.in_chans, D)
+                                          config.in_chans, D, config.patch_stem)
         types = config.block_types
         dpr = drop_path_schedule(config.drop_path_rate, len(types))
         blocks = []

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from training.ground import (COLOR_WORDS, GROUPS, WORDS, ClipSource, GroundConfig, GroundData, WordScorer,
-                             batch_seeds, clip_words, eval_seeds, group_loss, train)
-from training.synth import make_clip, make_needle
+                             batch_seeds, clip_words, dense_loss, eval_seeds, group_loss, token_targets, train)
+from training.synth import SynthObject, SynthSpec, make_clip, make_needle, render, visible_coverage
 
 
 def test_clip_words_name_colour_shape_and_motion():
@@ -41,6 +41,54 @@ def test_scorer_reads_a_word_embedding_as_that_word():
     assert WORDS[colours[int(scores[0, colours].argmax())]] == "green"
 
 
+def test_coverage_is_what_render_draws_in_front():
+    back = SynthObject("square", "blue", "large", 20, 20)
+    front = SynthObject("circle", "red", "small", 24, 24)
+    spec = SynthSpec(2, 64, "black", [front, back])
+    cover = visible_coverage(spec)  # (2, 2, 64, 64)
+    frame = render(spec)[0].astype(int)
+    assert cover.shape == (2, 2, 64, 64) and cover.sum(0).max() <= 1.0 + 1e-6
+    assert cover[0, 0, 24, 24] == 1.0 and cover[1, 0, 24, 24] == 0.0  # the circle hides the square there
+    assert tuple(frame[24, 24]) == (230, 30, 30) and tuple(frame[14, 14]) == (30, 70, 240)
+    assert cover[1, 0, 14, 14] == 1.0 and cover[:, 0, 60, 60].sum() == 0.0
+
+
+def test_dense_targets_name_the_object_in_the_cell_of_its_centre():
+    obj = SynthObject("star", "green", "large", 16, 16, "right", speed=2.0)  # starts in the top-left cell
+    spec = SynthSpec(16, 64, "gray", [obj])
+    targets, about = token_targets(spec, 0, 16, (2, 2), min_cover=12)
+    assert targets.shape == (64, len(WORDS)) and about.shape == (64,)
+    named = {WORDS[i] for i in targets[0].nonzero().flatten().tolist()}
+    assert named == {"green", "star", "right"} and about[0] == 1
+    assert about[3] == 0 and targets[3].sum() == 0  # bottom-right cell of frame 0: background
+    assert about[15 * 4 + 1] == 1 and about[15 * 4] == 0  # by the last frame (x = 46) it is in the top-right cell
+    # a needle (centred, so its centre is in the top-left cell and it shows in all four) in frame 5
+    # of a 9-frame haystack: only that frame is about it, with no motion word; the cells that show
+    # only part of it get no target
+    needle = make_needle(2, num_frames=1, size=64)
+    targets, about = token_targets(needle.spec, 5, 9, (2, 2), min_cover=12)
+    assert about[20] == 1 and about[21:24].tolist() == [-1, -1, -1] and (about[:20] == 0).all()
+    o = needle.spec.objects[0]
+    assert {WORDS[i] for i in targets[20].nonzero().flatten().tolist()} == {o.color, o.shape}
+    # the frames= form gives the same rows
+    t5, a5 = token_targets(needle.spec, 0, 1, (2, 2), min_cover=12, frames=[0])
+    assert torch.equal(t5, targets[20:24]) and torch.equal(a5, about[20:24])
+
+
+def test_dense_loss_rewards_the_named_words_and_silence_on_background():
+    targets = torch.zeros(1, 2, len(WORDS))
+    for w in ("red", "circle", "left"):
+        targets[0, 0, WORDS.index(w)] = 1.0
+    about = torch.tensor([[1, 0]], dtype=torch.int8)
+    scores = torch.zeros(1, 2, len(WORDS))
+    obj0, null0 = dense_loss(scores, targets, about)
+    scores[0, 0, [WORDS.index("red"), WORDS.index("circle")]] = 5.0
+    obj1, _ = dense_loss(scores, targets, about)
+    scores[0, 1, WORDS.index("blue")] = 5.0  # a background token that names a colour
+    _, null1 = dense_loss(scores, targets, about)
+    assert obj1 < obj0 and null1 > null0
+
+
 def test_seeds_are_deterministic_and_disjoint():
     assert batch_seeds(0, 4, 8) == batch_seeds(0, 4, 8) != batch_seeds(0, 5, 8)
     assert not set(eval_seeds(0, 64)) & {s for step in range(50) for s in batch_seeds(0, step, 16)}
@@ -48,7 +96,7 @@ def test_seeds_are_deterministic_and_disjoint():
 
 def test_needle_haystack_is_real_video_with_one_needle_frame():
     source = ClipSource(GroundData(clip_frames=8, size=32, haystack_frames=24))
-    frames, words, needle = source.needle(11)
+    frames, words, needle, start = source.needle(11)
     assert frames.shape == (24, 32, 32, 3)
     assert words == {needle.spec.objects[0].color, needle.spec.objects[0].shape}
     match = [(abs(frames[t].astype(int) - needle.frames[0].astype(int)).mean() < 1.0) for t in range(24)]
@@ -57,14 +105,16 @@ def test_needle_haystack_is_real_video_with_one_needle_frame():
 
 def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder="nano", steps=2, batch_size=4, eval_clips=2,
-                       save_every=1, log_every=1, data=GroundData(clip_frames=8, size=32, haystack_frames=8,
-                                                                  needle_fraction=0.5))
+                       save_every=1, log_every=1, stem_steps=2, stem_batch=4,
+                       data=GroundData(clip_frames=8, size=32, haystack_frames=8, needle_fraction=0.5))
     last = train(cfg)
+    stem = json.loads((tmp_path / "g" / "stem.json").read_text())  # the warm-up ran and was scored
+    assert 0.0 <= stem["stem_acc_color"] <= 1.0 and stem["stem_seconds"] >= 0
     final = tmp_path / "g" / "final"
     state = load_file(str(final / "model.safetensors"))
     assert state and all(k.startswith(("vision_tower.", "projector.")) for k in state)
     assert json.loads((final / "config.json").read_text())["model_type"] == "videomap_llm"
-    assert "acc_color" in last and 0.0 <= last["acc_color"] <= 1.0
+    assert "acc_color" in last and 0.0 <= last["acc_color"] <= 1.0 and 0.0 <= last["acc_bind_color"] <= 1.0
     lines = (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
 

@@ -87,6 +87,8 @@ def test_attn_every_0_is_pure_mamba_and_1_is_pure_attention():
     (dict(depth_mamba=0), "depth_mamba"),
     (dict(dt_rank="big"), "dt_rank"),
     (dict(drop_path_rate=1.0), "drop_path_rate"),
+    (dict(patch_stem="resnet"), "patch_stem"),
+    (dict(patch_stem="conv", patch_size=12, img_size=48), "power of two"),
 ])
 def test_config_rejects_bad_values_with_a_clear_message(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -111,6 +113,25 @@ def test_forward_shapes_grid_and_pooling():
     mean_model = tiny_model(pool="mean")
     out = mean_model(x)
     torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 1:].mean(1))
+
+
+def test_conv_stem_gives_the_linear_patchify_grid_and_sees_within_patches(tmp_path):
+    torch.manual_seed(0)
+    conv, linear = tiny_model(patch_stem="conv"), tiny_model()
+    x = torch.randn(2, 3, 3, 32, 48)
+    out = conv(x)
+    assert out.grid == linear(x).grid == (3, 2, 3)
+    assert out.last_hidden_state.shape == linear(x).last_hidden_state.shape
+    # frames are embedded independently: changing frame 2 leaves frame 0's patch embeddings alone
+    emb = conv.embeddings.patch_embed
+    y = x.clone()
+    y[:, :, 2] += 1.0
+    e_x, e_y = emb(x)[0], emb(y)[0]  # (B, T, N, D)
+    assert torch.equal(e_x[:, 0], e_y[:, 0]) and not torch.allclose(e_x[:, 2], e_y[:, 2])
+    conv.save_pretrained(tmp_path / "c")
+    again = VideoMAPModel.from_pretrained(tmp_path / "c")
+    assert again.config.patch_stem == "conv"
+    torch.testing.assert_close(again.eval()(x).last_hidden_state, conv.eval()(x).last_hidden_state)
 
 
 def test_frame_size_not_divisible_by_patch_raises():
