@@ -12,13 +12,23 @@ encoder and the projector are trained so that each video token points where the 
 embeddings of the words for what it shows point (the colour, shape and motion words of the objects
 in its region), and the LLM then reads them almost as it reads those words.
 
-Objective, per clip (a multiple-instance loss: which token shows which object is not known):
+Objective (``objective: dense``, the default). The generator knows where every object is in
+every frame (`training.synth.visible_coverage`), so each video token gets its own target:
 
     z_k  = projector(encoder(clip))_k                 video tokens, k = 1…K      (K, D_llm)
     e_w  = mean input embedding of " w"'s sub-tokens, minus the mean over WORDS   (W, D_llm)
-    s_w  = τ · max_k cos(z_k, e_w)                     a word's clip score
-    loss = Σ_groups CE(softmax_{w ∈ group} s_w, uniform over the group's words in the clip)
+    s_kw = τ · cos(z_k, e_w)                           token k's score for word w
+    loss = Σ_groups mean_k CE(softmax(s_k,group ∪ {none: 0}), target_k,group)
            + λ · mean_k (‖z_k‖ / ē − 1)²
+
+A token (a frame × a cell of the pooled grid) whose cell holds an object's centre targets that
+object's colour in that frame, its shape and its motion words (`token_targets`); an empty cell
+targets "none" (every word scored below 0; weighted by ``null_weight``); a cell that shows only
+part of an object has no target. So a token says what the object in its place is: "what colour
+is the diamond?" is read where "diamond" is. ``objective: mil`` is the earlier per-clip
+multiple-instance loss (each word of the clip scored by its best token, s_w = max_k s_kw): it
+does not say which token shows what, and left the moving object's colour at 75% and its shape at
+chance (150 steps, nano, 64 px).
 
 Groups are colours, shapes and motions. Word embeddings are centred first: the raw rows of words
 of one kind are close to one another (every colour is near "colour"), and what has to be told
@@ -30,9 +40,14 @@ bundled real clips, which name no word) with a one-frame `make_needle` shape at 
 a brief shape in long real video is singled out as well. Clips are rendered on the fly from seeds
 (step, index), so a resumed run sees exactly the clips it would have seen.
 
+Before the main steps, ``stem_steps`` > 0 warms up the encoder's patch stem alone on single frames
+(`warm_stem`), which is about 25× cheaper a step than the whole encoder on a clip.
+
 Logged: loss, and on ``eval_clips`` held-out clips (seeds never used in training) the top-1
-accuracy of the colour, shape and direction of the moving object of the motion task and of the
-needle's shape, read off the token scores — how much of the video the tokens already name.
+accuracy, read off the token scores, of the colour, shape and direction of a lone moving object and
+of the needle's shape and colour, and the binding accuracies of `binding` (an attribute read at
+the token that best matches another, as a question about "the diamond" needs) — how much of the
+video the tokens already name; ``stem.json``: the warm-up's held-out cell accuracies.
 """
 
 from __future__ import annotations
