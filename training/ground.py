@@ -336,10 +336,11 @@ class WordScorer(torch.nn.Module):
     def token_scores(self, z: torch.Tensor) -> torch.Tensor:
         return self.temperature * F.normalize(z, dim=-1) @ self.words.T  # (B, K, W)
 
+    def norm_penalty(self, z: torch.Tensor) -> torch.Tensor:
+        return ((z.norm(dim=-1) / self.embed_norm - 1.0) ** 2).mean()
+
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.token_scores(z).amax(dim=1)  # (B, W)
-        norm_pen = ((z.norm(dim=-1) / self.embed_norm - 1.0) ** 2).mean()
-        return scores, norm_pen
+        return self.token_scores(z).amax(dim=1), self.norm_penalty(z)  # (B, W), ()
 
 
 def _pixels(frames: list[np.ndarray], size: int) -> torch.Tensor:
@@ -461,8 +462,8 @@ class StemHead(torch.nn.Module):
 
 def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, int]) -> dict[str, float]:
     """The appearance warm-up (``stem_steps`` > 0): train the encoder's patch stem alone, on single
-    frames, to name the colour, shape and motion of the object in each token cell (the same dense
-    targets and loss as the main objective, read by a `StemHead`).
+    frames, to name the colour and shape of the object in each token cell (the main objective's
+    dense targets and loss without motion, which one frame does not show, read by a `StemHead`).
 
     Why: the full encoder learns shape very slowly from these clips. On single-object 64 px frames
     with direct shape supervision, 400 steps of 64 frames left the whole nano encoder at chance,
@@ -578,17 +579,17 @@ def train(cfg: GroundConfig) -> dict[str, Any]:
                 continue
             clips = [make(s) for s in group]
             z = model.get_video_features(_pixels([c[0] for c in clips], size))  # (b, K, D_llm)
-            scores, norm_pen = scorer(z)
+            tok, norm_pen = scorer.token_scores(z), scorer.norm_penalty(z)  # (b, K, W), ()
             if cfg.objective == "dense":
                 targets, about = zip(*(token_targets(c[2].spec, c[3], len(c[0]), cells, cfg.min_cover) for c in clips))
                 if z.shape[1] != targets[0].shape[0]:
                     raise UserError(f"dense grounding needs one video token per frame and cell; the projector gave "
                                     f"{z.shape[1]} for {len(clips[0][0])} frames of {cells} cells (temporal pooling?)")
-                ce_obj, ce_null = dense_loss(scorer.token_scores(z), torch.stack(targets), torch.stack(about))
+                ce_obj, ce_null = dense_loss(tok, torch.stack(targets), torch.stack(about))
                 ce = ce_obj + cfg.null_weight * ce_null
                 parts[f"ce_null_{kind}"] = float(ce_null.detach())
             else:
-                ce = group_loss(scores, [c[1] for c in clips])
+                ce = group_loss(tok.amax(dim=1), [c[1] for c in clips])
             loss = loss + (ce + cfg.norm_weight * norm_pen) * len(group) / cfg.batch_size
             parts[f"ce_{kind}"] = float(ce.detach())
             parts[f"norm_{kind}"] = float(norm_pen.detach())
