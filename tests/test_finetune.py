@@ -112,6 +112,25 @@ def test_stage2_lora_loss_falls(assets, tmp_path, capsys):
     assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_word_anchor_is_installed_in_stage1_and_kept_in_stage2(assets, tmp_path):
+    from training.ground import GROUPS, WORDS, word_embeddings
+    from videollm.modeling_videollm import load_videollm
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    _finetune(STAGE1, _overrides(assets, s1, steps=2, save_every=100, eval_every=100, word_anchor="true"))
+    m1, proc = load_videollm(s1 / "final")
+    assert m1.config.word_anchor == [list(g) for g in GROUPS]
+    rows = word_embeddings(m1.get_input_embeddings().weight, proc.tokenizer)
+    assert rows.shape[0] == len(WORDS) and torch.equal(m1.projector.anchor_values, rows)
+    # Stage 2 starts from stage 1 and keeps the anchor (without asking for it again); it trains the gate.
+    _finetune(STAGE2, _overrides(assets, s2, steps=2, grad_accum=1, save_every=100, eval_every=100,
+                                 init_from=s1 / "final", **{"optim.lr": 5e-3}))
+    m2, _ = load_videollm(s2 / "final")
+    assert m2.has_lora and m2.config.word_anchor == m1.config.word_anchor
+    assert torch.equal(m2.projector.anchor_values, rows)
+    assert float(m2.projector.anchor_gate) != float(m1.projector.anchor_gate)
+
+
 def test_resume_continues_exactly(assets, tmp_path):
     kw = dict(steps=6, save_every=3, eval_every=100, grad_accum=2, **{"lora.dropout": 0.1})
     full, part = tmp_path / "full", tmp_path / "part"

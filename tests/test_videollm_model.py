@@ -207,3 +207,58 @@ def test_system_prompt_replaces_the_template_default():
     assert empty.tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]) \
         == "Hello<|im_end|>"
     assert empty.to_dict()["system_prompt"] == ""
+
+
+def _anchored(tmp_path=None):
+    from videollm.modeling_videollm import word_embedding_rows
+
+    model, proc = tiny_videollm(word_anchor=[["red", "blue"], ["circle", "square", "star"]])
+    rows = word_embedding_rows(model.get_input_embeddings().weight, proc.tokenizer,
+                               ["red", "blue", "circle", "square", "star"])
+    return model, proc, rows
+
+
+def test_word_anchor_turns_tokens_into_the_words_they_match():
+    import torch.nn.functional as F
+
+    model, _, rows = _anchored()
+    proj = model.projector
+    keys = F.normalize(rows - rows.mean(0), dim=-1)
+    assert torch.allclose(proj.anchor_keys, keys) and torch.equal(proj.anchor_values, rows)
+    # A token pointing along "blue"'s key, at a high temperature, becomes "blue"'s own embedding in
+    # the colour group; the gate starts closed, so nothing else of the token passes.
+    proj.config.anchor_temperature = 200.0
+    x = keys[1].expand(1, 1, -1).clone()
+    out = proj.anchor(x)[0, 0]
+    shape_part = out - rows[1]
+    scores = 200.0 * keys[2:] @ F.normalize(x[0, 0], dim=-1)
+    p = torch.softmax(torch.cat([scores, torch.zeros(1)]), 0)[:-1]
+    assert torch.allclose(shape_part, p @ rows[2:], atol=1e-4)
+    # A token orthogonal to every key is the mean of each group's words with "none" (1/(n+1) each).
+    orth = torch.linalg.svd(keys, full_matrices=True).Vh[-1]
+    out = proj.anchor(orth.expand(1, 1, -1))[0, 0]
+    assert torch.allclose(out, rows[:2].sum(0) / 3 + rows[2:].sum(0) / 4, atol=1e-4)
+    with torch.no_grad():
+        proj.anchor_gate.fill_(0.5)
+    assert torch.allclose(proj.anchor(orth.expand(1, 1, -1))[0, 0], out + 0.5 * orth, atol=1e-4)
+
+
+def test_word_anchor_saves_and_loads_with_the_projector(tmp_path):
+    model, proc, _ = _anchored()
+    with torch.no_grad():
+        model.projector.anchor_gate.fill_(0.25)
+    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames())
+    save_videollm(model, proc, tmp_path / "m")
+    loaded, _ = load_videollm(tmp_path / "m")
+    assert loaded.config.word_anchor == [["red", "blue"], ["circle", "square", "star"]]
+    assert float(loaded.projector.anchor_gate) == 0.25
+    assert torch.equal(loaded.projector.anchor_values, model.projector.anchor_values)
+    assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
+
+
+@pytest.mark.parametrize("bad", [[], [[]], [["red", ""]], "red", [["red"], "blue"]])
+def test_word_anchor_config_errors(bad):
+    with pytest.raises(ValueError, match="word_anchor"):
+        VideoLLMConfig(vision_config=tiny_encoder_config(), word_anchor=bad)
+    with pytest.raises(ValueError, match="anchor_temperature"):
+        VideoLLMConfig(vision_config=tiny_encoder_config(), word_anchor=[["red"]], anchor_temperature=0)

@@ -108,6 +108,10 @@ class FinetuneConfig:
     spatial_pool: int = 2
     max_video_tokens: int | None = None
     train_encoder: bool = False
+    # Anchor the video tokens in the LLM's vocabulary (`VideoProjector.anchor`) with the synthetic
+    # clips' colour, shape and motion words, as `training.ground` scored them. An init_from that
+    # has an anchor keeps it either way.
+    word_anchor: bool = False
     quant: str = "none"  # none | 4bit
     precision: str = "fp32"  # fp32 | bf16
     gradient_checkpointing: bool = False
@@ -232,7 +236,8 @@ def build_model(cfg: FinetuneConfig):
                                 spatial_pool=init.spatial_pool, tokens_per_frame=init.tokens_per_frame,
                                 max_video_tokens=init.max_video_tokens, use_cls_token=init.use_cls_token,
                                 projector_hidden_act=init.projector_hidden_act,
-                                video_token_id=video_token_id, base_llm=llm_name)
+                                video_token_id=video_token_id, base_llm=llm_name,
+                                word_anchor=init.word_anchor, anchor_temperature=init.anchor_temperature)
     else:
         encoder = build_encoder(cfg.encoder, cfg.data.image_size, cfg.data.num_frames, cfg.seed)
         config = VideoLLMConfig(vision_config=encoder.config, text_config=llm.config,
@@ -247,6 +252,14 @@ def build_model(cfg: FinetuneConfig):
         missing = [k for k in missing if k.startswith(("vision_tower.", "projector."))]
         if missing:
             raise UserError(f"init_from '{cfg.init_from}' lacks weights {missing[:4]}…")
+    if cfg.word_anchor and not model.config.word_anchor:
+        from training.ground import GROUPS, word_embeddings
+
+        model.config.word_anchor = [list(g) for g in GROUPS]
+        projector = type(model.projector)(model.config)
+        projector.load_state_dict(model.projector.state_dict(), strict=False)
+        projector.set_word_anchor(word_embeddings(llm.get_input_embeddings().weight, tokenizer))
+        model.projector = projector.to(model.projector.linear_1.weight.dtype)
 
     model.requires_grad_(False)
     if cfg.stage == 2:

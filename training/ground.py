@@ -136,13 +136,10 @@ class GroundConfig:
 
 
 def word_embeddings(llm_embeddings: torch.Tensor, tokenizer) -> torch.Tensor:
-    """(W, D): the mean input embedding of each word's sub-tokens, written with a leading space as
-    it appears mid-sentence."""
-    rows = []
-    for w in WORDS:
-        ids = tokenizer(" " + w, add_special_tokens=False).input_ids
-        rows.append(llm_embeddings[ids].mean(0))
-    return torch.stack(rows)
+    """(W, D): the LLM's embedding of each of `WORDS` (`videollm.modeling_videollm.word_embedding_rows`)."""
+    from videollm.modeling_videollm import word_embedding_rows
+
+    return word_embedding_rows(llm_embeddings, tokenizer, WORDS)
 
 
 def clip_words(spec) -> set[str]:

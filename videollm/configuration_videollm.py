@@ -57,6 +57,12 @@ class VideoLLMConfig(PretrainedConfig):
         use_cls_token: prepend the encoder's cls token to the video tokens (one extra token).
         base_llm: where the LLM came from ("smollm2", a Hub id or a path). A checkpoint saved with a
             LoRA adapter stores only this reference plus the adapter, and loads the base from it.
+        word_anchor: groups of words (e.g. the colours, the shapes, the motions) that anchor the
+            video tokens in the LLM's vocabulary: each token becomes, per group, a softmax-weighted
+            sum of the LLM's input embeddings of the group's words (plus an implicit "none" at logit
+            0), plus a gated copy of the projector's output (gate starts at 0). See
+            `VideoProjector.anchor`. None: plain projector.
+        anchor_temperature: τ of the anchor's scores, τ·cos(token, centred word embedding).
     """
 
     model_type = "videomap_llm"
@@ -76,6 +82,8 @@ class VideoLLMConfig(PretrainedConfig):
         video_token_id: int | None = None,
         use_cls_token: bool = False,
         base_llm: str | None = None,
+        word_anchor: list[list[str]] | None = None,
+        anchor_temperature: float = 15.0,
         **kwargs,
     ):
         self.vision_config = _sub_config(vision_config, "videomap", "vision_config")
@@ -104,6 +112,16 @@ class VideoLLMConfig(PretrainedConfig):
                 f"video_token_id={video_token_id} is outside the LLM vocabulary "
                 f"(vocab_size={self.text_config.vocab_size}); resize the embeddings after adding {VIDEO_TOKEN}"
             )
+        if word_anchor is not None:
+            if (not isinstance(word_anchor, (list, tuple)) or not word_anchor
+                    or not all(isinstance(g, (list, tuple)) and g and all(isinstance(w, str) and w for w in g)
+                               for g in word_anchor)):
+                raise ValueError(f"word_anchor must be a non-empty list of non-empty lists of words; got {word_anchor!r}")
+            word_anchor = [list(g) for g in word_anchor]
+        if not isinstance(anchor_temperature, (int, float)) or anchor_temperature <= 0:
+            raise ValueError(f"anchor_temperature must be > 0; got {anchor_temperature!r}")
+        self.word_anchor = word_anchor
+        self.anchor_temperature = float(anchor_temperature)
         self.spatial_pool = spatial_pool
         self.tokens_per_frame = tokens_per_frame
         self.max_video_tokens = max_video_tokens

@@ -55,7 +55,8 @@ class VideoLLMOutput(ModelOutput):
 
 class VideoProjector(nn.Module):
     """Encoder tokens → LLM-width video tokens: per-frame spatial pooling, temporal pooling to the
-    budget, optional cls token, 2-layer MLP. Token counts follow `VideoLLMConfig.num_video_tokens`."""
+    budget, optional cls token, 2-layer MLP, and with ``config.word_anchor`` the vocabulary anchor
+    (`anchor`). Token counts follow `VideoLLMConfig.num_video_tokens`."""
 
     def __init__(self, config: VideoLLMConfig):
         super().__init__()
@@ -64,6 +65,43 @@ class VideoProjector(nn.Module):
         self.linear_1 = nn.Linear(d_vis, d_llm)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(d_llm, d_llm)
+        if config.word_anchor:
+            n = sum(len(g) for g in config.word_anchor)
+            # Filled by set_word_anchor from the LLM's embeddings; saved with the projector.
+            self.register_buffer("anchor_keys", torch.zeros(n, d_llm))
+            self.register_buffer("anchor_values", torch.zeros(n, d_llm))
+            self.anchor_gate = nn.Parameter(torch.zeros(()))
+
+    @torch.no_grad()
+    def set_word_anchor(self, word_embeddings: torch.Tensor) -> None:
+        """word_embeddings (n, D_llm): the LLM's input embedding of each word of ``config.word_anchor``
+        (groups concatenated, in order). Keys are the rows centred over the n words and normalised
+        (as `training.ground`'s scorer compares tokens with them); values are the raw rows."""
+        if not self.config.word_anchor:
+            raise ValueError("set_word_anchor needs config.word_anchor")
+        if tuple(word_embeddings.shape) != tuple(self.anchor_values.shape):
+            raise ValueError(f"word_embeddings must be {tuple(self.anchor_values.shape)} (one row per anchor word); "
+                             f"got {tuple(word_embeddings.shape)}")
+        rows = word_embeddings.detach().float()
+        self.anchor_keys.copy_(F.normalize(rows - rows.mean(0), dim=-1))
+        self.anchor_values.copy_(rows)
+
+    def anchor(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: 0})·values_g + gate·x.
+
+        Each token becomes a mixture of the LLM's own embeddings of the words it matches (e.g.
+        "red" + "circle" + "left"), which the LLM reads like those words, or near zero where it
+        matches none; the gated copy of x (gate 0 at the start) lets training pass on what the
+        words do not name."""
+        scores = self.config.anchor_temperature * F.normalize(x, dim=-1) @ self.anchor_keys.to(x.dtype).T  # (B, K, n)
+        out = self.anchor_gate.to(x.dtype) * x
+        start = 0
+        for group in self.config.word_anchor:
+            s = scores[..., start:start + len(group)]
+            p = torch.softmax(torch.cat([s, s.new_zeros(*s.shape[:-1], 1)], dim=-1), dim=-1)[..., :-1]
+            out = out + p @ self.anchor_values[start:start + len(group)].to(x.dtype)
+            start += len(group)
+        return out
 
     def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w) → (B, K, D)."""
@@ -96,7 +134,8 @@ class VideoProjector(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         x = self.pool(hidden_states, grid)  # (B, K, D)
-        return self.linear_2(self.act(self.linear_1(x)))  # (B, K, D_llm)
+        x = self.linear_2(self.act(self.linear_1(x)))  # (B, K, D_llm)
+        return self.anchor(x) if self.config.word_anchor else x
 
 
 class VideoLLMPreTrainedModel(PreTrainedModel):
@@ -364,6 +403,18 @@ def add_video_token(llm: PreTrainedModel, tokenizer) -> int:
     return token_id
 
 
+def word_embedding_rows(embeddings: torch.Tensor, tokenizer, words) -> torch.Tensor:
+    """(n, D): for each word, the mean of the LLM's input-embedding rows of its sub-tokens, written
+    with a leading space as it appears mid-sentence (" red")."""
+    rows = []
+    for w in words:
+        ids = tokenizer(" " + w, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"the tokenizer gives no token for the word {w!r}")
+        rows.append(embeddings[ids].detach().float().mean(0))
+    return torch.stack(rows)
+
+
 def _accepts_replace_kw(tokenizer) -> bool:
     import inspect
 
@@ -376,13 +427,15 @@ def _accepts_replace_kw(tokenizer) -> bool:
 def build_videollm(llm="smollm2", encoder="nano", *, num_frames: int = 8, image_size: int | None = None,
                    spatial_pool: int = 2, tokens_per_frame: int | None = None, max_video_tokens: int | None = 2048,
                    use_cls_token: bool = False, use_time_line: bool = True, cache_dir=None,
-                   dtype: torch.dtype = torch.float32, seed: int = 0):
+                   dtype: torch.dtype = torch.float32, seed: int = 0,
+                   word_anchor: list[list[str]] | None = None):
     """(model, processor): an encoder, a fresh projector and an LLM, with ``<video>`` added.
 
     llm: "smollm2", a Hub id, a local dir, a .gguf file, or an already-loaded ``(model, tokenizer)``.
     encoder: a VideoMAP preset name ("nano", …; randomly initialised from ``seed``), a checkpoint
         directory (VideoMAP or ViT, via AutoModel), an encoder config, or an encoder module.
-    The remaining arguments are the projector's (see `VideoLLMConfig`) and the processor's.
+    The remaining arguments are the projector's (see `VideoLLMConfig`; a ``word_anchor`` is filled
+    from the LLM's embeddings, `word_embedding_rows`) and the processor's.
     ``model.vision_untrained`` is True when the encoder was randomly initialised.
     """
     from encoder.videomap import PRESETS, VideoMAPConfig
@@ -416,8 +469,11 @@ def build_videollm(llm="smollm2", encoder="nano", *, num_frames: int = 8, image_
         config = VideoLLMConfig(vision_config=vision_tower.config, text_config=language_model.config,
                                 spatial_pool=spatial_pool, tokens_per_frame=tokens_per_frame,
                                 max_video_tokens=max_video_tokens, use_cls_token=use_cls_token,
-                                video_token_id=video_token_id, base_llm=base_llm)
+                                video_token_id=video_token_id, base_llm=base_llm, word_anchor=word_anchor)
         model = VideoLLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
+    if word_anchor:
+        words = [w for group in config.word_anchor for w in group]
+        model.projector.set_word_anchor(word_embedding_rows(language_model.get_input_embeddings().weight, tokenizer, words))
     model.generation_config = _generation_config(language_model, tokenizer)
     model.vision_untrained = untrained
     model.to(dtype).eval()
