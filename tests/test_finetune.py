@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from encoder.errors import UserError
 from training.config import load_config
 from training.finetune import FinetuneConfig, build_model
 from videollm.cli import main as cli
@@ -113,22 +114,33 @@ def test_stage2_lora_loss_falls(assets, tmp_path, capsys):
 
 
 def test_word_anchor_is_installed_in_stage1_and_kept_in_stage2(assets, tmp_path):
-    from training.ground import GROUPS, WORDS, word_embeddings
+    from training.ground import COLOR_WORDS, SHAPE_WORDS, WORDS, WordScorer, word_embeddings
     from videollm.modeling_videollm import load_videollm
 
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
-    _finetune(STAGE1, _overrides(assets, s1, steps=2, save_every=100, eval_every=100, word_anchor="true"))
+    _finetune(STAGE1, _overrides(assets, s1, steps=2, save_every=100, eval_every=100, word_anchor="[colors, shapes]"))
     m1, proc = load_videollm(s1 / "final")
-    assert m1.config.word_anchor == [list(g) for g in GROUPS]
-    rows = word_embeddings(m1.get_input_embeddings().weight, proc.tokenizer)
-    assert rows.shape[0] == len(WORDS) and torch.equal(m1.projector.anchor_values, rows)
+    assert m1.config.word_anchor == [list(COLOR_WORDS), list(SHAPE_WORDS)]
+    rows = word_embeddings(m1.get_input_embeddings().weight, proc.tokenizer)  # every word ground scores
+    n = len(COLOR_WORDS) + len(SHAPE_WORDS)
+    assert rows.shape[0] == len(WORDS) and torch.equal(m1.projector.anchor_values, rows[:n])
+    # The anchor compares tokens with words exactly as the grounding scorer did (centred over all words).
+    scorer = WordScorer(rows, 1.0, 1.0)
+    assert torch.allclose(m1.projector.anchor_keys, scorer.words[:n], atol=1e-6)
     # Stage 2 starts from stage 1 and keeps the anchor (without asking for it again); it trains the gate.
     _finetune(STAGE2, _overrides(assets, s2, steps=2, grad_accum=1, save_every=100, eval_every=100,
                                  init_from=s1 / "final", **{"optim.lr": 5e-3}))
     m2, _ = load_videollm(s2 / "final")
     assert m2.has_lora and m2.config.word_anchor == m1.config.word_anchor
-    assert torch.equal(m2.projector.anchor_values, rows)
+    assert torch.equal(m2.projector.anchor_values, rows[:n])
     assert float(m2.projector.anchor_gate) != float(m1.projector.anchor_gate)
+
+
+def test_word_anchor_names_known_groups():
+    with pytest.raises(UserError, match="word_anchor"):
+        FinetuneConfig(word_anchor=["colours"]).validate()
+    with pytest.raises(UserError, match="word_anchor"):
+        FinetuneConfig(word_anchor=["colors", "colors"]).validate()
 
 
 def test_resume_continues_exactly(assets, tmp_path):

@@ -108,10 +108,10 @@ class FinetuneConfig:
     spatial_pool: int = 2
     max_video_tokens: int | None = None
     train_encoder: bool = False
-    # Anchor the video tokens in the LLM's vocabulary (`VideoProjector.anchor`) with the synthetic
-    # clips' colour, shape and motion words, as `training.ground` scored them. An init_from that
-    # has an anchor keeps it either way.
-    word_anchor: bool = False
+    # Anchor the video tokens in the LLM's vocabulary (`VideoProjector.anchor`) with these word
+    # groups of the synthetic clips (training.ground.WORD_GROUPS: colors, shapes, motions), compared
+    # with the tokens as `training.ground` scored them. An init_from that has an anchor keeps it.
+    word_anchor: list[str] = field(default_factory=list)
     quant: str = "none"  # none | 4bit
     precision: str = "fp32"  # fp32 | bf16
     gradient_checkpointing: bool = False
@@ -144,6 +144,12 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from training.ground import WORD_GROUPS
+
+        unknown = [g for g in self.word_anchor if g not in WORD_GROUPS]
+        if unknown or len(set(self.word_anchor)) != len(self.word_anchor):
+            raise UserError(f"word_anchor must list distinct word groups out of {', '.join(WORD_GROUPS)}; "
+                            f"got {self.word_anchor}")
         if not 0 <= self.data.eval_fraction < 1:
             raise UserError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         if self.deepspeed is not None:
@@ -253,12 +259,16 @@ def build_model(cfg: FinetuneConfig):
         if missing:
             raise UserError(f"init_from '{cfg.init_from}' lacks weights {missing[:4]}…")
     if cfg.word_anchor and not model.config.word_anchor:
-        from training.ground import GROUPS, word_embeddings
+        from training.ground import WORD_GROUPS, word_embeddings
+        from videollm.modeling_videollm import word_embedding_rows
 
-        model.config.word_anchor = [list(g) for g in GROUPS]
+        model.config.word_anchor = [list(WORD_GROUPS[g]) for g in cfg.word_anchor]
         projector = type(model.projector)(model.config)
         projector.load_state_dict(model.projector.state_dict(), strict=False)
-        projector.set_word_anchor(word_embeddings(llm.get_input_embeddings().weight, tokenizer))
+        emb = llm.get_input_embeddings().weight
+        words = [w for g in model.config.word_anchor for w in g]
+        # Centred over all of ground's words, as its scorer was, whichever groups are anchored.
+        projector.set_word_anchor(word_embedding_rows(emb, tokenizer, words), centre=word_embeddings(emb, tokenizer).mean(0))
         model.projector = projector.to(model.projector.linear_1.weight.dtype)
 
     model.requires_grad_(False)

@@ -10,7 +10,9 @@ most of that budget goes to discovering which direction of the embedding space i
 stage learns that from the synthetic clips' ground truth at the cost of the encoder alone: the
 encoder and the projector are trained so that each video token points where the LLM's input
 embeddings of the words for what it shows point (the colour, shape and motion words of the objects
-in its region), and the LLM then reads them almost as it reads those words.
+in its region). Pointing the right way is not enough for the LLM to read a token as a word (the
+tokens keep their own norm and off-word directions); finetune's ``word_anchor`` turns each token
+into the mix of the words it scores (`videollm.modeling_videollm.VideoProjector.anchor`).
 
 Objective (``objective: dense``, the default). The generator knows where every object is in
 every frame (`training.synth.visible_coverage`), so each video token gets its own target:
@@ -159,6 +161,7 @@ def clip_words(spec) -> set[str]:
 
 
 GROUPS = (COLOR_WORDS, SHAPE_WORDS, MOTION_WORDS)
+WORD_GROUPS = {"colors": COLOR_WORDS, "shapes": SHAPE_WORDS, "motions": MOTION_WORDS}
 
 
 def group_loss(scores: torch.Tensor, word_sets: list[set[str]]) -> torch.Tensor:

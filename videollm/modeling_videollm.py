@@ -73,17 +73,18 @@ class VideoProjector(nn.Module):
             self.anchor_gate = nn.Parameter(torch.zeros(()))
 
     @torch.no_grad()
-    def set_word_anchor(self, word_embeddings: torch.Tensor) -> None:
+    def set_word_anchor(self, word_embeddings: torch.Tensor, centre: torch.Tensor | None = None) -> None:
         """word_embeddings (n, D_llm): the LLM's input embedding of each word of ``config.word_anchor``
-        (groups concatenated, in order). Keys are the rows centred over the n words and normalised
-        (as `training.ground`'s scorer compares tokens with them); values are the raw rows."""
+        (groups concatenated, in order). Keys are the rows minus ``centre`` (default: their mean),
+        normalised, as `training.ground`'s scorer compares tokens with words; values are the raw rows."""
         if not self.config.word_anchor:
             raise ValueError("set_word_anchor needs config.word_anchor")
         if tuple(word_embeddings.shape) != tuple(self.anchor_values.shape):
             raise ValueError(f"word_embeddings must be {tuple(self.anchor_values.shape)} (one row per anchor word); "
                              f"got {tuple(word_embeddings.shape)}")
         rows = word_embeddings.detach().float()
-        self.anchor_keys.copy_(F.normalize(rows - rows.mean(0), dim=-1))
+        centre = rows.mean(0) if centre is None else centre.detach().float()
+        self.anchor_keys.copy_(F.normalize(rows - centre, dim=-1))
         self.anchor_values.copy_(rows)
 
     def anchor(self, x: torch.Tensor) -> torch.Tensor:
