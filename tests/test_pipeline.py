@@ -98,6 +98,9 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     model, processor = load_videollm(ship)
     reply = "".join(generate_stream(model, processor, None, "What is the capital of France?", max_new_tokens=8))
     assert reply.strip()
+    # stage 1's word anchor reaches the shipped model, with its word rows
+    assert [len(g) for g in model.config.word_anchor] == [8, 6]
+    assert model.projector.anchor_values.abs().sum() > 0
 
 
 def test_short_records_ask_each_question_once():
