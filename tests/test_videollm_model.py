@@ -209,7 +209,7 @@ def test_system_prompt_replaces_the_template_default():
     assert empty.to_dict()["system_prompt"] == ""
 
 
-def _anchored(tmp_path=None):
+def _anchored():
     from videollm.modeling_videollm import word_embedding_rows
 
     model, proc = tiny_videollm(word_anchor=[["red", "blue"], ["circle", "square", "star"]])

@@ -259,17 +259,13 @@ def build_model(cfg: FinetuneConfig):
         if missing:
             raise UserError(f"init_from '{cfg.init_from}' lacks weights {missing[:4]}…")
     if cfg.word_anchor and not model.config.word_anchor:
-        from training.ground import WORD_GROUPS, word_embeddings
-        from videollm.modeling_videollm import word_embedding_rows
+        from training.ground import WORD_GROUPS, WORDS, word_embeddings
 
         model.config.word_anchor = [list(WORD_GROUPS[g]) for g in cfg.word_anchor]
-        projector = type(model.projector)(model.config)
-        projector.load_state_dict(model.projector.state_dict(), strict=False)
-        emb = llm.get_input_embeddings().weight
-        words = [w for g in model.config.word_anchor for w in g]
+        rows = word_embeddings(llm.get_input_embeddings().weight, tokenizer)  # (W, D): every word ground scores
+        idx = [WORDS.index(w) for g in model.config.word_anchor for w in g]
         # Centred over all of ground's words, as its scorer was, whichever groups are anchored.
-        projector.set_word_anchor(word_embedding_rows(emb, tokenizer, words), centre=word_embeddings(emb, tokenizer).mean(0))
-        model.projector = projector.to(model.projector.linear_1.weight.dtype)
+        model.projector.set_word_anchor(rows[idx], centre=rows.mean(0))
 
     model.requires_grad_(False)
     if cfg.stage == 2:

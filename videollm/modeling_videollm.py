@@ -66,19 +66,26 @@ class VideoProjector(nn.Module):
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(d_llm, d_llm)
         if config.word_anchor:
-            n = sum(len(g) for g in config.word_anchor)
-            # Filled by set_word_anchor from the LLM's embeddings; saved with the projector.
-            self.register_buffer("anchor_keys", torch.zeros(n, d_llm))
-            self.register_buffer("anchor_values", torch.zeros(n, d_llm))
-            self.anchor_gate = nn.Parameter(torch.zeros(()))
+            self._add_anchor_slots()
+
+    def _add_anchor_slots(self) -> None:
+        # Filled by set_word_anchor from the LLM's embeddings; saved with the projector.
+        n, d_llm = sum(len(g) for g in self.config.word_anchor), self.linear_2.out_features
+        like = self.linear_2.weight
+        self.register_buffer("anchor_keys", like.new_zeros(n, d_llm))
+        self.register_buffer("anchor_values", like.new_zeros(n, d_llm))
+        self.anchor_gate = nn.Parameter(like.new_zeros(()))
 
     @torch.no_grad()
     def set_word_anchor(self, word_embeddings: torch.Tensor, centre: torch.Tensor | None = None) -> None:
         """word_embeddings (n, D_llm): the LLM's input embedding of each word of ``config.word_anchor``
         (groups concatenated, in order). Keys are the rows minus ``centre`` (default: their mean),
-        normalised, as `training.ground`'s scorer compares tokens with words; values are the raw rows."""
+        normalised, as `training.ground`'s scorer compares tokens with words; values are the raw rows.
+        A projector built before ``config.word_anchor`` was set gets its anchor (gate 0) here."""
         if not self.config.word_anchor:
             raise ValueError("set_word_anchor needs config.word_anchor")
+        if not hasattr(self, "anchor_values"):
+            self._add_anchor_slots()
         if tuple(word_embeddings.shape) != tuple(self.anchor_values.shape):
             raise ValueError(f"word_embeddings must be {tuple(self.anchor_values.shape)} (one row per anchor word); "
                              f"got {tuple(word_embeddings.shape)}")
