@@ -3,11 +3,14 @@ and a short run whose output stage 1 can start from."""
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.ground import (COLOR_WORDS, GROUPS, WORDS, ClipSource, GroundConfig, GroundData, WordScorer,
-                             batch_seeds, clip_words, dense_loss, eval_seeds, group_loss, token_targets, train)
+from encoder.errors import UserError
+from training.ground import (COLOR_WORDS, GROUPS, SHAPE_WORDS, WORDS, ClipSource, GroundConfig, GroundData,
+                             WordScorer, batch_seeds, clip_words, dense_loss, eval_seeds, group_loss, stem_groups,
+                             token_targets, train)
 from training.synth import SynthObject, SynthSpec, make_clip, make_needle, render, visible_coverage
 
 
@@ -103,9 +106,19 @@ def test_needle_haystack_is_real_video_with_one_needle_frame():
     assert sum(match) == 1
 
 
+def test_stem_warm_up_trains_shape_alone_first_then_colour_too():
+    cfg = GroundConfig(stem_steps=10, stem_shape_first=0.8)
+    assert [stem_groups(cfg, i) for i in range(10)] == [(SHAPE_WORDS,)] * 8 + [(COLOR_WORDS, SHAPE_WORDS)] * 2
+    cfg.stem_shape_first = 0.0
+    assert stem_groups(cfg, 0) == (COLOR_WORDS, SHAPE_WORDS)
+    cfg.stem_shape_first = 1.5
+    with pytest.raises(UserError, match="stem_shape_first"):
+        cfg.validate()
+
+
 def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder="nano", steps=2, batch_size=4, eval_clips=2,
-                       save_every=1, log_every=1, stem_steps=2, stem_batch=4,
+                       save_every=1, log_every=1, stem_steps=2, stem_batch=4, stem_shape_first=0.5,
                        data=GroundData(clip_frames=8, size=32, haystack_frames=8, needle_fraction=0.5))
     last = train(cfg)
     stem = json.loads((tmp_path / "g" / "stem.json").read_text())  # the warm-up ran and was scored

@@ -112,6 +112,7 @@ class GroundConfig:
     stem_steps: int = 0  # appearance warm-up of the encoder's patch stem before the main steps (0: none)
     stem_batch: int = 64  # frames per warm-up step
     stem_lr: float = 1.0e-3
+    stem_shape_first: float = 0.0  # share of the warm-up steps that train shape alone before colour joins
     eval_clips: int = 48
     save_every: int = 100
     log_every: int = 10
@@ -126,6 +127,8 @@ class GroundConfig:
             raise UserError(f"data.needle_fraction must be in [0, 1]; got {self.data.needle_fraction}")
         if self.stem_steps < 0 or self.stem_batch < 1:
             raise UserError(f"stem_steps must be >= 0 and stem_batch >= 1; got {self.stem_steps}, {self.stem_batch}")
+        if not 0.0 <= self.stem_shape_first <= 1.0:
+            raise UserError(f"stem_shape_first must be in [0, 1] (a share of stem_steps); got {self.stem_shape_first}")
         if self.objective not in ("dense", "mil"):
             raise UserError(f"objective must be 'dense' or 'mil'; got {self.objective!r}")
         if self.data.haystack_frames < 2:
@@ -460,6 +463,14 @@ class StemHead(torch.nn.Module):
         return self.linear(x.flatten(2).transpose(1, 2))  # (B, k, W)
 
 
+def stem_groups(cfg: GroundConfig, step: int) -> tuple[tuple[str, ...], ...]:
+    """The word groups warm-up step `step` trains: shape alone for the first ``stem_shape_first``
+    of the steps, then colour and shape."""
+    if step < round(cfg.stem_shape_first * cfg.stem_steps):
+        return (SHAPE_WORDS,)
+    return (COLOR_WORDS, SHAPE_WORDS)
+
+
 def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, int]) -> dict[str, float]:
     """The appearance warm-up (``stem_steps`` > 0): train the encoder's patch stem alone, on single
     frames, to name the colour and shape of the object in each token cell (the main objective's
@@ -470,7 +481,14 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     while its convolutional stem alone (``patch_stem="conv"``) reached 90% in 600 steps and
     99% in 1200, at about 30 ms a step; the linear 16×16 patchify alone reached 48% in 1500. So
     the cheap part learns what things look like first, and the main steps teach the blocks and the
-    projector to carry it into the video tokens. Returns held-out cell accuracies (``stem_acc_*``)."""
+    projector to carry it into the video tokens.
+
+    Colour and shape trained together from the first step leave shape near chance: on the
+    multi-object frames, 600 steps gave 25% shape held-out (22% without the background term), shape
+    alone 45% (57% without the background term), and shape alone for 1200 steps 80%. Colour is
+    learned fast and takes the stem's few channels first. So ``stem_shape_first`` of the steps
+    train shape alone (1200 steps at 0.8: shape 76%, colour 71%; the main steps then train colour
+    with everything else). Returns held-out cell accuracies (``stem_acc_*``)."""
     emb = model.vision_tower.embeddings.patch_embed
     head = StemHead(model.config.vision_config.embed_dim, cfg.spatial_pool)
     opt = torch.optim.AdamW(list(emb.parameters()) + list(head.parameters()), lr=cfg.stem_lr)
@@ -478,7 +496,7 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     for step in range(cfg.stem_steps):
         seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 41, step]).generate_state(cfg.stem_batch)]
         pixels, targets, about = _stem_frames(source, seeds, cells, cfg.min_cover)
-        ce_obj, ce_null = dense_loss(head(emb, pixels), targets, about, (COLOR_WORDS, SHAPE_WORDS))  # one frame: no motion
+        ce_obj, ce_null = dense_loss(head(emb, pixels), targets, about, stem_groups(cfg, step))  # one frame: no motion
         loss = ce_obj + cfg.null_weight * ce_null
         opt.zero_grad(set_to_none=True)
         loss.backward()
