@@ -282,3 +282,9 @@ def test_make_encode_samples_the_records_frame_count(assets, tmp_path):
     with torch.no_grad():  # the model takes the longer clip (temporal positions interpolated)
         out = model(**collate([long], tokenizer.pad_token_id))
     assert torch.isfinite(out.loss)
+
+
+def test_spatial_merge_is_avg_or_concat():
+    with pytest.raises(UserError, match="spatial_merge"):
+        FinetuneConfig(spatial_merge="max").validate()
+    FinetuneConfig(spatial_merge="concat").validate()

@@ -144,3 +144,22 @@ def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     train(cfg)
     lines = (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+
+
+def test_concat_merge_reaches_stage_one(tmp_path):
+    from training.finetune import FinetuneConfig, build_model
+
+    cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder="nano", steps=1, batch_size=2, eval_clips=1,
+                       save_every=1, log_every=1, spatial_merge="concat",
+                       data=GroundData(clip_frames=4, size=32, haystack_frames=4, needle_fraction=0.5))
+    train(cfg)
+    final = tmp_path / "g" / "final"
+    assert json.loads((final / "config.json").read_text())["spatial_merge"] == "concat"
+    ft = FinetuneConfig(stage=1, init_from=str(final))  # its own spatial_merge is "avg": the init's wins
+    ft.data.image_size, ft.data.num_frames = 32, 4
+    model, _ = build_model(ft)
+    state = load_file(str(final / "model.safetensors"))
+    assert model.projector.linear_1.in_features == 4 * model.config.vision_config.embed_dim
+    assert torch.equal(model.projector.linear_1.weight, state["projector.linear_1.weight"])
+    with pytest.raises(UserError, match="spatial_merge"):
+        GroundConfig(spatial_merge="sum").validate()

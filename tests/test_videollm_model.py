@@ -262,3 +262,32 @@ def test_word_anchor_config_errors(bad):
         VideoLLMConfig(vision_config=tiny_encoder_config(), word_anchor=bad)
     with pytest.raises(ValueError, match="anchor_temperature"):
         VideoLLMConfig(vision_config=tiny_encoder_config(), word_anchor=[["red"]], anchor_temperature=0)
+
+
+def test_concat_merge_keeps_which_patch_showed_what_and_round_trips(tmp_path):
+    model, proc = tiny_videollm(spatial_pool=2, spatial_merge="concat")
+    assert model.projector.linear_1.in_features == 4 * 32  # a 2×2 window's patches side by side
+    h = torch.randn(1, 1 + 2 * 3 * 3, 32)  # 2 frames of a 3×3 patch grid: a ragged edge, padded
+    assert model.projector(h, (2, 3, 3)).shape == (1, model.config.num_video_tokens(2, 48, 48), 32) == (1, 8, 32)
+    # swap two patches inside the first window: an average cannot tell, the concatenation can
+    grid = h[:, 1:].reshape(1, 2, 3, 3, 32)
+    swapped = grid.clone()
+    swapped[:, 0, 0, 0], swapped[:, 0, 1, 1] = grid[:, 0, 1, 1], grid[:, 0, 0, 0]
+    h2 = torch.cat([h[:, :1], swapped.reshape(1, -1, 32)], 1)
+    with torch.no_grad():
+        out, out2 = model.projector(h, (2, 3, 3)), model.projector(h2, (2, 3, 3))
+        assert not torch.allclose(out[:, 0], out2[:, 0]) and torch.equal(out[:, 1:], out2[:, 1:])
+        avg, _ = tiny_videollm(spatial_pool=2)
+        assert torch.allclose(avg.projector(h, (2, 3, 3)), avg.projector(h2, (2, 3, 3)), atol=1e-6)
+    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames(H=32, W=32))
+    save_videollm(model, proc, tmp_path / "m")
+    loaded, _ = load_videollm(tmp_path / "m")
+    assert loaded.config.spatial_merge == "concat"
+    assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
+
+
+@pytest.mark.parametrize("kw", [{"spatial_merge": "max"}, {"spatial_merge": "concat", "tokens_per_frame": 4},
+                                {"spatial_merge": "concat", "use_cls_token": True}])
+def test_spatial_merge_config_errors(kw):
+    with pytest.raises(ValueError, match="spatial_merge"):
+        VideoLLMConfig(vision_config=tiny_encoder_config(), **kw)

@@ -106,6 +106,7 @@ class FinetuneConfig:
     encoder: str = "nano"  # VideoMAP preset (random init) or a pretrained encoder dir
     init_from: str | None = None  # a saved VideoLLM (e.g. stage-1 final/): its encoder + projector
     spatial_pool: int = 2
+    spatial_merge: str = "avg"  # avg | concat (VideoLLMConfig.spatial_merge); an init_from keeps its own
     max_video_tokens: int | None = None
     train_encoder: bool = False
     # Anchor the video tokens in the LLM's vocabulary (`VideoProjector.anchor`) with these word
@@ -139,6 +140,8 @@ class FinetuneConfig:
             raise UserError(f"quant must be 'none' or '4bit', got {self.quant!r}")
         if self.precision not in ("fp32", "bf16"):
             raise UserError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.spatial_merge not in ("avg", "concat"):
+            raise UserError(f"spatial_merge must be 'avg' or 'concat', got {self.spatial_merge!r}")
         if self.stage == 1 and (self.quant != "none" or self.train_encoder):
             raise UserError("stage 1 trains the projector only; quant=4bit and train_encoder=true are stage-2 options")
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
@@ -240,6 +243,7 @@ def build_model(cfg: FinetuneConfig):
         encoder = AutoModel.from_config(init.vision_config)
         config = VideoLLMConfig(vision_config=init.vision_config, text_config=llm.config,
                                 spatial_pool=init.spatial_pool, tokens_per_frame=init.tokens_per_frame,
+                                spatial_merge=getattr(init, "spatial_merge", "avg"),
                                 max_video_tokens=init.max_video_tokens, use_cls_token=init.use_cls_token,
                                 projector_hidden_act=init.projector_hidden_act,
                                 video_token_id=video_token_id, base_llm=llm_name,
@@ -247,7 +251,8 @@ def build_model(cfg: FinetuneConfig):
     else:
         encoder = build_encoder(cfg.encoder, cfg.data.image_size, cfg.data.num_frames, cfg.seed)
         config = VideoLLMConfig(vision_config=encoder.config, text_config=llm.config,
-                                spatial_pool=cfg.spatial_pool, max_video_tokens=cfg.max_video_tokens,
+                                spatial_pool=cfg.spatial_pool, spatial_merge=cfg.spatial_merge,
+                                max_video_tokens=cfg.max_video_tokens,
                                 video_token_id=video_token_id, base_llm=llm_name)
     torch.manual_seed(cfg.seed)  # the projector's init
     model = VideoLLMForCausalLM(config, vision_tower=encoder, language_model=llm)

@@ -97,6 +97,7 @@ class GroundConfig:
     llm: str = "smollm2"  # only its input embeddings are used
     llm_cache_dir: str | None = None
     spatial_pool: int = 2
+    spatial_merge: str = "avg"  # how the projector merges a pooled window: avg | concat (VideoLLMConfig)
     steps: int = 300
     batch_size: int = 16  # clips per step (short clips + needle haystacks)
     lr: float = 1.0e-3  # projector
@@ -129,6 +130,8 @@ class GroundConfig:
             raise UserError(f"stem_steps must be >= 0 and stem_batch >= 1; got {self.stem_steps}, {self.stem_batch}")
         if not 0.0 <= self.stem_shape_first <= 1.0:
             raise UserError(f"stem_shape_first must be in [0, 1] (a share of stem_steps); got {self.stem_shape_first}")
+        if self.spatial_merge not in ("avg", "concat"):
+            raise UserError(f"spatial_merge must be 'avg' or 'concat'; got {self.spatial_merge!r}")
         if self.objective not in ("dense", "mil"):
             raise UserError(f"objective must be 'dense' or 'mil'; got {self.objective!r}")
         if self.data.haystack_frames < 2:
@@ -528,7 +531,7 @@ def _build(cfg: GroundConfig):
     from training.finetune import FinetuneConfig, build_model
 
     ft = FinetuneConfig(stage=1, llm=cfg.llm, llm_cache_dir=cfg.llm_cache_dir, encoder=cfg.encoder,
-                        spatial_pool=cfg.spatial_pool, seed=cfg.seed)
+                        spatial_pool=cfg.spatial_pool, spatial_merge=cfg.spatial_merge, seed=cfg.seed)
     ft.data.image_size, ft.data.num_frames = cfg.data.size, cfg.data.clip_frames
     model, tokenizer = build_model(ft)
     model.requires_grad_(False)

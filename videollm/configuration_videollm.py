@@ -49,6 +49,11 @@ class VideoLLMConfig(PretrainedConfig):
             (ceil mode: a ragged edge forms smaller windows). 1 keeps every patch.
         tokens_per_frame: instead of ``spatial_pool``, adaptive average pooling of each frame to
             this many tokens (a perfect square: 1, 4, 9, 16, …).
+        spatial_merge: how ``spatial_pool``'s s×s window becomes one token. "avg": the mean of its
+            patches. "concat": its patches side by side (D·s² wide; a ragged edge is padded with
+            zeros) into the projector's first layer, as Qwen2-VL's patch merger and InternVL's pixel
+            shuffle do, so the token keeps which patch showed what (an average mixes a small object's
+            patch with its empty neighbours). Not with ``tokens_per_frame`` or ``use_cls_token``.
         max_video_tokens: a budget for the number of frame tokens; when T·k exceeds it, frames are
             average-pooled in time down to ``max_video_tokens // k``. None: no budget.
         projector_hidden_act: activation between the projector's two linear layers.
@@ -77,6 +82,7 @@ class VideoLLMConfig(PretrainedConfig):
         text_config=None,
         spatial_pool: int = 2,
         tokens_per_frame: int | None = None,
+        spatial_merge: str = "avg",
         max_video_tokens: int | None = None,
         projector_hidden_act: str = "gelu",
         video_token_id: int | None = None,
@@ -99,6 +105,11 @@ class VideoLLMConfig(PretrainedConfig):
             side = math.isqrt(tokens_per_frame) if isinstance(tokens_per_frame, int) and tokens_per_frame > 0 else 0
             if isinstance(tokens_per_frame, bool) or side * side != tokens_per_frame:
                 raise ValueError(f"tokens_per_frame must be a perfect square >= 1 (1, 4, 9, …); got {tokens_per_frame!r}")
+        if spatial_merge not in ("avg", "concat"):
+            raise ValueError(f"spatial_merge must be 'avg' or 'concat'; got {spatial_merge!r}")
+        if spatial_merge == "concat" and (tokens_per_frame is not None or use_cls_token):
+            raise ValueError("spatial_merge='concat' merges spatial_pool's s×s windows; it does not combine with "
+                             "tokens_per_frame (adaptive pooling) or use_cls_token (the cls token is D wide, not D·s²)")
         if max_video_tokens is not None and (
             isinstance(max_video_tokens, bool) or not isinstance(max_video_tokens, int) or max_video_tokens < 1
         ):
@@ -124,6 +135,7 @@ class VideoLLMConfig(PretrainedConfig):
         self.anchor_temperature = float(anchor_temperature)
         self.spatial_pool = spatial_pool
         self.tokens_per_frame = tokens_per_frame
+        self.spatial_merge = spatial_merge
         self.max_video_tokens = max_video_tokens
         self.projector_hidden_act = projector_hidden_act
         self.video_token_id = video_token_id

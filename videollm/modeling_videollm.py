@@ -62,6 +62,8 @@ class VideoProjector(nn.Module):
         super().__init__()
         self.config = config
         d_vis, d_llm = config.vision_config.embed_dim, config.text_config.hidden_size
+        if config.spatial_merge == "concat":
+            d_vis *= config.spatial_pool ** 2
         self.linear_1 = nn.Linear(d_vis, d_llm)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(d_llm, d_llm)
@@ -112,7 +114,8 @@ class VideoProjector(nn.Module):
         return out
 
     def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w) → (B, K, D)."""
+        """hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w) → (B, K, D) (D·s² wide with
+        ``spatial_merge="concat"``)."""
         cfg = self.config
         T, h, w = grid
         B, L, D = hidden_states.shape
@@ -124,6 +127,11 @@ class VideoProjector(nn.Module):
         kh, kw = cfg.tokens_per_frame_for(h, w)
         if cfg.tokens_per_frame is not None:
             x = F.adaptive_avg_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
+        elif cfg.spatial_pool > 1 and cfg.spatial_merge == "concat":
+            s = cfg.spatial_pool
+            x = F.pad(x, (0, kw * s - w, 0, kh * s - h))  # zeros on a ragged right/bottom edge
+            x = F.pixel_unshuffle(x, s)  # (B·T, D·s², kh, kw): each window's patches side by side
+            D = x.shape[1]
         elif cfg.spatial_pool > 1:
             s = cfg.spatial_pool
             x = F.avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False)  # (B·T, D, kh, kw)
@@ -433,7 +441,8 @@ def _accepts_replace_kw(tokenizer) -> bool:
 
 
 def build_videollm(llm="smollm2", encoder="nano", *, num_frames: int = 8, image_size: int | None = None,
-                   spatial_pool: int = 2, tokens_per_frame: int | None = None, max_video_tokens: int | None = 2048,
+                   spatial_pool: int = 2, tokens_per_frame: int | None = None, spatial_merge: str = "avg",
+                   max_video_tokens: int | None = 2048,
                    use_cls_token: bool = False, use_time_line: bool = True, cache_dir=None,
                    dtype: torch.dtype = torch.float32, seed: int = 0,
                    word_anchor: list[list[str]] | None = None):
@@ -476,8 +485,9 @@ def build_videollm(llm="smollm2", encoder="nano", *, num_frames: int = 8, image_
             vision_tower = AutoModel.from_pretrained(str(path), dtype=dtype)
         config = VideoLLMConfig(vision_config=vision_tower.config, text_config=language_model.config,
                                 spatial_pool=spatial_pool, tokens_per_frame=tokens_per_frame,
-                                max_video_tokens=max_video_tokens, use_cls_token=use_cls_token,
-                                video_token_id=video_token_id, base_llm=base_llm, word_anchor=word_anchor)
+                                spatial_merge=spatial_merge, max_video_tokens=max_video_tokens,
+                                use_cls_token=use_cls_token, video_token_id=video_token_id, base_llm=base_llm,
+                                word_anchor=word_anchor)
         model = VideoLLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
     if word_anchor:
         words = [w for group in config.word_anchor for w in group]
