@@ -492,10 +492,9 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     shape alone for 1200 steps 80%. Colour is learned fast and takes the stem's few channels
     first. ``stem_shape_first`` of the steps train shape alone (1200 steps at 0.8: shape 76%,
     colour 71% in that probe; 63% and 55% with nano's stem, as the pipeline's warm-up). It is off
-    by default: the gain did not survive the main
-    steps (150 steps after it: shape 37.5%, as without it, and colour 83% against 100%; with the
-    stem frozen in the main steps, shape 33% and colour 54%). Returns held-out cell accuracies
-    (``stem_acc_*``)."""
+    by default: the gain did not survive the main steps (150 steps after it: shape 37.5%, as
+    without it, and colour 83% against 100%; with the stem frozen in the main steps, shape 33% and
+    colour 54%). Returns held-out cell accuracies (``stem_acc_*``)."""
     emb = model.vision_tower.embeddings.patch_embed
     head = StemHead(model.config.vision_config.embed_dim, cfg.spatial_pool)
     opt = torch.optim.AdamW(list(emb.parameters()) + list(head.parameters()), lr=cfg.stem_lr)
