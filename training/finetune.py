@@ -140,8 +140,10 @@ class FinetuneConfig:
             raise UserError(f"quant must be 'none' or '4bit', got {self.quant!r}")
         if self.precision not in ("fp32", "bf16"):
             raise UserError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.spatial_merge not in ("avg", "concat"):
-            raise UserError(f"spatial_merge must be 'avg' or 'concat', got {self.spatial_merge!r}")
+        from videollm.configuration_videollm import SPATIAL_MERGES
+
+        if self.spatial_merge not in SPATIAL_MERGES:
+            raise UserError(f"spatial_merge must be one of {SPATIAL_MERGES}, got {self.spatial_merge!r}")
         if self.stage == 1 and (self.quant != "none" or self.train_encoder):
             raise UserError("stage 1 trains the projector only; quant=4bit and train_encoder=true are stage-2 options")
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
@@ -243,7 +245,7 @@ def build_model(cfg: FinetuneConfig):
         encoder = AutoModel.from_config(init.vision_config)
         config = VideoLLMConfig(vision_config=init.vision_config, text_config=llm.config,
                                 spatial_pool=init.spatial_pool, tokens_per_frame=init.tokens_per_frame,
-                                spatial_merge=getattr(init, "spatial_merge", "avg"),
+                                spatial_merge=init.spatial_merge,
                                 max_video_tokens=init.max_video_tokens, use_cls_token=init.use_cls_token,
                                 projector_hidden_act=init.projector_hidden_act,
                                 video_token_id=video_token_id, base_llm=llm_name,

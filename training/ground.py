@@ -130,8 +130,10 @@ class GroundConfig:
             raise UserError(f"stem_steps must be >= 0 and stem_batch >= 1; got {self.stem_steps}, {self.stem_batch}")
         if not 0.0 <= self.stem_shape_first <= 1.0:
             raise UserError(f"stem_shape_first must be in [0, 1] (a share of stem_steps); got {self.stem_shape_first}")
-        if self.spatial_merge not in ("avg", "concat"):
-            raise UserError(f"spatial_merge must be 'avg' or 'concat'; got {self.spatial_merge!r}")
+        from videollm.configuration_videollm import SPATIAL_MERGES
+
+        if self.spatial_merge not in SPATIAL_MERGES:
+            raise UserError(f"spatial_merge must be one of {SPATIAL_MERGES}; got {self.spatial_merge!r}")
         if self.objective not in ("dense", "mil"):
             raise UserError(f"objective must be 'dense' or 'mil'; got {self.objective!r}")
         if self.data.haystack_frames < 2:

@@ -38,6 +38,9 @@ def _sub_config(value, default_type: str, name: str) -> PretrainedConfig:
     raise ValueError(f"{name} must be a config, a dict with 'model_type', or None; got {type(value).__name__}")
 
 
+SPATIAL_MERGES = ("avg", "concat")  # VideoLLMConfig.spatial_merge
+
+
 class VideoLLMConfig(PretrainedConfig):
     """Configuration of `VideoLLMForCausalLM`.
 
@@ -105,8 +108,8 @@ class VideoLLMConfig(PretrainedConfig):
             side = math.isqrt(tokens_per_frame) if isinstance(tokens_per_frame, int) and tokens_per_frame > 0 else 0
             if isinstance(tokens_per_frame, bool) or side * side != tokens_per_frame:
                 raise ValueError(f"tokens_per_frame must be a perfect square >= 1 (1, 4, 9, …); got {tokens_per_frame!r}")
-        if spatial_merge not in ("avg", "concat"):
-            raise ValueError(f"spatial_merge must be 'avg' or 'concat'; got {spatial_merge!r}")
+        if spatial_merge not in SPATIAL_MERGES:
+            raise ValueError(f"spatial_merge must be one of {SPATIAL_MERGES}; got {spatial_merge!r}")
         if spatial_merge == "concat" and (tokens_per_frame is not None or use_cls_token):
             raise ValueError("spatial_merge='concat' merges spatial_pool's s×s windows; it does not combine with "
                              "tokens_per_frame (adaptive pooling) or use_cls_token (the cls token is D wide, not D·s²)")
