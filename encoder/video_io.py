@@ -548,7 +548,8 @@ def write_video(
     Even sizes use ``yuv420p`` (plays everywhere). H.264 cannot store odd sizes in 4:2:0, so odd
     sizes use ``yuv444p`` instead of padding: the decoded size is exactly ``(H, W)`` and every
     FFmpeg-based reader (decord, PyAV) reads it, though some hardware players do not.
-    `keyframe_interval` sets the GOP length (libx264 default 250). Returns the path.
+    `keyframe_interval` sets the GOP length (libx264 default 250). The same frames always give
+    the same bytes. Returns the path.
     """
     import av
 
@@ -567,7 +568,11 @@ def write_video(
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100_000))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-        codec_options = {"crf": str(crf)}
+        # asm=0: libx264's SIMD paths made the same frames encode differently from one call to
+        # the next (decoded up to 29 levels apart; 11 distinct files in 60 encodes, one thread), so
+        # the synthetic datasets and every run trained on them differed between reruns. Without
+        # them: 100 encodes, one file; about 2x slower, 0.14 s for 64 frames of 64 px.
+        codec_options = {"crf": str(crf), "x264-params": "asm=0"}
         if keyframe_interval:
             codec_options["g"] = str(keyframe_interval)
         stream.options = codec_options
