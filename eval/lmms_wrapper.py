@@ -123,28 +123,15 @@ if _LMMBase is not None:
             return out
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            import torch
+            from videollm.chat import continuation_logprobs
 
             results = []
             for context, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
                 doc = self.task_dict[task][split][doc_id]
                 continuation = target if isinstance(target, str) else target(doc)
                 frames = self._frames(doc_to_visual(doc))
-                clip = self.processor.load_video(frames) if frames is not None else None
-                inputs = self.processor([{"role": "user", "content": context}], video=clip)
-                ctx_ids = inputs["input_ids"]  # (1, L), ends with the assistant prefix
-                cont_ids = self.processor.tokenizer(continuation.lstrip(), add_special_tokens=False,
-                                                    return_tensors="pt")["input_ids"]  # (1, C)
-                ids = torch.cat([ctx_ids, cont_ids], dim=1)  # (1, L + C)
-                with torch.inference_mode():
-                    logits = self.model(input_ids=ids,
-                                        pixel_values=clip.pixel_values if clip is not None else None).logits
-                # logits at position i predict token i + 1: the continuation is predicted by L-1 … L+C-2
-                L, C = ctx_ids.shape[1], cont_ids.shape[1]
-                logprobs = torch.log_softmax(logits[0, L - 1:L + C - 1].float(), dim=-1)  # (C, V)
-                picked = logprobs.gather(1, cont_ids[0, :, None])[:, 0]  # (C,)
-                greedy = bool((logprobs.argmax(-1) == cont_ids[0]).all())
-                results.append((float(picked.sum()), greedy))
+                results += continuation_logprobs(self.model, self.processor, frames,
+                                                 [{"role": "user", "content": context}], [continuation])
                 self.cache_hook.add_partial("loglikelihood", (context, continuation), results[-1])
             return results
 

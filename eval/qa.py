@@ -7,6 +7,13 @@ Per question: sample ``--frames`` frames, prompt in the benchmarks' style (quest
 option lines, "Answer with the option's letter from the given choices directly."), decode
 greedily, read the letter with `eval.answer.extract_letter` (no letter = wrong).
 
+``--scoring likelihood`` asks the question alone (no options, no instruction) and picks the option
+whose text the model finds most likely as its reply: the sum of the text's token log-probabilities
+divided by its length in UTF-8 bytes (lm-evaluation-harness's ``acc_norm``, the usual way to score
+multiple choice for small LMs, which often cannot map an answer they know to its option letter).
+It measures what the model knows apart from the letter; the generated-letter figure is what a
+user sees.
+
 Outputs in ``--out``: ``samples.jsonl`` (one line per question, appended and flushed as it is
 answered), ``results.json`` (``accuracy`` as a fraction, per-category breakdowns, n, model,
 benchmark, frames) and ``summary.md``. A rerun with the same ``--out`` skips the ids already in
@@ -29,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from encoder.errors import UserError, run_cli
-from eval.answer import extract_letter, format_options
+from eval.answer import LETTERS, extract_letter, format_options
 from eval.benchmarks import BENCHMARKS, MCSample, load_benchmark
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -37,7 +44,10 @@ SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
 
-AnswerFn = Callable[[np.ndarray, str], str]
+SCORINGS = ("generate", "likelihood")
+
+AnswerFn = Callable[[np.ndarray, str], str]  # (frames, prompt) → reply
+ScoreFn = Callable[[np.ndarray, str, list[str]], list[float]]  # (frames, question, options) → a score per option
 
 
 def build_prompt(sample: MCSample) -> str:
@@ -119,7 +129,7 @@ def score(records: list[dict]) -> dict:
 
 def summary_markdown(results: dict) -> str:
     lines = [f"# {results['benchmark']} — {results['model']}", "",
-             f"frames: {results['frames']} · questions: {results['n']} · "
+             f"frames: {results['frames']} · scoring: {results.get('scoring', 'generate')} · questions: {results['n']} · "
              f"unparsed replies (scored wrong): {results['unparsed']} · errors: {results['errors']}", "",
              f"**accuracy: {100 * results['accuracy']:.1f}%** ({results['correct']}/{results['n']})", ""]
     for key, cells in results["per_category"].items():
@@ -129,13 +139,18 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_qa(samples: list[MCSample], answer_fn: AnswerFn, out_dir: str | Path, *, num_frames: int,
-           meta: dict | None = None, log=print) -> dict:
+def run_qa(samples: list[MCSample], answer_fn: AnswerFn | ScoreFn, out_dir: str | Path, *, num_frames: int,
+           meta: dict | None = None, log=print, scoring: str = "generate") -> dict:
     """Answer every sample not yet in ``out_dir/samples.jsonl``, then write results and summary.
 
+    scoring "generate": ``answer_fn(frames, prompt) -> reply``, the letter read from the reply;
+    "likelihood": ``answer_fn(frames, question, options) -> scores``, the best-scored option is the
+    answer (its text is recorded as the reply, the scores as ``option_scores``).
     meta: extra fields for results.json (model, benchmark, …). Returns the results dict.
     A video that cannot be read is recorded with its error and scored wrong.
     """
+    if scoring not in SCORINGS:
+        raise UserError(f"scoring must be one of {SCORINGS}; got {scoring!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / SAMPLES_FILE
@@ -143,6 +158,10 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn, out_dir: str | Path, *,
     if len(set(ids)) != len(ids):
         raise UserError("sample ids are not unique; resuming would be ambiguous")
     done = _read_done(jsonl, set(ids))
+    other = {r.get("scoring", "generate") for r in done} - {scoring}
+    if other:
+        raise UserError(f"{jsonl} holds answers scored by {sorted(other)[0]!r}, not {scoring!r}; "
+                        "give this run another --out")
     done_ids = {r["id"] for r in done}
     todo = [s for s in samples if s.id not in done_ids]
     if done:
@@ -151,17 +170,21 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn, out_dir: str | Path, *,
     start = time.perf_counter()
     with jsonl.open("a", encoding="utf-8") as f:
         for i, sample in enumerate(todo):
-            prompt = build_prompt(sample)
-            error = None
+            reply, pred, error, extra = "", None, None, {}
             try:
                 frames = load_frames(sample, num_frames)
-                reply = answer_fn(frames, prompt)
+                if scoring == "generate":
+                    reply = answer_fn(frames, build_prompt(sample))
+                    pred = extract_letter(reply, sample.options)
+                else:
+                    scores = [float(x) for x in answer_fn(frames, sample.question, sample.options)]
+                    best = int(np.argmax(scores))
+                    reply, pred, extra = sample.options[best], LETTERS[best], {"option_scores": scores}
             except UserError as err:  # unreadable video: wrong, with the reason kept
-                reply, error = "", str(err)
-            pred = extract_letter(reply, sample.options)
+                error = str(err)
             record = {"id": sample.id, "question": sample.question, "options": sample.options,
                       "answer": sample.answer, "reply": reply, "pred": pred, "correct": pred == sample.answer,
-                      "categories": sample.categories}
+                      "categories": sample.categories, "scoring": scoring, **extra}
             if error:
                 record["error"] = error
             f.write(json.dumps(record) + "\n")
@@ -173,7 +196,7 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn, out_dir: str | Path, *,
                     f"({(time.perf_counter() - start) / (i + 1):.2f} s/question)")
     order = {sid: k for k, sid in enumerate(ids)}
     records.sort(key=lambda r: order[r["id"]])
-    results = {**(meta or {}), "frames": num_frames, **score(records)}
+    results = {**(meta or {}), "frames": num_frames, "scoring": scoring, **score(records)}
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out_dir / SUMMARY_FILE).write_text(summary_markdown({"model": "?", "benchmark": "?", **results}) + "\n",
                                         encoding="utf-8")
@@ -211,6 +234,15 @@ class VideoLLMAnswerer:
                                  max_new_tokens=self.max_new_tokens, temperature=0.0)
         return "".join(pieces).strip()
 
+    def option_scores(self, frames: np.ndarray, question: str, options: list[str]) -> list[float]:
+        """``ScoreFn``: per option, the log-probability of its text as the reply to the question,
+        per UTF-8 byte (see the module doc)."""
+        from videollm.chat import continuation_logprobs
+
+        logprobs = continuation_logprobs(self.model, self.processor, frames,
+                                         [{"role": "user", "content": question}], options)
+        return [lp / max(1, len(o.strip().encode("utf-8"))) for (lp, _), o in zip(logprobs, options)]
+
 
 # ---------------------------------------------------------------------------------------------
 # CLI
@@ -230,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="synthqa: which set (another seed = held out)")
     p.add_argument("--n", type=int, default=50, help="synthqa: number of questions (default 50)")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--scoring", choices=SCORINGS, default="generate",
+                   help="generate: the letter of the greedy reply (default); likelihood: the option "
+                        "whose text is most likely as the reply to the bare question")
     p.add_argument("--skip-missing", action="store_true", help="drop questions whose video is missing")
     return p
 
@@ -254,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             "skipped_missing": len(missing)}
     if args.benchmark == "synthqa":
         meta.update(seed=args.seed)
-    results = run_qa(samples, answerer, args.out, num_frames=args.frames, meta=meta,
-                     log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({k: results[k] for k in ("benchmark", "accuracy", "correct", "n", "unparsed", "frames")}))
+    fn = answerer if args.scoring == "generate" else answerer.option_scores
+    results = run_qa(samples, fn, args.out, num_frames=args.frames, meta=meta,
+                     log=lambda m: print(m, file=sys.stderr), scoring=args.scoring)
+    print(json.dumps({k: results[k] for k in ("benchmark", "scoring", "accuracy", "correct", "n", "unparsed",
+                                              "frames")}))
     return 0
 
 

@@ -100,3 +100,69 @@ def test_cli_end_to_end_with_a_tiny_saved_model(tmp_path):
     assert results["n"] == 2 and results["benchmark"] == "synthqa" and results["seed"] == 5
     assert 0.0 <= results["accuracy"] <= 1.0 and results["frames"] == 2
     assert len((tmp_path / "o" / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_likelihood_scoring_takes_the_best_scored_option(tmp_path):
+    samples = load_synthqa(seed=3, n=6)
+    seen = []
+
+    def scores(frames, question, options):
+        # right answer best, except on the 2nd question, where the first wrong option wins
+        assert frames.dtype == np.uint8 and "\n" not in question  # the bare question, no option lines
+        sample = next(s for s in samples if s.question == question and s.options == options)
+        seen.append(sample.id)
+        right = "ABCD".index(sample.answer)
+        out = [-2.0] * len(options)
+        out[right] = -1.0
+        if len(seen) == 2:
+            out[(right + 1) % len(options)] = -0.5
+        return out
+
+    results = qa.run_qa(samples, scores, tmp_path, num_frames=4, log=lambda m: None, scoring="likelihood")
+    assert results["scoring"] == "likelihood" and results["correct"] == 5 and results["unparsed"] == 0
+    records = [json.loads(l) for l in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert records[0]["reply"] == samples[0].options["ABCD".index(samples[0].answer)]
+    assert records[1]["correct"] is False and len(records[1]["option_scores"]) == len(samples[1].options)
+    assert "scoring: likelihood" in (tmp_path / "summary.md").read_text()
+    # a generate run cannot resume into a likelihood run's answers
+    with pytest.raises(UserError, match="another --out"):
+        qa.run_qa(samples, lambda f, p: "A", tmp_path, num_frames=4, log=lambda m: None)
+
+
+def test_continuation_logprobs_match_the_models_own_forward():
+    import torch
+    from test_videollm_model import tiny_videollm
+
+    from videollm.chat import continuation_logprobs
+
+    model, processor = tiny_videollm()
+    model.eval()
+    frames = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    conversation = [{"role": "user", "content": "What colour is it?"}]
+    got = continuation_logprobs(model, processor, frames, conversation, ["red", " blue circle"])
+    clip = processor.load_video(frames)
+    ctx = processor(conversation, video=clip)["input_ids"]
+    for (logprob, greedy), text in zip(got, ["red", "blue circle"]):
+        cont = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.cat([ctx, cont], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=clip.pixel_values).logits[0].float()
+        steps = torch.log_softmax(logits[ctx.shape[1] - 1:-1], -1)
+        expected = steps.gather(1, cont[0, :, None]).sum()
+        assert logprob == pytest.approx(float(expected), abs=1e-4) and logprob < 0
+        assert greedy == bool((steps.argmax(-1) == cont[0]).all())
+
+
+def test_cli_likelihood_scoring_with_a_tiny_saved_model(tmp_path):
+    from test_videollm_model import tiny_videollm
+
+    from videollm.modeling_videollm import save_videollm
+
+    model, processor = tiny_videollm()
+    save_videollm(model, processor, tmp_path / "m")
+    assert qa.main(["--benchmark", "synthqa", "--seed", "5", "--n", "2", "--model", str(tmp_path / "m"),
+                    "--out", str(tmp_path / "o"), "--frames", "2", "--scoring", "likelihood"]) == 0
+    records = [json.loads(l) for l in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["scoring"] == "likelihood" and r["pred"] == "ABCD"[int(np.argmax(r["option_scores"]))]
+        assert all(s < 0 for s in r["option_scores"])

@@ -18,7 +18,8 @@ training stages also resume from their own checkpoints):
                 ``ground/final``, which stage 1 starts from.
 3. ``stage1``   alignment, projector only (`training.finetune` stage 1) → ``stage1/final``.
 4. ``stage2``   LoRA instruction tuning (`training.finetune` stage 2) → ``stage2/final``.
-5. ``eval``     held-out synthetic MC QA (``videollm eval qa --benchmark synthqa``, new seed),
+5. ``eval``     held-out synthetic MC QA (``videollm eval qa --benchmark synthqa``, new seed;
+                scored by the generated letter, and again by option likelihood, reported only),
                 open-ended colour / shape / motion answers (scored here: the reply must contain
                 the answer) and their blind baseline (each question asked about another clip of
                 the same task: what priors alone get right), V-NIAH (``videollm eval niah``) and
@@ -418,6 +419,11 @@ def eval_commands(cfg: PipelineConfig, model_dir: Path, ev: Path) -> dict[str, l
         "mc": py + ["eval.qa", "--benchmark", "synthqa", "--seed", str(e.qa_seed), "--n", str(e.mc_n),
                     "--model", str(model_dir), "--out", str(ev / "mc"), "--frames", str(e.frames),
                     "--max-new-tokens", str(e.max_new_tokens)],
+        # The same questions scored by option likelihood (no letter to produce): what the model
+        # knows apart from mapping an answer to its letter. Reported, not a target.
+        "mc_likelihood": py + ["eval.qa", "--benchmark", "synthqa", "--seed", str(e.qa_seed), "--n", str(e.mc_n),
+                               "--model", str(model_dir), "--out", str(ev / "mc_likelihood"), "--frames",
+                               str(e.frames), "--scoring", "likelihood"],
         "niah": py + ["eval.niah", "--model", str(model_dir), "--frames", ",".join(map(str, e.niah_frames)),
                       "--depths", ",".join(f"{d:g}" for d in e.niah_depths), "--needles", str(e.niah_needles),
                       "--seed", str(e.niah_seed), "--out", str(ev / "niah"),
@@ -440,6 +446,10 @@ def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) ->
     mc = json.loads((ev / "mc" / "results.json").read_text())
     timings["eval_mc"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
+    _run(cmds["mc_likelihood"], log)
+    mc_lik = json.loads((ev / "mc_likelihood" / "results.json").read_text())
+    timings["eval_mc_likelihood"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
     _run(cmds["niah"], log)
     niah = json.loads((ev / "niah" / "niah.json").read_text())
     timings["eval_niah"] = round(time.perf_counter() - t0, 1)
@@ -450,6 +460,8 @@ def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) ->
     metrics = {
         "mc_accuracy": mc["accuracy"], "mc_n": mc["n"],
         "mc_per_category": {k: v["accuracy"] for k, v in mc["per_category"].get("category", {}).items()},
+        "mc_likelihood_accuracy": mc_lik["accuracy"],
+        "mc_likelihood_per_category": {k: v["accuracy"] for k, v in mc_lik["per_category"].get("category", {}).items()},
         "open_accuracy": opn["open_accuracy"], "open_n": opn["open_n"],
         "open_per_category": {k: v["accuracy"] for k, v in opn["open_per_category"].items()},
         "open_blind_accuracy": opn["open_blind_accuracy"],
@@ -505,6 +517,8 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
     niah = metrics["niah_accuracy"]
     rows = [("multiple-choice QA, held-out synthqa seed %d (n=%d)" % (e.qa_seed, metrics["mc_n"]),
              _pct(metrics["mc_accuracy"]), "≥ 80%"),
+            ("the same questions scored by option likelihood (no letter to produce)",
+             _pct(metrics.get("mc_likelihood_accuracy")), "reported, no target"),
             ("open-ended colour/shape/motion, held-out (n=%d)" % metrics["open_n"], _pct(metrics["open_accuracy"]),
              "≥ 70%")]
     if metrics.get("open_blind_accuracy") is not None:
@@ -565,7 +579,10 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
         "| --- | ---: | --- |",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
-        f"MC per category: {per_mc}. Open-ended per category: {per}.",
+        f"MC per category: {per_mc}. Open-ended per category: {per}." + (
+            " MC by option likelihood per category: " + ", ".join(
+                f"{k} {_pct(v)}" for k, v in metrics["mc_likelihood_per_category"].items()) + "."
+            if metrics.get("mc_likelihood_per_category") else ""),
         f"Text-only reply: \"{metrics['text_reply']}\"",
         "",
         "## Training curves",

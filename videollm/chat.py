@@ -126,6 +126,41 @@ def generate_stream(model, processor, video, conversation, *, timing: ChatTiming
         timing.tokens_per_second = (timing.new_tokens - 1) / (end_t - first)
 
 
+def continuation_logprobs(model, processor, video, conversation, continuations: list[str]) -> list[tuple[float, bool]]:
+    """How likely the model finds each of ``continuations`` as the start of its reply to
+    ``conversation``: per continuation, (sum of its tokens' log-probabilities, whether greedy
+    decoding would produce exactly those tokens). The video is read and encoded once.
+
+    video and conversation as in `generate_stream`. A continuation is tokenised on its own, without
+    leading whitespace (the reply starts right after the template's assistant prefix).
+    """
+    import torch
+
+    if isinstance(conversation, str):
+        conversation = [{"role": "user", "content": conversation}]
+    clip = processor.load_video(video) if video is not None else None
+    ctx_ids = processor(conversation, video=clip)["input_ids"]  # (1, L), ends with the assistant prefix
+    with torch.inference_mode():
+        ctx = model.get_input_embeddings()(ctx_ids.masked_fill(ctx_ids == model.config.video_token_id, 0))
+        if clip is not None:
+            features = model.get_video_features(clip.pixel_values.to(model.device))  # (1, K, D_llm)
+            mask = model.get_placeholder_mask(ctx_ids, features)  # (1, L)
+            ctx = ctx.masked_scatter(mask.unsqueeze(-1), features.to(ctx.dtype))  # (1, L, D_llm)
+        results = []
+        L = ctx_ids.shape[1]
+        for text in continuations:
+            cont = processor.tokenizer(text.lstrip(), add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, C)
+            if cont.shape[1] == 0:
+                raise ValueError(f"continuation {text!r} has no tokens")
+            embeds = torch.cat([ctx, model.get_input_embeddings()(cont)], dim=1)  # (1, L + C, D_llm)
+            logits = model.language_model(inputs_embeds=embeds).logits  # (1, L + C, V)
+            # position i predicts token i + 1: the continuation is predicted at L-1 … L+C-2
+            logprobs = torch.log_softmax(logits[0, L - 1:L - 1 + cont.shape[1]].float(), dim=-1)  # (C, V)
+            picked = logprobs.gather(1, cont[0, :, None])[:, 0]  # (C,)
+            results.append((float(picked.sum()), bool((logprobs.argmax(-1) == cont[0]).all())))
+    return results
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="videollm chat", description=__doc__.split("\n\n")[0])
     p.add_argument("video", nargs="?", help="video file or a bundled clip name (bigbuckbunny, bikes, …)")
