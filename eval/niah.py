@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from encoder.errors import UserError, run_cli
-from eval.answer import extract_letter
 from eval.benchmarks import MCSample
-from eval.qa import AnswerFn, build_prompt
+from eval.qa import SCORINGS, AnswerFn, ScoreFn, answer_sample
 
 
 def build_haystack(num_frames: int, size: int) -> np.ndarray:
@@ -57,11 +56,14 @@ def needle_sample(seed: int, size: int, needle_frames: int = 1):
     return needle, sample
 
 
-def run_niah(answer_fn: AnswerFn, frame_counts: list[int], depths: list[float], needles: int, *,
-             size: int = 224, seed: int = 0, needle_frames: int = 1, log=print) -> dict:
-    """Accuracy grid: rows are frame counts, columns depths. Returns the niah.json content."""
+def run_niah(answer_fn: AnswerFn | ScoreFn, frame_counts: list[int], depths: list[float], needles: int, *,
+             size: int = 224, seed: int = 0, needle_frames: int = 1, log=print, scoring: str = "generate") -> dict:
+    """Accuracy grid: rows are frame counts, columns depths. Returns the niah.json content.
+    scoring and answer_fn as in `eval.qa.run_qa`."""
     from training.synth import insert_needle
 
+    if scoring not in SCORINGS:
+        raise UserError(f"scoring must be one of {SCORINGS}; got {scoring!r}")
     grid, cells, samples = [], [], []
     for F in frame_counts:
         if F < needle_frames:
@@ -73,18 +75,17 @@ def run_niah(answer_fn: AnswerFn, frame_counts: list[int], depths: list[float], 
             for i in range(needles):
                 needle, sample = needle_sample(seed + i, size, needle_frames)
                 video, (start, end) = insert_needle(haystack, needle.frames, d)
-                reply = answer_fn(video, build_prompt(sample))
-                pred = extract_letter(reply, sample.options)
+                reply, pred, extra = answer_sample(answer_fn, video, sample, scoring)
                 correct += pred == sample.answer
                 samples.append({"frames": F, "depth": d, "needle_seed": seed + i, "needle_index": [start, end],
                                 "question": sample.question, "options": sample.options, "answer": sample.answer,
-                                "reply": reply, "pred": pred, "correct": pred == sample.answer})
+                                "reply": reply, "pred": pred, "correct": pred == sample.answer, **extra})
             row.append(correct / needles)
             cells.append({"frames": F, "depth": d, "correct": correct, "n": needles, "accuracy": correct / needles})
             log(f"F={F} depth={d:g}: {correct}/{needles}")
         grid.append(row)
     return {"frames": frame_counts, "depths": depths, "needles": needles, "needle_frames": needle_frames,
-            "size": size, "seed": seed, "accuracy": grid,
+            "size": size, "seed": seed, "scoring": scoring, "accuracy": grid,
             "mean_accuracy": float(np.mean(grid)) if grid else 0.0, "cells": cells, "samples": samples}
 
 
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--scoring", choices=SCORINGS, default="generate",
+                   help="generate: the letter of the greedy reply (default); likelihood: the option "
+                        "whose text is most likely as the reply to the bare question (see eval qa)")
     args = p.parse_args(argv)
     try:
         frame_counts = sorted({int(v) for v in args.frames.split(",") if v.strip()})
@@ -144,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
     answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens)
     size = args.size or answerer.size
-    result = run_niah(answerer, frame_counts, depths, args.needles, size=size, seed=args.seed,
-                      needle_frames=args.needle_frames, log=lambda m: print(m, file=sys.stderr))
+    fn = answerer if args.scoring == "generate" else answerer.option_scores
+    result = run_niah(fn, frame_counts, depths, args.needles, size=size, seed=args.seed,
+                      needle_frames=args.needle_frames, log=lambda m: print(m, file=sys.stderr),
+                      scoring=args.scoring)
     result["model"] = str(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -139,6 +139,20 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def answer_sample(answer_fn: AnswerFn | ScoreFn, frames: np.ndarray, sample: MCSample,
+                  scoring: str = "generate") -> tuple[str, str | None, dict]:
+    """One question: (reply, the letter it names or None, extra record fields). ``generate``:
+    the letter read from ``answer_fn(frames, prompt)``'s reply; ``likelihood``: the best of
+    ``answer_fn(frames, question, options)``'s scores (its option text is the reply, the scores go
+    to ``option_scores``)."""
+    if scoring == "generate":
+        reply = answer_fn(frames, build_prompt(sample))
+        return reply, extract_letter(reply, sample.options), {}
+    scores = [float(x) for x in answer_fn(frames, sample.question, sample.options)]
+    best = int(np.argmax(scores))
+    return sample.options[best], LETTERS[best], {"option_scores": scores}
+
+
 def run_qa(samples: list[MCSample], answer_fn: AnswerFn | ScoreFn, out_dir: str | Path, *, num_frames: int,
            meta: dict | None = None, log=print, scoring: str = "generate") -> dict:
     """Answer every sample not yet in ``out_dir/samples.jsonl``, then write results and summary.
@@ -172,14 +186,7 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn | ScoreFn, out_dir: str 
         for i, sample in enumerate(todo):
             reply, pred, error, extra = "", None, None, {}
             try:
-                frames = load_frames(sample, num_frames)
-                if scoring == "generate":
-                    reply = answer_fn(frames, build_prompt(sample))
-                    pred = extract_letter(reply, sample.options)
-                else:
-                    scores = [float(x) for x in answer_fn(frames, sample.question, sample.options)]
-                    best = int(np.argmax(scores))
-                    reply, pred, extra = sample.options[best], LETTERS[best], {"option_scores": scores}
+                reply, pred, extra = answer_sample(answer_fn, load_frames(sample, num_frames), sample, scoring)
             except UserError as err:  # unreadable video: wrong, with the reason kept
                 error = str(err)
             record = {"id": sample.id, "question": sample.question, "options": sample.options,

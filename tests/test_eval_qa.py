@@ -139,10 +139,12 @@ def test_continuation_logprobs_match_the_models_own_forward():
     model.eval()
     frames = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     conversation = [{"role": "user", "content": "What colour is it?"}]
-    got = continuation_logprobs(model, processor, frames, conversation, ["red", " blue circle"])
+    texts = ["red", "blue circle", "a green square"]  # the context's cache is reused and cropped between them
+    got = continuation_logprobs(model, processor, frames, conversation, ["red", " blue circle", "a green square"])
     clip = processor.load_video(frames)
     ctx = processor(conversation, video=clip)["input_ids"]
-    for (logprob, greedy), text in zip(got, ["red", "blue circle"]):
+    assert len(got) == 3
+    for (logprob, greedy), text in zip(got, texts):
         cont = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([ctx, cont], 1)
         with torch.no_grad():

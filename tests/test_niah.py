@@ -50,3 +50,22 @@ def test_grid_follows_where_the_needle_is(tmp_path):
     niah.heatmap(result, tmp_path / "niah.png")
     assert (tmp_path / "niah.png").stat().st_size > 1000
     json.dumps(result)  # serialisable as niah.json
+
+
+def test_likelihood_scoring_grid(tmp_path):
+    # a fake ScoreFn: the right option scores best only when the needle is in the first half
+    needles = [niah.needle_sample(s, SIZE) for s in range(2)]
+
+    def scores(frames, question, options):
+        assert "\n" not in question  # the bare question, no option lines
+        for needle, sample in needles:
+            if sample.options == options and any(np.array_equal(f, resize_frames(needle.frames, SIZE, SIZE)[0])
+                                                 for f in frames[: len(frames) // 2]):
+                return [0.0 if "ABCD"[i] == sample.answer else -1.0 for i in range(len(options))]
+        return [0.0] + [-1.0] * (len(options) - 1)  # otherwise always the first option
+
+    result = niah.run_niah(scores, [8], [0.0, 1.0], needles=2, size=SIZE, log=lambda m: None, scoring="likelihood")
+    assert result["scoring"] == "likelihood" and result["accuracy"][0][0] == 1.0
+    late = [s for s in result["samples"] if s["depth"] == 1.0]
+    assert all(s["pred"] == "A" and len(s["option_scores"]) == 4 for s in late)
+    assert result["accuracy"][0][1] == sum(s["answer"] == "A" for s in late) / 2

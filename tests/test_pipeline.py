@@ -75,7 +75,8 @@ def test_pipeline_smoke_end_to_end(tmp_path):
 
     # metrics are fractions
     m = json.loads((ship / "metrics.json").read_text())
-    values = [m["mc_accuracy"], m["mc_likelihood_accuracy"], m["open_accuracy"], *m["niah_accuracy"].values()]
+    values = [m["mc_accuracy"], m["mc_likelihood_accuracy"], m["open_accuracy"], *m["niah_accuracy"].values(),
+              *m["niah_likelihood_accuracy"].values()]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and math.isfinite(v) for v in values)
     assert isinstance(m["text_ok"], bool)
     assert 0.0 <= m["open_blind_accuracy"] <= 1.0

@@ -129,7 +129,8 @@ def generate_stream(model, processor, video, conversation, *, timing: ChatTiming
 def continuation_logprobs(model, processor, video, conversation, continuations: list[str]) -> list[tuple[float, bool]]:
     """How likely the model finds each of ``continuations`` as the start of its reply to
     ``conversation``: per continuation, (sum of its tokens' log-probabilities, whether greedy
-    decoding would produce exactly those tokens). The video is read and encoded once.
+    decoding would produce exactly those tokens). The video is read and encoded, and the context
+    run through the LLM, once.
 
     video and conversation as in `generate_stream`. A continuation is tokenised on its own, without
     leading whitespace (the reply starts right after the template's assistant prefix).
@@ -146,16 +147,21 @@ def continuation_logprobs(model, processor, video, conversation, continuations: 
             features = model.get_video_features(clip.pixel_values.to(model.device))  # (1, K, D_llm)
             mask = model.get_placeholder_mask(ctx_ids, features)  # (1, L)
             ctx = ctx.masked_scatter(mask.unsqueeze(-1), features.to(ctx.dtype))  # (1, L, D_llm)
+        # The context runs once; each continuation runs on its KV cache, cropped back after it.
+        out = model.language_model(inputs_embeds=ctx, use_cache=True, logits_to_keep=1)
+        cache, first = out.past_key_values, out.logits[0, -1:]  # first: (1, V), predicts the reply's first token
         results = []
-        L = ctx_ids.shape[1]
         for text in continuations:
             cont = processor.tokenizer(text.lstrip(), add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, C)
             if cont.shape[1] == 0:
                 raise ValueError(f"continuation {text!r} has no tokens")
-            embeds = torch.cat([ctx, model.get_input_embeddings()(cont)], dim=1)  # (1, L + C, D_llm)
-            logits = model.language_model(inputs_embeds=embeds).logits  # (1, L + C, V)
-            # position i predicts token i + 1: the continuation is predicted at L-1 … L+C-2
-            logprobs = torch.log_softmax(logits[0, L - 1:L - 1 + cont.shape[1]].float(), dim=-1)  # (C, V)
+            logits = first
+            if cont.shape[1] > 1:
+                rest = model.language_model(inputs_embeds=model.get_input_embeddings()(cont[:, :-1]),
+                                            past_key_values=cache, use_cache=True).logits[0]  # (C-1, V)
+                cache.crop(-(cont.shape[1] - 1))  # negative: drop that many tokens (back to L)
+                logits = torch.cat([first, rest])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (C, V): row i predicts cont[i]
             picked = logprobs.gather(1, cont[0, :, None])[:, 0]  # (C,)
             results.append((float(picked.sum()), bool((logprobs.argmax(-1) == cont[0]).all())))
     return results
