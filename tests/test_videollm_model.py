@@ -291,3 +291,21 @@ def test_concat_merge_keeps_which_patch_showed_what_and_round_trips(tmp_path):
 def test_spatial_merge_config_errors(kw):
     with pytest.raises(ValueError, match="spatial_merge"):
         VideoLLMConfig(vision_config=tiny_encoder_config(), **kw)
+
+
+def test_for_llm_carries_every_encoder_and_projector_setting():
+    import inspect
+
+    settings = dict(spatial_pool=2, spatial_merge="concat", max_video_tokens=77, projector_hidden_act="silu",
+                    word_anchor=[["red", "blue"], ["star"]], anchor_temperature=9.0)
+    old = VideoLLMConfig(vision_config=tiny_encoder_config(), text_config=tiny_llm().config, video_token_id=5,
+                         base_llm="old", **settings)
+    text = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       vocab_size=300)
+    new = old.for_llm(text, video_token_id=299, base_llm="new")
+    assert new.text_config is text and new.video_token_id == 299 and new.base_llm == "new"
+    assert new.vision_config.to_dict() == old.vision_config.to_dict()
+    for name in inspect.signature(VideoLLMConfig.__init__).parameters:
+        if name not in ("self", "vision_config", "text_config", "video_token_id", "base_llm", "kwargs"):
+            assert getattr(new, name) == getattr(old, name), name
+    assert new.spatial_merge == "concat" and new.projector_hidden_act == "silu"

@@ -243,13 +243,7 @@ def build_model(cfg: FinetuneConfig):
     if init is not None:
         torch.manual_seed(cfg.seed)
         encoder = AutoModel.from_config(init.vision_config)
-        config = VideoLLMConfig(vision_config=init.vision_config, text_config=llm.config,
-                                spatial_pool=init.spatial_pool, tokens_per_frame=init.tokens_per_frame,
-                                spatial_merge=init.spatial_merge,
-                                max_video_tokens=init.max_video_tokens, use_cls_token=init.use_cls_token,
-                                projector_hidden_act=init.projector_hidden_act,
-                                video_token_id=video_token_id, base_llm=llm_name,
-                                word_anchor=init.word_anchor, anchor_temperature=init.anchor_temperature)
+        config = init.for_llm(llm.config, video_token_id=video_token_id, base_llm=llm_name)
     else:
         encoder = build_encoder(cfg.encoder, cfg.data.image_size, cfg.data.num_frames, cfg.seed)
         config = VideoLLMConfig(vision_config=encoder.config, text_config=llm.config,

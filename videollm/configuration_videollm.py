@@ -155,6 +155,18 @@ class VideoLLMConfig(PretrainedConfig):
             if attn is not None and "attn_implementation" not in kwargs:
                 getattr(self, key)._attn_implementation_internal = attn
 
+    def for_llm(self, text_config, video_token_id: int | None, base_llm: str | None) -> "VideoLLMConfig":
+        """This config's encoder and projector settings on another (or a freshly loaded) LLM: every
+        constructor argument but the LLM's three is carried over, so a setting added to
+        ``__init__`` later is carried too (finetune's ``init_from``)."""
+        import inspect
+
+        llm_side = {"self", "vision_config", "text_config", "video_token_id", "base_llm", "kwargs"}
+        carried = {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters
+                   if name not in llm_side}
+        return type(self)(vision_config=self.vision_config, text_config=text_config,
+                          video_token_id=video_token_id, base_llm=base_llm, **carried)
+
     # ---- token arithmetic (shared by the projector and the processor) -----------------------
 
     def frame_grid(self, height: int, width: int) -> tuple[int, int]:
