@@ -416,24 +416,22 @@ def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
 def eval_commands(cfg: PipelineConfig, model_dir: Path, ev: Path) -> dict[str, list[str]]:
     e = cfg.eval
     py = [sys.executable, "-m"]
-    return {
-        "mc": py + ["eval.qa", "--benchmark", "synthqa", "--seed", str(e.qa_seed), "--n", str(e.mc_n),
-                    "--model", str(model_dir), "--out", str(ev / "mc"), "--frames", str(e.frames),
-                    "--max-new-tokens", str(e.max_new_tokens)],
-        # The same questions scored by option likelihood (no letter to produce): what the model
-        # knows apart from mapping an answer to its letter. Reported, not a target.
-        "mc_likelihood": py + ["eval.qa", "--benchmark", "synthqa", "--seed", str(e.qa_seed), "--n", str(e.mc_n),
-                               "--model", str(model_dir), "--out", str(ev / "mc_likelihood"), "--frames",
-                               str(e.frames), "--scoring", "likelihood"],
-        "niah": py + ["eval.niah", "--model", str(model_dir), "--frames", ",".join(map(str, e.niah_frames)),
-                      "--depths", ",".join(f"{d:g}" for d in e.niah_depths), "--needles", str(e.niah_needles),
-                      "--seed", str(e.niah_seed), "--out", str(ev / "niah"),
-                      "--max-new-tokens", str(e.max_new_tokens)],
-        "niah_likelihood": py + ["eval.niah", "--model", str(model_dir), "--frames", ",".join(map(str, e.niah_frames)),
-                                 "--depths", ",".join(f"{d:g}" for d in e.niah_depths), "--needles",
-                                 str(e.niah_needles), "--seed", str(e.niah_seed), "--out",
-                                 str(ev / "niah_likelihood"), "--scoring", "likelihood"],
-    }
+    generate = ["--max-new-tokens", str(e.max_new_tokens)]
+    # The same questions scored by option likelihood (no letter to produce): what the model
+    # knows apart from mapping an answer to its letter. Reported, not a target.
+    likelihood = ["--scoring", "likelihood"]
+
+    def mc(name: str, scoring: list[str]) -> list[str]:
+        return py + ["eval.qa", "--benchmark", "synthqa", "--seed", str(e.qa_seed), "--n", str(e.mc_n),
+                     "--model", str(model_dir), "--out", str(ev / name), "--frames", str(e.frames), *scoring]
+
+    def niah(name: str, scoring: list[str]) -> list[str]:
+        return py + ["eval.niah", "--model", str(model_dir), "--frames", ",".join(map(str, e.niah_frames)),
+                     "--depths", ",".join(f"{d:g}" for d in e.niah_depths), "--needles", str(e.niah_needles),
+                     "--seed", str(e.niah_seed), "--out", str(ev / name), *scoring]
+
+    return {"mc": mc("mc", generate), "mc_likelihood": mc("mc_likelihood", likelihood),
+            "niah": niah("niah", generate), "niah_likelihood": niah("niah_likelihood", likelihood)}
 
 
 def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> dict:
