@@ -73,10 +73,7 @@ def generate_stream(model, processor, video, conversation, *, timing: ChatTiming
         # the LLM then prefills from inputs_embeds and decodes with its KV cache.
         t = time.perf_counter()
         with torch.inference_mode():
-            features = model.get_video_features(clip.pixel_values.to(model.device))  # (1, K, D_llm)
-            embeds = model.get_input_embeddings()(input_ids.masked_fill(input_ids == model.config.video_token_id, 0))
-            mask = model.get_placeholder_mask(input_ids, features)  # (1, L)
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))  # (1, L, D_llm)
+            embeds, _ = model.embed_inputs(input_ids, clip.pixel_values)  # (1, L, D_llm)
         timing.encode_seconds = time.perf_counter() - t
         embeds_kwargs = {"input_ids": input_ids, "inputs_embeds": embeds}
 
@@ -142,11 +139,7 @@ def continuation_logprobs(model, processor, video, conversation, continuations: 
     clip = processor.load_video(video) if video is not None else None
     ctx_ids = processor(conversation, video=clip)["input_ids"]  # (1, L), ends with the assistant prefix
     with torch.inference_mode():
-        ctx = model.get_input_embeddings()(ctx_ids.masked_fill(ctx_ids == model.config.video_token_id, 0))
-        if clip is not None:
-            features = model.get_video_features(clip.pixel_values.to(model.device))  # (1, K, D_llm)
-            mask = model.get_placeholder_mask(ctx_ids, features)  # (1, L)
-            ctx = ctx.masked_scatter(mask.unsqueeze(-1), features.to(ctx.dtype))  # (1, L, D_llm)
+        ctx, _ = model.embed_inputs(ctx_ids, clip.pixel_values if clip is not None else None)  # (1, L, D_llm)
         # The context runs once; each continuation runs on its KV cache, cropped back after it.
         out = model.language_model(inputs_embeds=ctx, use_cache=True, logits_to_keep=1)
         cache, first = out.past_key_values, out.logits[0, -1:]  # first: (1, V), predicts the reply's first token

@@ -251,6 +251,24 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
             )
         return mask
 
+    def embed_inputs(self, input_ids: torch.Tensor,
+                     pixel_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LLM's input embeddings for input_ids (B, L), with the encoded and projected video
+        pixel_values (B_v, 3, T, H, W) in place of the ``<video>`` placeholders: (inputs_embeds
+        (B, L, D_llm), video features (B_v, K, D_llm) or None). `forward`, streaming generation and
+        option scoring all assemble their inputs here."""
+        ids = input_ids
+        if self.config.video_token_id is not None:
+            # Placeholder ids are replaced below; look up a valid row meanwhile.
+            ids = input_ids.masked_fill(input_ids == self.config.video_token_id, 0)
+        inputs_embeds = self.get_input_embeddings()(ids)  # (B, L, D_llm)
+        if pixel_values is None:
+            return inputs_embeds, None
+        features = self.get_video_features(pixel_values.to(inputs_embeds.device))  # (B_v, K, D_llm)
+        features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = self.get_placeholder_mask(input_ids, features)  # (B, L)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features), features  # (B, L, D_llm)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -268,21 +286,12 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         labels (B, L) with -100 where no loss is taken (the LLM shifts them)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and input_ids is None:
+            raise ValueError("pixel_values need input_ids to find the <video> placeholders")
         video_features = None
         if inputs_embeds is None:
-            ids = input_ids
-            if self.config.video_token_id is not None:
-                # Placeholder ids are replaced below; look up a valid row meanwhile.
-                ids = input_ids.masked_fill(input_ids == self.config.video_token_id, 0)
-            inputs_embeds = self.get_input_embeddings()(ids)  # (B, L, D_llm)
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to find the <video> placeholders")
-            video_features = self.get_video_features(pixel_values)  # (B_v, K, D_llm)
-            video_features = video_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, video_features)  # (B, L)
-            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), video_features)  # (B, L, D_llm)
-        elif input_ids is not None and self.config.video_token_id is not None and past_key_values is None:
+            inputs_embeds, video_features = self.embed_inputs(input_ids, pixel_values)
+        if pixel_values is None and input_ids is not None and self.config.video_token_id is not None and past_key_values is None:
             n = int((input_ids == self.config.video_token_id).sum())
             if n:
                 raise ValueError(f"Video features and video tokens do not match: {n} {VIDEO_TOKEN} tokens "
