@@ -286,6 +286,37 @@ def test_concat_merge_keeps_which_patch_showed_what_and_round_trips(tmp_path):
     assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
 
 
+def test_stem_skip_reads_the_first_block_input_max_pooled_and_round_trips(tmp_path):
+    model, proc = tiny_videollm(spatial_pool=2, stem_skip=True)
+    plain, _ = tiny_videollm(spatial_pool=2)
+    assert model.projector.stem_proj.in_features == 32 and not hasattr(plain.projector, "stem_proj")
+    h, stem = torch.randn(1, 1 + 2 * 4 * 4, 32), torch.randn(1, 1 + 2 * 4 * 4, 32)
+    with torch.no_grad():
+        out = model.projector(h, (2, 4, 4), stem)
+        assert out.shape == (1, 8, 32)  # 2 frames × a 4×4 grid pooled 2×2
+        # the skip is read: a change to one stem patch moves its token only, and not through an
+        # average: lowering a patch that is not its window's maximum changes nothing
+        grid = stem[:, 1:].reshape(1, 2, 4, 4, 32)
+        up, down = grid.clone(), grid.clone()
+        up[0, 0, 0, 0] += 10.0
+        window = grid[0, 0, :2, :2]  # (2, 2, 32): frame 0's first window
+        below = window.reshape(4, 32) < window.reshape(4, 32).amax(0)  # (4, 32): not the channel's max
+        down[0, 0, :2, :2] -= 5.0 * below.reshape(2, 2, 32)
+        moved = model.projector(h, (2, 4, 4), torch.cat([stem[:, :1], up.reshape(1, -1, 32)], 1))
+        same = model.projector(h, (2, 4, 4), torch.cat([stem[:, :1], down.reshape(1, -1, 32)], 1))
+        assert not torch.allclose(moved[:, 0], out[:, 0]) and torch.equal(moved[:, 1:], out[:, 1:])
+        assert torch.allclose(same, out)
+    with pytest.raises(ValueError, match="stem_states"):
+        model.projector(h, (2, 4, 4))
+    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames(H=32, W=32))
+    save_videollm(model, proc, tmp_path / "m")
+    loaded, _ = load_videollm(tmp_path / "m")
+    assert loaded.config.stem_skip is True
+    assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
+    with pytest.raises(ValueError, match="stem_skip"):
+        VideoLLMConfig(vision_config=tiny_encoder_config(), stem_skip="yes")
+
+
 @pytest.mark.parametrize("kw", [{"spatial_merge": "max"}, {"spatial_merge": "concat", "tokens_per_frame": 4},
                                 {"spatial_merge": "concat", "use_cls_token": True}])
 def test_spatial_merge_config_errors(kw):
@@ -297,7 +328,7 @@ def test_for_llm_carries_every_encoder_and_projector_setting():
     import inspect
 
     settings = dict(spatial_pool=2, spatial_merge="concat", max_video_tokens=77, projector_hidden_act="silu",
-                    word_anchor=[["red", "blue"], ["star"]], anchor_temperature=9.0)
+                    word_anchor=[["red", "blue"], ["star"]], anchor_temperature=9.0, stem_skip=True)
     old = VideoLLMConfig(vision_config=tiny_encoder_config(), text_config=tiny_llm().config, video_token_id=5,
                          base_llm="old", **settings)
     text = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,

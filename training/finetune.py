@@ -107,6 +107,7 @@ class FinetuneConfig:
     init_from: str | None = None  # a saved VideoLLM (e.g. stage-1 final/): its encoder + projector
     spatial_pool: int = 2
     spatial_merge: str = "avg"  # avg | concat (VideoLLMConfig.spatial_merge); an init_from keeps its own
+    stem_skip: bool = False  # the projector also reads the patch stem (VideoLLMConfig.stem_skip); likewise
     max_video_tokens: int | None = None
     train_encoder: bool = False
     # Anchor the video tokens in the LLM's vocabulary (`VideoProjector.anchor`) with these word
@@ -248,7 +249,7 @@ def build_model(cfg: FinetuneConfig):
         encoder = build_encoder(cfg.encoder, cfg.data.image_size, cfg.data.num_frames, cfg.seed)
         config = VideoLLMConfig(vision_config=encoder.config, text_config=llm.config,
                                 spatial_pool=cfg.spatial_pool, spatial_merge=cfg.spatial_merge,
-                                max_video_tokens=cfg.max_video_tokens,
+                                stem_skip=cfg.stem_skip, max_video_tokens=cfg.max_video_tokens,
                                 video_token_id=video_token_id, base_llm=llm_name)
     torch.manual_seed(cfg.seed)  # the projector's init
     model = VideoLLMForCausalLM(config, vision_tower=encoder, language_model=llm)

@@ -98,6 +98,7 @@ class GroundConfig:
     llm_cache_dir: str | None = None
     spatial_pool: int = 2
     spatial_merge: str = "avg"  # how the projector merges a pooled window: avg | concat (VideoLLMConfig)
+    stem_skip: bool = False  # the projector also reads the patch stem (VideoLLMConfig.stem_skip)
     steps: int = 300
     batch_size: int = 16  # clips per step (short clips + needle haystacks)
     lr: float = 1.0e-3  # projector
@@ -533,7 +534,8 @@ def _build(cfg: GroundConfig):
     from training.finetune import FinetuneConfig, build_model
 
     ft = FinetuneConfig(stage=1, llm=cfg.llm, llm_cache_dir=cfg.llm_cache_dir, encoder=cfg.encoder,
-                        spatial_pool=cfg.spatial_pool, spatial_merge=cfg.spatial_merge, seed=cfg.seed)
+                        spatial_pool=cfg.spatial_pool, spatial_merge=cfg.spatial_merge,
+                        stem_skip=cfg.stem_skip, seed=cfg.seed)
     ft.data.image_size, ft.data.num_frames = cfg.data.size, cfg.data.clip_frames
     model, tokenizer = build_model(ft)
     model.requires_grad_(False)

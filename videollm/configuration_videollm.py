@@ -71,6 +71,10 @@ class VideoLLMConfig(PretrainedConfig):
             0), plus a gated copy of the projector's output (gate starts at 0). See
             `VideoProjector.anchor`. None: plain projector.
         anchor_temperature: τ of the anchor's scores, τ·cos(token, centred word embedding).
+        stem_skip: the projector also reads the encoder's first block input (the patch stem's
+            output plus positions), max-pooled over each token's window, through a linear layer of
+            its own added to its first layer's output. What the stem tells apart (the conv stem's
+            warm-up teaches it shape) then reaches the tokens even where the blocks lose it.
     """
 
     model_type = "videomap_llm"
@@ -93,6 +97,7 @@ class VideoLLMConfig(PretrainedConfig):
         base_llm: str | None = None,
         word_anchor: list[list[str]] | None = None,
         anchor_temperature: float = 15.0,
+        stem_skip: bool = False,
         **kwargs,
     ):
         self.vision_config = _sub_config(vision_config, "videomap", "vision_config")
@@ -134,6 +139,9 @@ class VideoLLMConfig(PretrainedConfig):
             word_anchor = [list(g) for g in word_anchor]
         if not isinstance(anchor_temperature, (int, float)) or anchor_temperature <= 0:
             raise ValueError(f"anchor_temperature must be > 0; got {anchor_temperature!r}")
+        if not isinstance(stem_skip, bool):
+            raise ValueError(f"stem_skip must be true or false; got {stem_skip!r}")
+        self.stem_skip = stem_skip
         self.word_anchor = word_anchor
         self.anchor_temperature = float(anchor_temperature)
         self.spatial_pool = spatial_pool

@@ -65,6 +65,8 @@ class VideoProjector(nn.Module):
         if config.spatial_merge == "concat":
             d_vis *= config.spatial_pool ** 2
         self.linear_1 = nn.Linear(d_vis, d_llm)
+        if config.stem_skip:
+            self.stem_proj = nn.Linear(config.vision_config.embed_dim, d_llm)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(d_llm, d_llm)
         if config.word_anchor:
@@ -113,9 +115,10 @@ class VideoProjector(nn.Module):
             start += len(group)
         return out
 
-    def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], reduce: str = "merge") -> torch.Tensor:
         """hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w) → (B, K, D) (D·s² wide with
-        ``spatial_merge="concat"``)."""
+        ``spatial_merge="concat"``). ``reduce="max"``: each token's window is max-pooled instead
+        (the stem skip's readout, as the stem warm-up reads a cell)."""
         cfg = self.config
         T, h, w = grid
         B, L, D = hidden_states.shape
@@ -125,7 +128,9 @@ class VideoProjector(nn.Module):
         cls, patches = hidden_states[:, :1], hidden_states[:, 1:]  # (B, 1, D), (B, T·h·w, D)
         x = patches.reshape(B * T, h, w, D).permute(0, 3, 1, 2)  # (B·T, D, h, w)
         kh, kw = cfg.tokens_per_frame_for(h, w)
-        if cfg.tokens_per_frame is not None:
+        if reduce == "max":
+            x = F.adaptive_max_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
+        elif cfg.tokens_per_frame is not None:
             x = F.adaptive_avg_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
         elif cfg.spatial_pool > 1 and cfg.spatial_merge == "concat":
             s = cfg.spatial_pool
@@ -148,9 +153,16 @@ class VideoProjector(nn.Module):
             x = torch.cat([cls, x], dim=1)  # (B, 1 + T'·k, D)
         return x
 
-    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        x = self.pool(hidden_states, grid)  # (B, K, D)
-        x = self.linear_2(self.act(self.linear_1(x)))  # (B, K, D_llm)
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
+                stem_states: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states: the encoder's output (B, 1 + T·h·w, D); stem_states: its first block's
+        input, same shape, needed with ``config.stem_skip``."""
+        x = self.linear_1(self.pool(hidden_states, grid))  # (B, K, D_llm)
+        if self.config.stem_skip:
+            if stem_states is None:
+                raise ValueError("a projector with stem_skip needs stem_states (the encoder's first block input)")
+            x = x + self.stem_proj(self.pool(stem_states, grid, reduce="max"))
+        x = self.linear_2(self.act(x))  # (B, K, D_llm)
         return self.anchor(x) if self.config.word_anchor else x
 
 
@@ -236,8 +248,10 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
 
     def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, T, H, W) → projected video tokens (B, K, D_llm)."""
-        out = self.vision_tower(pixel_values)  # last_hidden_state (B, 1 + T·h·w, D)
-        return self.projector(out.last_hidden_state, tuple(out.grid))  # (B, K, D_llm)
+        skip = self.config.stem_skip
+        out = self.vision_tower(pixel_values, output_hidden_states=skip)  # last_hidden_state (B, 1 + T·h·w, D)
+        return self.projector(out.last_hidden_state, tuple(out.grid),
+                              out.hidden_states[0] if skip else None)  # (B, K, D_llm)
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Bool (B, L): where the video features go; checks that counts match."""
@@ -454,7 +468,7 @@ def build_videollm(llm="smollm2", encoder="nano", *, num_frames: int = 8, image_
                    max_video_tokens: int | None = 2048,
                    use_cls_token: bool = False, use_time_line: bool = True, cache_dir=None,
                    dtype: torch.dtype = torch.float32, seed: int = 0,
-                   word_anchor: list[list[str]] | None = None):
+                   word_anchor: list[list[str]] | None = None, stem_skip: bool = False):
     """(model, processor): an encoder, a fresh projector and an LLM, with ``<video>`` added.
 
     llm: "smollm2", a Hub id, a local dir, a .gguf file, or an already-loaded ``(model, tokenizer)``.
@@ -496,7 +510,7 @@ def build_videollm(llm="smollm2", encoder="nano", *, num_frames: int = 8, image_
                                 spatial_pool=spatial_pool, tokens_per_frame=tokens_per_frame,
                                 spatial_merge=spatial_merge, max_video_tokens=max_video_tokens,
                                 use_cls_token=use_cls_token, video_token_id=video_token_id, base_llm=base_llm,
-                                word_anchor=word_anchor)
+                                word_anchor=word_anchor, stem_skip=stem_skip)
         model = VideoLLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
     if word_anchor:
         words = [w for group in config.word_anchor for w in group]
