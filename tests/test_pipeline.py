@@ -103,6 +103,13 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     # stage 1's word anchor reaches the shipped model, with its word rows
     assert [len(g) for g in model.config.word_anchor] == [8, 6]
     assert model.projector.anchor_values.abs().sum() > 0
+    # and the ground stage's stem skip, with the weights stage 2 ended with
+    import torch
+    from safetensors.torch import load_file
+
+    assert model.config.stem_skip
+    final = load_file(str(out / "stage2" / "final" / "model.safetensors"))
+    assert torch.equal(model.projector.stem_proj.weight, final["projector.stem_proj.weight"])
 
     # a rerun from scratch, in another directory, gives the same clips, weights and metrics bit for bit
     out2 = tmp_path / "run2"
