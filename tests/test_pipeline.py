@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from encoder.errors import UserError
 from training.config import load_config
 from training.pipeline import PipelineConfig, mismatched_clip, open_correct, open_samples, stage_commands
 
@@ -145,6 +146,44 @@ def test_short_records_ask_each_question_once():
     assert not any(q.startswith("When ") for q in questions)
     expected = {q["question"] for q in clip.qa if not q["question"].startswith("When ")}
     assert set(questions) == expected
+
+
+@pytest.mark.parametrize("mc_reply", ["letter", "option"])
+def test_short_records_answer_multiple_choice_as_configured(mc_reply):
+    import numpy as np
+
+    from eval.answer import extract_letter
+    from training.pipeline import DataSpec, short_conversations
+    from training.synth import make_clip
+
+    clip = make_clip(3, 16, 64, "count")
+    by_prompt = {}
+    for q in clip.qa:
+        if q["type"] == "mc":
+            by_prompt[q["question"]] = q
+    groups = short_conversations(clip.caption, clip.qa, np.random.default_rng(1),
+                                 DataSpec(records="short", qa_turns=2, mc_reply=mc_reply))
+    replies = 0
+    for turns in groups.values():
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            lines = human["value"].replace("<video>\n", "").split("\n")
+            if len(lines) == 1:
+                continue  # an open question
+            q = by_prompt[lines[0]]
+            expected = q["answer_letter"] if mc_reply == "letter" else q["answer"]
+            assert gpt["value"] == expected
+            assert extract_letter(gpt["value"], q["options"]) == q["answer_letter"]
+            replies += 1
+    assert replies > 0
+
+
+def test_option_replies_need_short_records(tmp_path):
+    from training.pipeline import DataSpec, PipelineConfig, stage_data
+
+    for data, match in [(DataSpec(records="llava", mc_reply="option"), "records"),
+                        (DataSpec(records="short", mc_reply="text"), "mc_reply")]:
+        with pytest.raises(UserError, match=match):
+            stage_data(PipelineConfig(data=data), tmp_path)
 
 
 def test_missed_targets():

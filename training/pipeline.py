@@ -89,6 +89,12 @@ class DataSpec:
     records: str = "llava"
     qa_turns: int = 3
     caption_fraction: float = 0.2
+    # What a "short" record's multiple-choice turn answers: "letter" (the lmms-eval convention, "C")
+    # or "option": the option's text as listed ("cross"), which `eval.answer.extract_letter` maps to
+    # its letter. A 135M LLM does not look the letter up: given the right text in its reply
+    # ("… cross (") SmolLM2-135M-Instruct names that option's letter 17 times out of 40 (chance
+    # 10), so a letter reply has to learn the lookup on top of what the video shows.
+    mc_reply: str = "letter"
 
 
 @dataclass
@@ -184,8 +190,11 @@ def short_conversations(caption: str, qa: list[dict], rng: np.random.Generator, 
     turns = []
     for forms in by_question.values():
         q = forms[int(rng.integers(len(forms)))]
-        turns.append((format_mc(q["question"], q["options"]), q["answer_letter"]) if q["type"] == "mc"
-                     else (q["question"], q["answer"]))
+        if q["type"] == "mc":
+            turns.append((format_mc(q["question"], q["options"]),
+                          q["answer_letter"] if spec.mc_reply == "letter" else q["answer"]))
+        else:
+            turns.append((q["question"], q["answer"]))
     turns = [turns[i] for i in rng.permutation(len(turns))]
     groups = {f"qa{k}": turns[i:i + spec.qa_turns] for k, i in enumerate(range(0, len(turns), spec.qa_turns))}
     if caption and rng.random() < spec.caption_fraction:
@@ -250,6 +259,11 @@ def stage_data(cfg: PipelineConfig, out: Path) -> Path:
     spec = cfg.data
     if spec.needle_haystack not in ("mixed", "real"):
         raise UserError(f"data.needle_haystack must be 'mixed' or 'real'; got '{spec.needle_haystack}'")
+    if spec.mc_reply not in ("letter", "option"):
+        raise UserError(f"data.mc_reply must be 'letter' or 'option'; got '{spec.mc_reply}'")
+    if spec.mc_reply == "option" and spec.records != "short":
+        raise UserError("data.mc_reply: 'option' needs data.records: 'short' (the 'llava' layout answers "
+                        "with the letter, as the generator writes it)")
     if spec.needle_num_frames is not None and not 1 <= spec.needle_num_frames <= spec.haystack_frames:
         raise UserError(f"data.needle_num_frames must be in [1, haystack_frames={spec.haystack_frames}]; "
                         f"got {spec.needle_num_frames}")
