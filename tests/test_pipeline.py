@@ -73,6 +73,10 @@ def test_pipeline_smoke_end_to_end(tmp_path):
         assert (out / stage / "final" / "config.json").is_file()
         assert (out / stage / "metrics.jsonl").is_file()
     assert (out / "eval" / "mc" / "results.json").is_file() and (out / "eval" / "niah" / "niah.json").is_file()
+    # multiple-choice turns are answered with the option's text (mc_reply: option), never a bare letter
+    turns = [t for r in json.loads((out / "data" / "instruct.json").read_text()) for t in r["conversations"]]
+    mc = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2]) if "option's letter" in q["value"]]
+    assert mc and all(f". {a}\n" in q and len(a) > 1 for q, a in mc)
 
     # metrics are fractions
     m = json.loads((ship / "metrics.json").read_text())
@@ -86,6 +90,7 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     # model card, curves, size cap, no frozen embedding copies in the adapter
     card = (ship / "MODEL_CARD.md").read_text()
     assert "python -m training.pipeline" in card and "| metric |" in card and "curves.png" in card
+    assert "answered with the option's text" in card
     assert (ship / "curves.png").stat().st_size > 1000
     assert sum(p.stat().st_size for p in ship.rglob("*") if p.is_file()) < 30 * 2 ** 20
 
