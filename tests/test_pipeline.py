@@ -93,6 +93,11 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     assert "answered with the option's text" in card
     assert (ship / "curves.png").stat().st_size > 1000
     assert sum(p.stat().st_size for p in ship.rglob("*") if p.is_file()) < 30 * 2 ** 20
+    # what goes into the repo names no path of the machine that built it
+    texts = {p: p.read_text(encoding="utf-8") for p in ship.rglob("*") if p.suffix in (".md", ".json", ".yaml")}
+    assert ship / "llm_adapter" / "adapter_config.json" in texts
+    assert [p for p, t in texts.items() if str(tmp_path) in t or str(REPO) in t or str(Path.home()) in t] == []
+    assert "$OUT/stage2/final" in card
 
     # a rerun skips every finished stage
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)

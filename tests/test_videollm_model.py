@@ -171,6 +171,30 @@ def test_save_load_roundtrip_with_lora(tmp_path):
     assert torch.allclose(ref, _logits(merged, inputs), atol=1e-5)
 
 
+def test_saved_model_names_no_path_it_was_built_from(tmp_path):
+    """A saved VideoLLM (as shipped in the repo) names its base LLM by ``base_llm`` only: not by the
+    directories its encoder and LLM were loaded from while it was built (a run directory, the LLM's
+    local cache), which peft and the sub-configs would otherwise record."""
+    import json
+
+    from encoder.videomap import VideoMAPModel
+    from peft import LoraConfig
+
+    build = tmp_path / "build"
+    VideoMAPModel(tiny_encoder_config()).save_pretrained(build / "encoder")
+    tiny_llm().save_pretrained(build / "llm-cache")
+    tiny_tokenizer().save_pretrained(build / "llm-cache")
+    model, proc = build_videollm(str(build / "llm-cache"), str(build / "encoder"), num_frames=2, spatial_pool=1)
+    model.config.base_llm = "tiny-llm"  # as smollm2 is loaded from a cache directory but named "smollm2"
+    model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    save_videollm(model, proc, tmp_path / "m")
+    texts = {f: f.read_text() for f in (tmp_path / "m").rglob("*") if f.suffix in (".json", ".md", ".yaml")}
+    assert tmp_path / "m" / "config.json" in texts and tmp_path / "m" / "llm_adapter" / "adapter_config.json" in texts
+    assert [f for f, t in texts.items() if str(build) in t] == []
+    adapter = json.loads((tmp_path / "m" / "llm_adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "tiny-llm"
+
+
 def test_loss_logits_only_gives_the_same_loss_and_gradients():
     model, proc = tiny_videollm()
     convs = [[{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A dog."}],

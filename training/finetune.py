@@ -634,7 +634,7 @@ def train(cfg: FinetuneConfig) -> int:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach().float())
-            lr_used = scheduler.get_last_lr()[0]
+            lr_used = max(scheduler.get_last_lr())  # the first group may be a frozen projector's (lr 0)
             scheduler.step()
             step += 1
             in_epoch += 1

@@ -503,10 +503,14 @@ def plot_curves(out: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, name, title in zip(axes, ("pretrain", "stage1", "stage2"),
-                               ("VideoMAP pretraining", "stage 1: alignment", "stage 2: LoRA")):
-        rows = _read_jsonl(out / name / "metrics.jsonl")
+    titles = {"pretrain": "VideoMAP pretraining", "ground": "grounding", "stage1": "stage 1: alignment",
+              "stage2": "stage 2: LoRA"}
+    # The stages that ran more than one step (the default's stage 1 is a single step).
+    curves = {name: rows for name in titles if (out / name / "metrics.jsonl").is_file()
+              and len(rows := _read_jsonl(out / name / "metrics.jsonl")) > 1}
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.6), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], curves.items()):
+        title = titles[name]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1)
         ev = [r for r in rows if r.get("eval_loss") is not None]
         if ev:
@@ -572,7 +576,8 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
         command,
         "```",
         "",
-        f"Seed: {cfg.seed} (every stage). The stages it runs (each skipped when its output exists):",
+        f"Seed: {cfg.seed} (every stage). The stages it runs (each skipped when its output exists; "
+        f"`{RUN_DIR}` is the run directory, `--out`):",
         "",
         "```",
         *commands,
@@ -637,6 +642,17 @@ def strip_frozen_embeddings(adapter_dir: Path) -> list[str]:
     return dropped
 
 
+RUN_DIR = "$OUT"
+
+
+def portable(text: str, out: Path) -> str:
+    """`text` with the paths of the machine that ran the pipeline replaced, for the repo: the run
+    directory by `RUN_DIR`, the checkout by ".", the home directory by "~"."""
+    for path, name in ((out, RUN_DIR), (REPO, "."), (Path.home(), "~")):
+        text = text.replace(str(path), name)
+    return text
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -660,6 +676,9 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
         _write_json(tmp / "metrics.json", {**metrics, "timings_s": timings, "seed": cfg.seed})
         (tmp / "pipeline_config.yaml").write_text(_yaml(to_dict(cfg)))
         (tmp / "MODEL_CARD.md").write_text(model_card(cfg, command, log, metrics, timings, n_records))
+        for f in tmp.rglob("*"):
+            if f.suffix in (".md", ".json", ".yaml", ".jinja"):
+                f.write_text(portable(f.read_text(encoding="utf-8"), out), encoding="utf-8")
         size = dir_bytes(tmp)
         if size > MAX_SHIP_BYTES:
             raise UserError(f"shipped model would be {size / 2 ** 20:.1f} MB, over the 30 MB cap; "

@@ -163,6 +163,16 @@ class VideoLLMConfig(PretrainedConfig):
             if attn is not None and "attn_implementation" not in kwargs:
                 getattr(self, key)._attn_implementation_internal = attn
 
+    def to_dict(self) -> dict:
+        # A sub-config's `_name_or_path` is where that part was loaded from while this model was
+        # built (the encoder's run directory, the LLM's local cache): a path on the machine that
+        # built it, meaningless where the model is loaded next. `base_llm` is the LLM's reference.
+        out = super().to_dict()
+        for key in ("vision_config", "text_config"):
+            if isinstance(out.get(key), dict):
+                out[key].pop("_name_or_path", None)
+        return out
+
     def for_llm(self, text_config, video_token_id: int | None, base_llm: str | None) -> "VideoLLMConfig":
         """This config's encoder and projector settings on another (or a freshly loaded) LLM: every
         constructor argument but the LLM's three is carried over, so a setting added to

@@ -380,6 +380,12 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not k.startswith("language_model.")}
         save_file(state, str(save_directory / NON_LLM_WEIGHTS), metadata={"format": "pt"})
+        # peft names the base model in adapter_config.json and its README by where the LLM was
+        # loaded from (for smollm2, a local cache path); the reference loading uses is base_llm.
+        base = self.language_model.get_base_model()
+        base.name_or_path = base.config.name_or_path = self.config.base_llm
+        for peft_config in self.language_model.peft_config.values():
+            peft_config.base_model_name_or_path = self.config.base_llm
         self.language_model.save_pretrained(str(save_directory / ADAPTER_DIR))
 
     @classmethod
