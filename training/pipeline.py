@@ -576,8 +576,8 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
         command,
         "```",
         "",
-        f"Seed: {cfg.seed} (every stage). The stages it runs (each skipped when its output exists; "
-        f"`{RUN_DIR}` is the run directory, `--out`):",
+        f"`{RUN_DIR}` is the run directory (`--out`), `{SHIP_DIR}` a shipping directory outside the repo "
+        f"(`--ship`). Seed: {cfg.seed} (every stage). The stages it runs (each skipped when its output exists):",
         "",
         "```",
         *commands,
@@ -642,13 +642,14 @@ def strip_frozen_embeddings(adapter_dir: Path) -> list[str]:
     return dropped
 
 
-RUN_DIR = "$OUT"
+RUN_DIR, SHIP_DIR = "$OUT", "$SHIP"
 
 
-def portable(text: str, out: Path) -> str:
+def portable(text: str, out: Path, ship: Path) -> str:
     """`text` with the paths of the machine that ran the pipeline replaced, for the repo: the run
-    directory by `RUN_DIR`, the checkout by ".", the home directory by "~"."""
-    for path, name in ((out, RUN_DIR), (REPO, "."), (Path.home(), "~")):
+    directory by `RUN_DIR`, the checkout by ".", a shipping directory outside it by `SHIP_DIR`, the
+    home directory by "~"."""
+    for path, name in ((out, RUN_DIR), (REPO, "."), (ship, SHIP_DIR), (Path.home(), "~")):
         text = text.replace(str(path), name)
     return text
 
@@ -678,7 +679,7 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
         (tmp / "MODEL_CARD.md").write_text(model_card(cfg, command, log, metrics, timings, n_records))
         for f in tmp.rglob("*"):
             if f.suffix in (".md", ".json", ".yaml", ".jinja"):
-                f.write_text(portable(f.read_text(encoding="utf-8"), out), encoding="utf-8")
+                f.write_text(portable(f.read_text(encoding="utf-8"), out, ship), encoding="utf-8")
         size = dir_bytes(tmp)
         if size > MAX_SHIP_BYTES:
             raise UserError(f"shipped model would be {size / 2 ** 20:.1f} MB, over the 30 MB cap; "
