@@ -677,8 +677,8 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
         _write_json(tmp / "metrics.json", {**metrics, "timings_s": timings, "seed": cfg.seed})
         (tmp / "pipeline_config.yaml").write_text(_yaml(to_dict(cfg)))
         (tmp / "MODEL_CARD.md").write_text(model_card(cfg, command, log, metrics, timings, n_records))
-        for f in tmp.rglob("*"):
-            if f.suffix in (".md", ".json", ".yaml", ".jinja"):
+        for f in tmp.rglob("*"):  # the tokenizer's vocabulary is data, never a path: left as it is
+            if f.suffix in (".md", ".json", ".yaml", ".jinja") and f.name != "tokenizer.json":
                 f.write_text(portable(f.read_text(encoding="utf-8"), out, ship), encoding="utf-8")
         size = dir_bytes(tmp)
         if size > MAX_SHIP_BYTES:
