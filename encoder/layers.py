@@ -139,29 +139,34 @@ class PatchEmbed3D(nn.Module):
     the linear patchify. Small shapes that straddle patch borders survive it; a linear 16×16
     patchify of 64 px frames trained briefly tells them apart no better than chance. P must be a
     power of two ≥ 2.
+
+    ``motion_gap`` = g > 0 adds a motion stem: a second stem of the same kind reads each frame's
+    difference from the frame g before it, ``x_t − x_{max(t−g, 0)}`` (zero for the first g
+    frames), and its patch features are added to the frame's. A small object that moves a pixel or
+    two between frames leaves a signed rim in the difference, bright where it arrives and dark
+    where it left, which a convolution reads the direction off in one frame; the blocks alone, from
+    16 px patch tokens, learn the direction slowly if at all. Only earlier frames enter, so frame-
+    wise autoregressive pretraining (frame t predicted from frames ≤ t) stays causal.
     """
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int, stem: str = "linear"):
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stem: str = "linear", motion_gap: int = 0):
         super().__init__()
         self.in_chans = in_chans
         self.patch_size = patch_size
-        if stem == "linear":
-            self.stem = None
-            self.proj = nn.Conv3d(in_chans, dim, kernel_size=(1, patch_size, patch_size),
-                                  stride=(1, patch_size, patch_size))
-        elif stem == "conv":
-            n = patch_size.bit_length() - 1
-            if patch_size < 2 or 1 << n != patch_size:
-                raise ValueError(f"patch_stem='conv' needs a patch size that is a power of two >= 2; got {patch_size}")
-            widths = [max(8, dim >> (n - i)) for i in range(1, n)]  # D/2^(n-1) … D/2
-            layers, prev = [], in_chans
-            for w in widths:
-                layers += [nn.Conv2d(prev, w, 3, stride=2, padding=1), nn.GELU()]
-                prev = w
-            self.stem = nn.Sequential(*layers)
-            self.proj = nn.Conv3d(prev, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        else:
-            raise ValueError(f"patch_stem must be 'linear' or 'conv'; got {stem!r}")
+        if motion_gap < 0:
+            raise ValueError(f"motion_gap must be >= 0 (0: no motion stem); got {motion_gap}")
+        self.motion_gap = motion_gap
+        self.stem, self.proj = _patch_stem(in_chans, dim, patch_size, stem)
+        if motion_gap:
+            self.motion_stem, self.motion_proj = _patch_stem(in_chans, dim, patch_size, stem)
+
+    def _embed(self, x: torch.Tensor, stem: nn.Module | None, proj: nn.Module) -> torch.Tensor:
+        """(B, C, T, H, W) → (B, D, T, h, w)."""
+        if stem is not None:  # per frame: (B·T, C, H, W) → (B, C', T, H·2/P, W·2/P)
+            B, _, T, H, W = x.shape
+            x = stem(x.transpose(1, 2).reshape(B * T, -1, H, W))
+            x = x.reshape(B, T, *x.shape[1:]).transpose(1, 2)
+        return proj(x)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         if pixel_values.dim() != 5 or pixel_values.shape[1] != self.in_chans:
@@ -171,14 +176,31 @@ class PatchEmbed3D(nn.Module):
         if H % P or W % P:
             raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {P}; "
                              f"resize or crop the frames to a multiple of {P} (e.g. {max(P, H // P * P)}x{max(P, W // P * P)})")
-        x = pixel_values
-        if self.stem is not None:  # per frame: (B·T, C, H, W) → (B, C', T, H·2/P, W·2/P)
-            x = self.stem(x.transpose(1, 2).reshape(B * T, -1, H, W))
-            x = x.reshape(B, T, *x.shape[1:]).transpose(1, 2)
-        x = self.proj(x)  # (B, D, T, h, w)
+        x = self._embed(pixel_values, self.stem, self.proj)  # (B, D, T, h, w)
+        if self.motion_gap:
+            g = self.motion_gap
+            before = torch.cat([pixel_values[:, :, :1].expand(-1, -1, min(g, T), -1, -1), pixel_values[:, :, :-g]], 2)
+            x = x + self._embed(pixel_values - before, self.motion_stem, self.motion_proj)  # frame t − frame t−g
         grid = tuple(x.shape[2:])  # (T, h, w)
         x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T, N, D)
         return x, grid
+
+
+def _patch_stem(in_chans: int, dim: int, patch_size: int, stem: str) -> tuple[nn.Module | None, nn.Module]:
+    """(stem, proj) of `PatchEmbed3D`: stem None and a P×P patchify, or the convolutional stem."""
+    if stem == "linear":
+        return None, nn.Conv3d(in_chans, dim, kernel_size=(1, patch_size, patch_size), stride=(1, patch_size, patch_size))
+    if stem != "conv":
+        raise ValueError(f"patch_stem must be 'linear' or 'conv'; got {stem!r}")
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << n != patch_size:
+        raise ValueError(f"patch_stem='conv' needs a patch size that is a power of two >= 2; got {patch_size}")
+    widths = [max(8, dim >> (n - i)) for i in range(1, n)]  # D/2^(n-1) … D/2
+    layers, prev = [], in_chans
+    for w in widths:
+        layers += [nn.Conv2d(prev, w, 3, stride=2, padding=1), nn.GELU()]
+        prev = w
+    return nn.Sequential(*layers), nn.Conv3d(prev, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
 
 
 def interpolate_spatial_pos(table: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
@@ -248,9 +270,9 @@ class VideoEmbeddings(nn.Module):
     no_weight_decay_params = ("cls_token", "pos_embed", "temporal_pos_embed")
 
     def __init__(self, img_size: int, patch_size: int, num_frames: int, in_chans: int, dim: int,
-                 patch_stem: str = "linear"):
+                 patch_stem: str = "linear", motion_gap: int = 0):
         super().__init__()
-        self.patch_embed = PatchEmbed3D(in_chans, dim, patch_size, patch_stem)
+        self.patch_embed = PatchEmbed3D(in_chans, dim, patch_size, patch_stem, motion_gap)
         self.grid_hw = (img_size // patch_size, img_size // patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_hw[0] * self.grid_hw[1], dim))

@@ -100,6 +100,8 @@ class VideoMAPConfig(PretrainedConfig):
         pool: "cls" (pooler_output = cls token) or "mean" (mean of the patch tokens).
         patch_stem: "linear" (one P×P patchify, as VideoMAP) or "conv" (a convolutional stem
             ending at the same grid; see `encoder.layers.PatchEmbed3D`).
+        motion_gap: g > 0 adds a motion stem that reads each frame minus the frame g before it
+            (`encoder.layers.PatchEmbed3D`); 0 = none.
         norm_eps: RMSNorm epsilon. initializer_range: std of the truncated-normal init.
         gradient_checkpointing: pass True to build the model with activation checkpointing on
             (Hugging Face consumes this flag in ``post_init``); or call
@@ -132,6 +134,7 @@ class VideoMAPConfig(PretrainedConfig):
         norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
         patch_stem: str = "linear",
+        motion_gap: int = 0,
         **kwargs,
     ):
         for name, value, minimum in (("img_size", img_size, 1), ("patch_size", patch_size, 1),
@@ -158,7 +161,9 @@ class VideoMAPConfig(PretrainedConfig):
             raise ValueError(f"patch_stem must be 'linear' or 'conv'; got {patch_stem!r}")
         if patch_stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
             raise ValueError(f"patch_stem='conv' needs a patch_size that is a power of two >= 2; got {patch_size}")
+        check_int("motion_gap", motion_gap, 0)
         self.patch_stem = patch_stem
+        self.motion_gap = motion_gap
         self.img_size = img_size
         self.patch_size = patch_size
         self.num_frames = num_frames
@@ -340,7 +345,7 @@ class VideoMAPModel(VideoMAPPreTrainedModel):
         super().__init__(config)
         D = config.embed_dim
         self.embeddings = VideoEmbeddings(config.img_size, config.patch_size, config.num_frames,
-                                          config.in_chans, D, config.patch_stem)
+                                          config.in_chans, D, config.patch_stem, config.motion_gap)
         types = config.block_types
         dpr = drop_path_schedule(config.drop_path_rate, len(types))
         blocks = []

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from encoder.errors import UserError
 from training.ground import (COLOR_WORDS, GROUPS, SHAPE_WORDS, WORDS, ClipSource, GroundConfig, GroundData,
-                             WordScorer, batch_seeds, clip_words, dense_loss, eval_seeds, group_loss, stem_groups,
+                             WordScorer, _stem_frames, batch_seeds, clip_words, dense_loss, eval_seeds, group_loss, stem_groups,
                              token_targets, train)
 from training.synth import SynthObject, SynthSpec, make_clip, make_needle, render, visible_coverage
 
@@ -114,6 +114,39 @@ def test_stem_warm_up_trains_shape_alone_first_then_colour_too():
     cfg.stem_shape_first = 1.5
     with pytest.raises(UserError, match="stem_shape_first"):
         cfg.validate()
+
+
+def test_motion_stem_warms_up_on_frame_pairs_and_reaches_stage1(tmp_path):
+    from encoder.videomap import VideoMAPConfig, VideoMAPModel
+
+    torch.manual_seed(0)
+    enc = VideoMAPModel(VideoMAPConfig(img_size=32, patch_size=16, num_frames=8, embed_dim=32, depth_mamba=2,
+                                       attn_every=2, num_heads=2, patch_stem="conv", motion_gap=2))
+    enc.save_pretrained(tmp_path / "enc")
+    source = ClipSource(GroundData(clip_frames=8, size=32))
+    pixels, targets, about = _stem_frames(source, [1, 2, 3, 4], (1, 1), 12.0, gap=2)
+    assert pixels.shape == (4, 3, 2, 32, 32)
+    assert _stem_frames(source, [1, 2, 3, 4], (1, 1), 12.0)[0].shape == (4, 3, 1, 32, 32)  # no motion stem: a frame
+    assert targets.shape == (4, 1, len(WORDS)) and (pixels[:, :, 0] != pixels[:, :, 1]).any()  # targets: the pair's last
+    cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder=str(tmp_path / "enc"), steps=1, batch_size=2,
+                       eval_clips=2, stem_steps=3, stem_batch=4, data=GroundData(clip_frames=8, size=32,
+                                                                                  haystack_frames=8))
+    before = {k: v.clone() for k, v in enc.embeddings.patch_embed.motion_stem.state_dict().items()}
+    train(cfg)
+    stem = json.loads((tmp_path / "g" / "stem.json").read_text())
+    assert 0.0 <= stem["stem_acc_motion"] <= 1.0 and "stem_acc_shape" in stem
+    state = load_file(str(tmp_path / "g" / "final" / "model.safetensors"))
+    trained = {k.rsplit("motion_stem.", 1)[1]: v for k, v in state.items() if ".motion_stem." in k}
+    assert trained.keys() == before.keys() and any(not torch.equal(trained[k], before[k]) for k in before)
+
+    from training.finetune import FinetuneConfig, build_model
+
+    ft = FinetuneConfig(stage=1, init_from=str(tmp_path / "g" / "final"))
+    ft.data.image_size, ft.data.num_frames = 32, 8
+    model, _ = build_model(ft)
+    assert model.config.vision_config.motion_gap == 2
+    assert all(torch.equal(model.vision_tower.embeddings.patch_embed.motion_stem.state_dict()[k], trained[k])
+               for k in trained)
 
 
 def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):

@@ -134,6 +134,30 @@ def test_conv_stem_gives_the_linear_patchify_grid_and_sees_within_patches(tmp_pa
     torch.testing.assert_close(again.eval()(x).last_hidden_state, conv.eval()(x).last_hidden_state)
 
 
+def test_motion_stem_adds_the_difference_from_the_frame_gap_before(tmp_path):
+    model = tiny_model(patch_stem="conv", motion_gap=2)
+    emb = model.embeddings.patch_embed
+    still = torch.randn(1, 3, 1, 32, 48).expand(-1, -1, 6, -1, -1).clone()
+    e_still = emb(still)[0]  # (B, T, N, D)
+    assert all(torch.allclose(e_still[:, t], e_still[:, 0]) for t in range(6))  # no change: every frame alike
+    moved = still.clone()
+    moved[:, :, 3] += torch.randn(3, 32, 48)  # frame 3 changes
+    e_moved = emb(moved)[0]
+    # frames before 3 keep their embeddings (only earlier frames enter); 3 changes in appearance and
+    # motion, 5 (= 3 + gap) in motion only, 4 not at all (it is compared with frame 2)
+    assert torch.equal(e_moved[:, :3], e_still[:, :3]) and torch.allclose(e_moved[:, 4], e_still[:, 4])
+    assert not torch.allclose(e_moved[:, 3], e_still[:, 3]) and not torch.allclose(e_moved[:, 5], e_still[:, 5])
+    plain = tiny_model(patch_stem="conv")
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in plain.parameters())
+    assert emb(still[:, :, :1])[0].shape == (1, 1, 6, 16)  # one frame: compared with itself
+    model.save_pretrained(tmp_path / "m")
+    again = VideoMAPModel.from_pretrained(tmp_path / "m")
+    assert again.config.motion_gap == 2
+    torch.testing.assert_close(again.eval()(moved).last_hidden_state, model(moved).last_hidden_state)
+    with pytest.raises(ValueError, match="motion_gap"):
+        tiny_config(motion_gap=-1)
+
+
 def test_frame_size_not_divisible_by_patch_raises():
     with pytest.raises(ValueError, match="not divisible by the patch size 16"):
         tiny_model()(torch.randn(1, 3, 2, 32, 40))

@@ -426,10 +426,11 @@ def binding(model, scorer: WordScorer, seeds: list[int], frames: int, size: int,
 # ---------------------------------------------------------------------------------------------
 
 
-def _stem_frames(source: ClipSource, seeds: list[int], cells: tuple[int, int], min_cover: float):
+def _stem_frames(source: ClipSource, seeds: list[int], cells: tuple[int, int], min_cover: float, gap: int = 0):
     """One frame per seed and its dense targets: a random frame of a short synthetic clip, or (one
-    seed in 8) a frame of a bundled real clip, which is all background. Returns pixels
-    (B, 3, 1, S, S), targets (B, k, W), about (B, k)."""
+    seed in 8) a frame of a bundled real clip, which is all background. With ``gap`` > 0 (an
+    encoder with a motion stem) each sample is the frame ``gap`` before it and the frame, and the
+    targets are the second's. Returns pixels (B, 3, 1 or 2, S, S), targets (B, k, W), about (B, k)."""
     from training.synth import render
 
     frames, targets, about = [], [], []
@@ -438,35 +439,44 @@ def _stem_frames(source: ClipSource, seeds: list[int], cells: tuple[int, int], m
         rng = np.random.default_rng([s, 3])
         if rng.random() < 1 / 8:
             src = source.real[int(rng.integers(len(source.real)))]
-            frames.append(src[int(rng.integers(len(src)))][None])
+            t = int(rng.integers(min(gap, len(src) - 1), len(src)))
+            frames.append(src[[t - gap, t] if gap else [t]])
             targets.append(torch.zeros(k, len(WORDS)))
             about.append(torch.zeros(k, dtype=torch.int8))
             continue
         spec = source.short_spec(s)
-        t = int(rng.integers(spec.num_frames))
+        t = int(rng.integers(min(gap, spec.num_frames - 1), spec.num_frames))
         tg, ab = token_targets(spec, 0, 1, cells, min_cover, frames=[t])
-        frames.append(render(spec, [t]))
+        frames.append(render(spec, [max(t - gap, 0), t] if gap else [t]))
         targets.append(tg)
         about.append(ab)
     return _pixels(frames, source.data.size), torch.stack(targets), torch.stack(about)
 
 
 class StemHead(torch.nn.Module):
-    """Word scores of each token cell straight from the patch stem: the stem's features, max-pooled
-    over the cell's patches (where in the cell the object is does not matter), then one linear
-    layer. Only used to warm the stem up; thrown away after."""
+    """Word scores of each token cell straight from a patch stem: the last frame's patch features
+    (B, D, T, h, w), max-pooled over the cell's patches (where in the cell the object is does not
+    matter), then one linear layer. Only used to warm the stem up; thrown away after."""
 
     def __init__(self, dim: int, pool: int):
         super().__init__()
         self.pool = pool
         self.linear = torch.nn.Linear(dim, len(WORDS))
 
-    def forward(self, patch_embed, pixels: torch.Tensor) -> torch.Tensor:
-        x, (T, h, w) = patch_embed(pixels)  # (B, 1, N, D)
-        B, D = x.shape[0], x.shape[-1]
-        x = x.reshape(B, h, w, D).permute(0, 3, 1, 2)
-        x = F.max_pool2d(x, self.pool, self.pool, ceil_mode=True)  # (B, D, kh, kw)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(features[:, :, -1], self.pool, self.pool, ceil_mode=True)  # (B, D, kh, kw)
         return self.linear(x.flatten(2).transpose(1, 2))  # (B, k, W)
+
+
+def _stem_features(emb, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The appearance stem's patch features of the last frame of `pixels` (B, 3, T, S, S), and the
+    motion stem's (None without one), each (B, D, 1, h, w): warmed up apart, so that neither
+    takes the other's channels."""
+    appearance = emb._embed(pixels[:, :, -1:], emb.stem, emb.proj)
+    if not emb.motion_gap:
+        return appearance, None
+    diff = pixels[:, :, -1:] - pixels[:, :, :1]  # the sample's two frames are `gap` apart
+    return appearance, emb._embed(diff, emb.motion_stem, emb.motion_proj)
 
 
 def stem_groups(cfg: GroundConfig, step: int) -> tuple[tuple[str, ...], ...]:
@@ -502,26 +512,36 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     needle's shape 83% against 33%, colour 100% both), so the pipeline runs the two together.
     Returns held-out cell accuracies (``stem_acc_*``)."""
     emb = model.vision_tower.embeddings.patch_embed
-    head = StemHead(model.config.vision_config.embed_dim, cfg.spatial_pool)
-    opt = torch.optim.AdamW(list(emb.parameters()) + list(head.parameters()), lr=cfg.stem_lr)
+    gap = emb.motion_gap
+    dim = model.config.vision_config.embed_dim
+    head = StemHead(dim, cfg.spatial_pool)
+    motion_head = StemHead(dim, cfg.spatial_pool) if gap else torch.nn.Identity()
+    opt = torch.optim.AdamW([*emb.parameters(), *head.parameters(), *motion_head.parameters()], lr=cfg.stem_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warm_lr(cfg.stem_steps))
     for step in range(cfg.stem_steps):
         seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 41, step]).generate_state(cfg.stem_batch)]
-        pixels, targets, about = _stem_frames(source, seeds, cells, cfg.min_cover)
-        ce_obj, ce_null = dense_loss(head(emb, pixels), targets, about, stem_groups(cfg, step))  # one frame: no motion
+        pixels, targets, about = _stem_frames(source, seeds, cells, cfg.min_cover, gap)
+        appearance, motion = _stem_features(emb, pixels)
+        ce_obj, ce_null = dense_loss(head(appearance), targets, about, stem_groups(cfg, step))
         loss = ce_obj + cfg.null_weight * ce_null
+        if motion is not None:  # the motion stem learns motion alone, from every step
+            ce_obj, ce_null = dense_loss(motion_head(motion), targets, about, (MOTION_WORDS,))
+            loss = loss + ce_obj + cfg.null_weight * ce_null
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if (step + 1) % max(1, cfg.stem_steps // 10) == 0:
             logger.info("stem step %d loss %.4f", step + 1, float(loss.detach()))
-    hits: dict[str, list[bool]] = {"color": [], "shape": []}
+    hits: dict[str, list[bool]] = {}
     with torch.no_grad():
         seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 43]).generate_state(256)]
-        pixels, targets, about = _stem_frames(source, seeds, cells, cfg.min_cover)
-        scores = head(emb, pixels)
-        for name, group in (("color", COLOR_WORDS), ("shape", SHAPE_WORDS)):
+        pixels, targets, about = _stem_frames(source, seeds, cells, cfg.min_cover, gap)
+        appearance, motion = _stem_features(emb, pixels)
+        reads = [("color", COLOR_WORDS, head(appearance)), ("shape", SHAPE_WORDS, head(appearance))]
+        if motion is not None:
+            reads.append(("motion", MOTION_WORDS, motion_head(motion)))
+        for name, group, scores in reads:
             idx = [WORDS.index(w) for w in group]
             pred = scores[..., idx].argmax(-1)
             hits[name] = (targets[..., idx].gather(-1, pred[..., None])[..., 0] > 0)[about == 1].tolist()
