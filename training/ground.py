@@ -43,7 +43,8 @@ a brief shape in long real video is singled out as well. Clips are rendered on t
 (step, index), so a resumed run sees exactly the clips it would have seen.
 
 Before the main steps, ``stem_steps`` > 0 warms up the encoder's patch stem alone on single frames
-(`warm_stem`), which is about 25× cheaper a step than the whole encoder on a clip.
+(`warm_stem`), which is about 25× cheaper a step than the whole encoder on a clip; an encoder's
+motion stem (``motion_gap``), on pairs of frames, to name motion.
 
 Logged: loss, and on ``eval_clips`` held-out clips (seeds never used in training) the top-1
 accuracy, read off the token scores, of the colour, shape and direction of a lone moving object and
@@ -510,6 +511,13 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     lose what the stem tells apart. With ``stem_skip`` the projector reads the stem directly, and
     it does survive (150 steps from the same encoder: tokens name shape 62.5% against 29%, the
     needle's shape 83% against 33%, colour 100% both), so the pipeline runs the two together.
+
+    An encoder with a motion stem (``motion_gap`` g > 0, `encoder.layers.PatchEmbed3D`) warms it
+    up too, on pairs of frames g apart, to name each cell's motion words from the pair's
+    difference; it has its own head and its own loss from the first step, so it takes nothing from
+    the appearance stem. Probed from scratch (1200 steps, nano width, shape first 0.8): motion 75%
+    of the cells (41% say "still"), shape 60%, colour 54%. One head for both, motion from the first
+    step: motion 80%, but shape 42% and colour 48%; motion only in the last 20% of the steps: 39%.
     Returns held-out cell accuracies (``stem_acc_*``)."""
     emb = model.vision_tower.embeddings.patch_embed
     gap = emb.motion_gap

