@@ -149,6 +149,19 @@ def test_motion_stem_warms_up_on_frame_pairs_and_reaches_stage1(tmp_path):
                for k in trained)
 
 
+def test_token_readout_scores_each_object_token_by_its_own_targets():
+    from training.ground import MOTION_WORDS, _token_hits
+
+    scores = torch.zeros(3, len(WORDS))
+    scores[0, WORDS.index("left")] = 5.0  # says left, is left
+    scores[1, WORDS.index("up")] = 5.0  # says up, is left
+    scores[2, WORDS.index("down")] = 5.0  # background: not scored
+    targets = torch.zeros(3, len(WORDS))
+    targets[:2, WORDS.index("left")] = 1.0
+    about = torch.tensor([1, 1, 0], dtype=torch.int8)
+    assert _token_hits(scores, targets, about, MOTION_WORDS) == [True, False]
+
+
 def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder="nano", steps=2, batch_size=4, eval_clips=2,
                        save_every=1, log_every=1, stem_steps=2, stem_batch=4, stem_shape_first=0.5,
@@ -161,6 +174,7 @@ def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     assert state and all(k.startswith(("vision_tower.", "projector.")) for k in state)
     assert json.loads((final / "config.json").read_text())["model_type"] == "videomap_llm"
     assert "acc_color" in last and 0.0 <= last["acc_color"] <= 1.0 and 0.0 <= last["acc_bind_color"] <= 1.0
+    assert 0.0 <= last["acc_motion_token"] <= 1.0
     lines = (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
 

@@ -361,13 +361,16 @@ def _pixels(frames: list[np.ndarray], size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], size: int,
-             cells: tuple[int, int]) -> dict[str, float]:
+             cells: tuple[int, int], min_cover: float = 12.0) -> dict[str, float]:
     """Top-1 word accuracy, within each word group, for the motion task's moving object and for the
-    needle (its shape and colour)."""
+    needle (its shape and colour), read off the best token of the clip; and per token about the
+    moving object (`token_targets`), its motion words (``motion_token``) and, for the four plain
+    directions, its direction (``direction_token``)."""
     from training.synth import make_clip
 
     model.eval()
-    hits: dict[str, list[bool]] = {"color": [], "shape": [], "direction": [], "needle_shape": [], "needle_color": []}
+    hits: dict[str, list[bool]] = {"color": [], "shape": [], "direction": [], "needle_shape": [], "needle_color": [],
+                                   "motion_token": [], "direction_token": []}
     groups = {"color": COLOR_WORDS, "shape": SHAPE_WORDS}
     for i, s in enumerate(seeds):
         if i % 2 == 0:
@@ -377,6 +380,12 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
             frames, _, needle, _ = source.needle(s)
             obj = needle.spec.objects[0]
         z = model.get_video_features(_pixels([frames], size))
+        if i % 2 == 0:  # per token about the object: its motion words, and its plain direction
+            scores = scorer.token_scores(z)[0]  # (K, W)
+            targets, about = token_targets(clip.spec, 0, len(frames), cells, min_cover)
+            hits["motion_token"] += _token_hits(scores, targets, about, MOTION_WORDS)
+            if "-" not in obj.motion and obj.motion in MOTION_WORDS:
+                hits["direction_token"] += _token_hits(scores, targets, about, ("left", "right", "up", "down"))
         tok = scorer.token_scores(z).amax(dim=1)[0]  # (W,)
 
         def best(words):
@@ -393,6 +402,13 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
     hits.update(binding(model, scorer, seeds, source.data.clip_frames, size, cells))
     model.train()
     return {f"acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
+
+
+def _token_hits(scores: torch.Tensor, targets: torch.Tensor, about: torch.Tensor, words) -> list[bool]:
+    """Per token about an object (``about`` 1): is its best-scoring word of `words` one of its targets?"""
+    idx = [WORDS.index(w) for w in words]
+    pred = scores[:, idx].argmax(-1)
+    return (targets[:, idx].gather(-1, pred[:, None])[:, 0] > 0)[about == 1].tolist()
 
 
 @torch.no_grad()
@@ -441,7 +457,7 @@ def _stem_frames(source: ClipSource, seeds: list[int], cells: tuple[int, int], m
         if rng.random() < 1 / 8:
             src = source.real[int(rng.integers(len(source.real)))]
             t = int(rng.integers(min(gap, len(src) - 1), len(src)))
-            frames.append(src[[t - gap, t] if gap else [t]])
+            frames.append(src[[max(t - gap, 0), t] if gap else [t]])
             targets.append(torch.zeros(k, len(WORDS)))
             about.append(torch.zeros(k, dtype=torch.int8))
             continue
@@ -665,7 +681,8 @@ def train(cfg: GroundConfig) -> dict[str, Any]:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if step == cfg.steps:
-            record.update(evaluate(model, scorer, source, eval_seeds(cfg.seed, cfg.eval_clips), size, cells))
+            record.update(evaluate(model, scorer, source, eval_seeds(cfg.seed, cfg.eval_clips), size, cells,
+                                   cfg.min_cover))
         now = time.perf_counter()
         record["sec_per_step"] = round(now - t_last, 3)
         t_last = now
