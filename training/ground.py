@@ -379,14 +379,13 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
         else:
             frames, _, needle, _ = source.needle(s)
             obj = needle.spec.objects[0]
-        z = model.get_video_features(_pixels([frames], size))
+        scores = scorer.token_scores(model.get_video_features(_pixels([frames], size)))[0]  # (K, W)
         if i % 2 == 0:  # per token about the object: its motion words, and its plain direction
-            scores = scorer.token_scores(z)[0]  # (K, W)
             targets, about = token_targets(clip.spec, 0, len(frames), cells, min_cover)
             hits["motion_token"] += _token_hits(scores, targets, about, MOTION_WORDS)
             if "-" not in obj.motion and obj.motion in MOTION_WORDS:
                 hits["direction_token"] += _token_hits(scores, targets, about, ("left", "right", "up", "down"))
-        tok = scorer.token_scores(z).amax(dim=1)[0]  # (W,)
+        tok = scores.amax(dim=0)  # (W,): the clip's best token for each word
 
         def best(words):
             return words[int(tok[[WORDS.index(w) for w in words]].argmax())]
@@ -405,10 +404,11 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
 
 
 def _token_hits(scores: torch.Tensor, targets: torch.Tensor, about: torch.Tensor, words) -> list[bool]:
-    """Per token about an object (``about`` 1): is its best-scoring word of `words` one of its targets?"""
+    """Per token about an object (``about`` 1): is its best-scoring word of `words` one of its targets?
+    scores, targets (…, W); about (…) — one clip's tokens or a batch's."""
     idx = [WORDS.index(w) for w in words]
-    pred = scores[:, idx].argmax(-1)
-    return (targets[:, idx].gather(-1, pred[:, None])[:, 0] > 0)[about == 1].tolist()
+    pred = scores[..., idx].argmax(-1)
+    return (targets[..., idx].gather(-1, pred[..., None])[..., 0] > 0)[about == 1].tolist()
 
 
 @torch.no_grad()
@@ -566,9 +566,7 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
         if motion is not None:
             reads.append(("motion", MOTION_WORDS, motion_head(motion)))
         for name, group, scores in reads:
-            idx = [WORDS.index(w) for w in group]
-            pred = scores[..., idx].argmax(-1)
-            hits[name] = (targets[..., idx].gather(-1, pred[..., None])[..., 0] > 0)[about == 1].tolist()
+            hits[name] = _token_hits(scores, targets, about, group)
     return {f"stem_acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
 
 
