@@ -288,3 +288,40 @@ def test_spatial_merge_is_avg_or_concat():
     with pytest.raises(UserError, match="spatial_merge"):
         FinetuneConfig(spatial_merge="max").validate()
     FinetuneConfig(spatial_merge="concat").validate()
+
+
+def test_stage2_trains_on_text_only_records_in_a_data_mix(assets, tmp_path):
+    """Text-only records (no video) mixed with video records: batches of their own, no pixel
+    values, gradients into the LoRA only, and a stage-2 run through them (the default model's
+    text replay relies on all of it)."""
+    from training.finetune import batch_group, epoch_batches, make_encode, make_processor
+    from training.instruct_data import collate, load_records, split_eval
+
+    texts = [("Name a fruit.", "An apple is a fruit."), ("Say hello.", "Hello there, friend."),
+             ("What is ice?", "Ice is frozen water.")]
+    (tmp_path / "text.json").write_text(json.dumps(
+        [{"id": f"t{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+         for i, (q, a) in enumerate(texts)]))
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"datasets:\n  - {{path: {assets['data']}}}\n  - {{path: text.json, sampling: 48}}\n")
+    records = load_records(mix, seed=0)
+    text_records = [r for r in records if r.video is None]
+    assert len(text_records) == 144 and {batch_group(r) for r in text_records} == {"text"}
+    out = tmp_path / "s2"
+    over = _overrides(assets, out, steps=6, grad_accum=1, eval_every=6, save_every=6, **{"data.source": mix})
+    cfg = load_config(FinetuneConfig, STAGE2, over)
+    model, tokenizer = build_model(cfg)
+    encode = make_encode(make_processor(model, tokenizer, cfg), cfg.data.max_length)
+    batch = collate([encode(r) for r in text_records[:3]], tokenizer.pad_token_id)
+    assert batch["pixel_values"] is None and (batch["labels"] != -100).sum() > 3 * len("Hello there")
+    model(**batch).loss.backward()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora) and sum(p.grad.abs().sum() for p in lora) > 0
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+    # The run's first steps hold text batches (the trainer's own batching), and it goes through them.
+    train, _ = split_eval(records, cfg.data.eval_fraction, cfg.seed)
+    batches = epoch_batches(len(train), cfg.batch_size, 0, cfg.seed, 0, 1, groups=[batch_group(r) for r in train])
+    assert any(train[b[0]].video is None for b in batches[:6])
+    _finetune(STAGE2, over)
+    assert [r["step"] for r in _metrics(out)] == list(range(1, 7))
+    assert (out / "final" / "llm_adapter" / "adapter_config.json").is_file()

@@ -55,6 +55,8 @@ BAD_RECORDS = [
     ({"video": "ok.mp4", "conversations": _conv(q="<video><video> What?")}, "2 <video> tags"),
     ({"video": "ok.mp4", "conversations": _conv(a="  ")}, "empty answer"),
     ({"video": "missing.mp4", "conversations": _conv()}, "not found"),
+    ({"id": "t", "conversations": _conv()}, "missing 'video'"),  # a tag but no video
+    ({"video": "", "conversations": _conv()}, "'video' must be a path"),
 ]
 
 
@@ -214,3 +216,41 @@ def test_bad_video_falls_through_within_its_frame_count(tmp_path, video_dir):
     f.write_text(json.dumps(recs))
     with pytest.raises(UserError, match="num_frames=6"):
         InstructDataset(load_records(f, video_dir), encode)[1]
+
+
+def test_text_only_records_have_no_video_and_no_tag(tmp_path, video_dir, capsys):
+    from training.instruct_data import parse_record
+
+    text = {"id": "t1", "conversations": _conv("What is a noun?", "A word that names a thing.")}
+    record, problems = parse_record(text, video_dir, 1, "d.json")
+    assert problems == [] and record.video is None
+    assert record.to_json(video_dir) == text  # no "video" key written back
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"id": "v", "video": "ok.mp4", "conversations": _conv()}, text]))
+    code, out, _ = _check(capsys, f, "--video-root", video_dir, "--decode")
+    assert code == 0 and "2 records" in out and "1 videos (decoded), 1 text-only" in out
+    records = load_records(f, video_dir)
+
+    def encode(record):
+        item = {"input_ids": torch.arange(2 + len(record.id)), "labels": torch.arange(2 + len(record.id))}
+        if record.video is not None:
+            item["pixel_values"] = torch.zeros(3, 4, 8, 8)
+        return item
+
+    ds = InstructDataset(records, encode)
+    assert "pixel_values" not in ds[1] and ds.bad_videos == 0
+
+
+def test_collate_stacks_the_videos_of_a_batch_with_text_only_examples():
+    def item(n, frames=None, fill=0.0):
+        out = {"input_ids": torch.arange(n), "labels": torch.arange(n)}
+        if frames is not None:
+            out["pixel_values"] = torch.full((3, frames, 8, 8), fill)
+        return out
+
+    batch = collate([item(3), item(5, 4, fill=1.0), item(2), item(4, 4, fill=2.0)], pad_token_id=0)
+    assert batch["input_ids"].shape == (4, 5)
+    # only the examples with a video, in batch order (the model fills placeholders row by row)
+    assert batch["pixel_values"].shape == (2, 3, 4, 8, 8)
+    assert batch["pixel_values"][:, 0, 0, 0, 0].tolist() == [1.0, 2.0]
+    assert collate([item(3), item(2)], pad_token_id=0)["pixel_values"] is None

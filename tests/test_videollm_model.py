@@ -364,3 +364,28 @@ def test_for_llm_carries_every_encoder_and_projector_setting():
         if name not in ("self", "vision_config", "text_config", "video_token_id", "base_llm", "kwargs"):
             assert getattr(new, name) == getattr(old, name), name
     assert new.spatial_merge == "concat" and new.projector_hidden_act == "silu"
+
+
+def test_a_batch_mixing_text_only_and_video_examples_gives_each_its_own_logits():
+    from training.instruct_data import collate
+
+    model, proc = tiny_videollm()
+    video = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A dog."}]
+    text = [{"from": "human", "value": "Name a fruit."}, {"from": "gpt", "value": "An apple."}]
+    examples = []
+    for conv, frames in ((text, None), (video, video_frames(seed=1)), (text, None), (video, video_frames(seed=2))):
+        ex = proc.build_training_example(conv, video=frames)
+        item = {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"])}
+        if frames is not None:
+            item["pixel_values"] = ex["pixel_values"][0]
+        examples.append(item)
+    batch = collate(examples, proc.tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 2
+    with torch.no_grad():
+        mixed = model(**batch).logits
+        for i, ex in enumerate(examples):
+            pv = ex["pixel_values"][None] if "pixel_values" in ex else None
+            alone = model(input_ids=ex["input_ids"][None], pixel_values=pv).logits[0]
+            assert torch.allclose(mixed[i, :len(ex["input_ids"])], alone, atol=1e-5), i
+    # the two videos differ, so swapping them would show
+    assert not torch.allclose(examples[1]["pixel_values"], examples[3]["pixel_values"])

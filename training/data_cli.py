@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bad} bad record(s); {s['records']} valid", file=sys.stderr)
         return 1
     print(f"ok: {s['records']} records, {s['turns']} turns ({s['answers']} answers), "
-          f"{s['videos']} videos ({checked})")
+          f"{s['videos']} videos ({checked})" + (f", {s['text_only']} text-only" if s["text_only"] else ""))
     return 0
 
 

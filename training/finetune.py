@@ -308,7 +308,8 @@ def make_encode(processor, max_length: int):
     that chat and eval use, so training prompts look exactly like inference prompts."""
 
     def encode(record):
-        video = processor.load_video(record.video, num_frames=record.num_frames, start=record.start, end=record.end)
+        video = None if record.video is None else processor.load_video(
+            record.video, num_frames=record.num_frames, start=record.start, end=record.end)
         try:
             ex = processor.build_training_example(record.conversations, video, max_length=max_length)
         except UserError as err:
@@ -316,8 +317,10 @@ def make_encode(processor, max_length: int):
         if all(label == -100 for label in ex["labels"]):
             raise UserError(f"record {record.source}: no answer token survives truncation to "
                             f"data.max_length={max_length}")
-        return {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"]),
-                "pixel_values": ex["pixel_values"][0]}  # (3, T, S, S)
+        out = {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"])}
+        if video is not None:
+            out["pixel_values"] = ex["pixel_values"][0]  # (3, T, S, S)
+        return out
 
     return encode
 
@@ -340,6 +343,11 @@ def resolve_data(cfg: FinetuneConfig, is_main: bool, wait) -> tuple[Path, str | 
                             size=cfg.data.synth_size, task=cfg.data.synth_task)
     wait()
     return out / "instruct.json", None
+
+
+def batch_group(record) -> Any:
+    """The batch group of a record (`epoch_batches`): its ``num_frames``, or "text" if it has no video."""
+    return "text" if record.video is None else record.num_frames
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
@@ -429,9 +437,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _make_accelerator(cfg: FinetuneConfig):
+def _make_accelerator(cfg: FinetuneConfig, text_only: bool = False):
+    """text_only: the data has text-only records, whose batches leave the encoder and projector
+    out of the graph, which multi-process DDP must be told about (DeepSpeed needs nothing: every
+    rank gets the same kind of batch at a step, see `epoch_batches`)."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
     plugin = None
     if cfg.deepspeed:
@@ -447,8 +458,9 @@ def _make_accelerator(cfg: FinetuneConfig):
                                  gradient_clipping=cfg.optim.grad_clip or None, zero3_init_flag=False)
         # We build our own loader (exact resume), so accelerate cannot read the micro-batch off it.
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if text_only else []
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, deepspeed_plugin=plugin,
-                       mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+                       mixed_precision="bf16" if cfg.precision == "bf16" else "no", kwargs_handlers=handlers)
 
 
 def _fill_ds_auto(accelerator, hidden: int) -> None:
@@ -509,9 +521,10 @@ def train(cfg: FinetuneConfig) -> int:
     encode = make_encode(processor, cfg.data.max_length)
     train_ds = InstructDataset(train_records, encode, max_bad_videos=cfg.data.max_bad_videos)
     eval_ds = InstructDataset(eval_records, encode, max_bad_videos=cfg.data.max_bad_videos) if eval_records else None
-    # Batches never mix frame counts (a record's num_frames; None: data.num_frames).
-    train_groups = [r.num_frames for r in train_records]
-    eval_groups = [r.num_frames for r in eval_records]
+    # Batches never mix frame counts (a record's num_frames; None: data.num_frames), and text-only
+    # records make batches of their own (short, so not padded to a video record's length).
+    train_groups = [batch_group(r) for r in train_records]
+    eval_groups = [batch_group(r) for r in eval_records]
 
     def collate_fn(batch):
         return collate(batch, tokenizer.pad_token_id)
@@ -521,7 +534,7 @@ def train(cfg: FinetuneConfig) -> int:
     # Stepped by us once per optimizer step (not prepared: accelerate would step it per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio))
-    accelerator = _make_accelerator(cfg)
+    accelerator = _make_accelerator(cfg, text_only=any(r.video is None for r in records))
     zero3 = use_ds and accelerator.state.deepspeed_plugin.zero_stage == 3
     if use_ds:
         _fill_ds_auto(accelerator, model.config.text_config.hidden_size)
@@ -605,7 +618,8 @@ def train(cfg: FinetuneConfig) -> int:
         per_group = ""
         if len(set(train_groups)) > 1:
             counts = ", ".join(f"{'default' if g is None else g}: {c}" for g, c in Counter(train_groups).items())
-            per_group = f" (batches never mix frame counts; records per num_frames: {counts})"
+            per_group = (f" (a batch holds one frame count, or text-only records only; records per group: "
+                         f"{counts})")
         raise UserError(f"one optimizer step needs {cfg.batch_size * world * cfg.grad_accum} training records "
                         f"(batch_size × processes × grad_accum); the data has {len(train_ds)}{per_group}")
     stop = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps

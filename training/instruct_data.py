@@ -11,7 +11,9 @@ Rules (`validate_record` enforces them, ``videollm data check`` reports them):
 
 - roles ``human``/``gpt`` (or ``user``/``assistant``); turns alternate and start with the human;
   ``{"role", "content"}`` keys are accepted as well as ``{"from", "value"}``;
-- exactly one ``<video>`` tag in the whole conversation, in the first human turn;
+- exactly one ``<video>`` tag in the whole conversation, in the first human turn; a record with
+  no ``video`` is a text-only conversation and has no tag (text turns mixed into tuning keep the
+  LLM's own replies, see `training.text_replay`);
 - every assistant answer is a non-empty string (the loss is computed on these only);
 - ``start``/``end`` are optional seconds (``0 <= start < end``);
 - ``num_frames`` is an optional positive integer: frames to sample from this video (e.g. 64 for a
@@ -55,10 +57,11 @@ MIX_SUFFIXES = (".yaml", ".yml")
 
 @dataclass
 class Record:
-    """One validated conversation about one video (roles normalised to ``human``/``gpt``)."""
+    """One validated conversation about one video, or a text-only one (``video`` None); roles
+    normalised to ``human``/``gpt``."""
 
     id: str
-    video: Path  # resolved path
+    video: Path | None  # resolved path; None: a text-only conversation
     conversations: list[dict[str, str]]  # [{"from": "human"|"gpt", "value": str}, ...]
     start: float | None = None
     end: float | None = None
@@ -67,12 +70,15 @@ class Record:
 
     def to_json(self, video_root: Path | None = None) -> dict[str, Any]:
         video = self.video
-        if video_root is not None:
+        if video is not None and video_root is not None:
             try:
                 video = video.relative_to(video_root)
             except ValueError:
                 pass
-        out: dict[str, Any] = {"id": self.id, "video": str(video), "conversations": self.conversations}
+        out: dict[str, Any] = {"id": self.id}
+        if video is not None:
+            out["video"] = str(video)
+        out["conversations"] = self.conversations
         if self.start is not None:
             out["start"] = self.start
         if self.end is not None:
@@ -151,8 +157,9 @@ def parse_record(obj: Any, video_root: Path, number: int = 0,
         return None, [f"a record must be a JSON object, got {type(obj).__name__}"]
     problems = []
     video = obj.get("video")
-    if not isinstance(video, str) or not video.strip():
-        problems.append("missing 'video' (a path to the video file)")
+    if video is not None and (not isinstance(video, str) or not video.strip()):
+        problems.append(f"'video' must be a path to the video file, got {video!r} (leave it out for a "
+                        "text-only conversation)")
     conv = obj.get("conversations")
     turns = None
     if conv is None:
@@ -176,7 +183,11 @@ def parse_record(obj: Any, video_root: Path, number: int = 0,
             if turn["from"] == "gpt" and not turn["value"].strip():
                 problems.append(f"turn {i + 1}: empty answer")
         tags = sum(t["value"].count(VIDEO_TAG) for t in turns)
-        if tags == 0:
+        if video is None:
+            if tags:
+                problems.append(f"missing 'video' (a path to the video file): the conversation has a "
+                                f"{VIDEO_TAG} tag; give the video, or remove the tag for a text-only record")
+        elif tags == 0:
             problems.append(f"no {VIDEO_TAG} tag; put exactly one in the first human turn")
         elif tags > 1:
             problems.append(f"{tags} {VIDEO_TAG} tags; put exactly one, in the first human turn")
@@ -201,7 +212,8 @@ def parse_record(obj: Any, video_root: Path, number: int = 0,
     rid = obj.get("id")
     return Record(
         id=str(rid) if rid is not None else f"{Path(source).stem or 'record'}-{number}",
-        video=(Path(video_root) / video).resolve() if not Path(video).is_absolute() else Path(video),
+        video=None if video is None else
+        (Path(video_root) / video).resolve() if not Path(video).is_absolute() else Path(video),
         conversations=turns,
         start=float(start) if start is not None else None,
         end=float(end) if end is not None else None,
@@ -211,7 +223,10 @@ def parse_record(obj: Any, video_root: Path, number: int = 0,
 
 
 def check_video(record: Record, *, decode: bool = False, num_frames: int = 4) -> str | None:
-    """None if the record's video is usable, else the problem. `decode` actually decodes frames."""
+    """None if the record's video is usable (or it has none), else the problem. `decode` actually
+    decodes frames."""
+    if record.video is None:
+        return None
     if not record.video.is_file():
         return f"video file '{record.video}' not found"
     if not decode:
@@ -451,7 +466,8 @@ def import_videochat2(in_path: str | Path, out_path: str | Path) -> int:
 class InstructDataset(torch.utils.data.Dataset):
     """Records → model inputs through `encode(record)`, which decodes the record's video (start/end
     honoured) and tokenizes its conversation into ``{"input_ids": (L,), "labels": (L,),
-    "pixel_values": (3, T, H, W)}`` (the recipe wraps `VideoLLMProcessor` in it).
+    "pixel_values": (3, T, H, W)}`` (no pixel_values for a text-only record; the recipe wraps
+    `VideoLLMProcessor` in it).
     A video that fails to decode is logged, counted in ``bad_videos`` and replaced by the next
     good record with the same ``num_frames`` (so a batch grouped by frame count stays grouped);
     more than `max_bad_videos` distinct failures is a `UserError` (a broken data set should stop
@@ -479,7 +495,7 @@ class InstructDataset(torch.utils.data.Dataset):
         num_frames = self.records[index % n].num_frames
         for offset in range(n):
             record = self.records[(index + offset) % n]
-            if str(record.video) in self.bad or record.num_frames != num_frames:
+            if (record.video is not None and str(record.video) in self.bad) or record.num_frames != num_frames:
                 continue
             try:
                 return self.encode(record)
@@ -499,9 +515,12 @@ class InstructDataset(torch.utils.data.Dataset):
 
 def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad ``input_ids`` (with `pad_token_id`), ``labels`` (with -100) and build ``attention_mask``;
-    stack ``pixel_values`` → (B, 3, T, H, W). All examples must have the same T (a `ValueError`
-    otherwise: batch records by frame count, as `training.finetune.epoch_batches` does)."""
-    frames = [torch.as_tensor(b["pixel_values"]).shape[1] for b in batch]
+    stack the ``pixel_values`` of the examples that have a video → (B_v, 3, T, H, W), in batch
+    order (the model fills each row's ``<video>`` placeholders in that order), or None when none
+    has. All videos must have the same T (a `ValueError` otherwise: batch records by frame count,
+    as `training.finetune.epoch_batches` does)."""
+    videos = [torch.as_tensor(b["pixel_values"]) for b in batch if b.get("pixel_values") is not None]
+    frames = [v.shape[1] for v in videos]
     if len(set(frames)) > 1:
         raise ValueError(f"a batch mixes videos of {', '.join(map(str, sorted(set(frames))))} frames "
                          f"(per example: {frames}); batches must be grouped by frame count")
@@ -517,7 +536,7 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int, padding_sid
         labels[i, sl] = torch.as_tensor(b["labels"])
         attention_mask[i, sl] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "pixel_values": torch.stack([torch.as_tensor(b["pixel_values"]) for b in batch])}
+            "pixel_values": torch.stack(videos) if videos else None}
 
 
 def split_eval(records: list, fraction: float, seed: int, min_eval: int = 1) -> tuple[list, list]:
@@ -537,5 +556,6 @@ def summarize(records: list[Record]) -> dict[str, int]:
         "records": len(records),
         "turns": sum(len(r.conversations) for r in records),
         "answers": sum(1 for r in records for t in r.conversations if t["from"] == "gpt"),
-        "videos": len({str(r.video) for r in records}),
+        "videos": len({str(r.video) for r in records if r.video is not None}),
+        "text_only": sum(1 for r in records if r.video is None),
     }

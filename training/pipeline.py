@@ -53,6 +53,9 @@ import numpy as np
 
 from encoder.errors import UserError, run_cli
 from training.config import load_config, to_dict
+from training.text_replay import TEXT_CHECKS
+
+TEXT_QUESTION, TEXT_ANSWER = TEXT_CHECKS[0]  # the acceptance check: "What is the capital of France?"
 
 logger = logging.getLogger("training.pipeline")
 
@@ -61,7 +64,6 @@ MAX_SHIP_BYTES = 30 * 1024 * 1024
 OPEN_CATEGORIES = ("color", "shape", "motion")
 # Acceptance targets of the shipped default model (issue: the embedded default model).
 TARGETS = {"mc_accuracy": 0.80, "open_accuracy": 0.70, "niah_accuracy": 0.70}
-TEXT_QUESTION, TEXT_ANSWER = "What is the capital of France?", "paris"
 
 
 @dataclass
@@ -95,6 +97,12 @@ class DataSpec:
     # ("… cross (") SmolLM2-135M-Instruct names that option's letter 17 times out of 40 (chance
     # 10), so a letter reply has to learn the lookup on top of what the video shows.
     mc_reply: str = "letter"
+    # Text replay (`training.text_replay`): this many text-only prompts answered by the base LLM
+    # itself, mixed into stage 2 (`text_replay_repeat` copies each) so its short video answers do
+    # not become the reply to every question; 0: none.
+    text_replay: int = 0
+    text_replay_repeat: float = 1.0
+    text_replay_tokens: int = 64  # the longest reply generated (a cut reply keeps its full sentences)
 
 
 @dataclass
@@ -314,21 +322,47 @@ def stage_commands(cfg: PipelineConfig, out: Path) -> dict[str, list[str]]:
         commands["ground"] = py + ["training.ground", "--config", cfg.ground.config] + _kv(gr)
         s1["init_from"] = str(out / "ground" / "final")
     s2 = {**cfg.stage2.overrides, "stage": 2, "llm": "smollm2", "init_from": str(out / "stage1" / "final"),
-          "data.source": str(data / "instruct.json"), "seed": cfg.seed, "output_dir": str(out / "stage2"),
-          "resume": True}
+          "data.source": str(data / ("stage2_mix.yaml" if cfg.data.text_replay else "instruct.json")),
+          "seed": cfg.seed, "output_dir": str(out / "stage2"), "resume": True}
+    if cfg.data.text_replay:  # first: it is data, and the base LLM's replies do not depend on training
+        replay = ["training.text_replay", "--llm", "smollm2", "--n", str(cfg.data.text_replay),
+                  "--seed", str(cfg.seed), "--max-new-tokens", str(cfg.data.text_replay_tokens),
+                  "--out", str(data / "text_replay.json")]
+        system = stage2_system_prompt(cfg)
+        replay += ["--default-system"] if system is None else ["--system-prompt", system] if system else []
+        commands = {"replay": py + replay, **commands}
     commands["stage1"] = py + ["training.finetune", "--config", cfg.stage1.config] + _kv(s1)
     commands["stage2"] = py + ["training.finetune", "--config", cfg.stage2.config] + _kv(s2)
     return commands
 
 
+def stage2_system_prompt(cfg: PipelineConfig) -> str | None:
+    """The system turn stage 2 renders (its recipe's data.system_prompt after the overrides)."""
+    from training.finetune import FinetuneConfig
+
+    return load_config(FinetuneConfig, REPO / cfg.stage2.config, _kv(cfg.stage2.overrides)).data.system_prompt
+
+
+def write_stage2_mix(cfg: PipelineConfig, data: Path) -> None:
+    """Stage 2's data mix: the instruction set and `text_replay_repeat` copies of the text replay."""
+    text = (f"seed: {cfg.seed}\ndatasets:\n  - {{path: instruct.json}}\n"
+            f"  - {{path: text_replay.json, sampling: {cfg.data.text_replay_repeat:g}}}\n")
+    path = data / "stage2_mix.yaml"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
 def stage_outputs(out: Path) -> dict[str, Path]:
-    return {"pretrain": out / "pretrain" / "DONE", "ground": out / "ground" / "final",
+    return {"replay": out / "data" / "text_replay.json", "pretrain": out / "pretrain" / "DONE",
+            "ground": out / "ground" / "final",
             "stage1": out / "stage1" / "final", "stage2": out / "stage2" / "final"}
 
 
 def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> None:
     commands, outputs = stage_commands(cfg, out), stage_outputs(out)
-    for name in commands:  # pretrain, [ground,] stage1, stage2
+    if cfg.data.text_replay:
+        write_stage2_mix(cfg, out / "data")
+    for name in commands:  # [replay,] pretrain, [ground,] stage1, stage2
         if outputs[name].exists():
             logger.info("%s: %s exists, skipping", name, outputs[name])
             log.append(" ".join(["python" if c == sys.executable else c for c in commands[name]]))
@@ -389,7 +423,8 @@ def mismatched_clip(i: int, n: int) -> int | None:
 
 
 def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
-    """Open-ended accuracy (overall and per category) and the text-only check, in one model load."""
+    """Open-ended accuracy (overall and per category) and the text-only checks, in one model load:
+    `TEXT_CHECKS` asked with no video, by the model and by its base LLM (the LoRA adapter off)."""
     from videollm.chat import generate_stream
     from videollm.modeling_videollm import load_videollm
 
@@ -420,11 +455,23 @@ def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
     for cat in OPEN_CATEGORIES:
         rs = [r for r in records if r["category"] == cat]
         per_cat[cat] = {"accuracy": sum(r["correct"] for r in rs) / len(rs) if rs else None, "n": len(rs)}
-    text_reply = ask(None, TEXT_QUESTION, 32)
+    text = [{"question": q, "answer": a, "reply": ask(None, q, 32)} for q, a in TEXT_CHECKS]
+    if model.has_lora:
+        with model.language_model.disable_adapter():
+            for t in text:
+                t["base_reply"] = ask(None, t["question"], 32)
+    for t in text:
+        t["correct"] = t["answer"] in t["reply"].lower()
+        if "base_reply" in t:
+            t["base_correct"] = t["answer"] in t["base_reply"].lower()
+    base = [t["base_correct"] for t in text if "base_correct" in t]
+    text_reply = text[0]["reply"]
     return {"open_accuracy": sum(r["correct"] for r in records) / len(records), "open_n": len(records),
             "open_per_category": per_cat, "open_samples": records,
             "open_blind_accuracy": sum(blind) / len(blind) if blind else None,
-            "text_question": TEXT_QUESTION, "text_reply": text_reply, "text_ok": TEXT_ANSWER in text_reply.lower()}
+            "text_question": TEXT_QUESTION, "text_reply": text_reply, "text_ok": TEXT_ANSWER in text_reply.lower(),
+            "text_accuracy": sum(t["correct"] for t in text) / len(text), "text_n": len(text),
+            "text_base_accuracy": sum(base) / len(base) if base else None, "text_samples": text}
 
 
 def eval_commands(cfg: PipelineConfig, model_dir: Path, ev: Path) -> dict[str, list[str]]:
@@ -481,6 +528,7 @@ def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) ->
         "niah_likelihood_accuracy": {str(f): float(np.mean(row)) for f, row in zip(niah_lik["frames"], niah_lik["accuracy"])},
         "niah_mean": niah["mean_accuracy"], "niah_depths": niah["depths"], "niah_needles": niah["needles"],
         "text_ok": opn["text_ok"], "text_reply": opn["text_reply"],
+        "text_accuracy": opn["text_accuracy"], "text_n": opn["text_n"], "text_base_accuracy": opn["text_base_accuracy"],
     }
     _write_json(ev / "metrics.json", metrics)
     return metrics
@@ -560,6 +608,10 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
              for f, a in metrics.get("niah_likelihood_accuracy", {}).items()]
     rows.append((f'text only: "{TEXT_QUESTION}"', "pass" if metrics["text_ok"] else "FAIL",
                  "mentions Paris"))
+    if metrics.get("text_accuracy") is not None:
+        rows.append((f"text only: {metrics['text_n']} held-out factual questions (capitals, authors, …)",
+                     _pct(metrics["text_accuracy"]),
+                     f"the base LLM's {_pct(metrics.get('text_base_accuracy'))}"))
     per = ", ".join(f"{k} {_pct(v)}" for k, v in metrics["open_per_category"].items())
     per_mc = ", ".join(f"{k} {_pct(v)}" for k, v in metrics["mc_per_category"].items())
     lines = [
@@ -606,6 +658,9 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
         f"({d.haystack_frames} frames of " + ("the real clips" if d.needle_haystack == "real" else "real + synthetic video")
         + f", seen {'whole' if d.needle_num_frames == d.haystack_frames else f'as {d.needle_num_frames or d.clip_frames} frames'})"
         f" with a {d.needle_span}-frame needle (a large shape) at a random depth, with its open and multiple-choice questions",
+        *([f"- text replay (stage 2 only): {d.text_replay} text prompts (explanations, tips, lists, arithmetic, "
+           f"small talk; no capital, author or painter question) answered by smollm2 itself, greedy, "
+           f"{d.text_replay_repeat:g}× each, in text-only batches"] if d.text_replay else []),
         f"- evaluation sets are disjoint seeds: synthqa seed {e.qa_seed}, open-ended SeedSequence([{e.qa_seed}, 1]), "
         f"V-NIAH needles {e.niah_seed}…",
         "",
