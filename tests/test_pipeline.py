@@ -25,16 +25,42 @@ CONFIGS = REPO / "training" / "configs"
 def test_configs_load_and_build_commands(name, tmp_path):
     cfg = load_config(PipelineConfig, CONFIGS / name)
     cmds = stage_commands(cfg, tmp_path)
-    assert set(cmds) == {"pretrain", "ground", "stage1", "stage2"}
-    assert list(cmds) == ["pretrain", "ground", "stage1", "stage2"]  # the order they run in
+    assert list(cmds) == ["replay", "pretrain", "ground", "stage1", "stage2"]  # the order they run in
+    # stage 2 reads the mix of the instruction set and the text replay; stage 1 the set alone
+    assert f'data.source="{tmp_path / "data" / "stage2_mix.yaml"}"' in cmds["stage2"]
+    assert f'data.source="{tmp_path / "data" / "instruct.json"}"' in cmds["stage1"]
+    assert cmds["replay"][cmds["replay"].index("--n") + 1] == str(cfg.data.text_replay)
+    assert "--system-prompt" not in cmds["replay"]  # both stage 2s render an empty system turn, the CLI's default
     for cmd in cmds.values():
         assert all((REPO / c).is_file() for c in cmd if c.endswith(".yaml"))
     assert any(c.startswith("init_from=") and "stage1" in c for c in cmds["stage2"])
     assert any(c.startswith("init_from=") and "ground" in c for c in cmds["stage1"])
     cfg.ground = None  # without grounding, stage 1 starts from the pretrained encoder
     cmds = stage_commands(cfg, tmp_path)
-    assert list(cmds) == ["pretrain", "stage1", "stage2"]
+    assert list(cmds) == ["replay", "pretrain", "stage1", "stage2"]
     assert not any(c.startswith("init_from=") for c in cmds["stage1"])
+    cfg.data.text_replay = 0  # no replay: no replay stage, and stage 2 reads the instruction set
+    cmds = stage_commands(cfg, tmp_path)
+    assert list(cmds) == ["pretrain", "stage1", "stage2"]
+    assert f'data.source="{tmp_path / "data" / "instruct.json"}"' in cmds["stage2"]
+
+
+def test_stage2_mix_repeats_the_text_replay(tmp_path):
+    from training.instruct_data import load_records
+    from training.pipeline import stage2_system_prompt, write_stage2_mix
+
+    cfg = load_config(PipelineConfig, CONFIGS / "default_model.yaml")
+    assert stage2_system_prompt(cfg) == ""
+    cfg.data.text_replay_repeat = 2
+    video = [{"id": f"v{i}", "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nHi?"},
+                                                                 {"from": "gpt", "value": "red"}]} for i in range(5)]
+    text = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+            for i in range(3)]
+    (tmp_path / "instruct.json").write_text(json.dumps(video))
+    (tmp_path / "text_replay.json").write_text(json.dumps(text))
+    write_stage2_mix(cfg, tmp_path)
+    records = load_records(tmp_path / "stage2_mix.yaml", check_files=False)
+    assert [r.id for r in records] == [f"v{i}" for i in range(5)] + [f"t{i}" for i in range(3)] * 2
 
 
 def test_open_scoring():
@@ -77,6 +103,10 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     turns = [t for r in json.loads((out / "data" / "instruct.json").read_text()) for t in r["conversations"]]
     mc = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2]) if "option's letter" in q["value"]]
     assert mc and all(f". {a}\n" in q and a not in "ABCD" for q, a in mc)
+    # the text replay: text-only records answered by smollm2, in stage 2's mix only
+    replay = json.loads((out / "data" / "text_replay.json").read_text())
+    assert replay and all("video" not in r and r["conversations"][1]["value"] for r in replay)
+    assert "text_replay.json" in (out / "data" / "stage2_mix.yaml").read_text()
 
     # metrics are fractions
     m = json.loads((ship / "metrics.json").read_text())
@@ -84,13 +114,16 @@ def test_pipeline_smoke_end_to_end(tmp_path):
               *m["niah_likelihood_accuracy"].values()]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and math.isfinite(v) for v in values)
     assert isinstance(m["text_ok"], bool)
+    # the held-out text checks, asked of the model and of its base LLM (the adapter off), which
+    # knows them all: the checks measure what tuning keeps
+    assert m["text_n"] == 12 and 0.0 <= m["text_accuracy"] <= 1.0 and m["text_base_accuracy"] == 1.0
     assert 0.0 <= m["open_blind_accuracy"] <= 1.0
     assert summary["metrics"]["mc_accuracy"] == m["mc_accuracy"]
 
     # model card, curves, size cap, no frozen embedding copies in the adapter
     card = (ship / "MODEL_CARD.md").read_text()
     assert "python -m training.pipeline" in card and "| metric |" in card and "curves.png" in card
-    assert "answered with the option's text" in card
+    assert "answered with the option's text" in card and "text replay (stage 2 only)" in card
     assert (ship / "curves.png").stat().st_size > 1000
     assert sum(p.stat().st_size for p in ship.rglob("*") if p.is_file()) < 30 * 2 ** 20
     # what goes into the repo names no path of the machine that built it
@@ -131,7 +164,7 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     def files(root: Path, pattern: str) -> dict:
         return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob(pattern))}
 
-    for pattern in ("*.mp4", "*.safetensors"):
+    for pattern in ("*.mp4", "*.safetensors", "text_replay.json"):
         assert files(out, pattern) and files(out2, pattern) == files(out, pattern), pattern
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["metrics"] == summary["metrics"]
 
