@@ -26,6 +26,7 @@ def test_a_cut_reply_keeps_its_full_sentences():
     assert _trim("Ice is frozen water. It floats because it is less") == "Ice is frozen water."
     assert _trim("Really? Yes! And then") == "Really? Yes!"
     assert _trim("no sentence ends here") is None
+    assert _trim("It covers 149.6 million km. Its depth is 10.9") == "It covers 149.6 million km."
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -119,8 +120,8 @@ def replay_prompts(n: int, seed: int) -> list[str]:
 
 def _trim(text: str) -> str | None:
     """A reply cut by the token limit, shortened to its last full sentence (None if it has none)."""
-    end = max(text.rfind(c) for c in ".!?")
-    return text[:end + 1].strip() if end > 0 else None
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]  # not the point of "149.6"
+    return text[:ends[-1]].strip() if ends else None
 
 
 def base_answers(model, tokenizer, prompts: list[str], *, system_prompt: str | None = "",
