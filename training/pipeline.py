@@ -12,6 +12,9 @@ training stages also resume from their own checkpoints):
                 few frames, with the needle's open and MC questions) → ``data/instruct.json``; a
                 pretraining list of every synthetic clip plus the 4 bundled real clips →
                 ``data/pretrain_list.csv``.
+   ``replay``   (when ``data.text_replay``) text-only prompts answered by smollm2 itself
+                (`training.text_replay`) → ``data/text_replay.json``; stage 2 reads it with the
+                instruction set through ``data/stage2_mix.yaml``.
 2. ``pretrain`` the VideoMAP recipe (`training.pretrain`) on that list → ``pretrain/encoder``.
    ``ground``   (optional) the encoder and projector learn to point video tokens at the LLM's
                 word embeddings of what they show (`training.ground`; no LLM forward) →
@@ -22,7 +25,8 @@ training stages also resume from their own checkpoints):
                 open-ended colour / shape / motion answers (scored here: the reply must contain
                 the answer) and their blind baseline (each question asked about another clip of
                 the same task: what priors alone get right), V-NIAH (``videollm eval niah``) and
-                a text-only question ("What is the capital of France?" must mention Paris) →
+                12 held-out text-only questions (`TEXT_CHECKS`, asked of the model and of its base
+                LLM; the first, "What is the capital of France?", must mention Paris) →
                 ``eval/metrics.json``. MC and V-NIAH are scored by the letter the model
                 generates (the targets) and again by option likelihood (``--scoring
                 likelihood``; reported, no target: what the model knows apart from the letter).
