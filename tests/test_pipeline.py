@@ -114,9 +114,11 @@ def test_pipeline_smoke_end_to_end(tmp_path):
               *m["niah_likelihood_accuracy"].values()]
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 and math.isfinite(v) for v in values)
     assert isinstance(m["text_ok"], bool)
-    # the held-out text checks, asked of the model and of its base LLM (the adapter off), which
-    # knows them all: the checks measure what tuning keeps
-    assert m["text_n"] == 12 and 0.0 <= m["text_accuracy"] <= 1.0 and m["text_base_accuracy"] == 1.0
+    # the held-out text checks, asked of the model and of its base LLM (the adapter off)
+    assert m["text_n"] == 12 and 0.0 <= m["text_accuracy"] <= 1.0 and 0.0 <= m["text_base_accuracy"] <= 1.0
+    text = json.loads((out / "eval" / "open_text.json").read_text())["text_samples"]
+    assert len(text) == 12 and all(t["reply"] and t["base_reply"] for t in text)
+    assert "paris" in text[0]["base_reply"].lower()
     assert 0.0 <= m["open_blind_accuracy"] <= 1.0
     assert summary["metrics"]["mc_accuracy"] == m["mc_accuracy"]
 
