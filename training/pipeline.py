@@ -59,7 +59,7 @@ from encoder.errors import UserError, run_cli
 from training.config import load_config, to_dict
 from training.text_replay import TEXT_CHECKS
 
-TEXT_QUESTION, TEXT_ANSWER = TEXT_CHECKS[0]  # the acceptance check: "What is the capital of France?"
+TEXT_QUESTION = TEXT_CHECKS[0][0]  # the acceptance check: "What is the capital of France?"
 
 logger = logging.getLogger("training.pipeline")
 
@@ -469,11 +469,10 @@ def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
         if "base_reply" in t:
             t["base_correct"] = t["answer"] in t["base_reply"].lower()
     base = [t["base_correct"] for t in text if "base_correct" in t]
-    text_reply = text[0]["reply"]
     return {"open_accuracy": sum(r["correct"] for r in records) / len(records), "open_n": len(records),
             "open_per_category": per_cat, "open_samples": records,
             "open_blind_accuracy": sum(blind) / len(blind) if blind else None,
-            "text_question": TEXT_QUESTION, "text_reply": text_reply, "text_ok": TEXT_ANSWER in text_reply.lower(),
+            "text_question": TEXT_QUESTION, "text_reply": text[0]["reply"], "text_ok": text[0]["correct"],
             "text_accuracy": sum(t["correct"] for t in text) / len(text), "text_n": len(text),
             "text_base_accuracy": sum(base) / len(base) if base else None, "text_samples": text}
 
