@@ -39,28 +39,48 @@ def test_configs_load_and_build_commands(name, tmp_path):
     cmds = stage_commands(cfg, tmp_path)
     assert list(cmds) == ["replay", "pretrain", "stage1", "stage2"]
     assert not any(c.startswith("init_from=") for c in cmds["stage1"])
-    cfg.data.text_replay = 0  # no replay: no replay stage, and stage 2 reads the instruction set
+    cfg.data.text_replay, cfg.data.needle_repeat = 0, 2  # no replay stage; stage 2 reads the mix for the needles
     cmds = stage_commands(cfg, tmp_path)
     assert list(cmds) == ["pretrain", "stage1", "stage2"]
+    assert f'data.source="{tmp_path / "data" / "stage2_mix.yaml"}"' in cmds["stage2"]
+    cfg.data.needle_repeat = 1
+    cmds = stage_commands(cfg, tmp_path)
     assert f'data.source="{tmp_path / "data" / "instruct.json"}"' in cmds["stage2"]
 
 
-def test_stage2_mix_repeats_the_text_replay(tmp_path):
+def test_stage2_mix_repeats_the_needles_and_the_text_replay(tmp_path):
     from training.instruct_data import load_records
     from training.pipeline import stage2_system_prompt, write_stage2_mix
 
     cfg = load_config(PipelineConfig, CONFIGS / "default_model.yaml")
     assert stage2_system_prompt(cfg) == ""
-    cfg.data.text_replay_repeat = 2
-    video = [{"id": f"v{i}", "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nHi?"},
-                                                                 {"from": "gpt", "value": "red"}]} for i in range(5)]
+    cfg.data.text_replay_repeat, cfg.data.needle_repeat = 2, 3
+
+    def video(i):
+        return {"id": i, "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nHi?"},
+                                                             {"from": "gpt", "value": "red"}]}
+
+    ids = ["synth_0_a", "needle_0_4_qa0", "synth_1_b", "needle_0_1_qa0", "synth_2_c"]
     text = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
             for i in range(3)]
-    (tmp_path / "instruct.json").write_text(json.dumps(video))
+    (tmp_path / "instruct.json").write_text(json.dumps([video(i) for i in ids]))
     (tmp_path / "text_replay.json").write_text(json.dumps(text))
     write_stage2_mix(cfg, tmp_path)
     records = load_records(tmp_path / "stage2_mix.yaml", check_files=False)
-    assert [r.id for r in records] == [f"v{i}" for i in range(5)] + [f"t{i}" for i in range(3)] * 2
+    # the set once, its needle records twice more (3 in all), the replay twice
+    assert [r.id for r in records] == ids + ["needle_0_4_qa0", "needle_0_1_qa0"] * 2 + [f"t{i}" for i in range(3)] * 2
+    cfg.data.needle_repeat, cfg.data.text_replay = 1, 0
+    write_stage2_mix(cfg, tmp_path)
+    assert [r.id for r in load_records(tmp_path / "stage2_mix.yaml", check_files=False)] == ids
+
+
+def test_needle_repeat_below_one_is_refused(tmp_path):
+    from training.pipeline import stage_data
+
+    cfg = load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml")
+    cfg.data.needle_repeat = 0.5
+    with pytest.raises(UserError, match="needle_repeat must be a number ≥ 1"):
+        stage_data(cfg, tmp_path)
 
 
 def test_open_scoring():

@@ -107,6 +107,10 @@ class DataSpec:
     text_replay: int = 0
     text_replay_repeat: float = 1.0
     text_replay_tokens: int = 64  # the longest reply generated (a cut reply keeps its full sentences)
+    # Stage 2 sees each needle record this many times (≥ 1; the extra copies through
+    # ``data/needle.json`` in its mix): they alone teach finding one frame among many, and they
+    # are a few percent of the records.
+    needle_repeat: float = 1.0
 
 
 @dataclass
@@ -279,6 +283,9 @@ def stage_data(cfg: PipelineConfig, out: Path) -> Path:
     if spec.needle_num_frames is not None and not 1 <= spec.needle_num_frames <= spec.haystack_frames:
         raise UserError(f"data.needle_num_frames must be in [1, haystack_frames={spec.haystack_frames}]; "
                         f"got {spec.needle_num_frames}")
+    if not spec.needle_repeat >= 1:
+        raise UserError(f"data.needle_repeat must be a number ≥ 1 (how many times stage 2 sees each needle "
+                        f"record); got {spec.needle_repeat}")
     records, pretrain_lines = [], []
     for k, task in enumerate(TASKS):
         # Seeds of task k: seed + k·10⁴ …; the held-out QA draws 32-bit seeds from SeedSequence.
@@ -326,7 +333,7 @@ def stage_commands(cfg: PipelineConfig, out: Path) -> dict[str, list[str]]:
         commands["ground"] = py + ["training.ground", "--config", cfg.ground.config] + _kv(gr)
         s1["init_from"] = str(out / "ground" / "final")
     s2 = {**cfg.stage2.overrides, "stage": 2, "llm": "smollm2", "init_from": str(out / "stage1" / "final"),
-          "data.source": str(data / ("stage2_mix.yaml" if cfg.data.text_replay else "instruct.json")),
+          "data.source": str(data / ("stage2_mix.yaml" if uses_mix(cfg) else "instruct.json")),
           "seed": cfg.seed, "output_dir": str(out / "stage2"), "resume": True}
     if cfg.data.text_replay:  # first: it is data, and the base LLM's replies do not depend on training
         replay = ["training.text_replay", "--llm", "smollm2", "--n", str(cfg.data.text_replay),
@@ -347,10 +354,24 @@ def stage2_system_prompt(cfg: PipelineConfig) -> str | None:
     return load_config(FinetuneConfig, REPO / cfg.stage2.config, _kv(cfg.stage2.overrides)).data.system_prompt
 
 
+def uses_mix(cfg: PipelineConfig) -> bool:
+    """Whether stage 2 reads ``data/stage2_mix.yaml`` rather than the instruction set alone."""
+    return bool(cfg.data.text_replay) or cfg.data.needle_repeat != 1
+
+
 def write_stage2_mix(cfg: PipelineConfig, data: Path) -> None:
-    """Stage 2's data mix: the instruction set and `text_replay_repeat` copies of the text replay."""
-    text = (f"seed: {cfg.seed}\ndatasets:\n  - {{path: instruct.json}}\n"
-            f"  - {{path: text_replay.json, sampling: {cfg.data.text_replay_repeat:g}}}\n")
+    """Stage 2's data mix: the instruction set, `needle_repeat` − 1 more copies of its needle records
+    (``needle.json``, taken from ``instruct.json`` by their ids) and `text_replay_repeat` copies of
+    the text replay."""
+    text = f"seed: {cfg.seed}\ndatasets:\n  - {{path: instruct.json}}\n"
+    if cfg.data.needle_repeat != 1:
+        records = json.loads((data / "instruct.json").read_text())
+        needles = [r for r in records if r["id"].startswith("needle_")]  # write_needle_clips' ids
+        if not (data / "needle.json").is_file() or json.loads((data / "needle.json").read_text()) != needles:
+            _write_json(data / "needle.json", needles)
+        text += f"  - {{path: needle.json, sampling: {cfg.data.needle_repeat - 1:g}}}\n"
+    if cfg.data.text_replay:
+        text += f"  - {{path: text_replay.json, sampling: {cfg.data.text_replay_repeat:g}}}\n"
     path = data / "stage2_mix.yaml"
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
@@ -364,7 +385,7 @@ def stage_outputs(out: Path) -> dict[str, Path]:
 
 def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> None:
     commands, outputs = stage_commands(cfg, out), stage_outputs(out)
-    if cfg.data.text_replay:
+    if uses_mix(cfg):
         write_stage2_mix(cfg, out / "data")
     for name in commands:  # [replay,] pretrain, [ground,] stage1, stage2
         if outputs[name].exists():
@@ -660,7 +681,8 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
             "conversations); ") + f"{d.needle_clips} long clips "
         f"({d.haystack_frames} frames of " + ("the real clips" if d.needle_haystack == "real" else "real + synthetic video")
         + f", seen {'whole' if d.needle_num_frames == d.haystack_frames else f'as {d.needle_num_frames or d.clip_frames} frames'})"
-        f" with a {d.needle_span}-frame needle (a large shape) at a random depth, with its open and multiple-choice questions",
+        f" with a {d.needle_span}-frame needle (a large shape) at a random depth, with its open and multiple-choice questions"
+        + (f" (stage 2 sees each {d.needle_repeat:g}×)" if d.needle_repeat != 1 else ""),
         *([f"- text replay (stage 2 only): {d.text_replay} text prompts (explanations, tips, lists, arithmetic, "
            f"small talk; no capital, author or painter question) answered by smollm2 itself, greedy, "
            f"{d.text_replay_repeat:g}× each, in text-only batches"] if d.text_replay else []),
