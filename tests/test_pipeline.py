@@ -127,6 +127,10 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     replay = json.loads((out / "data" / "text_replay.json").read_text())
     assert replay and all("video" not in r and r["conversations"][1]["value"] for r in replay)
     assert "text_replay.json" in (out / "data" / "stage2_mix.yaml").read_text()
+    # the needle records again (needle_repeat: 2), taken from the instruction set
+    needles = json.loads((out / "data" / "needle.json").read_text())
+    assert needles and all(r["id"].startswith("needle_") and r["num_frames"] == 16 for r in needles)
+    assert "{path: needle.json, sampling: 1}" in (out / "data" / "stage2_mix.yaml").read_text()
 
     # metrics are fractions
     m = json.loads((ship / "metrics.json").read_text())
