@@ -2,6 +2,7 @@
 and a short run whose output stage 1 can start from."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -92,6 +93,21 @@ def test_dense_loss_rewards_the_named_words_and_silence_on_background():
     assert obj1 < obj0 and null1 > null0
 
 
+
+def test_dense_loss_none_logit_lets_background_tokens_be_silent():
+    # A background token that matches no word (every score 0): with "none" at 0 it is as far from
+    # "none" as uniform over the group and "none" (log(n + 1)); with "none" at b it is log(n + e^b) − b.
+    targets, about = torch.zeros(1, 1, len(WORDS)), torch.zeros(1, 1, dtype=torch.int8)
+    scores = torch.zeros(1, 1, len(WORDS))
+    for b in (0.0, 4.0):
+        _, null = dense_loss(scores, targets, about, none_logit=b)
+        expected = sum(math.log(len(g) + math.exp(b)) - b for g in GROUPS) / len(GROUPS)
+        assert float(null) == pytest.approx(expected, rel=1e-5)
+    assert float(dense_loss(scores, targets, about, none_logit=4.0)[1]) < 0.2 < float(dense_loss(scores, targets, about)[1])
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(UserError, match="none_logit"):
+            GroundConfig(none_logit=bad).validate()
+
 def test_seeds_are_deterministic_and_disjoint():
     assert batch_seeds(0, 4, 8) == batch_seeds(0, 4, 8) != batch_seeds(0, 5, 8)
     assert not set(eval_seeds(0, 64)) & {s for step in range(50) for s in batch_seeds(0, step, 16)}
@@ -164,7 +180,7 @@ def test_token_readout_scores_each_object_token_by_its_own_targets():
 
 def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder="nano", steps=2, batch_size=4, eval_clips=2,
-                       save_every=1, log_every=1, stem_steps=2, stem_batch=4, stem_shape_first=0.5,
+                       save_every=1, log_every=1, stem_steps=2, stem_batch=4, stem_shape_first=0.5, none_logit=3.0,
                        data=GroundData(clip_frames=8, size=32, haystack_frames=8, needle_fraction=0.5))
     last = train(cfg)
     stem = json.loads((tmp_path / "g" / "stem.json").read_text())  # the warm-up ran and was scored
@@ -185,6 +201,7 @@ def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     ft.data.image_size, ft.data.num_frames = 32, 8
     model, _ = build_model(ft)
     assert torch.equal(model.projector.linear_1.weight, state["projector.linear_1.weight"])
+    assert model.config.anchor_none_logit == 3.0  # the anchor reads the tokens as grounding trained them
 
     # a resumed run with more steps continues from the checkpoint, not from scratch
     cfg.steps, cfg.resume = 3, True

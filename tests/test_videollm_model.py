@@ -267,6 +267,41 @@ def test_word_anchor_turns_tokens_into_the_words_they_match():
     assert torch.allclose(proj.anchor(orth.expand(1, 1, -1))[0, 0], out + 0.5 * orth, atol=1e-4)
 
 
+def test_anchor_none_logit_silences_weak_matches_and_keeps_strong_ones(tmp_path):
+    import math
+
+    import torch.nn.functional as F
+
+    model, proc, rows = _anchored()
+    proj = model.projector
+    keys = F.normalize(rows - rows.mean(0), dim=-1)
+    orth = torch.linalg.svd(keys, full_matrices=True).Vh[-1].expand(1, 1, -1)
+    strong = keys[1].expand(1, 1, -1).clone()  # along "blue"'s key: τ·cos(·, blue) = 15
+    before = proj.anchor(strong)
+    assert proj.config.anchor_none_logit == 0.0
+    proj.config.anchor_none_logit = 4.0
+    # A token that matches no word (every score 0) keeps 1 / (n + e^4) of each word, not 1 / (n + 1) …
+    e4 = math.exp(4.0)
+    assert torch.allclose(proj.anchor(orth)[0, 0], rows[:2].sum(0) / (2 + e4) + rows[2:].sum(0) / (3 + e4), atol=1e-4)
+    # … while one that matches "blue" well stays "blue" in its group (softmax with "none" at 4).
+    parts = []
+    for group in (slice(0, 2), slice(2, 5)):
+        scores = 15.0 * keys[group] @ keys[1]
+        parts.append(torch.softmax(torch.cat([scores, torch.tensor([4.0])]), 0)[:-1])
+    assert parts[0][1] > 0.99
+    after = proj.anchor(strong)
+    assert torch.allclose(after[0, 0], parts[0] @ rows[:2] + parts[1] @ rows[2:], atol=1e-4)
+    assert not torch.allclose(after, before)
+    # The value is part of the checkpoint's config.
+    save_videollm(model, proc, tmp_path / "m")
+    loaded, _ = load_videollm(tmp_path / "m")
+    assert loaded.config.anchor_none_logit == 4.0
+    assert torch.allclose(loaded.projector.anchor(strong), after)
+    for bad in (float("nan"), float("inf"), True, "4"):
+        with pytest.raises(ValueError, match="anchor_none_logit"):
+            VideoLLMConfig(vision_config=tiny_encoder_config(), word_anchor=[["red"]], anchor_none_logit=bad)
+
+
 def test_word_anchor_saves_and_loads_with_the_projector(tmp_path):
     model, proc, _ = _anchored()
     with torch.no_grad():

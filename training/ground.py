@@ -111,6 +111,10 @@ class GroundConfig:
     temperature: float = 15.0  # τ: cosine → logit scale
     norm_weight: float = 0.1  # λ
     null_weight: float = 0.5  # dense: weight of the background tokens' "nothing" loss
+    # dense: the logit of each group's "none" class (0: a background token must score every word
+    # below 0, which centred word keys barely allow: run23's null loss stayed at ~2.0, near uniform).
+    # Saved as the projector's anchor_none_logit, so the anchor reads tokens as they were trained.
+    none_logit: float = 0.0
     min_cover: float = 12.0  # dense: pixels of an object a token's cell must show to be about it
     stem_steps: int = 0  # appearance warm-up of the encoder's patch stem before the main steps (0: none)
     stem_batch: int = 64  # frames per warm-up step
@@ -140,6 +144,9 @@ class GroundConfig:
             raise UserError(f"objective must be 'dense' or 'mil'; got {self.objective!r}")
         if self.data.haystack_frames < 2:
             raise UserError(f"data.haystack_frames must be >= 2; got {self.data.haystack_frames}")
+        if isinstance(self.none_logit, bool) or not isinstance(self.none_logit, (int, float)) \
+                or not math.isfinite(self.none_logit):
+            raise UserError(f"none_logit must be a finite number; got {self.none_logit!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,17 +256,18 @@ def token_targets(spec, at: int, num_frames: int, cells: tuple[int, int], min_co
 
 
 def dense_loss(token_scores: torch.Tensor, targets: torch.Tensor, about: torch.Tensor,
-               groups=GROUPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy within each word group, with a "no word" class of logit 0: tokens
-    about an object → uniform over its words in the group (a group it has no word in, a needle's
-    motion, is skipped); background tokens → "no word", i.e. every word's score below 0.
+               groups=GROUPS, none_logit: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy within each word group, with a "no word" class of logit
+    ``none_logit``: tokens about an object → uniform over its words in the group (a group it has no
+    word in, a needle's motion, is skipped); background tokens → "no word", i.e. every word's score
+    below ``none_logit``.
 
     token_scores, targets (B, K, W); about (B, K): 1 object, 0 background, -1 no target (see
     `token_targets`). Returns (object-token CE, background CE)."""
     obj_terms, null_terms = [], []
     for group in groups:
         idx = [WORDS.index(w) for w in group]
-        logits = torch.cat([token_scores[..., idx], token_scores.new_zeros(*token_scores.shape[:2], 1)], -1)
+        logits = torch.cat([token_scores[..., idx], token_scores.new_full((*token_scores.shape[:2], 1), none_logit)], -1)
         logp = logits.log_softmax(-1)  # (B, K, |group| + 1)
         t = targets[..., idx]
         n = t.sum(-1)
@@ -583,6 +591,7 @@ def _build(cfg: GroundConfig):
                         stem_skip=cfg.stem_skip, seed=cfg.seed)
     ft.data.image_size, ft.data.num_frames = cfg.data.size, cfg.data.clip_frames
     model, tokenizer = build_model(ft)
+    model.config.anchor_none_logit = float(cfg.none_logit)  # saved with the init stage 1 reads
     model.requires_grad_(False)
     model.vision_tower.requires_grad_(True)
     model.projector.requires_grad_(True)
@@ -658,7 +667,7 @@ def train(cfg: GroundConfig) -> dict[str, Any]:
                 if z.shape[1] != targets[0].shape[0]:
                     raise UserError(f"dense grounding needs one video token per frame and cell; the projector gave "
                                     f"{z.shape[1]} for {len(clips[0][0])} frames of {cells} cells (temporal pooling?)")
-                ce_obj, ce_null = dense_loss(tok, torch.stack(targets), torch.stack(about))
+                ce_obj, ce_null = dense_loss(tok, torch.stack(targets), torch.stack(about), none_logit=cfg.none_logit)
                 ce = ce_obj + cfg.null_weight * ce_null
                 parts[f"ce_null_{kind}"] = float(ce_null.detach())
             else:

@@ -67,10 +67,15 @@ class VideoLLMConfig(PretrainedConfig):
             LoRA adapter stores only this reference plus the adapter, and loads the base from it.
         word_anchor: groups of words (e.g. the colours, the shapes, the motions) that anchor the
             video tokens in the LLM's vocabulary: each token becomes, per group, a softmax-weighted
-            sum of the LLM's input embeddings of the group's words (plus an implicit "none" at logit
-            0), plus a gated copy of the projector's output (gate starts at 0). See
+            sum of the LLM's input embeddings of the group's words (plus an implicit "none" at
+            ``anchor_none_logit``), plus a gated copy of the projector's output (gate starts at 0). See
             `VideoProjector.anchor`. None: plain projector.
         anchor_temperature: τ of the anchor's scores, τ·cos(token, centred word embedding).
+        anchor_none_logit: the logit of each group's "none" (default 0). With b > 0 a word needs
+            τ·cos > b to take much of a token's mass, so tokens that match every word a little
+            (real video, background) carry almost none, while tokens that match one word well keep
+            it: at b = 4, a 256-frame V-NIAH haystack's tokens carry 0.03 shape-word mass each
+            instead of 0.6, the needle's token 0.91 instead of 0.99 (run23's projector).
         stem_skip: the projector also reads the encoder's first block input (the patch stem's
             output plus positions), max-pooled over each token's window, through a linear layer of
             its own added to its first layer's output. What the stem tells apart (the conv stem's
@@ -97,6 +102,7 @@ class VideoLLMConfig(PretrainedConfig):
         base_llm: str | None = None,
         word_anchor: list[list[str]] | None = None,
         anchor_temperature: float = 15.0,
+        anchor_none_logit: float = 0.0,
         stem_skip: bool = False,
         **kwargs,
     ):
@@ -139,11 +145,15 @@ class VideoLLMConfig(PretrainedConfig):
             word_anchor = [list(g) for g in word_anchor]
         if not isinstance(anchor_temperature, (int, float)) or anchor_temperature <= 0:
             raise ValueError(f"anchor_temperature must be > 0; got {anchor_temperature!r}")
+        if (isinstance(anchor_none_logit, bool) or not isinstance(anchor_none_logit, (int, float))
+                or not math.isfinite(anchor_none_logit)):
+            raise ValueError(f"anchor_none_logit must be a finite number; got {anchor_none_logit!r}")
         if not isinstance(stem_skip, bool):
             raise ValueError(f"stem_skip must be true or false; got {stem_skip!r}")
         self.stem_skip = stem_skip
         self.word_anchor = word_anchor
         self.anchor_temperature = float(anchor_temperature)
+        self.anchor_none_logit = float(anchor_none_logit)
         self.spatial_pool = spatial_pool
         self.tokens_per_frame = tokens_per_frame
         self.spatial_merge = spatial_merge

@@ -99,7 +99,8 @@ class VideoProjector(nn.Module):
         self.anchor_values.copy_(rows)
 
     def anchor(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: 0})·values_g + gate·x.
+        """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: b})·values_g + gate·x, with
+        b = ``config.anchor_none_logit`` (0 by default).
 
         Each token becomes a mixture of the LLM's own embeddings of the words it matches (e.g.
         "red" + "circle" + "left"), which the LLM reads like those words, or near zero where it
@@ -110,7 +111,8 @@ class VideoProjector(nn.Module):
         start = 0
         for group in self.config.word_anchor:
             s = scores[..., start:start + len(group)]
-            p = torch.softmax(torch.cat([s, s.new_zeros(*s.shape[:-1], 1)], dim=-1), dim=-1)[..., :-1]
+            none = s.new_full((*s.shape[:-1], 1), self.config.anchor_none_logit)
+            p = torch.softmax(torch.cat([s, none], dim=-1), dim=-1)[..., :-1]
             out = out + p @ self.anchor_values[start:start + len(group)].to(x.dtype)
             start += len(group)
         return out
