@@ -93,7 +93,6 @@ def test_dense_loss_rewards_the_named_words_and_silence_on_background():
     assert obj1 < obj0 and null1 > null0
 
 
-
 def test_dense_loss_none_logit_lets_background_tokens_be_silent():
     # A background token that matches no word (every score 0): with "none" at 0 it is as far from
     # "none" as uniform over the group and "none" (log(n + 1)); with "none" at b it is log(n + e^b) − b.
@@ -107,6 +106,7 @@ def test_dense_loss_none_logit_lets_background_tokens_be_silent():
     for bad in (float("nan"), float("inf"), True):
         with pytest.raises(UserError, match="none_logit"):
             GroundConfig(none_logit=bad).validate()
+
 
 def test_seeds_are_deterministic_and_disjoint():
     assert batch_seeds(0, 4, 8) == batch_seeds(0, 4, 8) != batch_seeds(0, 5, 8)
