@@ -263,3 +263,21 @@ def test_missed_targets():
     assert missed_targets(good) == []
     bad = {**good, "niah_accuracy": {"64": 0.8, "256": 0.5}, "text_ok": False}
     assert len(missed_targets(bad)) == 2
+
+
+def test_model_card_describes_the_none_logit():
+    from training.pipeline import model_card
+
+    cfg = load_config(PipelineConfig, CONFIGS / "default_model.yaml")
+    metrics = {"niah_accuracy": {"64": 1.0}, "niah_depths": [0.0], "niah_needles": 8, "mc_n": 200,
+               "mc_accuracy": 0.5, "open_n": 180, "open_accuracy": 0.5, "text_ok": True,
+               "text_reply": "Paris.", "open_per_category": {"color": 0.5}, "mc_per_category": {"color": 0.5}}
+
+    def card():
+        return model_card(cfg, "cmd", [], metrics, {}, 10)
+
+    line = next(x for x in card().splitlines() if x.startswith("- projector:"))
+    assert f'"none" class at logit {cfg.ground.overrides["none_logit"]:g}' in line
+    cfg.ground.overrides["none_logit"] = 0
+    line = next(x for x in card().splitlines() if x.startswith("- projector:"))
+    assert '"none"' not in line and "word_anchor" in line

@@ -610,6 +610,10 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
     if cfg.stage1.overrides.get("word_anchor"):
         groups = ", ".join(cfg.stage1.overrides["word_anchor"])
         projector_notes += f"; tokens anchored to the LLM's own word embeddings of {groups} (`word_anchor`)"
+    none_logit = cfg.ground.overrides.get("none_logit", 0) if cfg.ground is not None else 0
+    if none_logit:
+        projector_notes += (f", with a \"none\" class at logit {none_logit:g} for tokens about no object"
+                            " (`none_logit` in grounding, the anchor's `anchor_none_logit`)")
     model = (cfg.pretrain.overrides.get("model") or {}).get("overrides") or {}
     encoder_notes = ", with a convolutional patch stem" if model.get("patch_stem") == "conv" else ""
     if model.get("motion_gap"):
