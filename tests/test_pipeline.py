@@ -88,6 +88,13 @@ def test_open_scoring():
     assert open_correct("It moves up left", "up-left")
     assert open_correct("RED", "red")
     assert not open_correct("It is blue.", "red")
+    motions = ("moves up", "moves up-right", "moves left", "stays still")
+    assert open_correct("It moves up.", "moves up", motions)
+    assert not open_correct("It moves up-right.", "moves up", motions)  # the longer phrase wins
+    assert open_correct("It moves up-right.", "moves up-right", motions)
+    assert not open_correct("It moves up or left... it moves left", "moves up", motions)
+    assert not open_correct("red or blue", "red", ("red", "blue"))
+    assert not open_correct("It is reddish.", "red", ("red", "blue"))  # whole words only
     samples = open_samples(1001, 6, 8, 32)
     assert len(samples) == 6 and {s["category"] for s in samples} <= {"color", "shape", "motion"}
     assert open_samples(1001, 6, 8, 32)[0]["answer"] == samples[0]["answer"]  # deterministic

@@ -45,6 +45,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -427,13 +428,25 @@ def open_samples(seed: int, n: int, num_frames: int, size: int) -> list[dict]:
     return samples
 
 
-def open_correct(reply: str, answer: str) -> bool:
-    """The reply names the answer: case-insensitive containment, with '-' and ' ' equivalent
-    ("up-left" = "up left")."""
-    def norm(s: str) -> str:
-        return " ".join(s.lower().replace("-", " ").replace(".", " ").split())
+def open_correct(reply: str, answer: str, choices: tuple[str, ...] = ()) -> bool:
+    """The reply names the answer and no other of `choices` (the category's possible answers).
 
-    return norm(answer) in norm(reply)
+    Case-insensitive, whole words, '-' and ' ' equivalent ("up-left" = "up left"). Where one
+    answer is part of a longer one the longer phrase wins at that place: "moves up-right" names
+    "moves up-right", not "moves up". A reply naming two answers ("red or blue") is wrong."""
+    def words(s: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", s.lower())
+
+    text = words(reply)
+    spans = []  # (start, end, candidate) of every whole-word occurrence
+    for cand in {answer, *choices}:
+        w = words(cand)
+        if not w:
+            continue
+        spans += [(i, i + len(w), cand) for i in range(len(text) - len(w) + 1) if text[i:i + len(w)] == w]
+    named = {c for a, b, c in spans
+             if not any(a2 <= a and b <= b2 and b2 - a2 > b - a for a2, b2, _ in spans)}
+    return named == {answer}
 
 
 def mismatched_clip(i: int, n: int) -> int | None:
@@ -450,6 +463,7 @@ def mismatched_clip(i: int, n: int) -> int | None:
 def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
     """Open-ended accuracy (overall and per category) and the text-only checks, in one model load:
     `TEXT_CHECKS` asked with no video, by the model and by its base LLM (the LoRA adapter off)."""
+    from training.synth import OPEN_ANSWERS
     from videollm.chat import generate_stream
     from videollm.modeling_videollm import load_videollm
 
@@ -465,7 +479,7 @@ def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
     for s in samples:
         reply = ask(s["frames"], s["question"], spec.max_new_tokens)
         records.append({k: v for k, v in s.items() if k != "frames"} |
-                       {"reply": reply, "correct": open_correct(reply, s["answer"])})
+                       {"reply": reply, "correct": open_correct(reply, s["answer"], OPEN_ANSWERS[s["category"]])})
     # The blind baseline: each question asked about another clip (of the same task, so the
     # question still makes sense). It scores what priors and coincidence get right; open accuracy
     # only shows that the model reads the video by how far it rises above this.
@@ -474,7 +488,7 @@ def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
         if j is None:
             break
         reply = ask(samples[j]["frames"], r["question"], spec.max_new_tokens)
-        r["blind_reply"], r["blind_correct"] = reply, open_correct(reply, r["answer"])
+        r["blind_reply"], r["blind_correct"] = reply, open_correct(reply, r["answer"], OPEN_ANSWERS[r["category"]])
     blind = [r["blind_correct"] for r in records if "blind_correct" in r]
     per_cat = {}
     for cat in OPEN_CATEGORIES:

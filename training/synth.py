@@ -545,6 +545,10 @@ _MOTION_PHRASES = {
     **{d: f"moves {d}" for d in DIRECTIONS},
     "static": "stays still", "bounce": "bounces", "grow": "grows", "shrink": "shrinks",
 }
+# Every answer an open colour / shape / motion question can have (for scoring free replies).
+OPEN_ANSWERS: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS), "shape": SHAPES, "motion": tuple(_MOTION_PHRASES.values()),
+}
 
 
 def _clause(obj: SynthObject, fps: float) -> str:
