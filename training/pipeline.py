@@ -22,8 +22,8 @@ training stages also resume from their own checkpoints):
 3. ``stage1``   alignment, projector only (`training.finetune` stage 1) → ``stage1/final``.
 4. ``stage2``   LoRA instruction tuning (`training.finetune` stage 2) → ``stage2/final``.
 5. ``eval``     held-out synthetic MC QA (``videollm eval qa --benchmark synthqa``, new seed),
-                open-ended colour / shape / motion answers (scored here: the reply must contain
-                the answer) and their blind baseline (each question asked about another clip of
+                open-ended colour / shape / motion answers (scored here: the reply must name
+                the answer in whole words and no other answer of its kind) and their blind baseline (each question asked about another clip of
                 the same task: what priors alone get right), V-NIAH (``videollm eval niah``) and
                 12 held-out text-only questions (`TEXT_CHECKS`, asked of the model and of its base
                 LLM; the first, "What is the capital of France?", must mention Paris) →
