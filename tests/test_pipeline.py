@@ -15,7 +15,7 @@ import pytest
 
 from encoder.errors import UserError
 from training.config import load_config
-from training.pipeline import PipelineConfig, mismatched_clip, open_correct, open_samples, stage_commands
+from training.pipeline import PipelineConfig, eval_commands, mismatched_clip, open_correct, open_samples, stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -98,6 +98,15 @@ def test_open_scoring():
     samples = open_samples(1001, 6, 8, 32)
     assert len(samples) == 6 and {s["category"] for s in samples} <= {"color", "shape", "motion"}
     assert open_samples(1001, 6, 8, 32)[0]["answer"] == samples[0]["answer"]  # deterministic
+
+
+def test_eval_commands_score_by_likelihood_only_when_asked(tmp_path):
+    cfg = load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml")
+    both = eval_commands(cfg, tmp_path / "model", tmp_path / "eval")
+    assert set(both) == {"mc", "mc_likelihood", "niah", "niah_likelihood"}
+    assert "likelihood" in both["niah_likelihood"] and "likelihood" not in both["niah"]
+    cfg.eval.likelihood = False
+    assert set(eval_commands(cfg, tmp_path / "model", tmp_path / "eval")) == {"mc", "niah"}
 
 
 def test_blind_baseline_asks_about_another_clip_of_the_same_task():
@@ -288,3 +297,7 @@ def test_model_card_describes_the_none_logit():
     cfg.ground.overrides["none_logit"] = 0
     line = next(x for x in card().splitlines() if x.startswith("- projector:"))
     assert '"none"' not in line and "word_anchor" in line
+    # likelihood rows only when eval scored by likelihood (eval.likelihood)
+    assert "option likelihood" not in card()
+    metrics.update(mc_likelihood_accuracy=0.6, niah_likelihood_accuracy={"64": 0.9})
+    assert "| the same questions scored by option likelihood (no letter to produce) | 60.0% |" in card()

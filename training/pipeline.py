@@ -131,6 +131,9 @@ class EvalSpec:
     niah_needles: int = 4
     niah_seed: int = 5000
     max_new_tokens: int = 12
+    # Also score MC and V-NIAH by option likelihood (reported, no target; ~3 min at the default
+    # model's sizes): what the model knows apart from producing the answer.
+    likelihood: bool = True
 
 
 @dataclass
@@ -529,8 +532,10 @@ def eval_commands(cfg: PipelineConfig, model_dir: Path, ev: Path) -> dict[str, l
                      "--depths", ",".join(f"{d:g}" for d in e.niah_depths), "--needles", str(e.niah_needles),
                      "--seed", str(e.niah_seed), "--out", str(ev / name), *scoring]
 
-    return {"mc": mc("mc", generate), "mc_likelihood": mc("mc_likelihood", likelihood),
-            "niah": niah("niah", generate), "niah_likelihood": niah("niah_likelihood", likelihood)}
+    cmds = {"mc": mc("mc", generate), "niah": niah("niah", generate)}
+    if e.likelihood:
+        cmds |= {"mc_likelihood": mc("mc_likelihood", likelihood), "niah_likelihood": niah("niah_likelihood", likelihood)}
+    return cmds
 
 
 def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> dict:
@@ -549,7 +554,7 @@ def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) ->
         _run(cmd, log)
         runs[name] = json.loads((ev / name / ("niah.json" if name.startswith("niah") else "results.json")).read_text())
         timings[f"eval_{name}"] = round(time.perf_counter() - t0, 1)
-    mc, mc_lik, niah, niah_lik = (runs[k] for k in ("mc", "mc_likelihood", "niah", "niah_likelihood"))
+    mc, niah = runs["mc"], runs["niah"]
     t0 = time.perf_counter()
     opn = eval_open_and_text(model_dir, cfg.eval, cfg.data.size)
     timings["eval_open_text"] = round(time.perf_counter() - t0, 1)
@@ -557,17 +562,23 @@ def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) ->
     metrics = {
         "mc_accuracy": mc["accuracy"], "mc_n": mc["n"],
         "mc_per_category": {k: v["accuracy"] for k, v in mc["per_category"].get("category", {}).items()},
-        "mc_likelihood_accuracy": mc_lik["accuracy"],
-        "mc_likelihood_per_category": {k: v["accuracy"] for k, v in mc_lik["per_category"].get("category", {}).items()},
         "open_accuracy": opn["open_accuracy"], "open_n": opn["open_n"],
         "open_per_category": {k: v["accuracy"] for k, v in opn["open_per_category"].items()},
         "open_blind_accuracy": opn["open_blind_accuracy"],
         "niah_accuracy": {str(f): float(np.mean(row)) for f, row in zip(niah["frames"], niah["accuracy"])},
-        "niah_likelihood_accuracy": {str(f): float(np.mean(row)) for f, row in zip(niah_lik["frames"], niah_lik["accuracy"])},
         "niah_mean": niah["mean_accuracy"], "niah_depths": niah["depths"], "niah_needles": niah["needles"],
         "text_ok": opn["text_ok"], "text_reply": opn["text_reply"],
         "text_accuracy": opn["text_accuracy"], "text_n": opn["text_n"], "text_base_accuracy": opn["text_base_accuracy"],
     }
+    if "mc_likelihood" in runs:
+        mc_lik, niah_lik = runs["mc_likelihood"], runs["niah_likelihood"]
+        metrics |= {
+            "mc_likelihood_accuracy": mc_lik["accuracy"],
+            "mc_likelihood_per_category": {k: v["accuracy"]
+                                           for k, v in mc_lik["per_category"].get("category", {}).items()},
+            "niah_likelihood_accuracy": {str(f): float(np.mean(row))
+                                         for f, row in zip(niah_lik["frames"], niah_lik["accuracy"])},
+        }
     _write_json(ev / "metrics.json", metrics)
     return metrics
 
@@ -636,10 +647,11 @@ def model_card(cfg: PipelineConfig, command: str, commands: list[str], metrics: 
     if all((s.overrides.get("optim") or {}).get("projector_lr") == 0 for s in (cfg.stage1, cfg.stage2)):
         projector_notes += "; trained in grounding only (frozen in stages 1 and 2)"
     rows = [("multiple-choice QA, held-out synthqa seed %d (n=%d)" % (e.qa_seed, metrics["mc_n"]),
-             _pct(metrics["mc_accuracy"]), "≥ 80%"),
-            ("the same questions scored by option likelihood (no letter to produce)",
-             _pct(metrics.get("mc_likelihood_accuracy")), "reported, no target"),
-            ("open-ended colour/shape/motion, held-out (n=%d)" % metrics["open_n"], _pct(metrics["open_accuracy"]),
+             _pct(metrics["mc_accuracy"]), "≥ 80%")]
+    if metrics.get("mc_likelihood_accuracy") is not None:
+        rows.append(("the same questions scored by option likelihood (no letter to produce)",
+                     _pct(metrics["mc_likelihood_accuracy"]), "reported, no target"))
+    rows += [("open-ended colour/shape/motion, held-out (n=%d)" % metrics["open_n"], _pct(metrics["open_accuracy"]),
              "≥ 70%")]
     if metrics.get("open_blind_accuracy") is not None:
         rows.append(("the same open questions about another clip (blind baseline)",
