@@ -538,7 +538,8 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     The warm-up was still learning at 1200 steps: at 3000 (with the motion stem, shape first 0.8,
     ~85 ms a step) its held-out cells name shape 82.5% (57.0% at 1200), colour 87.7% (59.0%) and
     motion 84.0% (74.2%), and after 300 main steps the tokens name a single moving object's shape
-    95.8% of the time (66.7%).
+    95.8% of the time (66.7%). At 5000 warm-up and 420 main steps: cells shape 87.7%, colour
+    89.7%, motion 86.0%; tokens shape 100%, direction 83.3% per token (55.7% at 3000 and 300).
 
     An encoder with a motion stem (``motion_gap`` g > 0, `encoder.layers.PatchEmbed3D`) warms it
     up too, on pairs of frames g apart, to name each cell's motion words from the pair's
