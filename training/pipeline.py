@@ -23,13 +23,15 @@ training stages also resume from their own checkpoints):
 4. ``stage2``   LoRA instruction tuning (`training.finetune` stage 2) → ``stage2/final``.
 5. ``eval``     held-out synthetic MC QA (``videollm eval qa --benchmark synthqa``, new seed),
                 open-ended colour / shape / motion answers (scored here: the reply must name
-                the answer in whole words and no other answer of its kind) and their blind baseline (each question asked about another clip of
-                the same task: what priors alone get right), V-NIAH (``videollm eval niah``) and
+                the answer in whole words and no other answer of its kind) and their blind
+                baseline (each question asked about another clip of the same task: what priors
+                alone get right), V-NIAH (``videollm eval niah``) and
                 12 held-out text-only questions (`TEXT_CHECKS`, asked of the model and of its base
                 LLM; the first, "What is the capital of France?", must mention Paris) →
                 ``eval/metrics.json``. MC and V-NIAH are scored by the letter the model
-                generates (the targets) and again by option likelihood (``--scoring
-                likelihood``; reported, no target: what the model knows apart from the letter).
+                generates (the targets) and, with ``eval.likelihood``, again by option likelihood
+                (``--scoring likelihood``; reported, no target: what the model knows apart from
+                the letter).
 6. ``ship``     ``stage2/final`` (encoder + projector + LoRA adapter; the LLM stays the `smollm2`
                 package reference) + ``MODEL_CARD.md`` + ``curves.png`` + ``metrics.json`` →
                 ``--ship`` (default ``videollm/weights/default``), replaced atomically.
