@@ -51,7 +51,7 @@ def _clean(reply: str) -> str:
     return text.strip()
 
 
-def _by_option_text(text: str, options: list[str]) -> int | None:
+def named_option(text: str, options: list[str]) -> int | None:
     """Index of the one option whose text appears in `text` (whole words), else None."""
     reply = f" {_normalise(text)} "
     hits = []
@@ -112,7 +112,7 @@ def extract_letter(reply: str, options: list[str] | None = None, num_options: in
         return None
     # 5. the text of exactly one option
     if options:
-        index = _by_option_text(text, options)
+        index = named_option(text, options)
         if index is not None:
             return valid[index]
     # 6. a capital letter and a space at the start

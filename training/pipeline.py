@@ -47,7 +47,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -434,24 +433,15 @@ def open_samples(seed: int, n: int, num_frames: int, size: int) -> list[dict]:
 
 
 def open_correct(reply: str, answer: str, choices: tuple[str, ...] = ()) -> bool:
-    """The reply names the answer and no other of `choices` (the category's possible answers).
+    """The reply names the answer and no other of `choices` (the category's possible answers):
+    `eval.answer.named_option`, as for MC option texts. Whole words, case and punctuation
+    ignored ("up-left" = "up left"); where one answer is part of a longer one the longer wins
+    ("moves up-right" names "moves up-right", not "moves up"); two answers ("red or blue") are
+    wrong."""
+    from eval.answer import named_option
 
-    Case-insensitive, whole words, '-' and ' ' equivalent ("up-left" = "up left"). Where one
-    answer is part of a longer one the longer phrase wins at that place: "moves up-right" names
-    "moves up-right", not "moves up". A reply naming two answers ("red or blue") is wrong."""
-    def words(s: str) -> list[str]:
-        return re.findall(r"[a-z0-9]+", s.lower())
-
-    text = words(reply)
-    spans = []  # (start, end, candidate) of every whole-word occurrence
-    for cand in {answer, *choices}:
-        w = words(cand)
-        if not w:
-            continue
-        spans += [(i, i + len(w), cand) for i in range(len(text) - len(w) + 1) if text[i:i + len(w)] == w]
-    named = {c for a, b, c in spans
-             if not any(a2 <= a and b <= b2 and b2 - a2 > b - a for a2, b2, _ in spans)}
-    return named == {answer}
+    options = [answer, *(c for c in choices if c != answer)]
+    return named_option(reply, options) == 0
 
 
 def mismatched_clip(i: int, n: int) -> int | None:
