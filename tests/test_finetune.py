@@ -113,6 +113,26 @@ def test_stage2_lora_loss_falls(assets, tmp_path, capsys):
     assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_stage2_bf16_autocasts_and_keeps_fp32_weights(assets, tmp_path):
+    """precision=bf16 (the default model's stage 2 on CPU): the forward runs in bf16 (its losses
+    differ from fp32's), training still works, and the trained weights stay fp32."""
+    kw = dict(steps=8, grad_accum=1, eval_every=100, save_every=100, **{"optim.lr": 5e-3})
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    _finetune(STAGE2, _overrides(assets, fp32, **kw))
+    # Its own process, as the pipeline runs each stage: accelerate fixes mixed precision once per process.
+    proc = subprocess.run([sys.executable, "-m", "videollm", "finetune", "--config", str(STAGE2),
+                           *_overrides(assets, bf16, precision="bf16", **kw)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = [r["loss"] for r in _metrics(fp32)], [r["loss"] for r in _metrics(bf16)]
+    assert a[0] != b[0] and b[0] == pytest.approx(a[0], rel=0.05), (a[0], b[0])
+    assert sum(b[-3:]) / 3 < sum(b[:3]) / 3 - 0.1, b
+    adapter = load_file(str(bf16 / "final" / "llm_adapter" / "adapter_model.safetensors"))
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    full = load_file(str(bf16 / "final" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in full.values() if t.is_floating_point())
+
+
 def test_word_anchor_is_installed_in_stage1_and_kept_in_stage2(assets, tmp_path):
     from training.ground import COLOR_WORDS, SHAPE_WORDS, WORDS, WordScorer, word_embeddings
     from videollm.modeling_videollm import load_videollm
