@@ -15,7 +15,8 @@ import pytest
 
 from encoder.errors import UserError
 from training.config import load_config
-from training.pipeline import PipelineConfig, eval_commands, mismatched_clip, open_correct, open_samples, stage_commands
+from training.pipeline import (PipelineConfig, eval_commands, mismatched_clip, open_correct, open_samples, shown_command,
+                               stage_commands)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -98,6 +99,18 @@ def test_open_scoring():
     samples = open_samples(1001, 6, 8, 32)
     assert len(samples) == 6 and {s["category"] for s in samples} <= {"color", "shape", "motion"}
     assert open_samples(1001, 6, 8, 32)[0]["answer"] == samples[0]["answer"]  # deterministic
+
+
+def test_shown_command_pastes_back_into_the_same_arguments(tmp_path):
+    """The log and the model card show each stage's command; pasted into a shell it must give the
+    stage the same arguments (an unquoted data.system_prompt="" would become null: another run)."""
+    import shlex
+
+    cmd = stage_commands(load_config(PipelineConfig, CONFIGS / "default_model.yaml"), tmp_path / "my out")["stage2"]
+    assert 'data.system_prompt=""' in cmd
+    shown = shown_command(cmd)
+    assert shown.startswith("python -m training.finetune ")
+    assert shlex.split(shown) == ["python", *cmd[1:]]
 
 
 def test_eval_commands_score_by_likelihood_only_when_asked(tmp_path):

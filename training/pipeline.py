@@ -47,6 +47,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -182,15 +183,22 @@ def _kv(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in _flatten(overrides).items()]
 
 
+def shown_command(cmd: list[str]) -> str:
+    """The command as the log and the model card show it: ``python -m …``, quoted for a POSIX shell,
+    so pasting it runs the same stage (``data.system_prompt=""`` must reach the CLI with its quotes:
+    unquoted, the empty value reads as null and the stage falls back to the default system turn)."""
+    return shlex.join(["python" if c == sys.executable else c for c in cmd])
+
+
 def _run(cmd: list[str], log) -> None:
     """Run a stage's CLI from the repo root; a failure stops the pipeline naming the command."""
-    shown = " ".join(["python" if c == sys.executable else c for c in cmd])  # the card shows `python -m …`
+    shown = shown_command(cmd)
     log.append(shown)
     logger.info("$ %s", shown)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
     if rc != 0:
-        raise UserError(f"stage command failed (exit {rc}): {' '.join(cmd)}; fix and rerun the pipeline "
+        raise UserError(f"stage command failed (exit {rc}): {shlex.join(cmd)}; fix and rerun the pipeline "
                         "(finished stages are skipped)")
 
 
