@@ -67,6 +67,15 @@ def _finetune(config: Path, overrides: list[str], capsys=None) -> dict:
     return json.loads(out.strip().splitlines()[-1]) if out else {}
 
 
+def _finetune_process(overrides: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """`videollm finetune` stage 2 in its own process: accelerate fixes mixed precision and the
+    distributed setup once per process, as the pipeline's separate stage processes have them."""
+    proc = subprocess.run([sys.executable, "-m", "videollm", "finetune", "--config", str(STAGE2), *overrides],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -119,11 +128,7 @@ def test_stage2_bf16_autocasts_and_keeps_fp32_weights(assets, tmp_path):
     kw = dict(steps=8, grad_accum=1, eval_every=100, save_every=100, **{"optim.lr": 5e-3})
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     _finetune(STAGE2, _overrides(assets, fp32, **kw))
-    # Its own process, as the pipeline runs each stage: accelerate fixes mixed precision once per process.
-    proc = subprocess.run([sys.executable, "-m", "videollm", "finetune", "--config", str(STAGE2),
-                           *_overrides(assets, bf16, precision="bf16", **kw)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _finetune_process(_overrides(assets, bf16, precision="bf16", **kw))
     a, b = [r["loss"] for r in _metrics(fp32)], [r["loss"] for r in _metrics(bf16)]
     assert a[0] != b[0] and b[0] == pytest.approx(a[0], rel=0.05), (a[0], b[0])
     assert sum(b[-3:]) / 3 < sum(b[:3]) / 3 - 0.1, b
@@ -208,16 +213,9 @@ def test_deepspeed_single_process(assets, tmp_path, zero):
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     kw = dict(steps=3, save_every=2, eval_every=3, deepspeed=CONFIGS / f"{zero}.json")
 
-    def run(*extra):
-        cmd = [sys.executable, "-m", "videollm", "finetune", "--config", str(STAGE2),
-               *_overrides(assets, out, **kw), *extra]
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
-
-    run("stop_after=2")  # writes checkpoint-2 through accelerate's DeepSpeed save_state
+    _finetune_process([*_overrides(assets, out, **kw), "stop_after=2"], env)  # checkpoint-2 via DeepSpeed save_state
     assert (out / "checkpoint-2" / "accelerate").is_dir()
-    run("resume=true")
+    _finetune_process([*_overrides(assets, out, **kw), "resume=true"], env)
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and "eval_loss" in rows[-1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
