@@ -877,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship:
         extra.append("ship=null" if args.ship.lower() == "none" else f"ship={args.ship}")
     cfg = load_config(PipelineConfig, args.config, extra)
-    command = " ".join(["python -m training.pipeline"] + (argv if argv is not None else sys.argv[1:]))
+    command = shlex.join(["python", "-m", "training.pipeline"] + (argv if argv is not None else sys.argv[1:]))
     summary = run(cfg, command)
     print(json.dumps(summary))
     return 0
