@@ -283,6 +283,67 @@ def test_epoch_batches_group_by_frame_count():
         epoch_batches(n, bs, 0, 5, 0, world, groups=groups[:-1])
 
 
+def test_epoch_batches_group_by_length():
+    """lengths: the same records per group and epoch as without (drop_last aside), batches that pad
+    little, still shuffled and deterministic in (seed, epoch)."""
+    import random
+
+    from training.finetune import LENGTH_WINDOW, epoch_batches
+
+    rng = random.Random(0)
+    n, bs = 3 * LENGTH_WINDOW * 4 + 10, 4
+    groups = [64 if i % 5 == 0 else None for i in range(n)]
+    lengths = [rng.randint(20, 400) for _ in range(n)]
+
+    def waste(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    for g in (groups, None):
+        plain = epoch_batches(n, bs, 1, 5, 0, 1, groups=g)
+        by_length = epoch_batches(n, bs, 1, 5, 0, 1, groups=g, lengths=lengths)
+        assert by_length == epoch_batches(n, bs, 1, 5, 0, 1, groups=g, lengths=list(lengths))
+        assert by_length != epoch_batches(n, bs, 2, 5, 0, 1, groups=g, lengths=lengths)
+        assert len(by_length) == len(plain) and all(len(b) == bs for b in by_length)
+        if g is not None:
+            assert all(len({groups[i] for i in b}) == 1 for b in by_length)
+        assert waste(by_length) < waste(plain) / 5
+        firsts = [max(lengths[i] for i in b) for b in by_length]
+        assert firsts != sorted(firsts, reverse=True)  # the batches are shuffled, not longest first
+    # each group's records: those of its first windows, as the epoch's permutation orders them
+    perm = _old_epoch_batches(n, n, 1, 5, 0, 1)[0]
+    seen = {i for b in epoch_batches(n, bs, 1, 5, 0, 1, groups=groups, lengths=lengths) for i in b}
+    for key in (64, None):
+        in_perm = [i for i in perm if groups[i] == key]
+        whole = len(in_perm) // bs * bs
+        assert {i for i in in_perm[:whole - whole % (LENGTH_WINDOW * bs)]} <= seen
+        assert len({i for i in in_perm} & seen) == whole
+    with pytest.raises(ValueError, match="lengths"):
+        epoch_batches(n, bs, 0, 5, 0, 1, lengths=lengths[:-1])
+
+
+def test_record_lengths_are_the_encoded_lengths(assets, tmp_path):
+    """group_by_length sorts by `record_lengths`, counted without decoding a video: it must equal
+    what `make_encode` builds, video records (of two frame counts) and text-only ones."""
+    from training.finetune import make_encode, make_processor, record_lengths
+    from training.instruct_data import load_records
+
+    records = load_records(assets["data"])[:6]
+    records[1].num_frames = 6
+    records[2].video = None
+    records[2].conversations = [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi! How can I help?"}]
+    for time_line in (False, True):
+        cfg = load_config(FinetuneConfig, STAGE1, _overrides(assets, tmp_path / "len", **{"data.time_line": time_line}))
+        model, tokenizer = build_model(cfg)
+        processor = make_processor(model, tokenizer, cfg)
+        encode = make_encode(processor, max_length=10_000)
+        counted, encoded = record_lengths(records, processor), [len(encode(r)["input_ids"]) for r in records]
+        if time_line:  # the stamps are stood in for: within a few tokens
+            assert all(abs(a - b) <= 8 for a, b in zip(counted, encoded)), (counted, encoded)
+        else:
+            assert counted == encoded
+            assert encoded[1] > encoded[0] > encoded[2]  # 6 frames, 4 frames, text only
+
+
 def test_make_encode_samples_the_records_frame_count(assets, tmp_path):
     from training.finetune import make_encode, make_processor
     from training.instruct_data import collate, load_records
@@ -343,3 +404,40 @@ def test_stage2_trains_on_text_only_records_in_a_data_mix(assets, tmp_path):
     _finetune(STAGE2, over)
     assert [r["step"] for r in _metrics(out)] == list(range(1, 7))
     assert (out / "final" / "llm_adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_linears_in_bf16_give_the_same_bf16_step(tied):
+    """Stage 2 in bf16 stores the frozen base layers in bf16 (autocast would re-cast them in every
+    forward): the loss and the LoRA gradients must be bit-identical to autocasting fp32 weights,
+    with the LoRA weights, the embedding and the output layer left in fp32."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.finetune import frozen_linears_to
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    fp32 = get_peft_model(llm, lora)
+    stored = copy.deepcopy(fp32)
+    n = frozen_linears_to(stored, torch.bfloat16)
+    assert n == 2 * 7  # 7 linear layers per block; the output layer stays fp32, tied or not
+    dtypes = {name: p.dtype for name, p in stored.named_parameters()}
+    assert all(d == torch.float32 for k, d in dtypes.items() if "lora_" in k or "embed_tokens" in k or "norm" in k)
+    assert dtypes[next(k for k in dtypes if "q_proj.base_layer" in k)] == torch.bfloat16
+    assert stored.base_model.model.lm_head.weight.dtype == torch.float32
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (fp32, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.equal(loss_a, loss_b)
+    assert grad_a.keys() == grad_b.keys() and all(torch.equal(grad_a[k], grad_b[k]) for k in grad_a)

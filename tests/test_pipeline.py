@@ -169,7 +169,7 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     assert isinstance(m["text_ok"], bool)
     # the held-out text checks, asked of the model and of its base LLM (the adapter off)
     assert m["text_n"] == 12 and 0.0 <= m["text_accuracy"] <= 1.0 and 0.0 <= m["text_base_accuracy"] <= 1.0
-    text = json.loads((out / "eval" / "open_text.json").read_text())["text_samples"]
+    text = json.loads((ship / "eval_open_text.json").read_text())["text_samples"]
     assert len(text) == 12 and all(t["reply"] and t["base_reply"] for t in text)
     assert "paris" in text[0]["base_reply"].lower()
     assert 0.0 <= m["open_blind_accuracy"] <= 1.0
@@ -191,6 +191,8 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "pretrain: " in again.stderr and "exists, skipping" in again.stderr
+    # re-shipped from the finished stages: the card lists the same (shell-quoted) stage commands
+    assert (ship / "MODEL_CARD.md").read_text() == card
 
     # the shipped folder loads and answers
     from videollm.chat import generate_stream

@@ -33,7 +33,8 @@ training stages also resume from their own checkpoints):
                 (``--scoring likelihood``; reported, no target: what the model knows apart from
                 the letter).
 6. ``ship``     ``stage2/final`` (encoder + projector + LoRA adapter; the LLM stays the `smollm2`
-                package reference) + ``MODEL_CARD.md`` + ``curves.png`` + ``metrics.json`` →
+                package reference) + ``MODEL_CARD.md`` + ``curves.png`` + ``metrics.json`` +
+                ``eval_open_text.json`` (each open-ended and text-only question, reply, verdict) →
                 ``--ship`` (default ``videollm/weights/default``), replaced atomically.
 
 Recipes and evals run as subprocesses of their real CLIs: each stage is exactly what a user
@@ -403,7 +404,7 @@ def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) 
     for name in commands:  # [replay,] pretrain, [ground,] stage1, stage2
         if outputs[name].exists():
             logger.info("%s: %s exists, skipping", name, outputs[name])
-            log.append(" ".join(["python" if c == sys.executable else c for c in commands[name]]))
+            log.append(shown_command(commands[name]))
             continue
         t0 = time.perf_counter()
         try:
@@ -542,8 +543,7 @@ def stage_eval(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) ->
     ev = out / "eval"
     if (ev / "metrics.json").is_file():
         logger.info("eval: %s exists, skipping", ev / "metrics.json")
-        log.extend(" ".join(["python" if a == sys.executable else a for a in c])
-                   for c in eval_commands(cfg, out / "stage2" / "final", ev).values())
+        log.extend(shown_command(c) for c in eval_commands(cfg, out / "stage2" / "final", ev).values())
         return json.loads((ev / "metrics.json").read_text())
     ev.mkdir(parents=True, exist_ok=True)
     model_dir = out / "stage2" / "final"
@@ -790,6 +790,9 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
         plot_curves(out, tmp / "curves.png")
         if (out / "eval" / "niah" / "niah.png").is_file():
             shutil.copy2(out / "eval" / "niah" / "niah.png", tmp / "niah.png")
+        # Every open-ended and text-only reply the metrics count: a user can read what the model
+        # said, and the tests check the shipped weights still say it.
+        shutil.copy2(out / "eval" / "open_text.json", tmp / "eval_open_text.json")
         _write_json(tmp / "metrics.json", {**metrics, "timings_s": timings, "seed": cfg.seed})
         (tmp / "pipeline_config.yaml").write_text(_yaml(to_dict(cfg)))
         (tmp / "MODEL_CARD.md").write_text(model_card(cfg, command, log, metrics, timings, n_records))
