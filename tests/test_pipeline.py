@@ -180,6 +180,7 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     assert "python -m training.pipeline" in card and "| metric |" in card and "curves.png" in card
     assert "answered with the option's text" in card and "text replay (stage 2 only)" in card
     assert (ship / "curves.png").stat().st_size > 1000
+    assert not (ship / "llm_adapter" / "README.md").exists()  # peft's empty template card
     assert sum(p.stat().st_size for p in ship.rglob("*") if p.is_file()) < 30 * 2 ** 20
     # what goes into the repo names no path of the machine that built it
     texts = {p: p.read_text(encoding="utf-8") for p in ship.rglob("*") if p.suffix in (".md", ".json", ".yaml")}

@@ -786,6 +786,8 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
                 continue
             (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
         dropped = strip_frozen_embeddings(tmp / "llm_adapter")
+        # peft's generated card is an empty template; MODEL_CARD.md is this model's card
+        (tmp / "llm_adapter" / "README.md").unlink(missing_ok=True)
         logger.info("ship: dropped frozen %s from the adapter", ", ".join(dropped) or "nothing")
         plot_curves(out, tmp / "curves.png")
         if (out / "eval" / "niah" / "niah.png").is_file():

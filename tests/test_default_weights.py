@@ -1,0 +1,54 @@
+"""The shipped default model (videollm/weights/default): what `load_videollm()`, `videollm chat` and
+the demo use when no model is given. It must load as trained weights and answer as its recorded
+evaluation says it does."""
+import json
+
+import pytest
+
+from videollm.modeling_videollm import DEFAULT_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from videollm.modeling_videollm import load_videollm
+
+    model, processor = load_videollm()
+    return model, processor, json.loads((DEFAULT_WEIGHTS / "metrics.json").read_text())
+
+
+def test_the_default_model_is_shipped():
+    """The repo carries its default model: a checkout must answer out of the box, with no network."""
+    assert (DEFAULT_WEIGHTS / "model.safetensors").is_file()
+    assert (DEFAULT_WEIGHTS / "llm_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_shipped_metrics_meet_the_targets(shipped):
+    from training.pipeline import MAX_SHIP_BYTES, dir_bytes, missed_targets
+
+    *_, metrics = shipped
+    assert missed_targets(metrics) == []
+    assert dir_bytes(DEFAULT_WEIGHTS) <= MAX_SHIP_BYTES
+    card = (DEFAULT_WEIGHTS / "MODEL_CARD.md").read_text()
+    assert "python -m training.pipeline" in card and (DEFAULT_WEIGHTS / "curves.png").is_file()
+
+
+def test_shipped_model_gives_its_recorded_answers(shipped):
+    """The default loads as trained weights (not the random fallback) and replies to the first
+    held-out open-ended questions and the text question exactly as the shipped evaluation recorded."""
+    from training.pipeline import open_samples
+    from videollm.chat import generate_stream
+
+    model, processor, _ = shipped
+    assert not model.vision_untrained and model.has_lora
+    recorded = json.loads((DEFAULT_WEIGHTS / "eval_open_text.json").read_text())["open_samples"][:12]
+    samples = open_samples(1001, len(recorded), 16, 64)
+
+    def ask(video, question, n):
+        return "".join(generate_stream(model, processor, video, [{"role": "user", "content": question}],
+                                       max_new_tokens=n, temperature=0.0)).strip()
+
+    replies = [ask(s["frames"], s["question"], 12) for s in samples]
+    assert [s["question"] for s in samples] == [r["question"] for r in recorded]
+    assert replies == [r["reply"] for r in recorded]
+    assert sum(r["correct"] for r in recorded) >= 8
+    assert "Paris" in ask(None, "What is the capital of France?", 32)
