@@ -38,16 +38,20 @@ def test_shipped_model_gives_its_recorded_answers(shipped):
     from training.pipeline import open_samples
     from videollm.chat import generate_stream
 
+    import yaml
+
     model, processor, _ = shipped
     assert not model.vision_untrained and model.has_lora
     recorded = json.loads((DEFAULT_WEIGHTS / "eval_open_text.json").read_text())["open_samples"][:12]
-    samples = open_samples(1001, len(recorded), 16, 64)
+    # the shipped eval's own settings: its held-out seed, frame count, frame size and reply length
+    run = yaml.safe_load((DEFAULT_WEIGHTS / "pipeline_config.yaml").read_text())
+    samples = open_samples(run["eval"]["qa_seed"], len(recorded), run["eval"]["frames"], run["data"]["size"])
 
     def ask(video, question, n):
         return "".join(generate_stream(model, processor, video, [{"role": "user", "content": question}],
                                        max_new_tokens=n, temperature=0.0)).strip()
 
-    replies = [ask(s["frames"], s["question"], 12) for s in samples]
+    replies = [ask(s["frames"], s["question"], run["eval"]["max_new_tokens"]) for s in samples]
     assert [s["question"] for s in samples] == [r["question"] for r in recorded]
     assert replies == [r["reply"] for r in recorded]
     assert sum(r["correct"] for r in recorded) >= 8
