@@ -89,6 +89,70 @@ def run_niah(answer_fn: AnswerFn | ScoreFn, frame_counts: list[int], depths: lis
             "mean_accuracy": float(np.mean(grid)) if grid else 0.0, "cells": cells, "samples": samples}
 
 
+def needle_readout(model, processor, frame_counts: list[int], depths: list[float], needles: int, *,
+                   size: int, seed: int = 0, log=print) -> dict:
+    """Whether the needle frame's own video tokens still name the needle (no LLM involved): for a
+    VideoLLM whose projector has a word anchor (`VideoLLMProjector.anchor`), the word of each
+    anchor group (colours, shapes, ...) that scores highest on any of the needle frame's tokens,
+    against the needle's colour and shape. The same needles and haystacks as `run_niah`. When
+    `run_niah` misses a needle these tokens still name, the LLM is what fails (e.g. too far
+    back in the context), not the encoder. Returns readout.json's content."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.synth import insert_needle
+
+    proj = model.projector
+    groups = getattr(proj.config, "word_anchor", None)
+    if not groups or not hasattr(proj, "anchor_keys"):
+        raise UserError("--readout needs a VideoLLM whose projector has a word anchor (word_anchor in its "
+                        "config, as the default model's); this model has none")
+    seen: dict[str, torch.Tensor] = {}
+    anchor = proj.anchor
+
+    def recording(x):
+        seen["x"] = x
+        return anchor(x)
+
+    cells, samples = [], []
+    proj.anchor = recording
+    try:
+        for F_ in frame_counts:
+            haystack = build_haystack(F_, size)
+            for d in depths:
+                hits = {"color": 0, "shape": 0}
+                for i in range(needles):
+                    needle, _ = needle_sample(seed + i, size)
+                    video, (start, end) = insert_needle(haystack, needle.frames, d)
+                    pixels = processor.load_video(video).pixel_values  # every frame: (1, 3, F, S, S)
+                    with torch.no_grad():
+                        model.get_video_features(pixels.to(model.dtype))
+                    x = seen["x"][0]  # (K, D) before the anchor, frame-major
+                    per_frame = x.shape[0] // F_
+                    scores = proj.config.anchor_temperature * F.normalize(x[start * per_frame:end * per_frame], dim=-1) \
+                        @ proj.anchor_keys.to(x.dtype).T  # (tokens of the needle frames, words)
+                    read, at = {}, 0
+                    for group in groups:
+                        best = scores[:, at:at + len(group)].max(dim=0).values
+                        read[tuple(group)] = group[int(best.argmax())]
+                        at += len(group)
+                    obj = needle.spec.objects[0]
+                    named = set(read.values())
+                    got = {"color": obj.color in named, "shape": obj.shape in named}
+                    for k in hits:
+                        hits[k] += got[k]
+                    samples.append({"frames": F_, "depth": d, "needle_seed": seed + i, "needle_index": [start, end],
+                                    "needle": f"{obj.color} {obj.shape}", "read": sorted(named),
+                                    "color_named": got["color"], "shape_named": got["shape"]})
+                cells.append({"frames": F_, "depth": d, "n": needles, **{f"{k}_named": v for k, v in hits.items()}})
+                log(f"F={F_} depth={d:g}: needle tokens name its colour {hits['color']}/{needles}, "
+                    f"shape {hits['shape']}/{needles}")
+    finally:
+        del proj.anchor  # back to the class's method
+    return {"frames": frame_counts, "depths": depths, "needles": needles, "size": size, "seed": seed,
+            "cells": cells, "samples": samples}
+
+
 def heatmap(result: dict, path: str | Path, title: str = "V-NIAH") -> None:
     import matplotlib
 
@@ -136,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scoring", choices=SCORINGS, default="generate",
                    help="generate: the letter of the greedy reply (default); likelihood: the option "
                         "whose text is most likely as the reply to the bare question (see eval qa)")
+    p.add_argument("--readout", action="store_true",
+                   help="ask no question: write readout.json, whether the needle frame's own video tokens "
+                        "name the needle's colour and shape (word-anchored models; see needle_readout)")
     args = p.parse_args(argv)
     try:
         frame_counts = sorted({int(v) for v in args.frames.split(",") if v.strip()})
@@ -148,12 +215,20 @@ def main(argv: list[str] | None = None) -> int:
 
     answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens)
     size = args.size or answerer.size
+    out = Path(args.out)
+    if args.readout:
+        result = needle_readout(answerer.model, answerer.processor, frame_counts, depths, args.needles, size=size,
+                                seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+        result["model"] = str(args.model)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "readout.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps({"cells": result["cells"]}))
+        return 0
     fn = answerer if args.scoring == "generate" else answerer.option_scores
     result = run_niah(fn, frame_counts, depths, args.needles, size=size, seed=args.seed,
                       needle_frames=args.needle_frames, log=lambda m: print(m, file=sys.stderr),
                       scoring=args.scoring)
     result["model"] = str(args.model)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "niah.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     heatmap(result, out / "niah.png", title=f"V-NIAH {Path(args.model).name}")

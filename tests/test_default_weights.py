@@ -56,3 +56,18 @@ def test_shipped_model_gives_its_recorded_answers(shipped):
     assert replies == [r["reply"] for r in recorded]
     assert sum(r["correct"] for r in recorded) >= 8
     assert "Paris" in ask(None, "What is the capital of France?", 32)
+
+
+def test_needle_readout_reads_the_needle_frame(shipped):
+    """`eval.niah.needle_readout` reads the needle's own tokens: at the first and the last frame of
+    a 64-frame haystack they name the needle's colour and shape (the shipped model's V-NIAH is
+    100% there), and the sample records where the needle went."""
+    from eval.niah import needle_readout
+
+    model, processor, _ = shipped
+    out = needle_readout(model, processor, [64], [0.0, 1.0], 2, size=processor.image_size, seed=5000, log=lambda m: None)
+    assert [(c["color_named"], c["shape_named"]) for c in out["cells"]] == [(2, 2), (2, 2)]
+    assert [s["needle_index"] for s in out["samples"]] == [[0, 1], [0, 1], [63, 64], [63, 64]]
+    for s in out["samples"]:
+        assert set(s["needle"].split()) <= set(s["read"])
+    assert "anchor" not in vars(model.projector)  # the recording hook is gone
