@@ -92,13 +92,12 @@ def run_niah(answer_fn: AnswerFn | ScoreFn, frame_counts: list[int], depths: lis
 def needle_readout(model, processor, frame_counts: list[int], depths: list[float], needles: int, *,
                    size: int, seed: int = 0, log=print) -> dict:
     """Whether the needle frame's own video tokens still name the needle (no LLM involved): for a
-    VideoLLM whose projector has a word anchor (`VideoLLMProjector.anchor`), the word of each
+    VideoLLM whose projector has a word anchor (`VideoProjector.anchor_scores`), the word of each
     anchor group (colours, shapes, ...) that scores highest on any of the needle frame's tokens,
     against the needle's colour and shape. The same needles and haystacks as `run_niah`. When
     `run_niah` misses a needle these tokens still name, the LLM is what fails (e.g. too far
     back in the context), not the encoder. Returns readout.json's content."""
     import torch
-    import torch.nn.functional as F
 
     from training.synth import insert_needle
 
@@ -108,14 +107,14 @@ def needle_readout(model, processor, frame_counts: list[int], depths: list[float
         raise UserError("--readout needs a VideoLLM whose projector has a word anchor (word_anchor in its "
                         "config, as the default model's); this model has none")
     seen: dict[str, torch.Tensor] = {}
-    anchor = proj.anchor
+    anchor_scores = proj.anchor_scores
 
-    def recording(x):
-        seen["x"] = x
-        return anchor(x)
+    def recording(x):  # the scores the anchor computes, kept
+        seen["scores"] = anchor_scores(x)
+        return seen["scores"]
 
     cells, samples = [], []
-    proj.anchor = recording
+    proj.anchor_scores = recording
     try:
         for F_ in frame_counts:
             haystack = build_haystack(F_, size)
@@ -127,17 +126,13 @@ def needle_readout(model, processor, frame_counts: list[int], depths: list[float
                     pixels = processor.load_video(video).pixel_values  # every frame: (1, 3, F, S, S)
                     with torch.no_grad():
                         model.get_video_features(pixels.to(model.dtype))
-                    x = seen["x"][0]  # (K, D) before the anchor, frame-major
-                    per_frame = x.shape[0] // F_
-                    scores = proj.config.anchor_temperature * F.normalize(x[start * per_frame:end * per_frame], dim=-1) \
-                        @ proj.anchor_keys.to(x.dtype).T  # (tokens of the needle frames, words)
-                    read, at = {}, 0
-                    for group in groups:
-                        best = scores[:, at:at + len(group)].max(dim=0).values
-                        read[tuple(group)] = group[int(best.argmax())]
+                    per_frame = seen["scores"].shape[1] // F_  # tokens are frame-major
+                    scores = seen["scores"][0, start * per_frame:end * per_frame]  # (needle frames' tokens, words)
+                    named, at = set(), 0
+                    for group in groups:  # each group's top word on any of those tokens
+                        named.add(group[int(scores[:, at:at + len(group)].max(dim=0).values.argmax())])
                         at += len(group)
                     obj = needle.spec.objects[0]
-                    named = set(read.values())
                     got = {"color": obj.color in named, "shape": obj.shape in named}
                     for k in hits:
                         hits[k] += got[k]
@@ -148,7 +143,7 @@ def needle_readout(model, processor, frame_counts: list[int], depths: list[float
                 log(f"F={F_} depth={d:g}: needle tokens name its colour {hits['color']}/{needles}, "
                     f"shape {hits['shape']}/{needles}")
     finally:
-        del proj.anchor  # back to the class's method
+        del proj.anchor_scores  # back to the class's method
     return {"frames": frame_counts, "depths": depths, "needles": needles, "size": size, "seed": seed,
             "cells": cells, "samples": samples}
 

@@ -70,4 +70,4 @@ def test_needle_readout_reads_the_needle_frame(shipped):
     assert [s["needle_index"] for s in out["samples"]] == [[0, 1], [0, 1], [63, 64], [63, 64]]
     for s in out["samples"]:
         assert set(s["needle"].split()) <= set(s["read"])
-    assert "anchor" not in vars(model.projector)  # the recording hook is gone
+    assert "anchor_scores" not in vars(model.projector)  # the recording hook is gone

@@ -106,7 +106,7 @@ class VideoProjector(nn.Module):
         "red" + "circle" + "left"), which the LLM reads like those words, or near zero where it
         matches none; the gated copy of x (gate 0 at the start) lets training pass on what the
         words do not name."""
-        scores = self.config.anchor_temperature * F.normalize(x, dim=-1) @ self.anchor_keys.to(x.dtype).T  # (B, K, n)
+        scores = self.anchor_scores(x)  # (B, K, n)
         out = self.anchor_gate.to(x.dtype) * x
         start = 0
         for group in self.config.word_anchor:
@@ -116,6 +116,11 @@ class VideoProjector(nn.Module):
             out = out + p @ self.anchor_values[start:start + len(group)].to(x.dtype)
             start += len(group)
         return out
+
+    def anchor_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """τ·cos(token, anchor key) of each token (…, D_llm) and anchor word, in ``config.word_anchor``'s
+        order (…, n): what `anchor` mixes the words by (and `eval.niah.needle_readout` reads)."""
+        return self.config.anchor_temperature * F.normalize(x, dim=-1) @ self.anchor_keys.to(x.dtype).T
 
     def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], reduce: str = "merge") -> torch.Tensor:
         """hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w) → (B, K, D) (D·s² wide with
