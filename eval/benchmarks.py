@@ -22,7 +22,7 @@ MLVU               ``json/<n>_<task>.json`` (MLVU dev: video, question, candidat
 LongVideoBench     ``lvb_val.json`` (id, video_id, video_path, question, candidates,
                    correct_choice, duration_group, question_category, level); videos
                    ``videos/<video_path>``.
-synthqa            generated on the fly by `training.synth` (``--seed``, ``--n``); frames in memory.
+synthqa            generated on the fly by `videollm.data.synth` (``--seed``, ``--n``); frames in memory.
 =================  ===========================================================================
 """
 
@@ -307,7 +307,7 @@ def load_longvideobench(data: str | Path, video_root: str | Path | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic QA (training/synth.py)
+# Synthetic QA (videollm/data/synth.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -318,7 +318,7 @@ def load_synthqa(seed: int = 0, n: int = 50, num_frames: int = 16, size: int = 6
     held-out set is ``--seed 1``); tasks cycle motion / order / count and one MC question per
     clip is drawn. Categories: the question's category (color, motion, order, …) and the task.
     """
-    from training.synth import TASKS, make_clip
+    from videollm.data.synth import TASKS, make_clip
 
     if n < 1:
         raise UserError(f"--n must be >= 1; got {n}")

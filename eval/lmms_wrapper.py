@@ -92,7 +92,7 @@ if _LMMBase is not None:
                 return uniform_frames(first, self.num_frames)
             images = [np.asarray(v.convert("RGB")) for v in visuals]  # PIL images as frames
             h, w = images[0].shape[:2]
-            from training.synth import resize_frames
+            from videollm.data.synth import resize_frames
 
             return np.concatenate([resize_frames(im[None], h, w) for im in images]).astype(np.uint8)
 

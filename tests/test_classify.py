@@ -16,7 +16,7 @@ TINY = ["model.overrides.embed_dim=32", "model.overrides.depth_mamba=2", "model.
 
 @pytest.fixture(scope="module")
 def tiny_lists(tmp_path_factory):
-    from training.synth import write_synth_dataset
+    from videollm.data.synth import write_synth_dataset
 
     root = tmp_path_factory.mktemp("synthlist")
     write_synth_dataset(root / "train", 12, seed=0, num_frames=8, size=32, task="motion")
@@ -88,7 +88,7 @@ def test_scene_options_and_time_pool(tmp_path, capsys):
 
     from encoder.videomap import VideoMAPConfig, VideoMAPModel
     from training.classify import SceneSynthSource, VideoClassifier
-    from training.synth import PLAIN_BACKGROUNDS, make_clip
+    from videollm.data.synth import PLAIN_BACKGROUNDS, make_clip
 
     src = SceneSynthSource(4, 32, "motion", base_seed=10, size_hint=4, background="plain", distractors=0)
     for i in range(2):

@@ -48,7 +48,7 @@ def make_tiny_llm(out: Path, hidden: int = 32) -> Path:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from training.synth import write_synth_dataset
+    from videollm.data.synth import write_synth_dataset
 
     root = tmp_path_factory.mktemp("finetune")
     write_synth_dataset(root / "synth", 64, seed=0, num_frames=8, size=32)
@@ -325,7 +325,7 @@ def test_record_lengths_are_the_encoded_lengths(assets, tmp_path):
     """group_by_length sorts by `record_lengths`, counted without decoding a video: it must equal
     what `make_encode` builds, video records (of two frame counts) and text-only ones."""
     from training.finetune import make_encode, make_processor, record_lengths
-    from training.instruct_data import load_records
+    from videollm.data.instruct import load_records
 
     records = load_records(assets["data"])[:6]
     records[1].num_frames = 6
@@ -346,7 +346,7 @@ def test_record_lengths_are_the_encoded_lengths(assets, tmp_path):
 
 def test_make_encode_samples_the_records_frame_count(assets, tmp_path):
     from training.finetune import make_encode, make_processor
-    from training.instruct_data import collate, load_records
+    from videollm.data.instruct import collate, load_records
 
     cfg = load_config(FinetuneConfig, STAGE1, _overrides(assets, tmp_path / "enc"))
     assert cfg.data.num_frames == 4
@@ -374,7 +374,7 @@ def test_stage2_trains_on_text_only_records_in_a_data_mix(assets, tmp_path):
     values, gradients into the LoRA only, and a stage-2 run through them (the default model's
     text replay relies on all of it)."""
     from training.finetune import batch_group, epoch_batches, make_encode, make_processor
-    from training.instruct_data import collate, load_records, split_eval
+    from videollm.data.instruct import collate, load_records, split_eval
 
     texts = [("Name a fruit.", "An apple is a fruit."), ("Say hello.", "Hello there, friend."),
              ("What is ice?", "Ice is frozen water.")]

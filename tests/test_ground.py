@@ -12,7 +12,7 @@ from encoder.errors import UserError
 from training.ground import (COLOR_WORDS, GROUPS, SHAPE_WORDS, WORDS, ClipSource, GroundConfig, GroundData,
                              WordScorer, _stem_frames, batch_seeds, clip_words, dense_loss, eval_seeds, group_loss, stem_groups,
                              token_targets, train)
-from training.synth import SynthObject, SynthSpec, make_clip, make_needle, render, visible_coverage
+from videollm.data.synth import SynthObject, SynthSpec, make_clip, make_needle, render, visible_coverage
 
 
 def test_clip_words_name_colour_shape_and_motion():

@@ -9,7 +9,7 @@ import torch
 
 from encoder.errors import UserError
 from encoder.video_io import read_video, write_video
-from training.instruct_data import (InstructDataset, collate, import_videochat2, load_mix, load_records,
+from videollm.data.instruct import (InstructDataset, collate, import_videochat2, load_mix, load_records,
                                     sample_records, split_eval, videochat2_to_llava)
 from videollm.cli import main as cli
 
@@ -169,7 +169,7 @@ def test_dataset_skips_and_counts_bad_videos(tmp_path, video_dir):
 
 
 def test_num_frames_per_record(tmp_path, video_dir):
-    from training.instruct_data import parse_record
+    from videollm.data.instruct import parse_record
 
     obj = {"id": "long", "video": "ok.mp4", "num_frames": 64, "conversations": _conv()}
     record, problems = parse_record(obj, video_dir, 1, "d.json")
@@ -219,7 +219,7 @@ def test_bad_video_falls_through_within_its_frame_count(tmp_path, video_dir):
 
 
 def test_text_only_records_have_no_video_and_no_tag(tmp_path, video_dir, capsys):
-    from training.instruct_data import parse_record
+    from videollm.data.instruct import parse_record
 
     text = {"id": "t1", "conversations": _conv("What is a noun?", "A word that names a thing.")}
     record, problems = parse_record(text, video_dir, 1, "d.json")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from eval import niah
-from training.synth import resize_frames
+from videollm.data.synth import resize_frames
 
 SIZE = 32
 

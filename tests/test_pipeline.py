@@ -50,7 +50,7 @@ def test_configs_load_and_build_commands(name, tmp_path):
 
 
 def test_stage2_mix_repeats_the_needles_and_the_text_replay(tmp_path):
-    from training.instruct_data import load_records
+    from videollm.data.instruct import load_records
     from training.pipeline import stage2_system_prompt, write_stage2_mix
 
     cfg = load_config(PipelineConfig, CONFIGS / "default_model.yaml")
@@ -231,7 +231,7 @@ def test_short_records_ask_each_question_once():
     import numpy as np
 
     from training.pipeline import DataSpec, short_conversations
-    from training.synth import make_clip
+    from videollm.data.synth import make_clip
 
     clip = make_clip(3, 16, 64, "count")
     spec = DataSpec(records="short", qa_turns=2, caption_fraction=1.0)
@@ -255,7 +255,7 @@ def test_short_records_answer_multiple_choice_as_configured(mc_reply):
 
     from eval.answer import extract_letter
     from training.pipeline import DataSpec, short_conversations
-    from training.synth import make_clip
+    from videollm.data.synth import make_clip
 
     clip = make_clip(3, 16, 64, "count")
     by_prompt = {}

@@ -55,7 +55,7 @@ def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
 
 
 def test_corrupt_videos_skipped_and_reported(tmp_path, caplog, capsys):
-    from training.synth import write_synth_dataset
+    from videollm.data.synth import write_synth_dataset
 
     data = tmp_path / "data"
     write_synth_dataset(data, 6, seed=0, num_frames=4, size=32, task="motion")

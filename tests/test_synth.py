@@ -11,8 +11,8 @@ import torch
 
 from encoder.errors import UserError
 from encoder.video_io import read_video
-from training import synth
-from training.synth import (
+from videollm.data import synth
+from videollm.data.synth import (
     COLORS,
     DIRECTIONS,
     NUM_CLASSES,
@@ -30,8 +30,8 @@ from training.synth import (
     sample_spec,
     write_synth_dataset,
 )
-from training.instruct_data import check_file
-from training.synth_cli import main as synth_main
+from videollm.data.instruct import check_file
+from videollm.data.synth_cli import main as synth_main
 
 
 def color_mask(frame: np.ndarray, color: str, tol: int = 12) -> np.ndarray:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from encoder.errors import UserError
-from training.text_replay import TEXT_CHECKS, _trim, base_answers, main, replay_prompts
+from videollm.data.text_replay import TEXT_CHECKS, _trim, base_answers, main, replay_prompts
 
 
 def test_prompts_are_distinct_deterministic_and_never_a_held_out_check():
@@ -51,7 +51,7 @@ def test_base_answers_are_the_llms_own_greedy_replies_batched_or_not(smollm2):
 
 
 def test_cli_writes_text_only_records(smollm2, tmp_path, tmp_path_factory, capsys):
-    from training.instruct_data import load_records
+    from videollm.data.instruct import load_records
 
     out = tmp_path / "replay.json"
     assert main(["--n", "3", "--seed", "3", "--max-new-tokens", "32", "--out", str(out),

@@ -252,7 +252,7 @@ def test_display_rotation_is_applied(tmp_path, backend):
 def test_write_video_is_deterministic(tmp_path):
     # Synthetic datasets are written through write_video; a rerun must get the same clips. With
     # libx264's SIMD paths on, this clip came out 2-6 different ways in 8 writes.
-    from training.synth import make_clip
+    from videollm.data.synth import make_clip
 
     frames = make_clip(20066, 16, 64, "count").frames
     written = {write_video(tmp_path / f"{i}.mp4", frames, fps=8).read_bytes() for i in range(8)}

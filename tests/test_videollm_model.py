@@ -402,7 +402,7 @@ def test_for_llm_carries_every_encoder_and_projector_setting():
 
 
 def test_a_batch_mixing_text_only_and_video_examples_gives_each_its_own_logits():
-    from training.instruct_data import collate
+    from videollm.data.instruct import collate
 
     model, proc = tiny_videollm()
     video = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A dog."}]

@@ -22,7 +22,7 @@ Results land in ``--out``: ``ablation.json``, ``ablation.md``, and one folder pe
 metrics, classification results). Finished runs are reused, so an interrupted bench continues.
 
 Task setting (flags, recorded in ``ablation.json`` as ``overrides`` and in the effective ``budget``):
-``--background`` (mixed | plain | a `training.synth.BACKGROUNDS` name), ``--distractors`` (0..3 |
+``--background`` (mixed | plain | a `videollm.data.synth.BACKGROUNDS` name), ``--distractors`` (0..3 |
 random), ``--pool`` (classifier pooling: mean | cls | time), ``--batch``, ``--epochs`` (fine-tuning),
 ``--size``, ``--frames``, ``--patch``. The scene options apply to the pretraining pool too. The
 ``default`` budget is plain backgrounds, no distractors, ``time`` pooling (per-frame mean tokens
@@ -103,7 +103,7 @@ def resolve_budget(budget: str, overrides: dict | None = None) -> dict:
         raise UserError(f"pool must be mean, cls or time; got {b['feature_pool']!r}")
     if b["background"] == "mixed":
         b["background"] = None
-    from training.synth import BACKGROUNDS
+    from videollm.data.synth import BACKGROUNDS
 
     if b["background"] not in (None, "plain", *BACKGROUNDS):
         raise UserError(f"background must be mixed, plain or one of {', '.join(BACKGROUNDS)}; got {b['background']!r}")
@@ -271,7 +271,7 @@ def run_seed(out: Path, seed: int, budget: str, task: str, threads: int, overrid
 
 def run(out: Path, seeds: int, budget: str, task: str, threads: int, jobs: int = 1,
         overrides: dict | None = None) -> dict:
-    from training.synth import NUM_CLASSES
+    from videollm.data.synth import NUM_CLASSES
 
     b = resolve_budget(budget, overrides)
     if (b.get("background") is not None or b.get("distractors") is not None) and task != "motion":
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--patch", type=int, help="patch side in px")
     g.add_argument("--epochs", type=int, help="fine-tuning epochs")
     g.add_argument("--batch", type=int, help="fine-tuning / probing batch size (smaller = more updates per epoch)")
-    g.add_argument("--background", help="mixed (the generator's random mix), plain, or a training.synth.BACKGROUNDS name")
+    g.add_argument("--background", help="mixed (the generator's random mix), plain, or a videollm.data.synth.BACKGROUNDS name")
     g.add_argument("--distractors", help="static extra objects per motion clip: 0..3, or random (0–2 at random)")
     g.add_argument("--pool", choices=("mean", "cls", "time"), help="classifier pooling (time: per-frame means, concatenated)")
     args = parser.parse_args(argv)

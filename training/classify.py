@@ -4,7 +4,7 @@
     videollm classify --config … mode=linear data.label_fraction=0.1 init=null      # from scratch
     videollm classify --config … data.source=list data.train_list=k400/train.csv data.val_list=k400/val.csv
 
-Data: Kinetics-style list files (``path,label``; see `training.data_video`) or the synthetic
+Data: Kinetics-style list files (``path,label``; see `videollm.data.video_sources`) or the synthetic
 generator (``data.source=synth``: clips of seeds ``train_seed + i`` for training and
 ``val_seed + i`` for testing; the time-dependent tasks are ``motion`` and ``order``).
 ``data.label_fraction`` keeps only that fraction of the training labels (a fixed, seeded subset).
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from encoder.errors import UserError, VideoReadError, run_cli
 from training.config import config_from_argv, save_config
-from training.data_video import SkipTracker, SynthSource, VideoListSource, load_batch, step_rng
+from videollm.data.video_sources import SkipTracker, SynthSource, VideoListSource, load_batch, step_rng
 from training.pretrain import ModelConfig, build_encoder, seed_everything, warmup_cosine
 
 logger = logging.getLogger("training.classify")
@@ -58,7 +58,7 @@ class ClassifyDataConfig:
     max_skipped: int = 10
     # Synthetic scene options (motion task), for both training and test clips. background: null =
     # the generator's random mix (plain, noisy, checkered, striped); "plain" = a plain background
-    # (gray or black, alternating by seed); or one `training.synth.BACKGROUNDS` name.
+    # (gray or black, alternating by seed); or one `videollm.data.synth.BACKGROUNDS` name.
     # distractors: null = 0–2 static extra objects at random; n = exactly n.
     background: str | None = None
     distractors: int | None = None
@@ -91,7 +91,7 @@ class ClassifyConfig:
         if self.pool not in ("mean", "cls", "time"):
             raise UserError(f"pool must be 'mean', 'cls' or 'time'; got {self.pool!r}")
         if self.data.background is not None:
-            from training.synth import BACKGROUNDS
+            from videollm.data.synth import BACKGROUNDS
 
             if self.data.background != "plain" and self.data.background not in BACKGROUNDS:
                 raise UserError(f"data.background must be null, 'plain' or one of {', '.join(BACKGROUNDS)}; "
@@ -170,7 +170,7 @@ def build_sources(cfg: ClassifyConfig):
         num_classes = cfg.num_classes or max(labels) + 1
         n_train = len(train)
     else:
-        from training.synth import NUM_CLASSES
+        from videollm.data.synth import NUM_CLASSES
 
         src = SynthSource if d.background is None and d.distractors is None else SceneSynthSource
         kw = {} if src is SynthSource else {"background": d.background, "distractors": d.distractors}
@@ -186,7 +186,7 @@ def build_sources(cfg: ClassifyConfig):
 
 class SceneSynthSource(SynthSource):
     """`SynthSource` with fixed scene options: ``background`` (None, "plain" or a `BACKGROUNDS`
-    name) and ``distractors`` (None or 0..3), passed to `training.synth.make_clip`."""
+    name) and ``distractors`` (None or 0..3), passed to `videollm.data.synth.make_clip`."""
 
     def __init__(self, num_frames: int, size: int, task: str = "motion", base_seed: int = 0, size_hint: int = 0,
                  background: str | None = None, distractors: int | None = None):
@@ -194,7 +194,7 @@ class SceneSynthSource(SynthSource):
         self.background, self.distractors = background, distractors
 
     def spec_kw(self, seed: int) -> dict:
-        from training.synth import PLAIN_BACKGROUNDS
+        from videollm.data.synth import PLAIN_BACKGROUNDS
 
         kw = {}
         if self.background is not None:
@@ -206,7 +206,7 @@ class SceneSynthSource(SynthSource):
 
     def load(self, i: int, rng=None) -> tuple[torch.Tensor, int]:
         from encoder.transforms import frames_to_tensor
-        from training.synth import make_clip
+        from videollm.data.synth import make_clip
 
         seed = self.base_seed + int(i)
         clip = make_clip(seed, self.num_frames, self.size, self.task, **self.spec_kw(seed))

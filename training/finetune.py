@@ -384,7 +384,7 @@ def resolve_data(cfg: FinetuneConfig, is_main: bool, wait) -> tuple[Path, str | 
         return Path(cfg.data.source), cfg.data.video_root
     out = Path(cfg.output_dir) / "synth"
     if is_main and not (out / "instruct.json").is_file():
-        from training.synth import write_synth_dataset
+        from videollm.data.synth import write_synth_dataset
 
         logger.warning("writing %d synthetic clips to %s", cfg.data.synth_samples, out)
         write_synth_dataset(out, cfg.data.synth_samples, seed=cfg.seed, num_frames=cfg.data.synth_num_frames,
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: FinetuneConfig) -> int:
     from training.checkpoint import (MetricsLog, atomic_dir, latest_checkpoint, load_checkpoint,
                                      save_checkpoint)
-    from training.instruct_data import InstructDataset, collate, load_records, split_eval
+    from videollm.data.instruct import InstructDataset, collate, load_records, split_eval
 
     from accelerate import PartialState
 

@@ -15,7 +15,7 @@ tokens keep their own norm and off-word directions); finetune's ``word_anchor`` 
 into the mix of the words it scores (`videollm.modeling_videollm.VideoProjector.anchor`).
 
 Objective (``objective: dense``, the default). The generator knows where every object is in
-every frame (`training.synth.visible_coverage`), so each video token gets its own target:
+every frame (`videollm.data.synth.visible_coverage`), so each video token gets its own target:
 
     z_k  = projector(encoder(clip))_k                 video tokens, k = 1…K      (K, D_llm)
     e_w  = mean input embedding of " w"'s sub-tokens, minus the mean over WORDS   (W, D_llm)
@@ -36,7 +36,7 @@ Groups are colours, shapes and motions. Word embeddings are centred first: the r
 of one kind are close to one another (every colour is near "colour"), and what has to be told
 apart is the difference. ē is the mean norm of the LLM's embedding rows, so video tokens sit at
 the scale of words.
-Clips: the three synthetic tasks (`training.synth`, ``clip_frames`` frames) and, for
+Clips: the three synthetic tasks (`videollm.data.synth`, ``clip_frames`` frames) and, for
 ``needle_fraction`` of each batch, a V-NIAH-style haystack (``haystack_frames`` frames of the
 bundled real clips, which name no word) with a one-frame `make_needle` shape at a random depth, so
 a brief shape in long real video is singled out as well. Clips are rendered on the fly from seeds
@@ -70,7 +70,7 @@ import yaml
 
 from encoder.errors import UserError, run_cli
 from training.config import config_from_argv, to_dict
-from training.synth import COLORS, DIRECTIONS, SHAPES
+from videollm.data.synth import COLORS, DIRECTIONS, SHAPES
 
 logger = logging.getLogger("training.ground")
 
@@ -162,7 +162,7 @@ def word_embeddings(llm_embeddings: torch.Tensor, tokenizer) -> torch.Tensor:
 
 
 def clip_words(spec) -> set[str]:
-    """The words that name something in a `training.synth.SynthSpec`: every object's colours
+    """The words that name something in a `videollm.data.synth.SynthSpec`: every object's colours
     (including those it turns into), shape and motion."""
     words = set()
     for obj in spec.objects:
@@ -220,7 +220,7 @@ def token_targets(spec, at: int, num_frames: int, cells: tuple[int, int], min_co
     Any other cell is background. Returns ``(targets, about)``: float (K, W), 1 at the words
     (`object_words`) of the token's object, and int8 (K,): 1 about an object, 0 background (target
     "no word"), -1 no target."""
-    from training.synth import trajectory, visible_coverage
+    from videollm.data.synth import trajectory, visible_coverage
 
     kh, kw = cells
     S = spec.size
@@ -286,31 +286,31 @@ class ClipSource:
 
     def __init__(self, data: GroundData):
         from encoder.video_io import SAMPLE_CLIPS, read_video
-        from training.synth import square_frames
+        from videollm.data.synth import square_frames
 
         self.data = data
         self.real = [square_frames(read_video(name, 64).frames, data.size) for name in SAMPLE_CLIPS]
 
     def short(self, seed: int):
-        from training.synth import make_clip
+        from videollm.data.synth import make_clip
 
         clip = make_clip(seed, self.data.clip_frames, self.data.size, self._task(seed))
         return clip.frames, clip_words(clip.spec), clip, 0
 
     def short_spec(self, seed: int):
         """The spec of ``short(seed)``'s clip, not rendered."""
-        from training.synth import sample_spec
+        from videollm.data.synth import sample_spec
 
         return sample_spec(np.random.default_rng(int(seed)), self.data.clip_frames, self.data.size, self._task(seed))
 
     @staticmethod
     def _task(seed: int) -> str:
-        from training.synth import TASKS
+        from videollm.data.synth import TASKS
 
         return TASKS[int(np.random.default_rng([seed, 1]).integers(len(TASKS)))]
 
     def needle(self, seed: int):
-        from training.synth import insert_needle, make_needle
+        from videollm.data.synth import insert_needle, make_needle
 
         rng = np.random.default_rng([seed, 2])
         parts, total = [], 0
@@ -374,7 +374,7 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
     needle (its shape and colour), read off the best token of the clip; and per token about the
     moving object (`token_targets`), its motion words (``motion_token``) and, for the four plain
     directions, its direction (``direction_token``)."""
-    from training.synth import make_clip
+    from videollm.data.synth import make_clip
 
     model.eval()
     hits: dict[str, list[bool]] = {"color": [], "shape": [], "direction": [], "needle_shape": [], "needle_color": [],
@@ -426,7 +426,7 @@ def binding(model, scorer: WordScorer, seeds: list[int], frames: int, size: int,
     needs? On ``count`` clips of 1–4 objects, per object: the token that scores its shape highest,
     read for its colour in that frame (``bind_color``) and its motion (``bind_motion``); the token
     that scores its colour highest, read for its shape (``bind_shape``)."""
-    from training.synth import make_clip
+    from videollm.data.synth import make_clip
 
     hits: dict[str, list[bool]] = {"bind_color": [], "bind_shape": [], "bind_motion": []}
     per_frame = cells[0] * cells[1]
@@ -456,7 +456,7 @@ def _stem_frames(source: ClipSource, seeds: list[int], cells: tuple[int, int], m
     seed in 8) a frame of a bundled real clip, which is all background. With ``gap`` > 0 (an
     encoder with a motion stem) each sample is the frame ``gap`` before it and the frame, and the
     targets are the second's. Returns pixels (B, 3, 1 or 2, S, S), targets (B, k, W), about (B, k)."""
-    from training.synth import render
+    from videollm.data.synth import render
 
     frames, targets, about = [], [], []
     k = cells[0] * cells[1]

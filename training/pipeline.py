@@ -7,13 +7,13 @@ Stages (each writes one output and is skipped when that output exists, so a reru
 training stages also resume from their own checkpoints):
 
 1. ``data``     synthetic clips of the three tasks (motion / order / count; captions, open and
-                multiple-choice QA via `training.synth.write_synth_dataset`) + long "needle" clips
+                multiple-choice QA via `videollm.data.synth.write_synth_dataset`) + long "needle" clips
                 (a haystack of real and synthetic frames with a `make_needle` shape inserted for a
                 few frames, with the needle's open and MC questions) → ``data/instruct.json``; a
                 pretraining list of every synthetic clip plus the 4 bundled real clips →
                 ``data/pretrain_list.csv``.
    ``replay``   (when ``data.text_replay``) text-only prompts answered by smollm2 itself
-                (`training.text_replay`) → ``data/text_replay.json``; stage 2 reads it with the
+                (`videollm.data.text_replay`) → ``data/text_replay.json``; stage 2 reads it with the
                 instruction set through ``data/stage2_mix.yaml``.
 2. ``pretrain`` the VideoMAP recipe (`training.pretrain`) on that list → ``pretrain/encoder``.
    ``ground``   (optional) the encoder and projector learn to point video tokens at the LLM's
@@ -61,7 +61,7 @@ import numpy as np
 
 from encoder.errors import UserError, run_cli
 from training.config import load_config, to_dict
-from training.text_replay import TEXT_CHECKS
+from videollm.data.text_replay import TEXT_CHECKS
 
 TEXT_QUESTION = TEXT_CHECKS[0][0]  # the acceptance check: "What is the capital of France?"
 
@@ -105,7 +105,7 @@ class DataSpec:
     # ("… cross (") SmolLM2-135M-Instruct names that option's letter 17 times out of 40 (chance
     # 10), so a letter reply has to learn the lookup on top of what the video shows.
     mc_reply: str = "letter"
-    # Text replay (`training.text_replay`): this many text-only prompts answered by the base LLM
+    # Text replay (`videollm.data.text_replay`): this many text-only prompts answered by the base LLM
     # itself, mixed into stage 2 (`text_replay_repeat` copies each) so its short video answers do
     # not become the reply to every question; 0: none.
     text_replay: int = 0
@@ -210,7 +210,7 @@ def _run(cmd: list[str], log) -> None:
 
 def short_conversations(caption: str, qa: list[dict], rng: np.random.Generator, spec: DataSpec) -> dict[str, list[dict]]:
     """The "short" record layout (see `DataSpec.records`): name → LLaVA turns."""
-    from training.synth import CAPTION_PROMPT, format_mc
+    from videollm.data.synth import CAPTION_PROMPT, format_mc
 
     by_question: dict[str, list[dict]] = {}
     for q in qa:
@@ -242,7 +242,7 @@ def write_needle_clips(out: Path, spec: DataSpec, seed: int) -> list[dict]:
     depth; returns their LLaVA-video records (the needle's open and MC questions; its caption
     would describe only the needle, so it is left out)."""
     from encoder.video_io import SAMPLE_CLIPS, read_video, write_video
-    from training.synth import TASKS, conversations, insert_needle, make_clip, make_needle, square_frames
+    from videollm.data.synth import TASKS, conversations, insert_needle, make_clip, make_needle, square_frames
 
     real = [square_frames(read_video(name, 64).frames, spec.size) for name in SAMPLE_CLIPS]  # each (64, S, S, 3)
     (out / "needle" / "videos").mkdir(parents=True, exist_ok=True)
@@ -280,7 +280,7 @@ def write_needle_clips(out: Path, spec: DataSpec, seed: int) -> list[dict]:
 def stage_data(cfg: PipelineConfig, out: Path) -> Path:
     """Instruction set + pretraining list in ``out/data``; ``instruct.json`` is written last."""
     from encoder.video_io import SAMPLE_CLIPS, sample_clip_path
-    from training.synth import TASKS, write_synth_dataset
+    from videollm.data.synth import TASKS, write_synth_dataset
 
     data = out / "data"
     if (data / "instruct.json").is_file():
@@ -350,7 +350,7 @@ def stage_commands(cfg: PipelineConfig, out: Path) -> dict[str, list[str]]:
           "data.source": str(data / ("stage2_mix.yaml" if uses_mix(cfg) else "instruct.json")),
           "seed": cfg.seed, "output_dir": str(out / "stage2"), "resume": True}
     if cfg.data.text_replay:  # first: it is data, and the base LLM's replies do not depend on training
-        replay = ["training.text_replay", "--llm", "smollm2", "--n", str(cfg.data.text_replay),
+        replay = ["videollm.data.text_replay", "--llm", "smollm2", "--n", str(cfg.data.text_replay),
                   "--seed", str(cfg.seed), "--max-new-tokens", str(cfg.data.text_replay_tokens),
                   "--out", str(data / "text_replay.json")]
         system = stage2_system_prompt(cfg)
@@ -426,7 +426,7 @@ def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) 
 
 def open_samples(seed: int, n: int, num_frames: int, size: int) -> list[dict]:
     """n open-ended colour / shape / motion questions on held-out clips (tasks cycle like synthqa)."""
-    from training.synth import TASKS, make_clip
+    from videollm.data.synth import TASKS, make_clip
 
     clip_seeds = np.random.SeedSequence([seed, 1]).generate_state(n)
     rng = np.random.default_rng([seed, 1])
@@ -457,7 +457,7 @@ def mismatched_clip(i: int, n: int) -> int | None:
     """Index of another of the n open-ended samples with the same task as sample i (tasks cycle
     with period len(TASKS): the next clip of that task, or the previous one at the end), or None
     when there is none."""
-    from training.synth import TASKS
+    from videollm.data.synth import TASKS
 
     if n <= len(TASKS):
         return None
@@ -467,7 +467,7 @@ def mismatched_clip(i: int, n: int) -> int | None:
 def eval_open_and_text(model_dir: Path, spec: EvalSpec, size: int) -> dict:
     """Open-ended accuracy (overall and per category) and the text-only checks, in one model load:
     `TEXT_CHECKS` asked with no video, by the model and by its base LLM (the LoRA adapter off)."""
-    from training.synth import OPEN_ANSWERS
+    from videollm.data.synth import OPEN_ANSWERS
     from videollm.chat import generate_stream
     from videollm.modeling_videollm import load_videollm
 

@@ -36,7 +36,7 @@ import torch
 
 from encoder.errors import UserError, run_cli
 from training.config import config_from_argv, save_config
-from training.data_video import SkipTracker, SynthSource, VideoListSource, load_batch, step_rng, step_seed
+from videollm.data.video_sources import SkipTracker, SynthSource, VideoListSource, load_batch, step_rng, step_seed
 
 logger = logging.getLogger("training.pretrain")
 

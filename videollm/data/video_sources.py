@@ -6,7 +6,7 @@ Two sources with one interface, ``source.load(i, rng) -> (clip (3, T, S, S) floa
   separates, as in Kinetics/SSv2 lists; a ``path,label`` header line is ignored). Relative paths
   resolve against ``root`` if given, else against the list file's folder. Frames are decoded with
   `encoder.video_io.read_video` (random segment sampling when training, uniform when testing).
-- `SynthSource`: the synthetic generator (`training.synth.make_clip`) rendered on the fly — a
+- `SynthSource`: the synthetic generator (`videollm.data.synth.make_clip`) rendered on the fly — a
   clip is a pure function of its seed, so nothing is stored.
 
 Sampling is a pure function of (seed, step, micro-batch): `step_rng` makes the generators, so a
@@ -122,7 +122,7 @@ class SynthSource:
     """Synthetic clips on the fly: item i is ``make_clip(base_seed + i)`` (index = seed offset)."""
 
     def __init__(self, num_frames: int, size: int, task: str = "motion", base_seed: int = 0, size_hint: int = 0):
-        from training.synth import check_clip_args
+        from videollm.data.synth import check_clip_args
 
         check_clip_args(num_frames, size, task)
         self.num_frames, self.size, self.task, self.base_seed = num_frames, size, task, base_seed
@@ -135,7 +135,7 @@ class SynthSource:
         return f"synthetic clip seed {self.base_seed + i}"
 
     def load(self, i: int, rng=None) -> tuple[torch.Tensor, int]:
-        from training.synth import make_clip
+        from videollm.data.synth import make_clip
 
         clip = make_clip(self.base_seed + int(i), self.num_frames, self.size, self.task)
         return frames_to_tensor(clip.frames, self.size), clip.label

@@ -13,7 +13,7 @@ Rules (`validate_record` enforces them, ``videollm data check`` reports them):
   ``{"role", "content"}`` keys are accepted as well as ``{"from", "value"}``;
 - exactly one ``<video>`` tag in the whole conversation, in the first human turn; a record with
   no ``video`` is a text-only conversation and has no tag (text turns mixed into tuning keep the
-  LLM's own replies, see `training.text_replay`);
+  LLM's own replies, see `videollm.data.text_replay`);
 - every assistant answer is a non-empty string (the loss is computed on these only);
 - ``start``/``end`` are optional seconds (``0 <= start < end``);
 - ``num_frames`` is an optional positive integer: frames to sample from this video (e.g. 64 for a
@@ -440,7 +440,7 @@ def videochat2_to_llava(items: list, id_prefix: str = "videochat2") -> list[dict
 
 def import_videochat2(in_path: str | Path, out_path: str | Path) -> int:
     """Convert a VideoChat2 JSON file to a LLaVA-video JSON (or JSONL) file; returns the count."""
-    from training.checkpoint import atomic_write_text
+    from encoder.files import atomic_write_text
 
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():

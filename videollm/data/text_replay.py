@@ -13,7 +13,7 @@ smollm2 answers all 12 right under the default model's empty system turn, 9 unde
 template's default one), so a tuned model that still answers them has kept its
 language rather than learnt the checks.
 
-    python -m training.text_replay --llm smollm2 --n 200 --seed 0 --out data/text_replay.json
+    python -m videollm.data.text_replay --llm smollm2 --n 200 --seed 0 --out data/text_replay.json
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def write_text_replay(path: str | Path, llm: str, n: int, seed: int, *,
     Returns the number written."""
     import torch
 
-    from training.checkpoint import atomic_write_text
+    from encoder.files import atomic_write_text
     from videollm.llm import default_cache_dir, load_llm
 
     prompts = replay_prompts(n, seed)
@@ -179,7 +179,7 @@ def write_text_replay(path: str | Path, llm: str, n: int, seed: int, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.text_replay", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m videollm.data.text_replay", description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", default="smollm2", help="the base LLM whose replies are replayed (as stage 2's llm)")
     p.add_argument("--n", type=int, default=200, help="prompts to answer")
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """``videollm data synth``: write a synthetic video dataset (mp4 + index.csv + QA) to a folder.
 
-Prints one JSON line: ``{"n", "out", "task", "num_classes", "files"}``. See `training.synth`.
+Prints one JSON line: ``{"n", "out", "task", "num_classes", "files"}``. See `videollm.data.synth`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from encoder.errors import UserError, run_cli
-from training.synth import TASKS, check_clip_args, clear_synth_dataset, write_synth_dataset
+from videollm.data.synth import TASKS, check_clip_args, clear_synth_dataset, write_synth_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from encoder.errors import UserError, run_cli
-from training.instruct_data import MIX_SUFFIXES, check_file, import_videochat2, read_mix, summarize
+from videollm.data.instruct import MIX_SUFFIXES, check_file, import_videochat2, read_mix, summarize
 
 
 def _parser() -> argparse.ArgumentParser:
