@@ -17,7 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from encoder.errors import UserError, run_cli
+from encoder.transforms import frames_to_tensor
+from encoder.video_io import read_video, resolve_video
+from encoder.videomap import VideoMAPConfig, VideoMAPModel
+from encoder.vit import ViTVideoConfig, ViTVideoModel
 
 ENCODERS = ("videomap", "vit", "vit-frame")
 
@@ -37,9 +43,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _build(encoder: str, preset: str, frames: int, size: int, checkpoint: str | None):
     """The encoder model (eval mode) and its patch size."""
-    from encoder.videomap import VideoMAPConfig, VideoMAPModel
-    from encoder.vit import ViTVideoConfig, ViTVideoModel
-
     if encoder == "videomap":
         model_cls, config_cls, extra = VideoMAPModel, VideoMAPConfig, {}
     else:
@@ -80,11 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--frames must be >= 1; got {args.frames}")
     if args.size < 1:
         raise UserError(f"--size must be >= 1; got {args.size}")
-
-    import torch
-
-    from encoder.transforms import frames_to_tensor
-    from encoder.video_io import read_video, resolve_video
 
     t0 = time.perf_counter()
     clip = read_video(resolve_video(args.video), args.frames)  # a bad path fails before any model is built
