@@ -28,12 +28,16 @@ class VideoEncoderOutput(ModelOutput):
     grid: (T, h, w), the token grid of the input before masking (h = H/P, w = W/P).
     hidden_states: with ``output_hidden_states=True``, the input of every block plus the output of
         the last one (before the final norm), each (B, 1 + T·N_visible, D).
+    stem_states: the stem's features, patch embedding + positions (the first block's input),
+        (B, 1 + T·N_visible, D); always returned (it costs no compute), for readers of the stem such
+        as the projector's ``stem_skip``.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     grid: tuple[int, int, int] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    stem_states: torch.FloatTensor | None = None
 
 
 class RMSNorm(nn.Module):

@@ -167,6 +167,7 @@ class ViTVideoModel(ViTVideoPreTrainedModel):
         else:
             h = torch.cat([cls[:, None].expand(B, T, 1, D), x], dim=2)  # (B, T, 1 + N_vis, D)
             h = h.reshape(B * T, 1 + Nv, D)  # (B·T, 1 + N_vis, D): each frame is its own sequence
+        stem = self._to_video_layout(h, B, T)  # (B, 1 + T·N_vis, D)
         hidden_states = []
         for block in self.blocks:
             if output_hidden_states:
@@ -176,7 +177,7 @@ class ViTVideoModel(ViTVideoPreTrainedModel):
             hidden_states.append(self._to_video_layout(h, B, T))
         h = self._to_video_layout(self.norm(h), B, T)  # (B, 1 + T·N_vis, D)
         pooled = h[:, 0] if self.config.pool == "cls" else h[:, 1:].mean(dim=1)  # (B, D)
-        return VideoEncoderOutput(last_hidden_state=h, pooler_output=pooled, grid=grid,
+        return VideoEncoderOutput(last_hidden_state=h, pooler_output=pooled, grid=grid, stem_states=stem,
                                   hidden_states=tuple(hidden_states) if output_hidden_states else None)
 
     def _to_video_layout(self, h: torch.Tensor, B: int, T: int) -> torch.Tensor:
