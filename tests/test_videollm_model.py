@@ -40,9 +40,10 @@ def tiny_encoder_config(**overrides):
                                       img_size=32, num_frames=2, **overrides)
 
 
-def tiny_videollm(**kwargs):
-    kwargs.setdefault("spatial_pool", 1)
-    return build_videollm((tiny_llm(), tiny_tokenizer()), tiny_encoder_config(), num_frames=2, **kwargs)
+def tiny_videollm(**projector):
+    """A tiny VideoLLM; keyword arguments are projector settings (spatial_pool 1 unless given)."""
+    return build_videollm((tiny_llm(), tiny_tokenizer()), tiny_encoder_config(), num_frames=2,
+                          projector={"spatial_pool": 1, **projector})
 
 
 def video_frames(T=2, H=40, W=48, seed=0):
@@ -52,15 +53,17 @@ def video_frames(T=2, H=40, W=48, seed=0):
 
 
 def test_num_video_tokens_matches_projector():
-    cfg = VideoLLMConfig(vision_config=tiny_encoder_config(), text_config=tiny_llm().config, spatial_pool=2)
+    cfg = VideoLLMConfig(vision_config=tiny_encoder_config(), text_config=tiny_llm().config,
+                         projector_config={"spatial_pool": 2})
     assert cfg.num_video_tokens(2, 32, 32) == 2  # 2×2 grid pooled 2×2 → 1 per frame
-    cfg = VideoLLMConfig(vision_config=VideoMAPConfig(), spatial_pool=2, max_video_tokens=100, use_cls_token=True)
+    cfg = VideoLLMConfig(vision_config=VideoMAPConfig(),
+                         projector_config={"spatial_pool": 2, "max_video_tokens": 100, "use_cls_token": True})
     assert cfg.num_video_tokens(8, 224, 224) == 2 * 49 + 1  # 7×7 per frame, budget keeps 2 frames
     model, _ = tiny_videollm(spatial_pool=1, max_video_tokens=5, use_cls_token=True)
     x = torch.randn(1, 3, 6, 32, 32)
     assert model.get_video_features(x).shape == (1, model.num_video_tokens(6, 32, 32), 32)  # 1 + 1·4
     with pytest.raises(ValueError, match="tokens_per_frame"):
-        VideoLLMConfig(tokens_per_frame=3)
+        VideoLLMConfig(projector_config={"tokens_per_frame": 3})
 
 
 def test_forward_loss_and_mismatch():
@@ -147,7 +150,7 @@ def test_save_load_roundtrip_with_lora(tmp_path):
     base = tmp_path / "base"
     tiny_llm().save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
-    model, proc = build_videollm(str(base), tiny_encoder_config(), num_frames=2, spatial_pool=1)
+    model, proc = build_videollm(str(base), tiny_encoder_config(), num_frames=2, projector={"spatial_pool": 1})
     model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     assert model.has_lora
     inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames())
@@ -163,12 +166,55 @@ def test_save_load_roundtrip_with_lora(tmp_path):
     ref = _logits(model, inputs)
     assert torch.allclose(ref, _logits(loaded, inputs), atol=1e-5)
 
+    # init_from continues the saved model: same outputs, the adapter trainable
+    continued, _ = build_videollm(init_from=tmp_path / "lora", num_frames=2)
+    assert continued.has_lora and any(p.requires_grad for n, p in continued.named_parameters() if "lora_" in n)
+    assert torch.allclose(ref, _logits(continued, inputs), atol=1e-5)
+
     from videollm.merge import main as merge_main
 
     assert merge_main(["--model", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]) == 0
     merged, _ = load_videollm(tmp_path / "merged")
     assert not merged.has_lora and not (tmp_path / "merged" / "llm_adapter").exists()
     assert torch.allclose(ref, _logits(merged, inputs), atol=1e-5)
+
+
+def test_a_frozen_base_llm_is_saved_by_reference(tmp_path):
+    """Stage 1 trains the projector only: its checkpoint holds encoder + projector and the base
+    LLM's name, not the LLM (whose <video> row add_video_token makes the same again)."""
+    from safetensors import safe_open
+
+    base = tmp_path / "base"
+    tiny_llm().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    model, proc = build_videollm(str(base), tiny_encoder_config(), num_frames=2, projector={"spatial_pool": 1})
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    with torch.no_grad():
+        model.projector.linear_2.bias.normal_()
+    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames())
+    save_videollm(model, proc, tmp_path / "s1")
+    with safe_open(str(tmp_path / "s1" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("language_model.")]
+    loaded, _ = load_videollm(tmp_path / "s1")
+    assert loaded.language_model_is_base and torch.equal(_logits(model, inputs), _logits(loaded, inputs))
+    model.language_model.requires_grad_(True)  # a recipe training the LLM's own weights: saved whole
+    save_videollm(model, proc, tmp_path / "whole")
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("s1", "whole")}
+    llm_bytes = sum(p.numel() * 4 for p in tiny_llm().parameters())
+    assert size["whole"] - size["s1"] >= llm_bytes * 0.9
+
+
+def test_default_is_an_alias_and_an_unknown_directory_is_one_clear_error(tmp_path):
+    from encoder.errors import UserError
+    from videollm.modeling_videollm import DEFAULT_WEIGHTS, resolve_model_dir
+
+    assert resolve_model_dir(None) == resolve_model_dir("default") == DEFAULT_WEIGHTS
+    with pytest.raises(UserError, match="not a saved VideoLLM") as err:
+        load_videollm(tmp_path / "nope")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="not a saved VideoLLM"):
+        build_videollm(init_from=tmp_path / "nope")
 
 
 def test_saved_model_names_no_path_it_was_built_from(tmp_path):
@@ -184,7 +230,8 @@ def test_saved_model_names_no_path_it_was_built_from(tmp_path):
     VideoMAPModel(tiny_encoder_config()).save_pretrained(build / "encoder")
     tiny_llm().save_pretrained(build / "llm-cache")
     tiny_tokenizer().save_pretrained(build / "llm-cache")
-    model, proc = build_videollm(str(build / "llm-cache"), str(build / "encoder"), num_frames=2, spatial_pool=1)
+    model, proc = build_videollm(str(build / "llm-cache"), str(build / "encoder"), num_frames=2,
+                                 projector={"spatial_pool": 1})
     model.config.base_llm = "tiny-llm"  # as smollm2 is loaded from a cache directory but named "smollm2"
     model.add_lora(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     save_videollm(model, proc, tmp_path / "m")
@@ -233,172 +280,28 @@ def test_system_prompt_replaces_the_template_default():
     assert empty.to_dict()["system_prompt"] == ""
 
 
-def _anchored():
-    from videollm.modeling_videollm import word_embedding_rows
-
-    model, proc = tiny_videollm(word_anchor=[["red", "blue"], ["circle", "square", "star"]])
-    rows = word_embedding_rows(model.get_input_embeddings().weight, proc.tokenizer,
-                               ["red", "blue", "circle", "square", "star"])
-    return model, proc, rows
-
-
-def test_word_anchor_turns_tokens_into_the_words_they_match():
-    import torch.nn.functional as F
-
-    model, _, rows = _anchored()
-    proj = model.projector
-    keys = F.normalize(rows - rows.mean(0), dim=-1)
-    assert torch.allclose(proj.anchor_keys, keys) and torch.equal(proj.anchor_values, rows)
-    # A token pointing along "blue"'s key, at a high temperature, becomes "blue"'s own embedding in
-    # the colour group; the gate starts closed, so nothing else of the token passes.
-    proj.config.anchor_temperature = 200.0
-    x = keys[1].expand(1, 1, -1).clone()
-    out = proj.anchor(x)[0, 0]
-    shape_part = out - rows[1]
-    scores = 200.0 * keys[2:] @ F.normalize(x[0, 0], dim=-1)
-    p = torch.softmax(torch.cat([scores, torch.zeros(1)]), 0)[:-1]
-    assert torch.allclose(shape_part, p @ rows[2:], atol=1e-4)
-    # A token orthogonal to every key is the mean of each group's words with "none" (1/(n+1) each).
-    orth = torch.linalg.svd(keys, full_matrices=True).Vh[-1]
-    out = proj.anchor(orth.expand(1, 1, -1))[0, 0]
-    assert torch.allclose(out, rows[:2].sum(0) / 3 + rows[2:].sum(0) / 4, atol=1e-4)
-    with torch.no_grad():
-        proj.anchor_gate.fill_(0.5)
-    assert torch.allclose(proj.anchor(orth.expand(1, 1, -1))[0, 0], out + 0.5 * orth, atol=1e-4)
-
-
-def test_anchor_none_logit_silences_weak_matches_and_keeps_strong_ones(tmp_path):
-    import math
-
-    import torch.nn.functional as F
-
-    model, proc, rows = _anchored()
-    proj = model.projector
-    keys = F.normalize(rows - rows.mean(0), dim=-1)
-    orth = torch.linalg.svd(keys, full_matrices=True).Vh[-1].expand(1, 1, -1)
-    strong = keys[1].expand(1, 1, -1).clone()  # along "blue"'s key: τ·cos(·, blue) = 15
-    before = proj.anchor(strong)
-    assert proj.config.anchor_none_logit == 0.0
-    proj.config.anchor_none_logit = 4.0
-    # A token that matches no word (every score 0) keeps 1 / (n + e^4) of each word, not 1 / (n + 1) …
-    e4 = math.exp(4.0)
-    assert torch.allclose(proj.anchor(orth)[0, 0], rows[:2].sum(0) / (2 + e4) + rows[2:].sum(0) / (3 + e4), atol=1e-4)
-    # … while one that matches "blue" well stays "blue" in its group (softmax with "none" at 4).
-    parts = []
-    for group in (slice(0, 2), slice(2, 5)):
-        scores = 15.0 * keys[group] @ keys[1]
-        parts.append(torch.softmax(torch.cat([scores, torch.tensor([4.0])]), 0)[:-1])
-    assert parts[0][1] > 0.99
-    after = proj.anchor(strong)
-    assert torch.allclose(after[0, 0], parts[0] @ rows[:2] + parts[1] @ rows[2:], atol=1e-4)
-    assert not torch.allclose(after, before)
-    # The value is part of the checkpoint's config.
-    save_videollm(model, proc, tmp_path / "m")
-    loaded, _ = load_videollm(tmp_path / "m")
-    assert loaded.config.anchor_none_logit == 4.0
-    assert torch.allclose(loaded.projector.anchor(strong), after)
-    for bad in (float("nan"), float("inf"), True, "4"):
-        with pytest.raises(ValueError, match="anchor_none_logit"):
-            VideoLLMConfig(vision_config=tiny_encoder_config(), word_anchor=[["red"]], anchor_none_logit=bad)
-
-
-def test_word_anchor_saves_and_loads_with_the_projector(tmp_path):
-    model, proc, _ = _anchored()
-    with torch.no_grad():
-        model.projector.anchor_gate.fill_(0.25)
-    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames())
-    save_videollm(model, proc, tmp_path / "m")
-    loaded, _ = load_videollm(tmp_path / "m")
-    assert loaded.config.word_anchor == [["red", "blue"], ["circle", "square", "star"]]
-    assert float(loaded.projector.anchor_gate) == 0.25
-    assert torch.equal(loaded.projector.anchor_values, model.projector.anchor_values)
-    assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
-
-
-@pytest.mark.parametrize("bad", [[], [[]], [["red", ""]], "red", [["red"], "blue"]])
-def test_word_anchor_config_errors(bad):
-    with pytest.raises(ValueError, match="word_anchor"):
-        VideoLLMConfig(vision_config=tiny_encoder_config(), word_anchor=bad)
-    with pytest.raises(ValueError, match="anchor_temperature"):
-        VideoLLMConfig(vision_config=tiny_encoder_config(), word_anchor=[["red"]], anchor_temperature=0)
-
-
-def test_concat_merge_keeps_which_patch_showed_what_and_round_trips(tmp_path):
-    model, proc = tiny_videollm(spatial_pool=2, spatial_merge="concat")
-    assert model.projector.linear_1.in_features == 4 * 32  # a 2×2 window's patches side by side
-    h = torch.randn(1, 1 + 2 * 3 * 3, 32)  # 2 frames of a 3×3 patch grid: a ragged edge, padded
-    assert model.projector(h, (2, 3, 3)).shape == (1, model.config.num_video_tokens(2, 48, 48), 32) == (1, 8, 32)
-    # swap two patches inside the first window: an average cannot tell, the concatenation can
-    grid = h[:, 1:].reshape(1, 2, 3, 3, 32)
-    swapped = grid.clone()
-    swapped[:, 0, 0, 0], swapped[:, 0, 1, 1] = grid[:, 0, 1, 1], grid[:, 0, 0, 0]
-    h2 = torch.cat([h[:, :1], swapped.reshape(1, -1, 32)], 1)
-    with torch.no_grad():
-        out, out2 = model.projector(h, (2, 3, 3)), model.projector(h2, (2, 3, 3))
-        assert not torch.allclose(out[:, 0], out2[:, 0]) and torch.equal(out[:, 1:], out2[:, 1:])
-        avg, _ = tiny_videollm(spatial_pool=2)
-        assert torch.allclose(avg.projector(h, (2, 3, 3)), avg.projector(h2, (2, 3, 3)), atol=1e-6)
-    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames(H=32, W=32))
-    save_videollm(model, proc, tmp_path / "m")
-    loaded, _ = load_videollm(tmp_path / "m")
-    assert loaded.config.spatial_merge == "concat"
-    assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
-
-
-def test_stem_skip_reads_the_first_block_input_max_pooled_and_round_trips(tmp_path):
-    model, proc = tiny_videollm(spatial_pool=2, stem_skip=True)
-    plain, _ = tiny_videollm(spatial_pool=2)
-    assert model.projector.stem_proj.in_features == 32 and not hasattr(plain.projector, "stem_proj")
-    h, stem = torch.randn(1, 1 + 2 * 4 * 4, 32), torch.randn(1, 1 + 2 * 4 * 4, 32)
-    with torch.no_grad():
-        out = model.projector(h, (2, 4, 4), stem)
-        assert out.shape == (1, 8, 32)  # 2 frames × a 4×4 grid pooled 2×2
-        # the skip is read: a change to one stem patch moves its token only, and not through an
-        # average: lowering a patch that is not its window's maximum changes nothing
-        grid = stem[:, 1:].reshape(1, 2, 4, 4, 32)
-        up, down = grid.clone(), grid.clone()
-        up[0, 0, 0, 0] += 10.0
-        window = grid[0, 0, :2, :2]  # (2, 2, 32): frame 0's first window
-        below = window.reshape(4, 32) < window.reshape(4, 32).amax(0)  # (4, 32): not the channel's max
-        down[0, 0, :2, :2] -= 5.0 * below.reshape(2, 2, 32)
-        moved = model.projector(h, (2, 4, 4), torch.cat([stem[:, :1], up.reshape(1, -1, 32)], 1))
-        same = model.projector(h, (2, 4, 4), torch.cat([stem[:, :1], down.reshape(1, -1, 32)], 1))
-        assert not torch.allclose(moved[:, 0], out[:, 0]) and torch.equal(moved[:, 1:], out[:, 1:])
-        assert torch.allclose(same, out)
-    with pytest.raises(ValueError, match="stem_states"):
-        model.projector(h, (2, 4, 4))
-    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames(H=32, W=32))
-    save_videollm(model, proc, tmp_path / "m")
-    loaded, _ = load_videollm(tmp_path / "m")
-    assert loaded.config.stem_skip is True
-    assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
-    with pytest.raises(ValueError, match="stem_skip"):
-        VideoLLMConfig(vision_config=tiny_encoder_config(), stem_skip="yes")
-
-
-@pytest.mark.parametrize("kw", [{"spatial_merge": "max"}, {"spatial_merge": "concat", "tokens_per_frame": 4},
-                                {"spatial_merge": "concat", "use_cls_token": True}])
-def test_spatial_merge_config_errors(kw):
-    with pytest.raises(ValueError, match="spatial_merge"):
-        VideoLLMConfig(vision_config=tiny_encoder_config(), **kw)
-
-
-def test_for_llm_carries_every_encoder_and_projector_setting():
-    import inspect
-
-    settings = dict(spatial_pool=2, spatial_merge="concat", max_video_tokens=77, projector_hidden_act="silu",
-                    word_anchor=[["red", "blue"], ["star"]], anchor_temperature=9.0, stem_skip=True)
+def test_for_llm_carries_the_encoder_and_projector():
+    projector = {"spatial_pool": 2, "spatial_merge": "concat", "max_video_tokens": 77, "hidden_act": "silu",
+                 "stem_skip": True, "words": [["red", "blue"], ["star"]], "temperature": 9.0}
     old = VideoLLMConfig(vision_config=tiny_encoder_config(), text_config=tiny_llm().config, video_token_id=5,
-                         base_llm="old", **settings)
+                         base_llm="old", projector_type="word_anchor", projector_config=projector)
     text = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                        vocab_size=300)
     new = old.for_llm(text, video_token_id=299, base_llm="new")
     assert new.text_config is text and new.video_token_id == 299 and new.base_llm == "new"
     assert new.vision_config.to_dict() == old.vision_config.to_dict()
-    for name in inspect.signature(VideoLLMConfig.__init__).parameters:
-        if name not in ("self", "vision_config", "text_config", "video_token_id", "base_llm", "kwargs"):
-            assert getattr(new, name) == getattr(old, name), name
-    assert new.spatial_merge == "concat" and new.projector_hidden_act == "silu"
+    assert new.projector_type == "word_anchor" and new.projector_config == old.projector_config
+
+
+def test_old_flat_projector_keys_still_load():
+    """Checkpoints saved before the projector had its own config kept its settings at the top level."""
+    old = VideoLLMConfig(vision_config=tiny_encoder_config(), spatial_pool=3, stem_skip=True,
+                         word_anchor=[["red"]], anchor_none_logit=4.0, projector_hidden_act="silu")
+    assert old.projector_type == "word_anchor"
+    assert (old.projector_config.spatial_pool, old.projector_config.stem_skip, old.projector_config.none_logit,
+            old.projector_config.hidden_act, old.projector_config.words) == (3, True, 4.0, "silu", [["red"]])
+    plain = VideoLLMConfig(vision_config=tiny_encoder_config(), spatial_pool=1, anchor_none_logit=3.0)
+    assert plain.projector_type == "mlp" and plain.projector_config.spatial_pool == 1
 
 
 def test_a_batch_mixing_text_only_and_video_examples_gives_each_its_own_logits():

@@ -2,42 +2,58 @@
 
     pixel_values (B, 3, T, H, W)
       → vision_tower (VideoMAP / ViT)            last_hidden_state (B, 1 + T·h·w, D), grid (T, h, w)
-      → VideoProjector
-          spatial pooling per frame              (B, T, kh, kw, D)
-          temporal pooling to the token budget   (B, T', k, D)
-          [cls] + frames, 2-layer MLP            (B, K, D_llm)
+      → projector (`videollm.projectors`, chosen by config.projector_type)      (B, K, D_llm)
       → masked_scatter into the LLM's inputs_embeds where input_ids == video_token_id
       → language_model (HF causal LM)            logits, loss, past_key_values
 
 The placeholder count must equal the feature count exactly (the processor expands ``<video>``
 with `VideoLLMConfig.num_video_tokens`); a mismatch is an error, never a silent truncation.
+Inference is `generate()`: the prefill encodes the video (`prepare_inputs_for_generation` passes
+``pixel_values`` on the first step only), decoding steps read it from the KV cache.
 
-Saving: without LoRA, `save_pretrained` writes the whole model (encoder, projector, LLM) as
-safetensors. With a peft LoRA adapter on the LLM it writes the encoder and projector weights, the
-adapter (``llm_adapter/``) and the base-LLM reference ``config.base_llm``; `from_pretrained` loads
-the base with `videollm.llm.load_llm`, adds ``<video>`` and re-attaches the adapter.
+One build path: `build_videollm` makes a model from parts or continues a saved one
+(``init_from``); `load_videollm` loads a saved one as it is ("default": the shipped model).
+
+What a saved directory holds for the LLM:
+    whole        model.safetensors has the LLM's weights (a trained or merged LLM)
+    reference    only ``config.base_llm``: the LLM is the base (stage 1 trains the projector only);
+                 loading rebuilds it with `videollm.llm.load_llm` + `add_video_token`
+    + adapter    ``llm_adapter/``: a peft LoRA adapter on the base reference
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
-from transformers.activations import ACT2FN
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
 from encoder.errors import UserError
-from videollm.configuration_videollm import VIDEO_TOKEN, VideoLLMConfig
+from encoder.videomap import PRESETS, VideoMAPConfig
+from videollm.configuration_videollm import PROJECTOR_CONFIGS, VIDEO_TOKEN, VideoLLMConfig
+from videollm.llm import load_llm
+from videollm.processing_videollm import VideoLLMProcessor
+from videollm.projectors import WordAnchorProjector, build_projector
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "llm_adapter"
 NON_LLM_WEIGHTS = "model.safetensors"
 # The embedded default model, written by `python -m training.pipeline` (see its MODEL_CARD.md).
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
+DEFAULT_ALIAS = "default"
+_ANCHOR_KEYS = ("projector.anchor_keys", "projector.anchor_values", "projector.anchor_gate")
 
 
 @dataclass
@@ -51,126 +67,6 @@ class VideoLLMOutput(ModelOutput):
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     video_hidden_states: torch.FloatTensor | None = None
-
-
-class VideoProjector(nn.Module):
-    """Encoder tokens → LLM-width video tokens: per-frame spatial pooling, temporal pooling to the
-    budget, optional cls token, 2-layer MLP, and with ``config.word_anchor`` the vocabulary anchor
-    (`anchor`). Token counts follow `VideoLLMConfig.num_video_tokens`."""
-
-    def __init__(self, config: VideoLLMConfig):
-        super().__init__()
-        self.config = config
-        d_vis, d_llm = config.vision_config.embed_dim, config.text_config.hidden_size
-        if config.spatial_merge == "concat":
-            d_vis *= config.spatial_pool ** 2
-        self.linear_1 = nn.Linear(d_vis, d_llm)
-        if config.stem_skip:
-            self.stem_proj = nn.Linear(config.vision_config.embed_dim, d_llm)
-        self.act = ACT2FN[config.projector_hidden_act]
-        self.linear_2 = nn.Linear(d_llm, d_llm)
-        if config.word_anchor:
-            self._add_anchor_slots()
-
-    def _add_anchor_slots(self) -> None:
-        # Filled by set_word_anchor from the LLM's embeddings; saved with the projector.
-        n, d_llm = sum(len(g) for g in self.config.word_anchor), self.linear_2.out_features
-        like = self.linear_2.weight
-        self.register_buffer("anchor_keys", like.new_zeros(n, d_llm))
-        self.register_buffer("anchor_values", like.new_zeros(n, d_llm))
-        self.anchor_gate = nn.Parameter(like.new_zeros(()))
-
-    @torch.no_grad()
-    def set_word_anchor(self, word_embeddings: torch.Tensor, centre: torch.Tensor | None = None) -> None:
-        """word_embeddings (n, D_llm): the LLM's input embedding of each word of ``config.word_anchor``
-        (groups concatenated, in order). Keys are the rows minus ``centre`` (default: their mean),
-        normalised, as `training.ground`'s scorer compares tokens with words; values are the raw rows.
-        A projector built before ``config.word_anchor`` was set gets its anchor (gate 0) here."""
-        if not self.config.word_anchor:
-            raise ValueError("set_word_anchor needs config.word_anchor")
-        if not hasattr(self, "anchor_values"):
-            self._add_anchor_slots()
-        if tuple(word_embeddings.shape) != tuple(self.anchor_values.shape):
-            raise ValueError(f"word_embeddings must be {tuple(self.anchor_values.shape)} (one row per anchor word); "
-                             f"got {tuple(word_embeddings.shape)}")
-        rows = word_embeddings.detach().float()
-        centre = rows.mean(0) if centre is None else centre.detach().float()
-        self.anchor_keys.copy_(F.normalize(rows - centre, dim=-1))
-        self.anchor_values.copy_(rows)
-
-    def anchor(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: b})·values_g + gate·x, with
-        b = ``config.anchor_none_logit`` (0 by default).
-
-        Each token becomes a mixture of the LLM's own embeddings of the words it matches (e.g.
-        "red" + "circle" + "left"), which the LLM reads like those words, or near zero where it
-        matches none; the gated copy of x (gate 0 at the start) lets training pass on what the
-        words do not name."""
-        scores = self.anchor_scores(x)  # (B, K, n)
-        out = self.anchor_gate.to(x.dtype) * x
-        start = 0
-        for group in self.config.word_anchor:
-            s = scores[..., start:start + len(group)]
-            none = s.new_full((*s.shape[:-1], 1), self.config.anchor_none_logit)
-            p = torch.softmax(torch.cat([s, none], dim=-1), dim=-1)[..., :-1]
-            out = out + p @ self.anchor_values[start:start + len(group)].to(x.dtype)
-            start += len(group)
-        return out
-
-    def anchor_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """τ·cos(token, anchor key) of each token (…, D_llm) and anchor word, in ``config.word_anchor``'s
-        order (…, n): what `anchor` mixes the words by (and `eval.niah.needle_readout` reads)."""
-        return self.config.anchor_temperature * F.normalize(x, dim=-1) @ self.anchor_keys.to(x.dtype).T
-
-    def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], reduce: str = "merge") -> torch.Tensor:
-        """hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w) → (B, K, D) (D·s² wide with
-        ``spatial_merge="concat"``). ``reduce="max"``: each token's window is max-pooled instead
-        (the stem skip's readout, as the stem warm-up reads a cell)."""
-        cfg = self.config
-        T, h, w = grid
-        B, L, D = hidden_states.shape
-        if L != 1 + T * h * w:
-            raise ValueError(f"encoder returned {L} tokens for grid {tuple(grid)}; expected 1 + T·h·w = {1 + T * h * w} "
-                             "(the projector needs unmasked encoder output)")
-        cls, patches = hidden_states[:, :1], hidden_states[:, 1:]  # (B, 1, D), (B, T·h·w, D)
-        x = patches.reshape(B * T, h, w, D).permute(0, 3, 1, 2)  # (B·T, D, h, w)
-        kh, kw = cfg.tokens_per_frame_for(h, w)
-        if reduce == "max":
-            x = F.adaptive_max_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
-        elif cfg.tokens_per_frame is not None:
-            x = F.adaptive_avg_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
-        elif cfg.spatial_pool > 1 and cfg.spatial_merge == "concat":
-            s = cfg.spatial_pool
-            x = F.pad(x, (0, kw * s - w, 0, kh * s - h))  # zeros on a ragged right/bottom edge
-            x = F.pixel_unshuffle(x, s)  # (B·T, D·s², kh, kw): each window's patches side by side
-            D = x.shape[1]
-        elif cfg.spatial_pool > 1:
-            s = cfg.spatial_pool
-            x = F.avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False)  # (B·T, D, kh, kw)
-        k = kh * kw
-        x = x.reshape(B, T, D, k).permute(0, 1, 3, 2)  # (B, T, k, D)
-        T_out = cfg.pooled_frames(T, k)
-        if T_out != T:
-            # Average neighbouring frames (adaptive windows) so every frame still contributes.
-            x = x.permute(0, 2, 3, 1).reshape(B, k * D, T)  # (B, k·D, T)
-            x = F.adaptive_avg_pool1d(x, T_out)  # (B, k·D, T')
-            x = x.reshape(B, k, D, T_out).permute(0, 3, 1, 2)  # (B, T', k, D)
-        x = x.reshape(B, T_out * k, D)  # (B, T'·k, D), frame-major like the encoder
-        if cfg.use_cls_token:
-            x = torch.cat([cls, x], dim=1)  # (B, 1 + T'·k, D)
-        return x
-
-    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
-                stem_states: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states: the encoder's output (B, 1 + T·h·w, D); stem_states: its first block's
-        input, same shape, needed with ``config.stem_skip``."""
-        x = self.linear_1(self.pool(hidden_states, grid))  # (B, K, D_llm)
-        if self.config.stem_skip:
-            if stem_states is None:
-                raise ValueError("a projector with stem_skip needs stem_states (the encoder's first block input)")
-            x = x + self.stem_proj(self.pool(stem_states, grid, reduce="max"))
-        x = self.linear_2(self.act(x))  # (B, K, D_llm)
-        return self.anchor(x) if self.config.word_anchor else x
 
 
 class VideoLLMPreTrainedModel(PreTrainedModel):
@@ -204,12 +100,17 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         of fresh ones from the sub-configs; their weights are kept as they are."""
         super().__init__(config)
         self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
-        self.projector = VideoProjector(config)
+        self.projector = build_projector(config.projector_type, config.projector_config,
+                                         config.vision_config.embed_dim, config.text_config.hidden_size)
         self.language_model = (language_model if language_model is not None
                                else AutoModelForCausalLM.from_config(config.text_config))
         self.post_init()
-        # Training switch (not saved): with labels, compute logits at labelled positions only.
+        # Not saved. loss_logits_only: with labels, compute logits at labelled positions only.
+        # language_model_is_base: the LLM's weights are config.base_llm's (+ the <video> row), so
+        # saving stores the reference. video_encode_seconds: the last get_video_features' time.
         self.loss_logits_only = False
+        self.language_model_is_base = False
+        self.video_encode_seconds = 0.0
 
     # ---- plumbing the LLM's embeddings / cache / checkpointing through ----------------------
 
@@ -254,11 +155,14 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
     # ---- forward ------------------------------------------------------------------------------
 
     def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, T, H, W) → projected video tokens (B, K, D_llm)."""
-        skip = self.config.stem_skip
-        out = self.vision_tower(pixel_values, output_hidden_states=skip)  # last_hidden_state (B, 1 + T·h·w, D)
-        return self.projector(out.last_hidden_state, tuple(out.grid),
-                              out.hidden_states[0] if skip else None)  # (B, K, D_llm)
+        """pixel_values (B, 3, T, H, W) → projected video tokens (B, K, D_llm); the time it took is
+        kept in ``video_encode_seconds``."""
+        start = time.perf_counter()
+        out = self.vision_tower(pixel_values)  # last_hidden_state (B, 1 + T·h·w, D)
+        features = self.projector(out.last_hidden_state, tuple(out.grid),
+                                  getattr(out, "stem_states", None))  # (B, K, D_llm)
+        self.video_encode_seconds = time.perf_counter() - start
+        return features
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Bool (B, L): where the video features go; checks that counts match."""
@@ -367,18 +271,30 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         """Fold the LoRA adapter into the LLM weights (for a standalone checkpoint)."""
         if self.has_lora:
             self.language_model = self.language_model.merge_and_unload()
+            self.language_model_is_base = False
 
     # ---- save / load --------------------------------------------------------------------------
 
+    @property
+    def saves_llm_by_reference(self) -> bool:
+        """True when `save_pretrained` stores the LLM as ``config.base_llm`` (+ the LoRA adapter)
+        instead of its weights: with a LoRA adapter, or while the LLM is the base and frozen (a
+        recipe that trains the LLM's own weights unfreezes them, and they are saved whole)."""
+        if self.has_lora:
+            return True
+        return self.language_model_is_base and not any(p.requires_grad for p in self.language_model.parameters())
+
     def save_pretrained(self, save_directory, **kwargs):
-        """Whole model as safetensors; with LoRA: encoder + projector + adapter + base-LLM reference."""
-        if not self.has_lora:
+        """The whole model as safetensors, or (`saves_llm_by_reference`) encoder + projector +
+        base-LLM reference (+ adapter in ``llm_adapter/``)."""
+        if not self.saves_llm_by_reference:
             return super().save_pretrained(save_directory, **kwargs)
         if not self.config.base_llm:
-            raise ValueError("saving a LoRA model needs config.base_llm (where to load the base LLM from); "
+            raise ValueError("saving the LLM by reference needs config.base_llm (where to load the base LLM from); "
                              "set it, or call merge_lora() first to save a standalone model")
-        from safetensors.torch import save_file
-
+        if self.has_lora and not self.language_model_is_base:
+            raise ValueError("this LoRA adapter sits on an LLM that is not config.base_llm; "
+                             "call merge_lora() first to save a standalone model")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(save_directory)
@@ -387,59 +303,90 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not k.startswith("language_model.")}
         save_file(state, str(save_directory / NON_LLM_WEIGHTS), metadata={"format": "pt"})
-        # peft names the base model in adapter_config.json and its README by where the LLM was
-        # loaded from (for smollm2, a local cache path); the reference loading uses is base_llm.
-        base = self.language_model.get_base_model()
-        base.name_or_path = base.config.name_or_path = self.config.base_llm
-        for peft_config in self.language_model.peft_config.values():
-            peft_config.base_model_name_or_path = self.config.base_llm
-        self.language_model.save_pretrained(str(save_directory / ADAPTER_DIR))
+        if self.has_lora:
+            # peft names the base model in adapter_config.json by where the LLM was loaded from
+            # (for smollm2, a local cache path); the reference loading uses is base_llm.
+            base = self.language_model.get_base_model()
+            base.name_or_path = base.config.name_or_path = self.config.base_llm
+            for peft_config in self.language_model.peft_config.values():
+                peft_config.base_model_name_or_path = self.config.base_llm
+            self.language_model.save_pretrained(str(save_directory / ADAPTER_DIR))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         path = Path(str(pretrained_model_name_or_path))
-        if (path / ADAPTER_DIR).is_dir():
-            return cls._from_lora_checkpoint(path, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if (path / "config.json").is_file() and not _holds_llm_weights(path):
+            return _load_by_reference(path, **kwargs)
+        kwargs.pop("is_trainable", None), kwargs.pop("seed", None)
+        if kwargs.get("quantization_config") is not None:
+            raise UserError(f"'{path}' holds the whole LLM; quantization_config applies to a base-LLM "
+                            "reference only (load it unquantized, or start from the base LLM)")
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.language_model_is_base = False
+        return model
 
-    @classmethod
-    def _from_lora_checkpoint(cls, path: Path, *, dtype=torch.float32, cache_dir=None, is_trainable: bool = False,
-                              **unused) -> "VideoLLMForCausalLM":
-        from peft import PeftModel
-        from safetensors.torch import load_file
 
-        from videollm.llm import load_llm
+def _holds_llm_weights(path: Path) -> bool:
+    """Whether a saved VideoLLM directory holds the LLM's weights (else it references base_llm)."""
+    if (path / "model.safetensors.index.json").is_file():
+        return True
+    if not (path / NON_LLM_WEIGHTS).is_file():
+        return False
+    with safe_open(str(path / NON_LLM_WEIGHTS), "pt") as f:
+        return any(k.startswith("language_model.") for k in f.keys())
 
-        config = VideoLLMConfig.from_pretrained(path)
-        llm, tokenizer = load_llm(config.base_llm, cache_dir=cache_dir, dtype=dtype)
-        video_token_id = add_video_token(llm, tokenizer)
-        if video_token_id != config.video_token_id or llm.config.vocab_size != config.text_config.vocab_size:
-            raise ValueError(
-                f"{path}: the base LLM '{config.base_llm}' does not match the checkpoint "
-                f"(video token id {video_token_id} vs {config.video_token_id}, vocab {llm.config.vocab_size} "
-                f"vs {config.text_config.vocab_size})"
-            )
-        vision_tower = AutoModel.from_config(config.vision_config)
-        model = cls(config, vision_tower=vision_tower, language_model=llm)
-        state = load_file(str(path / NON_LLM_WEIGHTS))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("language_model.")]
-        if missing or unexpected:
-            raise ValueError(f"{path / NON_LLM_WEIGHTS}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+def _load_by_reference(path: Path, *, dtype=torch.float32, cache_dir=None, quantization_config=None,
+                       is_trainable: bool = False, seed: int = 0, **unused) -> VideoLLMForCausalLM:
+    """A directory without LLM weights: the base LLM from ``config.base_llm`` with ``<video>``
+    added, the saved encoder + projector, and the LoRA adapter if there is one."""
+    config = VideoLLMConfig.from_pretrained(path)
+    llm, tokenizer = load_llm(config.base_llm, cache_dir=cache_dir, dtype=dtype, quantization_config=quantization_config)
+    video_token_id = add_video_token(llm, tokenizer)
+    if video_token_id != config.video_token_id or llm.config.vocab_size != config.text_config.vocab_size:
+        raise UserError(
+            f"{path}: the base LLM '{config.base_llm}' does not match the checkpoint "
+            f"(video token id {video_token_id} vs {config.video_token_id}, vocab {llm.config.vocab_size} "
+            f"vs {config.text_config.vocab_size})"
+        )
+    model = _assemble(config, AutoModel.from_config(config.vision_config), llm, seed)
+    model.language_model_is_base = True
+    missing, unexpected = model.load_state_dict(load_file(str(path / NON_LLM_WEIGHTS)), strict=False)
+    missing = [k for k in missing if not k.startswith("language_model.")]
+    if missing or unexpected:
+        raise UserError(f"{path / NON_LLM_WEIGHTS}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    if (path / ADAPTER_DIR).is_dir():
+        from peft import PeftModel  # optional: only checkpoints with an adapter need it
+
         model.language_model = PeftModel.from_pretrained(llm, str(path / ADAPTER_DIR), is_trainable=is_trainable)
-        if (path / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(path)
+    model.generation_config = (GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file()
+                               else _generation_config(llm, tokenizer))
+    _to_dtype(model, dtype, quantization_config)
+    return model.eval()
+
+
+def _assemble(config: VideoLLMConfig, vision_tower: nn.Module, language_model: nn.Module, seed: int):
+    # Seeded right before the projector is made, so a recipe's run depends on its seed alone.
+    torch.manual_seed(seed)
+    return VideoLLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
+
+
+def _to_dtype(model: VideoLLMForCausalLM, dtype: torch.dtype, quantization_config) -> None:
+    if quantization_config is None:
         model.to(dtype)
-        return model.eval()
+    else:  # a quantized LLM keeps its own dtypes
+        model.vision_tower.to(dtype)
+        model.projector.to(dtype)
 
 
 def add_video_token(llm: PreTrainedModel, tokenizer) -> int:
     """Add ``<video>`` as a special token and grow the LLM's embeddings if needed; returns its id.
 
     New embedding rows are set to the mean of the existing rows — deterministic, so a base LLM
-    reloaded from its reference (LoRA checkpoints) gets exactly the same rows back.
+    reloaded from its reference gets exactly the same rows back.
     """
-    extra = {"replace_extra_special_tokens": False} if _accepts_replace_kw(tokenizer) else {}
+    accepts_replace = "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
+    extra = {"replace_extra_special_tokens": False} if accepts_replace else {}
     if VIDEO_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]}, **extra)
     token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
@@ -467,73 +414,135 @@ def word_embedding_rows(embeddings: torch.Tensor, tokenizer, words) -> torch.Ten
     return torch.stack(rows)
 
 
-def _accepts_replace_kw(tokenizer) -> bool:
-    import inspect
-
-    return "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
-
-
 # ---- building and loading ------------------------------------------------------------------------
 
 
-def build_videollm(llm="smollm2", encoder="nano", *, num_frames: int = 8, image_size: int | None = None,
-                   spatial_pool: int = 2, tokens_per_frame: int | None = None, spatial_merge: str = "avg",
-                   max_video_tokens: int | None = 2048,
-                   use_cls_token: bool = False, use_time_line: bool = True, cache_dir=None,
-                   dtype: torch.dtype = torch.float32, seed: int = 0,
-                   word_anchor: list[list[str]] | None = None, stem_skip: bool = False):
-    """(model, processor): an encoder, a fresh projector and an LLM, with ``<video>`` added.
+def resolve_model_dir(path=None) -> Path:
+    """A saved VideoLLM directory; None or "default" is the shipped default model."""
+    if path is None or str(path) == DEFAULT_ALIAS:
+        if not (DEFAULT_WEIGHTS / "config.json").is_file():
+            raise UserError(f"the default model is not installed ({DEFAULT_WEIGHTS} has no config.json); "
+                            "reinstall the package or give a model directory")
+        return DEFAULT_WEIGHTS
+    path = Path(str(path)).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"'{path}' is not a saved VideoLLM (no config.json); give a directory written by "
+                        "`videollm finetune` or save_videollm, or 'default'")
+    return path
+
+
+def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames: int = 8,
+                   image_size: int | None = None, projector: dict | None = None, use_time_line: bool = True,
+                   system_prompt: str | None = None, cache_dir=None, dtype: torch.dtype = torch.float32,
+                   quantization_config=None, seed: int = 0):
+    """(model, processor): the one way a VideoLLM is made, for every recipe and tool.
 
     llm: "smollm2", a Hub id, a local dir, a .gguf file, or an already-loaded ``(model, tokenizer)``.
-    encoder: a VideoMAP preset name ("nano", …; randomly initialised from ``seed``), a checkpoint
+    encoder: a VideoMAP preset name ("nano", …; randomly initialised from ``seed``), an encoder
         directory (VideoMAP or ViT, via AutoModel), an encoder config, or an encoder module.
-    The remaining arguments are the projector's (see `VideoLLMConfig`; a ``word_anchor`` is filled
-    from the LLM's embeddings, `word_embedding_rows`) and the processor's.
+    init_from: a saved VideoLLM directory or "default": start from that model exactly — its
+        encoder, projector, LLM (base reference, whole weights, or base + LoRA adapter, which is
+        loaded trainable so training continues it); ``llm`` and ``encoder`` are then not used.
+    projector: the projector's settings, {"type": "mlp" | "word_anchor", …} (see
+        `VideoProjectorConfig`, `WordAnchorProjectorConfig`). With ``init_from`` they change the
+        saved projector's settings (its weights are kept; e.g. "type": "word_anchor" adds an anchor).
+        A new word anchor is filled from the LLM's input embeddings (`word_embedding_rows`), keys
+        centred over the anchored words.
+    quantization_config: e.g. a ``BitsAndBytesConfig`` for QLoRA (the LLM is loaded quantized).
+    seed: torch's global RNG is seeded with it before the encoder and again before the projector.
+    The processor gets num_frames, image_size (default: the encoder's), use_time_line, system_prompt.
     ``model.vision_untrained`` is True when the encoder was randomly initialised.
     """
-    from encoder.videomap import PRESETS, VideoMAPConfig
-    from videollm.llm import load_llm
-    from videollm.processing_videollm import VideoLLMProcessor
-
-    if isinstance(llm, tuple):
-        language_model, tokenizer = llm
-        base_llm = getattr(language_model.config, "name_or_path", None) or None
+    settings = dict(projector or {})
+    projector_type = settings.pop("type", None)
+    if init_from is not None:
+        path = resolve_model_dir(init_from)
+        saved = VideoLLMConfig.from_pretrained(path)
+        if not isinstance(llm, tuple) and str(llm) != saved.base_llm:
+            logger.info("init_from %s: its LLM is '%s' (llm=%s is not used)", init_from, saved.base_llm, llm)
+        model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=True,
+                                                    quantization_config=quantization_config, seed=seed)
+        if not (path / "tokenizer_config.json").is_file():
+            raise UserError(f"init_from '{path}' has no tokenizer; save models with save_videollm")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        untrained = False
+        if projector_type is not None or settings:
+            with torch.random.fork_rng():  # the seeded state stays that of the saved model's build
+                _change_projector(model, tokenizer, projector_type or model.config.projector_type, settings)
     else:
-        language_model, tokenizer = load_llm(llm, cache_dir=cache_dir, dtype=dtype)
-        base_llm = str(llm)
-    video_token_id = add_video_token(language_model, tokenizer)
-
-    untrained = False
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        if isinstance(encoder, nn.Module):
-            vision_tower = encoder
-        elif isinstance(encoder, PretrainedConfig):
-            vision_tower, untrained = AutoModel.from_config(encoder), True
-        elif isinstance(encoder, str) and encoder in PRESETS:
-            vision_tower = AutoModel.from_config(VideoMAPConfig.from_preset(encoder, num_frames=num_frames))
-            untrained = True
+        if isinstance(llm, tuple):
+            language_model, tokenizer = llm
+            base_llm = getattr(language_model.config, "name_or_path", None) or None
         else:
-            path = Path(str(encoder)).expanduser()
-            if not path.is_dir():
-                raise UserError(f"encoder '{encoder}' is neither a VideoMAP preset ({', '.join(PRESETS)}) "
-                                "nor a checkpoint directory")
-            vision_tower = AutoModel.from_pretrained(str(path), dtype=dtype)
+            language_model, tokenizer = load_llm(llm, cache_dir=cache_dir, dtype=dtype,
+                                                 quantization_config=quantization_config)
+            base_llm = str(llm)
+        video_token_id = add_video_token(language_model, tokenizer)
+        torch.manual_seed(seed)
+        vision_tower, untrained = _build_encoder(encoder, num_frames, image_size, dtype)
         config = VideoLLMConfig(vision_config=vision_tower.config, text_config=language_model.config,
-                                spatial_pool=spatial_pool, tokens_per_frame=tokens_per_frame,
-                                spatial_merge=spatial_merge, max_video_tokens=max_video_tokens,
-                                use_cls_token=use_cls_token, video_token_id=video_token_id, base_llm=base_llm,
-                                word_anchor=word_anchor, stem_skip=stem_skip)
-        model = VideoLLMForCausalLM(config, vision_tower=vision_tower, language_model=language_model)
-    if word_anchor:
-        words = [w for group in config.word_anchor for w in group]
-        model.projector.set_word_anchor(word_embedding_rows(language_model.get_input_embeddings().weight, tokenizer, words))
-    model.generation_config = _generation_config(language_model, tokenizer)
+                                projector_type=projector_type or "mlp", projector_config=settings,
+                                video_token_id=video_token_id, base_llm=base_llm)
+        model = _assemble(config, vision_tower, language_model, seed)
+        model.language_model_is_base = not isinstance(llm, tuple)
+        if isinstance(model.projector, WordAnchorProjector):
+            _fill_word_anchor(model, tokenizer)
+        model.generation_config = _generation_config(language_model, tokenizer)
+        _to_dtype(model, dtype, quantization_config)
     model.vision_untrained = untrained
-    model.to(dtype).eval()
-    processor = VideoLLMProcessor(tokenizer, config, num_frames=num_frames, image_size=image_size,
-                                  use_time_line=use_time_line)
+    model.eval()
+    processor = VideoLLMProcessor(tokenizer, model.config, num_frames=num_frames, image_size=image_size,
+                                  use_time_line=use_time_line, system_prompt=system_prompt)
     return model, processor
+
+
+def _build_encoder(encoder, num_frames: int, image_size: int | None, dtype) -> tuple[nn.Module, bool]:
+    """(encoder module, randomly initialised?) from a module, a config, a preset name or a directory."""
+    if isinstance(encoder, nn.Module):
+        return encoder, False
+    if isinstance(encoder, PretrainedConfig):
+        return AutoModel.from_config(encoder), True
+    if isinstance(encoder, str) and encoder in PRESETS:
+        sizes = {"num_frames": num_frames, **({"img_size": image_size} if image_size else {})}
+        return AutoModel.from_config(VideoMAPConfig.from_preset(encoder, **sizes)), True
+    path = Path(str(encoder)).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"encoder '{encoder}' is neither a VideoMAP preset ({', '.join(PRESETS)}) "
+                        "nor an encoder directory (with config.json)")
+    return AutoModel.from_pretrained(str(path), dtype=dtype), False
+
+
+def _change_projector(model: VideoLLMForCausalLM, tokenizer, projector_type: str, settings: dict) -> None:
+    """Give a loaded model a projector of another type / settings, keeping the weights it shares
+    with the old one (an error if they do not fit); a new word anchor is filled from the LLM."""
+    known = PROJECTOR_CONFIGS[projector_type].__dataclass_fields__ if projector_type in PROJECTOR_CONFIGS else {}
+    merged = {k: v for k, v in model.config.projector_config.to_dict().items() if k in known} | settings
+    config = model.config
+    config.projector_config = VideoLLMConfig(vision_config=config.vision_config, text_config=config.text_config,
+                                             projector_type=projector_type, projector_config=merged).projector_config
+    config.projector_type = projector_type
+    old = model.projector.state_dict()
+    new = build_projector(projector_type, config.projector_config, config.vision_config.embed_dim,
+                          config.text_config.hidden_size).to(model.projector.linear_1.weight.dtype)
+    kept = {k: v for k, v in old.items() if k in new.state_dict()}
+    try:
+        missing, _ = new.load_state_dict(kept, strict=False)
+    except RuntimeError as err:
+        raise UserError(f"the saved projector's weights do not fit the projector settings {settings}: "
+                        f"{str(err).splitlines()[-1].strip()}") from None
+    model.projector = new
+    fresh = {"projector." + k for k in missing}
+    if fresh - set(_ANCHOR_KEYS):
+        raise UserError(f"the projector settings {settings} need weights the saved projector lacks: "
+                        f"{sorted(fresh - set(_ANCHOR_KEYS))[:4]}")
+    if fresh and isinstance(new, WordAnchorProjector):
+        _fill_word_anchor(model, tokenizer)
+
+
+def _fill_word_anchor(model: VideoLLMForCausalLM, tokenizer) -> None:
+    words = [w for group in model.config.projector_config.words for w in group]
+    rows = word_embedding_rows(model.get_input_embeddings().weight, tokenizer, words)  # (n, D_llm)
+    model.projector.set_word_anchor(rows)  # keys centred over the anchored words
 
 
 def _generation_config(language_model, tokenizer) -> GenerationConfig:
@@ -547,34 +556,22 @@ def _generation_config(language_model, tokenizer) -> GenerationConfig:
 
 
 def save_videollm(model: VideoLLMForCausalLM, processor, directory) -> None:
-    """Model (whole, or encoder + projector + LoRA adapter + base reference) and processor."""
+    """Model (whole, or encoder + projector + base reference [+ LoRA adapter]) and processor."""
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
 
 
 def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bool | None = None,
                   cache_dir=None, dtype: torch.dtype = torch.float32, is_trainable: bool = False):
-    """(model, processor) from a directory written by `save_videollm` / merge-lora; None: the default
-    model, `DEFAULT_WEIGHTS` (shipped in the package), or — when that folder is absent — a random
-    ``nano`` encoder + projector on smollm2 with ``model.vision_untrained = True``."""
-    from videollm.processing_videollm import VideoLLMProcessor
-
-    if path is None and (DEFAULT_WEIGHTS / "config.json").is_file():
-        path = DEFAULT_WEIGHTS
-    if path is None:
-        return build_videollm("smollm2", "nano", num_frames=num_frames or 8, cache_dir=cache_dir, dtype=dtype,
-                              use_time_line=True if use_time_line is None else use_time_line)
-    path = Path(str(path)).expanduser()
-    if not (path / "config.json").is_file():
-        raise UserError(f"'{path}' is not a VideoLLM checkpoint directory (no config.json)")
-    if (path / ADAPTER_DIR).is_dir():
-        model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=is_trainable)
-    else:
-        model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    """(model, processor) from a directory written by `save_videollm` / a recipe / merge-lora;
+    None or "default": the shipped default model. num_frames / use_time_line override the
+    processor's saved settings."""
+    path = resolve_model_dir(path)
+    model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=is_trainable)
     model.vision_untrained = False
     processor = VideoLLMProcessor.from_pretrained(path, model.config, num_frames=num_frames,
                                                   use_time_line=use_time_line)
-    return model, processor
+    return model.eval(), processor
 
 
 AutoModelForCausalLM.register(VideoLLMConfig, VideoLLMForCausalLM, exist_ok=True)

@@ -1,0 +1,146 @@
+"""Projectors: encoder tokens → LLM-width video tokens. Chosen by `VideoLLMConfig.projector_type`.
+
+    hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w)
+      → spatial pooling per frame                 (B, T, kh, kw, D)   (D·s² wide with "concat")
+      → temporal pooling to the token budget      (B, T', k, D)
+      → [cls] + frames                            (B, K, D)
+      → linear_1 (+ stem_proj of the stem, max-pooled)  → act → linear_2      (B, K, D_llm)
+      → "word_anchor" only: Σ_groups softmax(τ·cos(x, keys) ∪ {none}) · values + gate · x
+
+`VideoProjector` is the general one (transformers' LlavaNextVideo pooler + a 2-layer MLP);
+`WordAnchorProjector` adds the word anchor on top of it. Token counts follow the projector
+config's `num_tokens`, which the processor uses too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from videollm.configuration_videollm import VideoProjectorConfig, WordAnchorProjectorConfig
+
+
+class VideoProjector(nn.Module):
+    """Pooling + 2-layer MLP. ``stem_proj`` exists with ``config.stem_skip``."""
+
+    def __init__(self, config: VideoProjectorConfig, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.config = config
+        d_in = vision_dim * config.spatial_pool ** 2 if config.spatial_merge == "concat" else vision_dim
+        self.linear_1 = nn.Linear(d_in, text_dim)
+        if config.stem_skip:
+            self.stem_proj = nn.Linear(vision_dim, text_dim)
+        self.act = ACT2FN[config.hidden_act]
+        self.linear_2 = nn.Linear(text_dim, text_dim)
+
+    def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], reduce: str = "merge") -> torch.Tensor:
+        """hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w) → (B, K, D) (D·s² wide with
+        ``spatial_merge="concat"``). ``reduce="max"``: each token's window is max-pooled instead
+        (the stem skip's readout)."""
+        cfg = self.config
+        T, h, w = grid
+        B, L, D = hidden_states.shape
+        if L != 1 + T * h * w:
+            raise ValueError(f"encoder returned {L} tokens for grid {tuple(grid)}; expected 1 + T·h·w = {1 + T * h * w} "
+                             "(the projector needs unmasked encoder output)")
+        cls, patches = hidden_states[:, :1], hidden_states[:, 1:]  # (B, 1, D), (B, T·h·w, D)
+        x = patches.reshape(B * T, h, w, D).permute(0, 3, 1, 2)  # (B·T, D, h, w)
+        kh, kw = cfg.tokens_per_frame_for(h, w)
+        if reduce == "max":
+            x = F.adaptive_max_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
+        elif cfg.tokens_per_frame is not None:
+            x = F.adaptive_avg_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
+        elif cfg.spatial_pool > 1 and cfg.spatial_merge == "concat":
+            s = cfg.spatial_pool
+            x = F.pad(x, (0, kw * s - w, 0, kh * s - h))  # zeros on a ragged right/bottom edge
+            x = F.pixel_unshuffle(x, s)  # (B·T, D·s², kh, kw): each window's patches side by side
+            D = x.shape[1]
+        elif cfg.spatial_pool > 1:
+            s = cfg.spatial_pool
+            x = F.avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False)  # (B·T, D, kh, kw)
+        k = kh * kw
+        x = x.reshape(B, T, D, k).permute(0, 1, 3, 2)  # (B, T, k, D)
+        T_out = cfg.pooled_frames(T, k)
+        if T_out != T:
+            # Average neighbouring frames (adaptive windows) so every frame still contributes.
+            x = x.permute(0, 2, 3, 1).reshape(B, k * D, T)  # (B, k·D, T)
+            x = F.adaptive_avg_pool1d(x, T_out)  # (B, k·D, T')
+            x = x.reshape(B, k, D, T_out).permute(0, 3, 1, 2)  # (B, T', k, D)
+        x = x.reshape(B, T_out * k, D)  # (B, T'·k, D), frame-major like the encoder
+        if cfg.use_cls_token:
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + T'·k, D)
+        return x
+
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
+                stem_states: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states: the encoder's output (B, 1 + T·h·w, D); stem_states: its stem features,
+        same shape, needed with ``config.stem_skip``. → (B, K, D_llm)."""
+        x = self.linear_1(self.pool(hidden_states, grid))  # (B, K, D_llm)
+        if self.config.stem_skip:
+            if stem_states is None:
+                raise ValueError("a projector with stem_skip needs stem_states (the encoder's stem features)")
+            x = x + self.stem_proj(self.pool(stem_states, grid, reduce="max"))
+        return self.linear_2(self.act(x))  # (B, K, D_llm)
+
+
+class WordAnchorProjector(VideoProjector):
+    """`VideoProjector`, then the word anchor (`anchor`): each token becomes a mixture of the LLM's
+    own input embeddings of the words it matches (e.g. "red" + "circle" + "left"), which the LLM
+    reads like those words, or near zero where it matches none; a gated copy of the MLP output
+    (gate 0 at the start) lets training pass on what the words do not name.
+
+    ``anchor_keys`` / ``anchor_values`` (n, D_llm), one row per word of ``config.words`` (groups
+    concatenated in order), are filled by `set_word_anchor` from the LLM and saved with the projector.
+    """
+
+    def __init__(self, config: WordAnchorProjectorConfig, vision_dim: int, text_dim: int):
+        super().__init__(config, vision_dim, text_dim)
+        n = sum(len(g) for g in config.words)
+        like = self.linear_2.weight
+        self.register_buffer("anchor_keys", like.new_zeros(n, text_dim))
+        self.register_buffer("anchor_values", like.new_zeros(n, text_dim))
+        self.anchor_gate = nn.Parameter(like.new_zeros(()))
+
+    @torch.no_grad()
+    def set_word_anchor(self, word_embeddings: torch.Tensor, centre: torch.Tensor | None = None) -> None:
+        """word_embeddings (n, D_llm): the LLM's input embedding of each word of ``config.words``.
+        Keys are the rows minus ``centre`` (default: their mean), normalised; values are the rows."""
+        if tuple(word_embeddings.shape) != tuple(self.anchor_values.shape):
+            raise ValueError(f"word_embeddings must be {tuple(self.anchor_values.shape)} (one row per anchor word); "
+                             f"got {tuple(word_embeddings.shape)}")
+        rows = word_embeddings.detach().float()
+        centre = rows.mean(0) if centre is None else centre.detach().float()
+        self.anchor_keys.copy_(F.normalize(rows - centre, dim=-1))
+        self.anchor_values.copy_(rows)
+
+    def anchor_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """τ·cos(token, anchor key) of each token (…, D_llm) and anchor word (…, n), in
+        ``config.words``' order: what `anchor` mixes the words by."""
+        return self.config.temperature * F.normalize(x, dim=-1) @ self.anchor_keys.to(x.dtype).T
+
+    def anchor(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: b})·values_g + gate·x,
+        b = ``config.none_logit``."""
+        scores = self.anchor_scores(x)  # (B, K, n)
+        out = self.anchor_gate.to(x.dtype) * x
+        start = 0
+        for group in self.config.words:
+            s = scores[..., start:start + len(group)]  # (B, K, |g|)
+            none = s.new_full((*s.shape[:-1], 1), self.config.none_logit)
+            p = torch.softmax(torch.cat([s, none], dim=-1), dim=-1)[..., :-1]  # (B, K, |g|)
+            out = out + p @ self.anchor_values[start:start + len(group)].to(x.dtype)
+            start += len(group)
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
+                stem_states: torch.Tensor | None = None) -> torch.Tensor:
+        return self.anchor(super().forward(hidden_states, grid, stem_states))
+
+
+PROJECTORS = {"mlp": VideoProjector, "word_anchor": WordAnchorProjector}
+
+
+def build_projector(projector_type: str, config: VideoProjectorConfig, vision_dim: int, text_dim: int) -> VideoProjector:
+    return PROJECTORS[projector_type](config, vision_dim, text_dim)
