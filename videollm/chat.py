@@ -1,35 +1,54 @@
 """``videollm chat VIDEO ["question"]``: ask a question about a video, tokens streamed to stdout.
 
 Without a question: an interactive multi-turn chat (history kept; ``/reset`` clears it, ``/quit``
-or end of input leaves). ``--no-video`` talks to the LLM alone. `generate_stream` is the engine,
-shared with the Gradio demo: it yields text pieces and fills a `ChatTiming`.
+or end of input leaves). ``--no-video`` talks to the LLM alone.
+
+This module is the one inference path; chat, the demo, eval and bench all answer through it:
+
+    video ──processor.load_video──► VideoInputs           read + resize, once per question (timed there)
+    (VideoInputs, conversation) ──processor──► input_ids, attention_mask, pixel_values
+    model.generate(**inputs, streamer=…)                  prefill: encoder + projector (timed in
+        get_video_features) and the prompt; then one token per step from the KV cache
+    streamer ──► text pieces (`generate_stream`)           first token and tokens/s timed here
+
+`continuation_logprobs` scores fixed replies (multiple-choice options) on the same inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import TextIteratorStreamer
 
 from encoder.errors import run_cli
-
-UNTRAINED_NOTICE = ("note: no trained VideoLLM weights are installed; using a randomly initialised nano "
-                    "encoder + projector on smollm2, so answers do not reflect the video")
+from encoder.video_io import read_video
+from videollm.llm import default_cache_dir
+from videollm.modeling_videollm import load_videollm
+from videollm.processing_videollm import VideoInputs
 
 
 @dataclass
 class ChatTiming:
-    """What one answer cost. Filled in while `generate_stream` runs; complete when it ends."""
+    """What one answer cost. Filled in while `generate_stream` runs; complete when it ends.
+
+    A caller that decoded the clip for this answer itself (and passes the `VideoInputs`) puts that
+    cost in ``decode_seconds`` beforehand; it then counts in the first token and total times too.
+    """
 
     num_frames: int = 0
     video_tokens: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
-    decode_seconds: float = 0.0  # reading + resizing the video
-    encode_seconds: float = 0.0  # encoder + projector
-    time_to_first_token: float = 0.0  # from the call to the first generated token, all of the above included
+    decode_seconds: float = 0.0  # reading + resizing the video for this answer (0: a decoded clip re-used)
+    encode_seconds: float = 0.0  # encoder + projector, measured where they run (get_video_features)
+    time_to_first_token: float = 0.0  # from the start of the work for this answer to the first new token
     tokens_per_second: float = 0.0  # new tokens after the first / time after the first
     total_seconds: float = 0.0
 
@@ -37,68 +56,59 @@ class ChatTiming:
         return asdict(self)
 
 
+class _TimedStreamer(TextIteratorStreamer):
+    """Records when the first generated token arrives, even if it decodes to no text (e.g. EOS)."""
+
+    first_token_at = None
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        super().put(value)
+
+
+def _as_conversation(conversation) -> list[dict]:
+    return [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+
+
 def generate_stream(model, processor, video, conversation, *, timing: ChatTiming | None = None,
                     max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                     num_frames: int | None = None, start: float | None = None, end: float | None = None,
                     min_new_tokens: int | None = None):
-    """Yield the answer to ``conversation`` as text pieces, streamed while the model generates.
+    """Yield the answer to ``conversation`` as text pieces, streamed while ``model.generate`` runs.
 
-    video: a path, a bundled clip name, uint8 frames (T, H, W, 3), a `VideoInputs` (re-use a decoded
-        clip across turns), or None for text only.
+    video: a path, a bundled clip name, uint8 frames (T, H, W, 3), a `VideoInputs` (a clip decoded
+        before, e.g. re-used across turns), or None for text only.
     conversation: chat messages or LLaVA-layout turns ending with the user's question; a string is
         one user turn. The video attaches to the ``<video>`` marker, or before the first user turn.
     temperature 0 is greedy decoding. ``timing`` (a `ChatTiming`) is filled in as it goes.
     min_new_tokens: suppress end-of-sequence before that many tokens (benchmarks).
     """
-    import torch
-    from transformers import TextIteratorStreamer
-
     timing = timing if timing is not None else ChatTiming()
     t0 = time.perf_counter()
-    if isinstance(conversation, str):
-        conversation = [{"role": "user", "content": conversation}]
+    decoded_before = timing.decode_seconds if isinstance(video, VideoInputs) else 0.0
     clip = None
     if video is not None:
         clip = processor.load_video(video, num_frames=num_frames, start=start, end=end)
-        timing.num_frames = clip.num_frames
-        timing.video_tokens = processor.num_video_tokens(clip)
-    timing.decode_seconds = time.perf_counter() - t0
-    inputs = processor(conversation, video=clip)
-    input_ids = inputs["input_ids"]  # (1, L)
-    timing.prompt_tokens = input_ids.shape[1]
-
-    embeds_kwargs = {"input_ids": input_ids}
-    if clip is not None:
-        # Encode here rather than inside generate() so the encoder's cost is measured on its own;
-        # the LLM then prefills from inputs_embeds and decodes with its KV cache.
-        t = time.perf_counter()
-        with torch.inference_mode():
-            embeds, _ = model.embed_inputs(input_ids, clip.pixel_values)  # (1, L, D_llm)
-        timing.encode_seconds = time.perf_counter() - t
-        embeds_kwargs = {"input_ids": input_ids, "inputs_embeds": embeds}
-
-    class _TimedStreamer(TextIteratorStreamer):
-        # Records when the first generated token arrives, even if it decodes to no text (e.g. EOS).
-        first_token_at = None
-
-        def put(self, value):
-            if not self.next_tokens_are_prompt and self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            super().put(value)
+        timing.decode_seconds = decoded_before or (0.0 if clip is video else clip.decode_seconds)
+        timing.num_frames, timing.video_tokens = clip.num_frames, processor.num_video_tokens(clip)
+    inputs = processor(_as_conversation(conversation), video=clip)
+    timing.prompt_tokens = inputs["input_ids"].shape[1]
 
     streamer = _TimedStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, streamer=streamer, attention_mask=inputs["attention_mask"],
+    gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, streamer=streamer,
                pad_token_id=model.generation_config.pad_token_id)
     if temperature and temperature > 0:
         gen.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     result: dict = {}
+    model.video_encode_seconds = 0.0
 
     def run():
         try:
             with torch.inference_mode():
-                result["ids"] = model.language_model.generate(**embeds_kwargs, **gen)
+                result["ids"] = model.generate(**inputs, **gen)
         except BaseException as err:  # surfaced in the caller's thread below
             result["error"] = err
             streamer.end()
@@ -112,36 +122,30 @@ def generate_stream(model, processor, video, conversation, *, timing: ChatTiming
     if "error" in result:
         raise result["error"]
     end_t = time.perf_counter()
-    ids = result["ids"]
-    timing.new_tokens = ids.shape[1] - (input_ids.shape[1] if ids.shape[1] > input_ids.shape[1]
-                                        and torch.equal(ids[0, :input_ids.shape[1]], input_ids[0]) else 0)
-    timing.total_seconds = end_t - t0
+    timing.encode_seconds = model.video_encode_seconds if clip is not None else 0.0
+    timing.new_tokens = result["ids"].shape[1] - inputs["input_ids"].shape[1]  # (1, L + new)
+    timing.total_seconds = end_t - t0 + decoded_before
     first = streamer.first_token_at
     if first is not None:
-        timing.time_to_first_token = first - t0
-    if first is not None and timing.new_tokens > 1 and end_t > first:
-        timing.tokens_per_second = (timing.new_tokens - 1) / (end_t - first)
+        timing.time_to_first_token = first - t0 + decoded_before
+        if timing.new_tokens > 1 and end_t > first:
+            timing.tokens_per_second = (timing.new_tokens - 1) / (end_t - first)
 
 
 def continuation_logprobs(model, processor, video, conversation, continuations: list[str]) -> list[tuple[float, bool]]:
     """How likely the model finds each of ``continuations`` as the start of its reply to
     ``conversation``: per continuation, (sum of its tokens' log-probabilities, whether greedy
-    decoding would produce exactly those tokens). The video is read and encoded, and the context
-    run through the LLM, once.
+    decoding would produce exactly those tokens). The inputs are those `generate_stream` gives
+    ``model.generate``; the video is read and encoded, and the context run, once.
 
-    video and conversation as in `generate_stream`. A continuation is tokenised on its own, without
-    leading whitespace (the reply starts right after the template's assistant prefix).
+    A continuation is tokenised on its own, without leading whitespace (the reply starts right
+    after the template's assistant prefix).
     """
-    import torch
-
-    if isinstance(conversation, str):
-        conversation = [{"role": "user", "content": conversation}]
     clip = processor.load_video(video) if video is not None else None
-    ctx_ids = processor(conversation, video=clip)["input_ids"]  # (1, L), ends with the assistant prefix
+    inputs = processor(_as_conversation(conversation), video=clip)  # ends with the assistant prefix
     with torch.inference_mode():
-        ctx, _ = model.embed_inputs(ctx_ids, clip.pixel_values if clip is not None else None)  # (1, L, D_llm)
         # The context runs once; each continuation runs on its KV cache, cropped back after it.
-        out = model.language_model(inputs_embeds=ctx, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
         cache, first = out.past_key_values, out.logits[0, -1:]  # first: (1, V), predicts the reply's first token
         results = []
         for text in continuations:
@@ -150,8 +154,7 @@ def continuation_logprobs(model, processor, video, conversation, continuations: 
                 raise ValueError(f"continuation {text!r} has no tokens")
             logits = first
             if cont.shape[1] > 1:
-                rest = model.language_model(inputs_embeds=model.get_input_embeddings()(cont[:, :-1]),
-                                            past_key_values=cache, use_cache=True).logits[0]  # (C-1, V)
+                rest = model(input_ids=cont[:, :-1], past_key_values=cache, use_cache=True).logits[0]  # (C-1, V)
                 cache.crop(-(cont.shape[1] - 1))  # negative: drop that many tokens (back to L)
                 logits = torch.cat([first, rest])
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (C, V): row i predicts cont[i]
@@ -189,14 +192,11 @@ def parse_args(argv):
     return args
 
 
-def _answer(model, processor, video, conversation, args, out) -> str:
-    import json
-
-    timing = ChatTiming()
+def _answer(model, processor, clip, conversation, args, timing: ChatTiming, out) -> str:
     pieces = []
-    for piece in generate_stream(model, processor, video, conversation, timing=timing,
+    for piece in generate_stream(model, processor, clip, conversation, timing=timing,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, num_frames=args.frames):
+                                 top_p=args.top_p):
         pieces.append(piece)
         out.write(piece)
         out.flush()
@@ -209,28 +209,25 @@ def _answer(model, processor, video, conversation, args, out) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from pathlib import Path
-
-    from videollm.llm import default_cache_dir
-    from videollm.modeling_videollm import load_videollm
-
-    video = None
+    read, read_seconds = None, 0.0
     if args.video is not None:
-        # Decode first: a bad path fails in a second, before the model loads.
-        from encoder.video_io import probe_video
-
-        probe_video(args.video)
-        video = args.video
+        # Read first (the one decode of this video): a bad file fails in a second, before the model loads.
+        t0 = time.perf_counter()
+        read = read_video(args.video, args.frames, start=args.start, end=args.end)
+        read_seconds = time.perf_counter() - t0
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     model, processor = load_videollm(args.model, num_frames=args.frames, use_time_line=args.time_line,
                                      cache_dir=cache_dir)
-    processor.use_time_line = args.time_line
-    if getattr(model, "vision_untrained", False) and video is not None:
-        print(UNTRAINED_NOTICE, file=sys.stderr)
-    clip = processor.load_video(video, num_frames=args.frames, start=args.start, end=args.end) if video else None
+    clip = processor.load_video(read) if read is not None else None  # resized once, re-used by every turn
+    decode_cost = read_seconds + clip.decode_seconds if clip is not None else 0.0
+
+    def timing() -> ChatTiming:  # the first answer carries the decode
+        nonlocal decode_cost
+        t, decode_cost = ChatTiming(decode_seconds=decode_cost), 0.0
+        return t
 
     if args.question is not None:
-        _answer(model, processor, clip, [{"role": "user", "content": args.question}], args, sys.stdout)
+        _answer(model, processor, clip, [{"role": "user", "content": args.question}], args, timing(), sys.stdout)
         return 0
 
     interactive = sys.stdin.isatty()
@@ -252,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         history.append({"role": "user", "content": line})
         if interactive:
             sys.stdout.write("assistant> ")
-        answer = _answer(model, processor, clip, history, args, sys.stdout)
+        answer = _answer(model, processor, clip, history, args, timing(), sys.stdout)
         history.append({"role": "assistant", "content": answer})
     return 0
 

@@ -18,12 +18,17 @@ conversation's prefix as a prefix of the whole.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from encoder.errors import UserError
+from encoder.transforms import CLIP_MEAN, CLIP_STD, frames_to_tensor
+from encoder.video_io import VideoClip, read_video
 from videollm.configuration_videollm import VIDEO_TOKEN, VideoLLMConfig
 
 PROCESSOR_FILE = "videollm_processor.json"
@@ -39,6 +44,7 @@ class VideoInputs:
     timestamps: list[float]  # (T,) seconds
     duration: float | None  # seconds, None when unknown (raw frames)
     frames: object | None = field(default=None, repr=False)  # (T, H, W, 3) uint8, for galleries
+    decode_seconds: float = 0.0  # reading the file (when `load_video` read it) + resizing
 
     @property
     def num_frames(self) -> int:
@@ -85,8 +91,6 @@ class VideoLLMProcessor:
 
     def __init__(self, tokenizer, config: VideoLLMConfig, num_frames: int = 8, image_size: int | None = None,
                  use_time_line: bool = True, mean=None, std=None, system_prompt: str | None = None):
-        from encoder.transforms import CLIP_MEAN, CLIP_STD
-
         if VIDEO_TOKEN not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no {VIDEO_TOKEN} token; build the model with build_videollm "
                              "or call add_video_token(llm, tokenizer)")
@@ -107,23 +111,20 @@ class VideoLLMProcessor:
 
     def load_video(self, video, num_frames: int | None = None, start: float | None = None,
                    end: float | None = None) -> VideoInputs:
-        """A path (or bundled clip name), or uint8 frames (T, H, W, 3) → `VideoInputs`.
-        Raises `VideoReadError` for an unreadable file."""
-        import numpy as np
-
-        from encoder.transforms import frames_to_tensor
-
+        """A path (or bundled clip name; read here, ``num_frames`` uniformly), an already read
+        `VideoClip`, or uint8 frames (T, H, W, 3) → `VideoInputs` (a `VideoInputs` is returned
+        as is). Raises `VideoReadError` for an unreadable file."""
         if isinstance(video, VideoInputs):
             return video
+        start_time = time.perf_counter()
         if isinstance(video, np.ndarray):
             frames, timestamps, duration = video, [float(i) for i in range(len(video))], None
         else:
-            from encoder.video_io import read_video
-
-            clip = read_video(video, num_frames or self.num_frames, start=start, end=end)
+            clip = video if isinstance(video, VideoClip) else read_video(video, num_frames or self.num_frames,
+                                                                          start=start, end=end)
             frames, timestamps, duration = clip.frames, clip.timestamps, clip.info.duration
         pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std).unsqueeze(0)  # (1, 3, T, S, S)
-        return VideoInputs(pixel_values, list(timestamps), duration, frames)
+        return VideoInputs(pixel_values, list(timestamps), duration, frames, time.perf_counter() - start_time)
 
     def num_video_tokens(self, video: VideoInputs) -> int:
         _, _, T, H, W = video.pixel_values.shape
@@ -172,13 +173,15 @@ class VideoLLMProcessor:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def __call__(self, conversation: list[dict], video=None, add_generation_prompt: bool = True) -> dict:
-        """Inference inputs (batch of one): input_ids (1, L), attention_mask (1, L), pixel_values
-        (1, 3, T, S, S) or None, and the `VideoInputs` under "video"."""
+        """The model's inputs for one conversation (a batch of one), ready for ``model(**inputs)``
+        and ``model.generate(**inputs)``: input_ids (1, L), attention_mask (1, L), pixel_values
+        (1, 3, T, S, S) or None. ``video`` as `load_video` takes it (decode once with `load_video`
+        and pass the `VideoInputs` to re-use a clip)."""
         video = self.load_video(video) if video is not None else None
         text = self.render(conversation, video, add_generation_prompt)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, L)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "pixel_values": video.pixel_values if video is not None else None, "video": video}
+                "pixel_values": video.pixel_values if video is not None else None}
 
     def build_training_example(self, conversation: list[dict], video=None, max_length: int | None = None) -> dict:
         """input_ids and labels (lists of int) for one conversation; labels are -100 except on
@@ -245,8 +248,6 @@ class VideoLLMProcessor:
 
     @classmethod
     def from_pretrained(cls, directory, config: VideoLLMConfig | None = None, **overrides) -> "VideoLLMProcessor":
-        from transformers import AutoTokenizer
-
         directory = Path(directory)
         config = config or VideoLLMConfig.from_pretrained(directory)
         settings = json.loads((directory / PROCESSOR_FILE).read_text()) if (directory / PROCESSOR_FILE).is_file() else {}
