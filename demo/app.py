@@ -20,12 +20,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+from PIL import Image
+
+from demo.examples import example_clips
 from encoder.errors import UserError, VideoReadError, run_cli
+from videollm.chat import ChatTiming, generate_stream
+from videollm.llm import default_cache_dir
+from videollm.modeling_videollm import load_videollm
 
 if TYPE_CHECKING:  # gradio is imported when the app is built, so `videollm demo --help` is instant
     import gradio as gr
@@ -66,9 +74,6 @@ def info_text(timing) -> str:
 def thumbnails(frames, timestamps: list[float], side: int = THUMBNAIL_SIDE) -> list[tuple]:
     """Gallery items ``(image (h, w, 3) uint8, "#1 · 1.2 s")`` from frames (T, H, W, 3), each frame
     shrunk to fit ``side``."""
-    import numpy as np
-    from PIL import Image
-
     items = []
     for i, (frame, t) in enumerate(zip(frames, timestamps)):  # frame (H, W, 3)
         image = Image.fromarray(frame)
@@ -103,15 +108,14 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
     """
     import gradio as gr
 
-    from videollm.chat import UNTRAINED_NOTICE, ChatTiming, generate_stream
-
     def load_clip(path: str, num_frames: int, cache: dict | None):
-        """The decoded clip for (path, num_frames), re-used from the session cache when unchanged."""
+        """(clip, cache, decoded now?): the decoded clip for (path, num_frames), re-used from the
+        session cache when unchanged."""
         key = (path, num_frames)
         if cache and cache.get("key") == key:
-            return cache["clip"], cache
+            return cache["clip"], cache, False
         clip = processor.load_video(path, num_frames=num_frames)  # VideoInputs; VideoReadError if bad
-        return clip, {"key": key, "clip": clip}
+        return clip, {"key": key, "clip": clip}, True
 
     def respond(video, question, chat, history, cache, num_frames, temperature, top_p, new_tokens):
         """Chat turn: yields (chatbot, question box, gallery, info, chat, history, cache)."""
@@ -126,18 +130,17 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
             chat.append({"role": "assistant", "content": NO_VIDEO})
             yield chat, "", gr.skip(), "", chat, history, cache
             return
-        t0 = time.perf_counter()
         try:
-            clip, cache = load_clip(video, int(num_frames), cache)
+            clip, cache, decoded = load_clip(video, int(num_frames), cache)
         except UserError as err:
             chat.append({"role": "assistant", "content": error_text(err)})
             yield chat, "", [], "", chat, history, None
             return
-        decode_seconds = time.perf_counter() - t0  # ~0 on later turns: the clip is cached
         yield chat, "", thumbnails(clip.frames, clip.timestamps), "", chat, history, cache
 
         conversation = history + [{"role": "user", "content": question}]
-        timing = ChatTiming()
+        # The answer that needed the clip decoded carries its cost; later turns re-use the clip.
+        timing = ChatTiming(decode_seconds=clip.decode_seconds if decoded else 0.0)
         answer = ""
         try:
             for piece in generate_stream(model, processor, clip, conversation, timing=timing,
@@ -151,10 +154,6 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
             chat.append({"role": "assistant", "content": (answer + "\n\n" if answer else "") + error_text(err)})
             yield chat, gr.skip(), gr.skip(), "", chat, history, cache
             return
-        # generate_stream got an already-decoded clip, so its clock started after decoding.
-        timing.decode_seconds += decode_seconds
-        timing.time_to_first_token += decode_seconds
-        timing.total_seconds += decode_seconds
         if not answer:
             answer = "(the model ended its answer without any text)"
         chat.append({"role": "assistant", "content": answer})
@@ -184,8 +183,6 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nAsk questions about a video. The answer streams in as it is generated.")
-        if getattr(model, "vision_untrained", False):
-            gr.Markdown(f"> {UNTRAINED_NOTICE}.", elem_id="untrained-notice")
         chat_state = gr.State([])  # what the chatbot shows (errors included)
         history_state = gr.State([])  # what the model sees: user/assistant turns only
         clip_state = gr.State(None)  # {"key": (path, frames), "clip": VideoInputs}
@@ -265,8 +262,6 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
 
 def check_port(host: str, port: int) -> None:
     """UserError when ``host:port`` cannot be bound (taken, or not an address of this machine)."""
-    import socket
-
     try:
         with socket.create_server((host, port)):
             pass
@@ -303,20 +298,12 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from videollm.chat import UNTRAINED_NOTICE
-    from videollm.llm import default_cache_dir
-    from videollm.modeling_videollm import load_videollm
-
-    from demo.examples import example_clips
-
     t0 = time.perf_counter()
     check_port(args.host, args.port)  # fail in a second, not after loading the model
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     examples = [] if args.no_examples else example_clips(cache_dir.parent / "demo_examples")
     print("loading the model…", flush=True)
     model, processor = load_videollm(args.model, num_frames=args.frames, cache_dir=cache_dir)
-    if getattr(model, "vision_untrained", False):
-        print(UNTRAINED_NOTICE, file=sys.stderr)
     app = build_app(model, processor, examples=examples, default_frames=args.frames,
                     max_new_tokens=args.max_new_tokens, concurrency=args.concurrency)
     try:

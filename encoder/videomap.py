@@ -45,7 +45,6 @@ only through the position tables: (1 + N + T)·D):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -362,7 +361,7 @@ class VideoMAPModel(VideoMAPPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> "VideoMAPOutput":
+                output_hidden_states: bool = False) -> VideoEncoderOutput:
         """pixel_values: (B, C, T, H, W) float; token_mask: optional bool (B, T, N), True = dropped
         before the blocks (same count in every frame)."""
         pixel_values = pixel_values.to(self.embeddings.patch_embed.proj.weight.dtype)
@@ -378,16 +377,8 @@ class VideoMAPModel(VideoMAPPreTrainedModel):
             hidden_states.append(h)
         h = self.norm(h)
         pooled = h[:, 0] if self.config.pool == "cls" else h[:, 1:].mean(dim=1)  # (B, D)
-        return VideoMAPOutput(last_hidden_state=h, pooler_output=pooled, grid=grid, stem_states=stem,
-                              hidden_states=tuple(hidden_states) if output_hidden_states else None)
-
-
-@dataclass
-class VideoMAPOutput(VideoEncoderOutput):
-    """`VideoEncoderOutput` plus ``stem_states`` (B, 1 + T·N_vis, D): the stem's features (patch
-    embedding + positions, the first block's input), which a projector may read beside the output."""
-
-    stem_states: torch.FloatTensor | None = None
+        return VideoEncoderOutput(last_hidden_state=h, pooler_output=pooled, grid=grid, stem_states=stem,
+                                  hidden_states=tuple(hidden_states) if output_hidden_states else None)
 
 
 AutoConfig.register("videomap", VideoMAPConfig, exist_ok=True)

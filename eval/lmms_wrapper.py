@@ -32,6 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from encoder.errors import UserError, run_cli
+from encoder.video_io import read_video
+from eval.qa import VideoLLMAnswerer, uniform_frames
+from videollm.chat import continuation_logprobs, generate_stream
+from videollm.data.synth import resize_frames
 
 TASK_DIR = Path(__file__).resolve().parent / "lmms_tasks"
 MODEL_ID = "videomap_llm"
@@ -59,8 +63,6 @@ if _LMMBase is not None:
         def __init__(self, pretrained: str = "default", max_frames_num: int = 16, max_new_tokens: int = 16,
                      batch_size: int = 1, device: str = "cpu", **kwargs):
             super().__init__()
-            from eval.qa import VideoLLMAnswerer
-
             if int(batch_size) != 1:
                 raise ValueError("VideoMAPLLM runs one request at a time; use --batch_size 1")
             self.num_frames = int(max_frames_num)
@@ -83,17 +85,11 @@ if _LMMBase is not None:
                 return None
             first = visuals[0]
             if isinstance(first, (str, Path)):
-                from encoder.video_io import read_video
-
                 return read_video(first, self.num_frames).frames
             if isinstance(first, np.ndarray) and first.ndim == 4:
-                from eval.qa import uniform_frames
-
                 return uniform_frames(first, self.num_frames)
             images = [np.asarray(v.convert("RGB")) for v in visuals]  # PIL images as frames
             h, w = images[0].shape[:2]
-            from videollm.data.synth import resize_frames
-
             return np.concatenate([resize_frames(im[None], h, w) for im in images]).astype(np.uint8)
 
         def _doc_frames(self, doc_to_visual, doc_id, task, split):
@@ -102,8 +98,6 @@ if _LMMBase is not None:
         # ---- lmms API -------------------------------------------------------------------------
 
         def generate_until(self, requests) -> list[str]:
-            from videollm.chat import generate_stream
-
             out = []
             for context, gen_kwargs, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
                 frames = self._doc_frames(doc_to_visual, doc_id, task, split)
@@ -123,8 +117,6 @@ if _LMMBase is not None:
             return out
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            from videollm.chat import continuation_logprobs
-
             results = []
             for context, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
                 doc = self.task_dict[task][split][doc_id]

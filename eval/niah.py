@@ -92,7 +92,7 @@ def run_niah(answer_fn: AnswerFn | ScoreFn, frame_counts: list[int], depths: lis
 def needle_readout(model, processor, frame_counts: list[int], depths: list[float], needles: int, *,
                    size: int, seed: int = 0, log=print) -> dict:
     """Whether the needle frame's own video tokens still name the needle (no LLM involved): for a
-    VideoLLM whose projector has a word anchor (`VideoProjector.anchor_scores`), the word of each
+    VideoLLM with a word-anchor projector (`WordAnchorProjector.word_scores`), the word of each
     anchor group (colours, shapes, ...) that scores highest on any of the needle frame's tokens,
     against the needle's colour and shape. The same needles and haystacks as `run_niah`. When
     `run_niah` misses a needle these tokens still name, the LLM is what fails (e.g. too far
@@ -102,48 +102,38 @@ def needle_readout(model, processor, frame_counts: list[int], depths: list[float
     from videollm.data.synth import insert_needle
 
     proj = model.projector
-    groups = getattr(proj.config, "word_anchor", None)
-    if not groups or not hasattr(proj, "anchor_keys"):
-        raise UserError("--readout needs a VideoLLM whose projector has a word anchor (word_anchor in its "
-                        "config, as the default model's); this model has none")
-    seen: dict[str, torch.Tensor] = {}
-    anchor_scores = proj.anchor_scores
-
-    def recording(x):  # the scores the anchor computes, kept
-        seen["scores"] = anchor_scores(x)
-        return seen["scores"]
-
+    if not hasattr(proj, "word_scores"):
+        raise UserError("--readout needs a VideoLLM with a word-anchor projector (projector_type "
+                        "'word_anchor', as the default model's); this model has none")
+    groups = proj.config.words
     cells, samples = [], []
-    proj.anchor_scores = recording
-    try:
-        for F_ in frame_counts:
-            haystack = build_haystack(F_, size)
-            for d in depths:
-                hits = {"color": 0, "shape": 0}
-                for i in range(needles):
-                    needle, _ = needle_sample(seed + i, size)
-                    video, (start, end) = insert_needle(haystack, needle.frames, d)
-                    pixels = processor.load_video(video).pixel_values  # every frame: (1, 3, F, S, S)
-                    with torch.no_grad():
-                        model.get_video_features(pixels.to(model.dtype))
-                    per_frame = seen["scores"].shape[1] // F_  # tokens are frame-major
-                    scores = seen["scores"][0, start * per_frame:end * per_frame]  # (needle frames' tokens, words)
-                    named, at = set(), 0
-                    for group in groups:  # each group's top word on any of those tokens
-                        named.add(group[int(scores[:, at:at + len(group)].max(dim=0).values.argmax())])
-                        at += len(group)
-                    obj = needle.spec.objects[0]
-                    got = {"color": obj.color in named, "shape": obj.shape in named}
-                    for k in hits:
-                        hits[k] += got[k]
-                    samples.append({"frames": F_, "depth": d, "needle_seed": seed + i, "needle_index": [start, end],
-                                    "needle": f"{obj.color} {obj.shape}", "read": sorted(named),
-                                    "color_named": got["color"], "shape_named": got["shape"]})
-                cells.append({"frames": F_, "depth": d, "n": needles, **{f"{k}_named": v for k, v in hits.items()}})
-                log(f"F={F_} depth={d:g}: needle tokens name its colour {hits['color']}/{needles}, "
-                    f"shape {hits['shape']}/{needles}")
-    finally:
-        del proj.anchor_scores  # back to the class's method
+    for F_ in frame_counts:
+        haystack = build_haystack(F_, size)
+        for d in depths:
+            hits = {"color": 0, "shape": 0}
+            for i in range(needles):
+                needle, _ = needle_sample(seed + i, size)
+                video, (start, end) = insert_needle(haystack, needle.frames, d)
+                pixels = processor.load_video(video).pixel_values.to(model.dtype)  # every frame: (1, 3, F, S, S)
+                with torch.no_grad():
+                    enc = model.vision_tower(pixels)
+                    all_scores = proj.word_scores(enc.last_hidden_state, tuple(enc.grid), enc.stem_states)  # (1, K, n)
+                per_frame = all_scores.shape[1] // F_  # tokens are frame-major
+                scores = all_scores[0, start * per_frame:end * per_frame]  # (needle frames' tokens, words)
+                named, at = set(), 0
+                for group in groups:  # each group's top word on any of those tokens
+                    named.add(group[int(scores[:, at:at + len(group)].max(dim=0).values.argmax())])
+                    at += len(group)
+                obj = needle.spec.objects[0]
+                got = {"color": obj.color in named, "shape": obj.shape in named}
+                for k in hits:
+                    hits[k] += got[k]
+                samples.append({"frames": F_, "depth": d, "needle_seed": seed + i, "needle_index": [start, end],
+                                "needle": f"{obj.color} {obj.shape}", "read": sorted(named),
+                                "color_named": got["color"], "shape_named": got["shape"]})
+            cells.append({"frames": F_, "depth": d, "n": needles, **{f"{k}_named": v for k, v in hits.items()}})
+            log(f"F={F_} depth={d:g}: needle tokens name its colour {hits['color']}/{needles}, "
+                f"shape {hits['shape']}/{needles}")
     return {"frames": frame_counts, "depths": depths, "needles": needles, "size": size, "seed": seed,
             "cells": cells, "samples": samples}
 

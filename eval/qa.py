@@ -217,20 +217,16 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn | ScoreFn, out_dir: str 
 
 class VideoLLMAnswerer:
     """``answer_fn`` for a saved VideoLLM (or the default one): `videollm.modeling_videollm.load_videollm`
-    + `videollm.chat.generate_stream` with greedy decoding, so prompts go through the same processor
-    (chat template, ``<video>`` expansion, time line) as in training and chat. Frames are passed in
-    memory, no temporary files.
+    + `videollm.chat.generate_stream` with greedy decoding, the path chat and the demo answer
+    through (processor → ``model.generate``). Frames are passed in memory, no temporary files.
 
-    model: a checkpoint directory, or None / "default" for the default model.
+    model: a saved VideoLLM directory, or None / "default" for the default model.
     """
 
     def __init__(self, model: str | Path | None = None, max_new_tokens: int = 16, num_frames: int | None = None):
         from videollm.modeling_videollm import load_videollm
 
-        path = None if model in (None, "", "default") else model
-        if path is not None and not Path(path).is_dir():
-            raise UserError(f"model directory '{path}' does not exist")
-        self.model, self.processor = load_videollm(path, num_frames=num_frames)
+        self.model, self.processor = load_videollm(model or None, num_frames=num_frames)
         self.size = int(self.processor.image_size)
         self.max_new_tokens = max_new_tokens
 

@@ -61,9 +61,9 @@ def tiny_videollm():
                                        tie_word_embeddings=True)).eval()
     encoder = VideoMAPConfig.from_preset("nano", embed_dim=32, depth_mamba=2, attn_every=2, num_heads=2,
                                          img_size=32, num_frames=8)
-    model, processor = build_videollm((llm, tiny_tokenizer()), encoder, num_frames=8, spatial_pool=2)
+    model, processor = build_videollm((llm, tiny_tokenizer()), encoder, num_frames=8, projector={"spatial_pool": 2})
     # Only words (ids 3 .. 3 + len(WORDS) - 1): the text grows with every token.
-    gen = model.language_model.generation_config
+    gen = model.generation_config  # what model.generate() reads
     gen.eos_token_id = None
     gen.suppress_tokens = [0, 1, 2] + list(range(3 + len(WORDS), 128))
     return model, processor
@@ -172,6 +172,9 @@ def test_respond_streams_and_errors_in_chat(tiny_model, tmp_path):
     # Second turn re-uses the decoded clip and sends the whole history to the model.
     outs2 = list(respond(video, "And then?", chat, history, cache, 8, 0.0, 1.0, 8))
     assert outs2[-1][6] is cache and len(outs2[-1][5]) == 4
+    # the first answer paid for decoding the clip (read + resize), the second did not
+    decode = [float(re.search(r"decode (\d+\.\d+) s", o[-1][3]).group(1)) for o in (outs, outs2)]
+    assert decode[0] > 0 and decode[1] == 0
 
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 100)

@@ -1,6 +1,6 @@
 """``videollm bench chat``: one JSON line with the cost of answering about a video on this machine —
-time to first token, tokens/s, encode time, peak RSS — for smollm2 + the nano encoder on the
-bundled 32-frame "bigbuckbunny" clip by default."""
+time to first token, tokens/s, decode and encode time, peak RSS — for a saved VideoLLM (default:
+the shipped model) on the bundled 32-frame "bigbuckbunny" clip by default."""
 
 from __future__ import annotations
 
@@ -9,15 +9,21 @@ import json
 import platform
 import resource
 import sys
+from pathlib import Path
+
+import torch
 
 from encoder.errors import run_cli
+from videollm.chat import ChatTiming, generate_stream
+from videollm.llm import default_cache_dir
+from videollm.modeling_videollm import DEFAULT_ALIAS, load_videollm
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="videollm bench chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--video", default="bigbuckbunny", help="video file or bundled clip name")
     p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--model", default=None, help="a VideoLLM checkpoint directory (default: smollm2 + nano)")
+    p.add_argument("--model", default=DEFAULT_ALIAS, help="a saved VideoLLM directory (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--question", default="Describe the video.")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -31,16 +37,16 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if platform.system() == "Darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
+def model_label(model, processor) -> dict:
+    """What was measured: the LLM, the encoder, the projector and the frame size of the loaded model."""
+    vision = model.config.vision_config
+    return {"llm": model.config.base_llm or model.config.text_config.model_type, "lora": model.has_lora,
+            "encoder": f"{vision.model_type} (D={vision.embed_dim})", "projector": model.config.projector_type,
+            "image_size": processor.image_size}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from pathlib import Path
-
-    import torch
-
-    from videollm.chat import ChatTiming, generate_stream
-    from videollm.llm import default_cache_dir
-    from videollm.modeling_videollm import load_videollm
-
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     model, processor = load_videollm(args.model, num_frames=args.frames, cache_dir=cache_dir)
 
@@ -56,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     timing, _ = answer(args.max_new_tokens)
     record = {
         "bench": "chat",
-        "model": args.model or "default (smollm2 + random nano)",
+        "model": str(args.model),
+        **model_label(model, processor),
         "video": args.video,
         "frames": timing.num_frames,
         "video_tokens": timing.video_tokens,

@@ -1,6 +1,6 @@
 """``videollm merge-lora --model DIR --out DIR``: fold a LoRA adapter into the LLM and write a
 standalone checkpoint (encoder, projector, merged LLM, tokenizer) that loads without peft or the
-base-LLM reference."""
+base-LLM reference. ``--model default`` merges the shipped model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import tempfile
 from pathlib import Path
 
 from encoder.errors import UserError, run_cli
+from videollm.llm import default_cache_dir
+from videollm.modeling_videollm import ADAPTER_DIR, load_videollm, resolve_model_dir, save_videollm
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="videollm merge-lora", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a VideoLLM checkpoint saved with a LoRA adapter")
+    p.add_argument("--model", required=True, help="a saved VideoLLM with a LoRA adapter, or 'default'")
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     p.add_argument("--cache-dir", default=None,
                    help="LLM cache for the base model (default: $VIDEOMAP_LLM_CACHE or ~/.cache/videomap-llm/llm)")
@@ -24,12 +26,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from videollm.llm import default_cache_dir
-    from videollm.modeling_videollm import ADAPTER_DIR, load_videollm, save_videollm
-
-    src, out = Path(args.model).expanduser(), Path(args.out).expanduser()
-    if not (src / "config.json").is_file():
-        raise UserError(f"'{src}' is not a VideoLLM checkpoint directory (no config.json)")
+    src, out = resolve_model_dir(args.model), Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory '{out}' exists and is not empty")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()

@@ -159,8 +159,7 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         kept in ``video_encode_seconds``."""
         start = time.perf_counter()
         out = self.vision_tower(pixel_values)  # last_hidden_state (B, 1 + T·h·w, D)
-        features = self.projector(out.last_hidden_state, tuple(out.grid),
-                                  getattr(out, "stem_states", None))  # (B, K, D_llm)
+        features = self.projector(out.last_hidden_state, tuple(out.grid), out.stem_states)  # (B, K, D_llm)
         self.video_encode_seconds = time.perf_counter() - start
         return features
 
@@ -451,7 +450,6 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
     quantization_config: e.g. a ``BitsAndBytesConfig`` for QLoRA (the LLM is loaded quantized).
     seed: torch's global RNG is seeded with it before the encoder and again before the projector.
     The processor gets num_frames, image_size (default: the encoder's), use_time_line, system_prompt.
-    ``model.vision_untrained`` is True when the encoder was randomly initialised.
     """
     settings = dict(projector or {})
     projector_type = settings.pop("type", None)
@@ -465,7 +463,6 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
         if not (path / "tokenizer_config.json").is_file():
             raise UserError(f"init_from '{path}' has no tokenizer; save models with save_videollm")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        untrained = False
         if projector_type is not None or settings:
             with torch.random.fork_rng():  # the seeded state stays that of the saved model's build
                 _change_projector(model, tokenizer, projector_type or model.config.projector_type, settings)
@@ -479,7 +476,7 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
             base_llm = str(llm)
         video_token_id = add_video_token(language_model, tokenizer)
         torch.manual_seed(seed)
-        vision_tower, untrained = _build_encoder(encoder, num_frames, image_size, dtype)
+        vision_tower = _build_encoder(encoder, num_frames, image_size, dtype)
         config = VideoLLMConfig(vision_config=vision_tower.config, text_config=language_model.config,
                                 projector_type=projector_type or "mlp", projector_config=settings,
                                 video_token_id=video_token_id, base_llm=base_llm)
@@ -489,27 +486,26 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
             _fill_word_anchor(model, tokenizer)
         model.generation_config = _generation_config(language_model, tokenizer)
         _to_dtype(model, dtype, quantization_config)
-    model.vision_untrained = untrained
     model.eval()
     processor = VideoLLMProcessor(tokenizer, model.config, num_frames=num_frames, image_size=image_size,
                                   use_time_line=use_time_line, system_prompt=system_prompt)
     return model, processor
 
 
-def _build_encoder(encoder, num_frames: int, image_size: int | None, dtype) -> tuple[nn.Module, bool]:
-    """(encoder module, randomly initialised?) from a module, a config, a preset name or a directory."""
+def _build_encoder(encoder, num_frames: int, image_size: int | None, dtype) -> nn.Module:
+    """The encoder from a module, a config or a preset name (random), or a directory."""
     if isinstance(encoder, nn.Module):
-        return encoder, False
+        return encoder
     if isinstance(encoder, PretrainedConfig):
-        return AutoModel.from_config(encoder), True
+        return AutoModel.from_config(encoder)
     if isinstance(encoder, str) and encoder in PRESETS:
         sizes = {"num_frames": num_frames, **({"img_size": image_size} if image_size else {})}
-        return AutoModel.from_config(VideoMAPConfig.from_preset(encoder, **sizes)), True
+        return AutoModel.from_config(VideoMAPConfig.from_preset(encoder, **sizes))
     path = Path(str(encoder)).expanduser()
     if not (path / "config.json").is_file():
         raise UserError(f"encoder '{encoder}' is neither a VideoMAP preset ({', '.join(PRESETS)}) "
                         "nor an encoder directory (with config.json)")
-    return AutoModel.from_pretrained(str(path), dtype=dtype), False
+    return AutoModel.from_pretrained(str(path), dtype=dtype)
 
 
 def _change_projector(model: VideoLLMForCausalLM, tokenizer, projector_type: str, settings: dict) -> None:
@@ -568,7 +564,6 @@ def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bo
     processor's saved settings."""
     path = resolve_model_dir(path)
     model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=is_trainable)
-    model.vision_untrained = False
     processor = VideoLLMProcessor.from_pretrained(path, model.config, num_frames=num_frames,
                                                   use_time_line=use_time_line)
     return model.eval(), processor

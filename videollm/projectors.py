@@ -120,6 +120,12 @@ class WordAnchorProjector(VideoProjector):
         ``config.words``' order: what `anchor` mixes the words by."""
         return self.config.temperature * F.normalize(x, dim=-1) @ self.anchor_keys.to(x.dtype).T
 
+    def word_scores(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
+                    stem_states: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, n): `anchor_scores` of the tokens made from an encoder output, before the anchor
+        mixes the words by them (which words a video's tokens name, read without the LLM)."""
+        return self.anchor_scores(super().forward(hidden_states, grid, stem_states))
+
     def anchor(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: b})·values_g + gate·x,
         b = ``config.none_logit``."""
