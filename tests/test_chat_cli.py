@@ -26,10 +26,37 @@ def chat(args, cache, stdin=None):
                           env=env, input=stdin, timeout=600, cwd=REPO)
 
 
-def test_no_video_question_is_answered_by_smollm2(llm_cache):
+def test_no_video_question_is_answered_by_smollm2_and_nothing_else_is_printed(llm_cache):
     r = chat(["--no-video", "What is the capital of France?", "--max-new-tokens", "16"], llm_cache)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+    assert r.stderr == ""  # no library warnings, progress bars or notices
+    r = chat(["--verbose", "--no-video", "What is the capital of France?", "--max-new-tokens", "4"], llm_cache)
+    assert r.returncode == 0 and "Loading weights" in r.stderr  # --verbose lets the libraries talk
+
+
+def test_a_question_decodes_the_video_once_and_times_it(llm_cache, monkeypatch, capsys):
+    """One read of the file per question (no probe first), and the reported decode time is that
+    read + resize; encode time is the encoder's."""
+    import json
+
+    import encoder.video_io as video_io
+    from videollm.chat import main
+
+    opened = []
+    with_reader = video_io._with_reader
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return with_reader(path, *args, **kwargs)
+
+    monkeypatch.setattr(video_io, "_with_reader", counting)
+    monkeypatch.setenv("VIDEOMAP_LLM_CACHE", str(llm_cache))
+    assert main(["bikes", "What moves?", "--frames", "8", "--max-new-tokens", "3", "--timing"]) == 0
+    assert opened == ["bikes"]
+    timing = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert timing["decode_seconds"] > 0.005 and timing["encode_seconds"] > 0
+    assert timing["time_to_first_token"] > timing["decode_seconds"] + timing["encode_seconds"]
 
 
 def test_video_question_streams_text(llm_cache):

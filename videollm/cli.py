@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from encoder.errors import VERBOSE_FLAG, run_cli
+
 # (words, module, one-line help). Two-word commands are groups ("bench scan").
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("inspect",), "encoder.video_io", "print a video's metadata and the timestamps --frames N would sample"),
@@ -33,7 +35,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 
 
 def _usage() -> str:
-    lines = ["usage: videollm COMMAND [ARGS…]   (videollm COMMAND --help for details)", "", "commands:"]
+    lines = ["usage: videollm [--verbose] COMMAND [ARGS…]   (videollm COMMAND --help for details)", "",
+             "--verbose: show library warnings, progress bars and tracebacks (quiet by default)", "", "commands:"]
     for words, _, text in COMMANDS:
         lines.append(f"  {' '.join(words):<16} {text}")
     return "\n".join(lines)
@@ -48,6 +51,8 @@ def _lookup(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = VERBOSE_FLAG in argv
+    argv = [a for a in argv if a != VERBOSE_FLAG]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -57,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; '{argv[0]}' takes one of: {', '.join(c[0][1] for c in group)}" if group else ""
         print(f"error: unknown command '{' '.join(argv[:2])}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from encoder.errors import run_cli
-
-    return run_cli(lambda rest: importlib.import_module(module).main(rest), argv[len(words):])
+    rest = argv[len(words):] + ([VERBOSE_FLAG] if verbose else [])
+    return run_cli(lambda args: importlib.import_module(module).main(args), rest)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ reads the environment on its own.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -22,6 +23,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from encoder.errors import UserError
 
@@ -63,8 +67,6 @@ def _is_complete(cache: Path) -> bool:
 
 
 def _load_dir(path: str | Path, dtype, quantization_config, cache_dir=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs = {"dtype": dtype}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -77,11 +79,15 @@ def _load_dir(path: str | Path, dtype, quantization_config, cache_dir=None):
 
 def _dequantize_gguf(gguf: Path, cache: Path) -> None:
     """GGUF → dense safetensors + tokenizer in ``cache``, written atomically (tmp dir + rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     logger.warning("dequantizing %s once (tens of seconds); the dense copy is cached in %s", gguf.name, cache)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers draws this one bar with plain tqdm; follow its own progress-bar switch (quiet mode).
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = bar if hf_logging.is_progress_bar_enabled() else functools.partial(bar, disable=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        gguf_utils.tqdm = bar
     # The weights are dense now; without this save_pretrained refuses ("quantized with gguf").
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
