@@ -70,3 +70,29 @@ def test_needle_readout_reads_the_needle_frame(shipped):
     assert [s["needle_index"] for s in out["samples"]] == [[0, 1], [0, 1], [63, 64], [63, 64]]
     for s in out["samples"]:
         assert set(s["needle"].split()) <= set(s["read"])
+
+
+def test_init_from_default_starts_from_exactly_the_shipped_model(shipped, tmp_path):
+    """`build_videollm(init_from="default")`, what `videollm finetune init_from=default` builds on:
+    the shipped model's outputs, its LoRA adapter trainable, saved again as base reference + adapter;
+    and a word anchor built afresh from the LLM's embeddings equals the shipped one."""
+    import torch
+    import torch.nn.functional as F
+
+    from videollm.data.synth import make_clip
+    from videollm.modeling_videollm import build_videollm, save_videollm, word_embedding_rows
+
+    model, processor, _ = shipped
+    continued, proc = build_videollm(init_from="default", num_frames=16, image_size=processor.image_size,
+                                     use_time_line=False, system_prompt="")
+    assert continued.has_lora and any(p.requires_grad for n, p in continued.named_parameters() if "lora_" in n)
+    inputs = processor([{"role": "user", "content": "What colour is the moving object?"}],
+                       video=make_clip(1, 16, 64, "motion").frames)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, continued(**inputs).logits)
+    words = [w for group in model.config.projector_config.words for w in group]
+    rows = word_embedding_rows(model.get_input_embeddings().weight, processor.tokenizer, words)
+    assert torch.equal(F.normalize(rows - rows.mean(0), dim=-1), model.projector.anchor_keys)
+    save_videollm(continued, proc, tmp_path / "again")
+    size = sum(f.stat().st_size for f in (tmp_path / "again").rglob("*") if f.is_file())
+    assert (tmp_path / "again" / "llm_adapter").is_dir() and size < 40 * 2**20  # no 500 MB LLM

@@ -327,3 +327,11 @@ def test_a_batch_mixing_text_only_and_video_examples_gives_each_its_own_logits()
             assert torch.allclose(mixed[i, :len(ex["input_ids"])], alone, atol=1e-5), i
     # the two videos differ, so swapping them would show
     assert not torch.allclose(examples[1]["pixel_values"], examples[3]["pixel_values"])
+
+
+def test_bench_chat_labels_the_model_it_measured():
+    from videollm.bench_chat import model_label
+
+    model, proc = tiny_videollm()
+    assert model_label(model, proc) == {"llm": "llama", "lora": False, "encoder": "videomap (D=32)",
+                                        "projector": "mlp", "image_size": 32}
