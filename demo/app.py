@@ -168,9 +168,9 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
                 raise UserError("no video file was given")
             if not (question or "").strip():
                 raise UserError("the question is empty")
-            clip = processor.load_video(video_file, num_frames=check_frames(num_frames))
-            return "".join(generate_stream(model, processor, clip, question.strip(),
-                                           max_new_tokens=max_new_tokens, temperature=0.0))
+            return "".join(generate_stream(model, processor, video_file, question.strip(),
+                                           num_frames=check_frames(num_frames), max_new_tokens=max_new_tokens,
+                                           temperature=0.0))
         except UserError as err:
             raise gr.Error(error_text(err).removeprefix("⚠️ "), print_exception=False) from None
 
@@ -272,7 +272,7 @@ def check_port(host: str, port: int) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="videollm demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="a VideoLLM checkpoint directory (default: the embedded default)")
+    p.add_argument("--model", default="default", help="a saved VideoLLM directory, or 'default' (the shipped model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860)

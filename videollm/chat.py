@@ -168,7 +168,7 @@ def parse_args(argv):
     p.add_argument("video", nargs="?", help="video file or a bundled clip name (bigbuckbunny, bikes, …)")
     p.add_argument("question", nargs="?", help="a question; omit it for an interactive chat")
     p.add_argument("--no-video", action="store_true", help="talk to the LLM alone (the positional is the question)")
-    p.add_argument("--model", default=None, help="a VideoLLM checkpoint directory (default: the embedded default)")
+    p.add_argument("--model", default="default", help="a saved VideoLLM directory, or 'default' (the shipped model)")
     p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from the video (default 8)")
     p.add_argument("--start", type=float, default=None, help="first second of the video to use")
     p.add_argument("--end", type=float, default=None, help="last second of the video to use")
