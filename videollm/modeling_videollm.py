@@ -41,7 +41,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from encoder.errors import UserError
 from encoder.videomap import PRESETS, VideoMAPConfig
-from videollm.configuration_videollm import PROJECTOR_CONFIGS, VIDEO_TOKEN, VideoLLMConfig
+from videollm.configuration_videollm import PROJECTOR_CONFIGS, VIDEO_TOKEN, VideoLLMConfig, make_projector_config
 from videollm.llm import load_llm
 from videollm.processing_videollm import VideoLLMProcessor
 from videollm.projectors import WordAnchorProjector, build_projector
@@ -455,13 +455,13 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
     projector_type = settings.pop("type", None)
     if init_from is not None:
         path = resolve_model_dir(init_from)
+        if not (path / "tokenizer_config.json").is_file():
+            raise UserError(f"init_from '{path}' has no tokenizer; save models with save_videollm")
         saved = VideoLLMConfig.from_pretrained(path)
         if not isinstance(llm, tuple) and str(llm) != saved.base_llm:
             logger.info("init_from %s: its LLM is '%s' (llm=%s is not used)", init_from, saved.base_llm, llm)
         model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=True,
                                                     quantization_config=quantization_config, seed=seed)
-        if not (path / "tokenizer_config.json").is_file():
-            raise UserError(f"init_from '{path}' has no tokenizer; save models with save_videollm")
         tokenizer = AutoTokenizer.from_pretrained(path)
         if projector_type is not None or settings:
             with torch.random.fork_rng():  # the seeded state stays that of the saved model's build
@@ -514,8 +514,7 @@ def _change_projector(model: VideoLLMForCausalLM, tokenizer, projector_type: str
     known = PROJECTOR_CONFIGS[projector_type].__dataclass_fields__ if projector_type in PROJECTOR_CONFIGS else {}
     merged = {k: v for k, v in model.config.projector_config.to_dict().items() if k in known} | settings
     config = model.config
-    config.projector_config = VideoLLMConfig(vision_config=config.vision_config, text_config=config.text_config,
-                                             projector_type=projector_type, projector_config=merged).projector_config
+    config.projector_config = make_projector_config(projector_type, merged)
     config.projector_type = projector_type
     old = model.projector.state_dict()
     new = build_projector(projector_type, config.projector_config, config.vision_config.embed_dim,
