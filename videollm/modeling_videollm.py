@@ -309,7 +309,9 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
             base.name_or_path = base.config.name_or_path = self.config.base_llm
             for peft_config in self.language_model.peft_config.values():
                 peft_config.base_model_name_or_path = self.config.base_llm
-            self.language_model.save_pretrained(str(save_directory / ADAPTER_DIR))
+            # The embeddings are the base's (+ the deterministic <video> row), so never saved; saying
+            # so spares peft a Hub lookup of base_llm's config to decide.
+            self.language_model.save_pretrained(str(save_directory / ADAPTER_DIR), save_embedding_layers=False)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
