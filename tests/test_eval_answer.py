@@ -2,7 +2,8 @@
 
 import pytest
 
-from eval.answer import extract_letter, format_options, strip_letter_prefix
+from eval.answer import extract_letter, strip_letter_prefix
+from videollm.data.prompts import format_options
 
 OPTIONS = ["red circle", "blue square", "green triangle", "dark red circle"]
 

@@ -5,13 +5,14 @@ import json
 import numpy as np
 
 from eval import niah
+from videollm.data.haystack import vniah_haystack
 from videollm.data.synth import resize_frames
 
 SIZE = 32
 
 
 def test_haystack_is_real_video_of_f_frames():
-    hay = niah.build_haystack(10, SIZE)
+    hay = vniah_haystack(10, SIZE)
     assert hay.shape == (10, SIZE, SIZE, 3) and hay.dtype == np.uint8
     assert hay.std() > 10  # real content, not a blank
     assert not np.array_equal(hay[0], hay[-1])  # first clip vs last clip

@@ -21,8 +21,6 @@ from videollm.data.synth import (
     SynthObject,
     SynthSpec,
     SynthVideoDataset,
-    format_mc,
-    insert_needle,
     make_clip,
     make_needle,
     render,
@@ -31,6 +29,7 @@ from videollm.data.synth import (
     write_synth_dataset,
 )
 from videollm.data.instruct import check_file
+from videollm.data.prompts import format_mc
 from videollm.data.synth_cli import main as synth_main
 
 
@@ -237,12 +236,6 @@ def test_caption_names_timed_events():
     assert "Which appears first" in order[0]["question"] and "the cyan star" in order[0]["question"]
 
 
-def test_format_mc():
-    text = format_mc("What shape?", ["circle", "star", "cross", "square"])
-    assert text.splitlines() == ["What shape?", "A. circle", "B. star", "C. cross", "D. square",
-                                 "Answer with the option's letter from the given choices directly."]
-
-
 # ---------------------------------------------------------------------------------------------
 # Needles
 # ---------------------------------------------------------------------------------------------
@@ -255,21 +248,6 @@ def test_needle_clip_and_question():
     mc = [q for q in needle.qa if q["type"] == "mc" and "shape" in q["question"]]
     assert mc and mc[0]["category"] == "needle" and mc[0]["answer"] == shape == needle.label_name
     assert np.array_equal(make_needle(5, 3, 48).frames, needle.frames)
-
-
-@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
-def test_insert_needle_at_depth(depth):
-    haystack = np.zeros((40, 36, 52, 3), np.uint8)
-    haystack[..., 1] = np.arange(40, dtype=np.uint8)[:, None, None]  # frame index in green
-    needle = make_needle(2, num_frames=3, size=64).frames
-    out, (start, stop) = insert_needle(haystack, needle, depth)
-    assert out.shape == haystack.shape and stop - start == 3
-    assert start == round(depth * 37)
-    assert np.array_equal(out[start:stop], resize_frames(needle, 36, 52))
-    keep = np.r_[0:start, stop:40]
-    assert np.array_equal(out[keep], haystack[keep])
-    with pytest.raises(ValueError):
-        insert_needle(haystack, needle, 1.5)
 
 
 def test_resize_frames_keeps_flat_colours_and_shapes():

@@ -210,71 +210,24 @@ def _run(cmd: list[str], log) -> None:
 
 def short_conversations(caption: str, qa: list[dict], rng: np.random.Generator, spec: DataSpec) -> dict[str, list[dict]]:
     """The "short" record layout (see `DataSpec.records`): name → LLaVA turns."""
-    from videollm.data.synth import CAPTION_PROMPT, format_mc
+    from videollm.data.synth import short_conversations as short
 
-    by_question: dict[str, list[dict]] = {}
-    for q in qa:
-        if q["type"] == "open" and q["answer"].startswith("at ") and q["question"].startswith("When "):
-            continue  # timing questions: long to learn, not what the model is asked for
-        by_question.setdefault(q["question"], []).append(q)
-    turns = []
-    for forms in by_question.values():
-        q = forms[int(rng.integers(len(forms)))]
-        if q["type"] == "mc":
-            turns.append((format_mc(q["question"], q["options"]),
-                          q["answer_letter"] if spec.mc_reply == "letter" else q["answer"]))
-        else:
-            turns.append((q["question"], q["answer"]))
-    turns = [turns[i] for i in rng.permutation(len(turns))]
-    groups = {f"qa{k}": turns[i:i + spec.qa_turns] for k, i in enumerate(range(0, len(turns), spec.qa_turns))}
-    if caption and rng.random() < spec.caption_fraction:
-        groups["caption"] = [(CAPTION_PROMPT, caption)]
-    out = {}
-    for name, group in groups.items():
-        group = [("<video>\n" + group[0][0], group[0][1])] + group[1:]
-        out[name] = [{"from": role, "value": text} for human, gpt in group
-                     for role, text in (("human", human), ("gpt", gpt))]
-    return out
+    return short(caption, qa, rng, qa_turns=spec.qa_turns, caption_fraction=spec.caption_fraction,
+                 mc_reply=spec.mc_reply)
 
 
 def write_needle_clips(out: Path, spec: DataSpec, seed: int) -> list[dict]:
-    """`spec.needle_clips` long clips: real-clip and synthetic segments with a needle at a random
-    depth; returns their LLaVA-video records (the needle's open and MC questions; its caption
-    would describe only the needle, so it is left out)."""
-    from encoder.video_io import SAMPLE_CLIPS, read_video, write_video
-    from videollm.data.synth import TASKS, conversations, insert_needle, make_clip, make_needle, square_frames
+    from videollm.data.haystack import write_needle_clips as write
+    from videollm.data.synth import conversations
 
-    real = [square_frames(read_video(name, 64).frames, spec.size) for name in SAMPLE_CLIPS]  # each (64, S, S, 3)
-    (out / "needle" / "videos").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(spec.needle_clips):
-        rng = np.random.default_rng([seed, 7, i])
-        parts, total = [], 0
-        while total < spec.haystack_frames:
-            k = int(rng.integers(8, 17))
-            if spec.needle_haystack == "real" or rng.random() < 0.5:
-                src = real[int(rng.integers(len(real)))]
-                a = int(rng.integers(0, len(src) - k + 1))
-                parts.append(src[a:a + k])
-            else:
-                task = TASKS[int(rng.integers(len(TASKS)))]
-                parts.append(make_clip(10 ** 7 + seed * 10 ** 5 + i * 8 + len(parts), k, spec.size, task).frames)
-            total += k
-        haystack = np.concatenate(parts)[:spec.haystack_frames]  # (H, S, S, 3)
-        needle = make_needle(10 ** 6 + seed * 10 ** 5 + i, num_frames=spec.needle_span, size=spec.size)
-        video, _ = insert_needle(haystack, needle.frames, float(rng.uniform(0, 1)))
-        rel = f"needle/videos/{i:06d}.mp4"
-        write_video(out / rel, video, fps=spec.fps)
+    def conversations_of(needle, rng):
         if spec.records == "short":
-            groups = short_conversations("", needle.qa, rng, spec)
-        else:
-            groups = {k: v for k, v in conversations(needle).items() if k != "caption"}
-        for kind, turns in groups.items():
-            record = {"id": f"needle_{seed}_{i}_{kind}", "video": rel, "conversations": turns}
-            if spec.needle_num_frames is not None:
-                record["num_frames"] = spec.needle_num_frames
-            records.append(record)
-    return records
+            return short_conversations("", needle.qa, rng, spec)
+        return {k: v for k, v in conversations(needle).items() if k != "caption"}
+
+    return write(out, spec.needle_clips, seed, size=spec.size, haystack_frames=spec.haystack_frames,
+                 needle_span=spec.needle_span, real_only=spec.needle_haystack == "real",
+                 conversations_of=conversations_of, num_frames=spec.needle_num_frames, fps=spec.fps)
 
 
 def stage_data(cfg: PipelineConfig, out: Path) -> Path:

@@ -6,9 +6,10 @@ textured backgrounds. Every clip comes with its ground truth, so one generator f
 - encoder pretraining and classification (`SynthClip.label`, `NUM_CLASSES`), through
   `SynthVideoDataset` (rendered on the fly, no files) or `write_synth_dataset` (mp4 + ``index.csv``),
 - VideoLLM instruction tuning: a caption and open / multiple-choice QA per clip (``instruct.json``
-  in the LLaVA-video layout, prompts from `format_mc`),
-- evaluation: held-out QA sets are just other seeds; `make_needle` + `insert_needle` build
-  V-NIAH (LongVA's visual needle-in-a-haystack) samples.
+  in the LLaVA-video layout, prompts from `videollm.data.prompts`; `conversations` and
+  `short_conversations` are the two record layouts),
+- evaluation: held-out QA sets are just other seeds; `make_needle` is the needle that
+  `videollm.data.haystack` hides in long real clips (V-NIAH, LongVA's visual needle-in-a-haystack).
 
 Pipeline: ``rng → sample_spec → SynthSpec → render → frames (T, H, W, 3) uint8`` and
 ``SynthSpec → label / caption / QA``. The spec is the whole truth: `render` reads nothing else, so
@@ -47,6 +48,8 @@ import numpy as np
 import torch
 
 from encoder.errors import UserError
+from encoder.video_io import write_video
+from videollm.data.prompts import CAPTION_PROMPT, LETTERS, format_mc
 
 # Saturated and far apart in hue or brightness, so H.264 (4:2:0 chroma) keeps them apart.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -83,9 +86,6 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
 NUM_CLASSES: dict[str, int] = {task: len(names) for task, names in CLASS_NAMES.items()}
 
 DEFAULT_FPS = 8.0
-LETTERS = "ABCD"
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-CAPTION_PROMPT = "Describe the video briefly."
 
 # Unit vectors (x right, y down); diagonals are normalised so every direction covers the same
 # distance per frame.
@@ -576,13 +576,6 @@ def caption_of(spec: SynthSpec, fps: float = DEFAULT_FPS) -> str:
     return text + "".join(f"; {c}" for c in clauses[1:]) + "."
 
 
-def format_mc(question: str, options) -> str:
-    """The multiple-choice prompt used by LLaVA-Video / lmms-eval: question, ``A. …`` lines, the
-    instruction to answer with the letter."""
-    lines = [question] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
-    return "\n".join(lines + [MC_INSTRUCTION])
-
-
 def _open(category: str, question: str, answer: str) -> dict:
     return {"type": "open", "category": category, "question": question, "answer": answer}
 
@@ -702,7 +695,7 @@ def make_needle(seed: int, num_frames: int = 4, size: int = 64, *, fps: float = 
     """A V-NIAH needle: one large shape, centred and still, on a plain background.
 
     Its QA (category ``"needle"``) asks for the shape and the colour; ``label`` is the shape's
-    index in `SHAPES`. Insert its frames into a haystack with `insert_needle`.
+    index in `SHAPES`. `videollm.data.haystack.insert_needle` puts its frames into a haystack.
     """
     if int(num_frames) < 1:
         raise UserError(f"a needle needs at least 1 frame; got {num_frames}")
@@ -717,29 +710,6 @@ def make_needle(seed: int, num_frames: int = 4, size: int = 64, *, fps: float = 
     clip = clip_from_spec(spec, rng, fps=fps, seed=int(seed))
     clip.caption = f"A large {color} {shape} on a {background} background."
     return clip
-
-
-def insert_needle(haystack: np.ndarray, needle_frames: np.ndarray, depth: float) -> tuple[np.ndarray, tuple[int, int]]:
-    """Replace frames of `haystack` (T, H, W, 3) by the needle at relative depth ``depth``.
-
-    The needle (n, h, w, 3) is resized to (H, W) bilinearly; it occupies frames
-    ``[start, start + n)`` with ``start = round(depth * (T - n))``, so depth 0 is the first frames
-    and depth 1 the last. Returns a new array of the same length and ``(start, start + n)``.
-    """
-    haystack = np.asarray(haystack)
-    needle_frames = np.asarray(needle_frames)
-    if haystack.ndim != 4 or needle_frames.ndim != 4 or haystack.shape[-1] != 3 or needle_frames.shape[-1] != 3:
-        raise ValueError(f"haystack and needle must be (T, H, W, 3); got {haystack.shape} and {needle_frames.shape}")
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1]; got {depth}")
-    T, H, W, _ = haystack.shape
-    n = needle_frames.shape[0]
-    if not 1 <= n <= T:
-        raise ValueError(f"needle has {n} frames; the haystack holds {T}")
-    start = int(round(depth * (T - n)))
-    out = haystack.copy()
-    out[start:start + n] = resize_frames(needle_frames, H, W).astype(haystack.dtype)
-    return out, (start, start + n)
 
 
 class SynthVideoDataset(torch.utils.data.Dataset):
@@ -770,10 +740,16 @@ class SynthVideoDataset(torch.utils.data.Dataset):
         return {"frames": clip.frames, "label": clip.label, "seed": seed}
 
 
+def _llava_turns(turns: list[tuple[str, str]]) -> list[dict]:
+    """(question, answer) pairs → LLaVA-video turns, the video before the first question."""
+    turns = [("<video>\n" + turns[0][0], turns[0][1])] + turns[1:]
+    return [{"from": role, "value": text} for human, gpt in turns for role, text in (("human", human), ("gpt", gpt))]
+
+
 def conversations(clip: SynthClip) -> dict[str, list[dict]]:
-    """LLaVA-video turns of a clip, as three separate conversations: ``"caption"`` (one caption
-    request), ``"open"`` (every open question) and ``"mc"`` (every multiple-choice question via
-    `format_mc`, answered with its letter).
+    """The "llava" record layout: a clip's LLaVA-video turns as three separate conversations,
+    ``"caption"`` (one caption request), ``"open"`` (every open question) and ``"mc"`` (every
+    multiple-choice question via `format_mc`, answered with its letter).
 
     Separate because in one conversation the history would give the answers away: the caption
     names every colour, shape and motion, and each MC question repeats an open one.
@@ -784,14 +760,39 @@ def conversations(clip: SynthClip) -> dict[str, list[dict]]:
         "mc": [(format_mc(q["question"], q["options"]), q["answer_letter"])
                for q in clip.qa if q["type"] == "mc"],
     }
-    out = {}
-    for name, turns in groups.items():
-        if not turns:
+    return {name: _llava_turns(turns) for name, turns in groups.items() if turns}
+
+
+def short_conversations(caption: str, qa: list[dict], rng: np.random.Generator, *, qa_turns: int = 3,
+                        caption_fraction: float = 0.2, mc_reply: str = "letter") -> dict[str, list[dict]]:
+    """The "short" record layout: every question of a clip once, open or multiple-choice at random,
+    in conversations ``qa0, qa1, …`` of `qa_turns` turns each (never the same question twice in one
+    conversation, so nothing gives an answer away), and a ``"caption"`` one for a share
+    `caption_fraction` of the clips (none when `caption` is empty). No "When does … appear?"
+    timing questions: they are long to learn and not what the model is asked.
+
+    mc_reply: what a multiple-choice turn answers, ``"letter"`` (the lmms-eval convention, "C") or
+    ``"option"``, the option's text as listed ("cross"), which `eval.answer.extract_letter` maps to
+    its letter (a small LLM does not look up the letter of the answer it knows).
+    """
+    by_question: dict[str, list[dict]] = {}
+    for q in qa:
+        if q["type"] == "open" and q["answer"].startswith("at ") and q["question"].startswith("When "):
             continue
-        turns[0] = ("<video>\n" + turns[0][0], turns[0][1])
-        out[name] = [{"from": role, "value": text} for human, gpt in turns
-                     for role, text in (("human", human), ("gpt", gpt))]
-    return out
+        by_question.setdefault(q["question"], []).append(q)
+    turns = []
+    for forms in by_question.values():
+        q = forms[int(rng.integers(len(forms)))]
+        if q["type"] == "mc":
+            turns.append((format_mc(q["question"], q["options"]),
+                          q["answer_letter"] if mc_reply == "letter" else q["answer"]))
+        else:
+            turns.append((q["question"], q["answer"]))
+    turns = [turns[i] for i in rng.permutation(len(turns))]
+    groups = {f"qa{k}": turns[i:i + qa_turns] for k, i in enumerate(range(0, len(turns), qa_turns))}
+    if caption and rng.random() < caption_fraction:
+        groups["caption"] = [(CAPTION_PROMPT, caption)]
+    return {name: _llava_turns(group) for name, group in groups.items()}
 
 
 def write_synth_dataset(out_dir, n: int, seed: int = 0, num_frames: int = 16, size: int = 64,
@@ -805,8 +806,6 @@ def write_synth_dataset(out_dir, n: int, seed: int = 0, num_frames: int = 16, si
     see `conversations`). Returns a summary dict. Existing files of these names are replaced;
     `clear_synth_dataset` removes a previous, larger set first.
     """
-    from encoder.video_io import write_video
-
     if int(n) < 1:
         raise UserError(f"number of clips must be at least 1; got {n}")
     if not fps > 0:
