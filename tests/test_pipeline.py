@@ -1,22 +1,28 @@
 """The default-model pipeline end to end through its real CLI, at toy budget
-(training/configs/default_model_smoke.yaml): data → pretrain → stage 1 → stage 2 → eval → ship.
+(training/configs/default_model_smoke.yaml): data → pretrain → ground → stage 1 → stage 2 → eval → ship.
 
 Slow (~8–14 min on 2 cores: the pipeline runs twice, to check that a rerun from scratch is bit-exact;
 far more under heavy load: six stage processes each load smollm2), hence ``-m slow``. The parts
-that need no training (config loading, open-ended scoring, embedding stripping) run fast."""
+that need no training (configs, commands, the data mix, the model card, acceptance) run fast."""
 
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from encoder.errors import UserError
-from training.config import load_config
-from training.pipeline import (PipelineConfig, eval_commands, mismatched_clip, open_correct, open_samples, shown_command,
-                               stage_commands)
+from training.config import load_config, save_config
+from training.pipeline import (DataSpec, PipelineConfig, Targets, config_path, eval_commands, missed_targets, model_card,
+                               shown_command, stage_commands, stage_configs, stage_data, write_stage2_mix)
+from videollm.chat import generate_stream
+from videollm.data.instruct import load_records
+from videollm.modeling_videollm import DEFAULT_WEIGHTS, load_videollm
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -25,36 +31,44 @@ CONFIGS = REPO / "training" / "configs"
 @pytest.mark.parametrize("name", ["default_model.yaml", "default_model_smoke.yaml"])
 def test_configs_load_and_build_commands(name, tmp_path):
     cfg = load_config(PipelineConfig, CONFIGS / name)
-    cmds = stage_commands(cfg, tmp_path)
+    configs = stage_configs(cfg, tmp_path)
+    cmds = stage_commands(cfg, tmp_path, configs)
     assert list(cmds) == ["replay", "pretrain", "ground", "stage1", "stage2"]  # the order they run in
+    for stage in ("pretrain", "ground", "stage1", "stage2"):  # each recipe reads its resolved YAML
+        assert cmds[stage][-2:] == ["--config", str(config_path(tmp_path, stage))]
+        assert configs[stage].seed == cfg.seed and configs[stage].resume
+        assert configs[stage].output_dir == str(tmp_path / stage)
     # stage 2 reads the mix of the instruction set and the text replay; stage 1 the set alone
-    assert f'data.source="{tmp_path / "data" / "stage2_mix.yaml"}"' in cmds["stage2"]
-    assert f'data.source="{tmp_path / "data" / "instruct.json"}"' in cmds["stage1"]
+    assert configs["stage2"].data.source == str(tmp_path / "data" / "stage2_mix.yaml")
+    assert configs["stage1"].data.source == str(tmp_path / "data" / "instruct.json")
+    assert configs["stage2"].init_from == str(tmp_path / "stage1" / "final")
+    assert configs["stage1"].init_from == str(tmp_path / "ground" / "final")
+    assert configs["stage2"].steps == cfg.stage2.overrides["steps"]  # the file's overrides over the recipe's YAML
     assert cmds["replay"][cmds["replay"].index("--n") + 1] == str(cfg.data.text_replay)
     assert "--system-prompt" not in cmds["replay"]  # both stage 2s render an empty system turn, the CLI's default
-    for cmd in cmds.values():
-        assert all((REPO / c).is_file() for c in cmd if c.endswith(".yaml"))
-    assert any(c.startswith("init_from=") and "stage1" in c for c in cmds["stage2"])
-    assert any(c.startswith("init_from=") and "ground" in c for c in cmds["stage1"])
     cfg.ground = None  # without grounding, stage 1 starts from the pretrained encoder
-    cmds = stage_commands(cfg, tmp_path)
-    assert list(cmds) == ["replay", "pretrain", "stage1", "stage2"]
-    assert not any(c.startswith("init_from=") for c in cmds["stage1"])
+    configs = stage_configs(cfg, tmp_path)
+    assert list(stage_commands(cfg, tmp_path, configs)) == ["replay", "pretrain", "stage1", "stage2"]
+    assert configs["stage1"].init_from is None
     cfg.data.text_replay, cfg.data.needle_repeat = 0, 2  # no replay stage; stage 2 reads the mix for the needles
-    cmds = stage_commands(cfg, tmp_path)
-    assert list(cmds) == ["pretrain", "stage1", "stage2"]
-    assert f'data.source="{tmp_path / "data" / "stage2_mix.yaml"}"' in cmds["stage2"]
+    configs = stage_configs(cfg, tmp_path)
+    assert list(stage_commands(cfg, tmp_path, configs)) == ["pretrain", "stage1", "stage2"]
+    assert configs["stage2"].data.source == str(tmp_path / "data" / "stage2_mix.yaml")
     cfg.data.needle_repeat = 1
-    cmds = stage_commands(cfg, tmp_path)
-    assert f'data.source="{tmp_path / "data" / "instruct.json"}"' in cmds["stage2"]
+    assert stage_configs(cfg, tmp_path)["stage2"].data.source == str(tmp_path / "data" / "instruct.json")
+
+
+def test_resolved_stage_configs_read_back_as_the_same_config(tmp_path):
+    """What a stage runs with is its YAML in configs/: written out in full, it reads back equal."""
+    cfg = load_config(PipelineConfig, CONFIGS / "default_model.yaml")
+    for name, config in stage_configs(cfg, tmp_path).items():
+        save_config(config, config_path(tmp_path, name))
+        assert load_config(type(config), config_path(tmp_path, name)) == config, name
 
 
 def test_stage2_mix_repeats_the_needles_and_the_text_replay(tmp_path):
-    from videollm.data.instruct import load_records
-    from training.pipeline import stage2_system_prompt, write_stage2_mix
-
     cfg = load_config(PipelineConfig, CONFIGS / "default_model.yaml")
-    assert stage2_system_prompt(cfg) == ""
+    assert stage_configs(cfg, tmp_path)["stage2"].data.system_prompt == ""
     cfg.data.text_replay_repeat, cfg.data.needle_repeat = 2, 3
 
     def video(i):
@@ -76,60 +90,70 @@ def test_stage2_mix_repeats_the_needles_and_the_text_replay(tmp_path):
 
 
 def test_needle_repeat_below_one_is_refused(tmp_path):
-    from training.pipeline import stage_data
-
     cfg = load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml")
     cfg.data.needle_repeat = 0.5
     with pytest.raises(UserError, match="needle_repeat must be a number ≥ 1"):
         stage_data(cfg, tmp_path)
 
 
-def test_open_scoring():
-    assert open_correct("The moving object moves up-left.", "up-left")
-    assert open_correct("It moves up left", "up-left")
-    assert open_correct("RED", "red")
-    assert not open_correct("It is blue.", "red")
-    motions = ("moves up", "moves up-right", "moves left", "stays still")
-    assert open_correct("It moves up.", "moves up", motions)
-    assert not open_correct("It moves up-right.", "moves up", motions)  # the longer phrase wins
-    assert open_correct("It moves up-right.", "moves up-right", motions)
-    assert not open_correct("It moves up or left... it moves left", "moves up", motions)
-    assert not open_correct("red or blue", "red", ("red", "blue"))
-    assert not open_correct("It is reddish.", "red", ("red", "blue"))  # whole words only
-    samples = open_samples(1001, 6, 8, 32)
-    assert len(samples) == 6 and {s["category"] for s in samples} <= {"color", "shape", "motion"}
-    assert open_samples(1001, 6, 8, 32)[0]["answer"] == samples[0]["answer"]  # deterministic
+def test_option_replies_need_short_records(tmp_path):
+    for data, match in [(DataSpec(records="llava", mc_reply="option"), "records"),
+                        (DataSpec(records="short", mc_reply="text"), "mc_reply")]:
+        with pytest.raises(UserError, match=match):
+            stage_data(PipelineConfig(data=data), tmp_path)
 
 
-def test_shown_command_pastes_back_into_the_same_arguments(tmp_path):
+def test_shown_command_pastes_back_into_the_same_arguments():
     """The log and the model card show each stage's command; pasted into a shell it must give the
-    stage the same arguments (an unquoted data.system_prompt="" would become null: another run)."""
-    import shlex
-
-    cmd = stage_commands(load_config(PipelineConfig, CONFIGS / "default_model.yaml"), tmp_path / "my out")["stage2"]
-    assert 'data.system_prompt=""' in cmd
+    stage the same arguments (an empty system prompt must stay an argument)."""
+    cmd = [sys.executable, "-m", "videollm.data.text_replay", "--system-prompt", "", "--out", "/tmp/my out/x.json"]
     shown = shown_command(cmd)
-    assert shown.startswith("python -m training.finetune ")
+    assert shown.startswith("python -m videollm.data.text_replay ")
     assert shlex.split(shown) == ["python", *cmd[1:]]
 
 
 def test_eval_commands_score_by_likelihood_only_when_asked(tmp_path):
     cfg = load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml")
     both = eval_commands(cfg, tmp_path / "model", tmp_path / "eval")
-    assert set(both) == {"mc", "mc_likelihood", "niah", "niah_likelihood"}
+    assert set(both) == {"mc", "mc_likelihood", "niah", "niah_likelihood", "open_text"}
     assert "likelihood" in both["niah_likelihood"] and "likelihood" not in both["niah"]
+    assert both["open_text"][2] == "eval.open_ended"
     cfg.eval.likelihood = False
-    assert set(eval_commands(cfg, tmp_path / "model", tmp_path / "eval")) == {"mc", "niah"}
+    assert set(eval_commands(cfg, tmp_path / "model", tmp_path / "eval")) == {"mc", "niah", "open_text"}
 
 
-def test_blind_baseline_asks_about_another_clip_of_the_same_task():
-    samples = open_samples(1001, 7, 8, 32)
-    for i, s in enumerate(samples):
-        j = mismatched_clip(i, len(samples))
-        assert j is not None and j != i
-        assert samples[j]["task"] == s["task"]  # also at the end, where the partner is the previous clip
-        assert (samples[j]["frames"] != s["frames"]).any()
-    assert [mismatched_clip(i, 3) for i in range(3)] == [None] * 3  # three samples: no second clip of a task
+def test_missed_targets():
+    good = {"mc_accuracy": 0.9, "open_accuracy": 0.75, "niah_accuracy": {"64": 0.8, "256": 0.7},
+            "text_ok": True, "text_reply": "Paris"}
+    assert missed_targets(good, Targets()) == []
+    bad = {**good, "niah_accuracy": {"64": 0.8, "256": 0.5}, "text_ok": False}
+    assert len(missed_targets(bad, Targets())) == 2
+    assert missed_targets(good, Targets(mc_accuracy=0.95)) == ["mc_accuracy 0.900 < 0.95"]
+
+
+def test_model_card_reads_the_model_config_and_the_metrics():
+    cfg = load_config(PipelineConfig, CONFIGS / "default_model.yaml")
+    model_config = json.loads((DEFAULT_WEIGHTS / "config.json").read_text())
+    metrics = {"niah_accuracy": {"64": 1.0}, "niah_depths": [0.0], "niah_needles": 8, "mc_n": 200,
+               "mc_accuracy": 0.5, "open_n": 180, "open_accuracy": 0.5, "text_ok": True,
+               "text_reply": "Paris.", "open_per_category": {"color": 0.5}, "mc_per_category": {"color": 0.5},
+               "timings_s": {"stage2": 12.5}}
+
+    def card():
+        return model_card(model_config, metrics, cfg, "python -m training.pipeline", ["cmd1", "cmd2"], 10)
+
+    line = next(x for x in card().splitlines() if x.startswith("- projector:"))
+    assert '"none" class at logit 4' in line and "colors, shapes, motions" in line
+    model_config["projector_config"]["none_logit"] = 0.0
+    line = next(x for x in card().splitlines() if x.startswith("- projector:"))
+    assert '"none"' not in line and "word_anchor" in line
+    assert "motion stem" in next(x for x in card().splitlines() if x.startswith("- encoder:"))
+    assert "cmd1\ncmd2" in card() and "- stage2: 12.5" in card() and "(10 records)" in card()
+    assert "| multiple-choice QA, held-out synthqa seed 1001 (n=200) | 50.0% | ≥ 80% |" in card()
+    # likelihood rows only when eval scored by likelihood (eval.likelihood)
+    assert "option likelihood" not in card()
+    metrics.update(mc_likelihood_accuracy=0.6, niah_likelihood_accuracy={"64": 0.9})
+    assert "| the same questions scored by option likelihood (no letter to produce) | 60.0% |" in card()
 
 
 @pytest.mark.slow
@@ -148,6 +172,9 @@ def test_pipeline_smoke_end_to_end(tmp_path):
         assert (out / stage / "final" / "config.json").is_file()
         assert (out / stage / "metrics.jsonl").is_file()
     assert (out / "eval" / "mc" / "results.json").is_file() and (out / "eval" / "niah" / "niah.json").is_file()
+    # each training stage ran with its resolved YAML, shipped with the model
+    for stage in ("pretrain", "ground", "stage1", "stage2"):
+        assert (out / "configs" / f"{stage}.yaml").is_file() and (ship / "configs" / f"{stage}.yaml").is_file()
     # multiple-choice turns are answered with the option's text (mc_reply: option), never a bare letter
     turns = [t for r in json.loads((out / "data" / "instruct.json").read_text()) for t in r["conversations"]]
     mc = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2]) if "option's letter" in q["value"]]
@@ -175,7 +202,7 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     assert 0.0 <= m["open_blind_accuracy"] <= 1.0
     assert summary["metrics"]["mc_accuracy"] == m["mc_accuracy"]
 
-    # model card, curves, size cap, no frozen embedding copies in the adapter
+    # model card, curves, size cap (no frozen embedding copies in the adapter)
     card = (ship / "MODEL_CARD.md").read_text()
     assert "python -m training.pipeline" in card and "| metric |" in card and "curves.png" in card
     assert "answered with the option's text" in card and "text replay (stage 2 only)" in card
@@ -196,20 +223,15 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     assert (ship / "MODEL_CARD.md").read_text() == card
 
     # the shipped folder loads and answers
-    from videollm.chat import generate_stream
-    from videollm.modeling_videollm import load_videollm
-
     model, processor = load_videollm(ship)
     reply = "".join(generate_stream(model, processor, None, "What is the capital of France?", max_new_tokens=8))
     assert reply.strip()
     # stage 1's word anchor reaches the shipped model, with its word rows
-    assert [len(g) for g in model.config.word_anchor] == [8, 6]
+    assert model.config.projector_type == "word_anchor"
+    assert [len(g) for g in model.config.projector_config.words] == [8, 6]
     assert model.projector.anchor_values.abs().sum() > 0
     # and the ground stage's stem skip, with the weights stage 2 ended with
-    import torch
-    from safetensors.torch import load_file
-
-    assert model.config.stem_skip
+    assert model.config.projector_config.stem_skip
     final = load_file(str(out / "stage2" / "final" / "model.safetensors"))
     assert torch.equal(model.projector.stem_proj.weight, final["projector.stem_proj.weight"])
 
@@ -225,95 +247,3 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     for pattern in ("*.mp4", "*.safetensors", "text_replay.json"):
         assert files(out, pattern) and files(out2, pattern) == files(out, pattern), pattern
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["metrics"] == summary["metrics"]
-
-
-def test_short_records_ask_each_question_once():
-    import numpy as np
-
-    from training.pipeline import DataSpec, short_conversations
-    from videollm.data.synth import make_clip
-
-    clip = make_clip(3, 16, 64, "count")
-    spec = DataSpec(records="short", qa_turns=2, caption_fraction=1.0)
-    groups = short_conversations(clip.caption, clip.qa, np.random.default_rng(0), spec)
-    assert groups["caption"][1]["value"] == clip.caption
-    questions = []
-    for name, turns in groups.items():
-        assert turns[0]["value"].startswith("<video>\n") and sum("<video>" in t["value"] for t in turns) == 1
-        assert len(turns) <= 2 * spec.qa_turns and [t["from"] for t in turns[:2]] == ["human", "gpt"]
-        if name != "caption":
-            questions += [t["value"].replace("<video>\n", "").split("\n")[0] for t in turns[::2]]
-    assert len(questions) == len(set(questions))  # the open and MC forms never share a record
-    assert not any(q.startswith("When ") for q in questions)
-    expected = {q["question"] for q in clip.qa if not q["question"].startswith("When ")}
-    assert set(questions) == expected
-
-
-@pytest.mark.parametrize("mc_reply", ["letter", "option"])
-def test_short_records_answer_multiple_choice_as_configured(mc_reply):
-    import numpy as np
-
-    from eval.answer import extract_letter
-    from training.pipeline import DataSpec, short_conversations
-    from videollm.data.synth import make_clip
-
-    clip = make_clip(3, 16, 64, "count")
-    by_prompt = {}
-    for q in clip.qa:
-        if q["type"] == "mc":
-            by_prompt[q["question"]] = q
-    groups = short_conversations(clip.caption, clip.qa, np.random.default_rng(1),
-                                 DataSpec(records="short", qa_turns=2, mc_reply=mc_reply))
-    replies = 0
-    for turns in groups.values():
-        for human, gpt in zip(turns[::2], turns[1::2]):
-            lines = human["value"].replace("<video>\n", "").split("\n")
-            if len(lines) == 1:
-                continue  # an open question
-            q = by_prompt[lines[0]]
-            expected = q["answer_letter"] if mc_reply == "letter" else q["answer"]
-            assert gpt["value"] == expected
-            assert extract_letter(gpt["value"], q["options"]) == q["answer_letter"]
-            replies += 1
-    assert replies > 0
-
-
-def test_option_replies_need_short_records(tmp_path):
-    from training.pipeline import DataSpec, PipelineConfig, stage_data
-
-    for data, match in [(DataSpec(records="llava", mc_reply="option"), "records"),
-                        (DataSpec(records="short", mc_reply="text"), "mc_reply")]:
-        with pytest.raises(UserError, match=match):
-            stage_data(PipelineConfig(data=data), tmp_path)
-
-
-def test_missed_targets():
-    from training.pipeline import missed_targets
-
-    good = {"mc_accuracy": 0.9, "open_accuracy": 0.75, "niah_accuracy": {"64": 0.8, "256": 0.7},
-            "text_ok": True, "text_reply": "Paris"}
-    assert missed_targets(good) == []
-    bad = {**good, "niah_accuracy": {"64": 0.8, "256": 0.5}, "text_ok": False}
-    assert len(missed_targets(bad)) == 2
-
-
-def test_model_card_describes_the_none_logit():
-    from training.pipeline import model_card
-
-    cfg = load_config(PipelineConfig, CONFIGS / "default_model.yaml")
-    metrics = {"niah_accuracy": {"64": 1.0}, "niah_depths": [0.0], "niah_needles": 8, "mc_n": 200,
-               "mc_accuracy": 0.5, "open_n": 180, "open_accuracy": 0.5, "text_ok": True,
-               "text_reply": "Paris.", "open_per_category": {"color": 0.5}, "mc_per_category": {"color": 0.5}}
-
-    def card():
-        return model_card(cfg, "cmd", [], metrics, {}, 10)
-
-    line = next(x for x in card().splitlines() if x.startswith("- projector:"))
-    assert f'"none" class at logit {cfg.ground.overrides["none_logit"]:g}' in line
-    cfg.ground.overrides["none_logit"] = 0
-    line = next(x for x in card().splitlines() if x.startswith("- projector:"))
-    assert '"none"' not in line and "word_anchor" in line
-    # likelihood rows only when eval scored by likelihood (eval.likelihood)
-    assert "option likelihood" not in card()
-    metrics.update(mc_likelihood_accuracy=0.6, niah_likelihood_accuracy={"64": 0.9})
-    assert "| the same questions scored by option likelihood (no letter to produce) | 60.0% |" in card()

@@ -26,8 +26,10 @@ from videollm.data.synth import (
     render,
     resize_frames,
     sample_spec,
+    short_conversations,
     write_synth_dataset,
 )
+from eval.answer import extract_letter
 from videollm.data.instruct import check_file
 from videollm.data.prompts import format_mc
 from videollm.data.synth_cli import main as synth_main
@@ -339,3 +341,43 @@ def test_cli_writes_and_rejects_bad_arguments(tmp_path, capsys):
     assert synth_main(["--out", str(out), "--overwrite", "--n", "1", "--frames", "8", "--size", "32"]) == 0
     check_dataset_dir(out, 1, "motion")
     assert sorted(p.name for p in (out / "videos").iterdir()) == ["000000.mp4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The "short" record layout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_short_records_ask_each_question_once():
+    clip = make_clip(3, 16, 64, "count")
+    groups = short_conversations(clip.caption, clip.qa, np.random.default_rng(0), qa_turns=2, caption_fraction=1.0)
+    assert groups["caption"][1]["value"] == clip.caption
+    questions = []
+    for name, turns in groups.items():
+        assert turns[0]["value"].startswith("<video>\n") and sum("<video>" in t["value"] for t in turns) == 1
+        assert len(turns) <= 2 * 2 and [t["from"] for t in turns[:2]] == ["human", "gpt"]
+        if name != "caption":
+            questions += [t["value"].replace("<video>\n", "").split("\n")[0] for t in turns[::2]]
+    assert len(questions) == len(set(questions))  # the open and MC forms never share a record
+    assert not any(q.startswith("When ") for q in questions)
+    expected = {q["question"] for q in clip.qa if not q["question"].startswith("When ")}
+    assert set(questions) == expected
+
+
+@pytest.mark.parametrize("mc_reply", ["letter", "option"])
+def test_short_records_answer_multiple_choice_as_configured(mc_reply):
+    clip = make_clip(3, 16, 64, "count")
+    by_prompt = {q["question"]: q for q in clip.qa if q["type"] == "mc"}
+    groups = short_conversations(clip.caption, clip.qa, np.random.default_rng(1), qa_turns=2, mc_reply=mc_reply)
+    replies = 0
+    for turns in groups.values():
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            lines = human["value"].replace("<video>\n", "").split("\n")
+            if len(lines) == 1:
+                continue  # an open question
+            q = by_prompt[lines[0]]
+            expected = q["answer_letter"] if mc_reply == "letter" else q["answer"]
+            assert gpt["value"] == expected
+            assert extract_letter(gpt["value"], q["options"]) == q["answer_letter"]
+            replies += 1
+    assert replies > 0
