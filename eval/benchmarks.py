@@ -36,6 +36,7 @@ import numpy as np
 
 from encoder.errors import UserError
 from eval.answer import LETTERS, strip_letter_prefix
+from videollm.data.synth import TASKS, make_clip
 
 BENCHMARKS = ("videomme", "mvbench", "egoschema", "mlvu", "longvideobench", "synthqa")
 
@@ -318,8 +319,6 @@ def load_synthqa(seed: int = 0, n: int = 50, num_frames: int = 16, size: int = 6
     held-out set is ``--seed 1``); tasks cycle motion / order / count and one MC question per
     clip is drawn. Categories: the question's category (color, motion, order, …) and the task.
     """
-    from videollm.data.synth import TASKS, make_clip
-
     if n < 1:
         raise UserError(f"--n must be >= 1; got {n}")
     clip_seeds = np.random.SeedSequence(int(seed)).generate_state(n)

@@ -41,7 +41,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from encoder.errors import UserError, run_cli
+from encoder.videomap import VideoMAPConfig, VideoMAPModel
+from encoder.vit import ViTVideoConfig, ViTVideoModel
+from videollm.configuration_videollm import VideoLLMConfig
+from videollm.llm import default_cache_dir, load_llm
+from videollm.projectors import build_projector
 
 FIELDS = ["encoder", "mode", "frames", "size", "with_llm", "status", "tokens", "llm_tokens", "params_m",
           "baseline_rss_mb", "peak_rss_mb", "delta_mb", "cuda_peak_mb", "time_s", "runs", "note"]
@@ -60,9 +67,6 @@ def parse_encoder(name: str) -> tuple[str, str, str | None]:
 
 
 def build_encoder(name: str, frames: int, size: int):
-    from encoder.videomap import VideoMAPConfig, VideoMAPModel
-    from encoder.vit import ViTVideoConfig, ViTVideoModel
-
     family, preset, attention = parse_encoder(name)
     if family == "videomap":
         return VideoMAPModel(VideoMAPConfig.from_preset(preset, img_size=size, num_frames=frames))
@@ -88,8 +92,6 @@ def _peak_rss_mb() -> float:
 def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: str | None = None,
               max_runs: int = 3, llm_cache_dir: str | None = None) -> dict:
     """Measure one point in this process; returns a row of `FIELDS`."""
-    import torch
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_encoder(encoder, frames, size).to(device)
@@ -99,14 +101,11 @@ def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: s
     note = ""
     llm_tokens = 0
     if with_llm:
-        from videollm.configuration_videollm import VideoLLMConfig
-        from videollm.llm import default_cache_dir, load_llm
-        from videollm.modeling_videollm import VideoProjector
-
         llm, _ = load_llm(with_llm, cache_dir=llm_cache_dir or default_cache_dir())
         llm.to(device).requires_grad_(False)
         cfg = VideoLLMConfig(vision_config=model.config.to_dict(), text_config=llm.config.to_dict())
-        projector = VideoProjector(cfg).to(device)
+        projector = build_projector(cfg.projector_type, cfg.projector_config, model.config.embed_dim,
+                                    llm.config.hidden_size).to(device)
         llm_tokens = cfg.num_video_tokens(frames, size, size)
         note = f"LLM {with_llm} prefilled with the projector's {llm_tokens} video embeddings (no text)"
     pixel_values = torch.randn(1, 3, frames, size, size, device=device)  # (B, 3, T, S, S)

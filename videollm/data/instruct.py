@@ -44,8 +44,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import yaml
 
 from encoder.errors import UserError, VideoReadError
+from encoder.files import atomic_write_text
+from encoder.video_io import read_video
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +234,6 @@ def check_video(record: Record, *, decode: bool = False, num_frames: int = 4) ->
         return f"video file '{record.video}' not found"
     if not decode:
         return None
-    from encoder.video_io import read_video
-
     try:
         read_video(record.video, num_frames, start=record.start, end=record.end)
     except VideoReadError as err:
@@ -319,8 +320,6 @@ class DataMix:
 
 def read_mix(path: str | Path) -> DataMix:
     """Parse a data-mix YAML (paths relative to the YAML's folder)."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data mix '{path}' not found")
@@ -440,8 +439,6 @@ def videochat2_to_llava(items: list, id_prefix: str = "videochat2") -> list[dict
 
 def import_videochat2(in_path: str | Path, out_path: str | Path) -> int:
     """Convert a VideoChat2 JSON file to a LLaVA-video JSON (or JSONL) file; returns the count."""
-    from encoder.files import atomic_write_text
-
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise UserError(f"VideoChat2 file '{in_path}' not found")

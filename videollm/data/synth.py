@@ -292,7 +292,7 @@ def render(spec: SynthSpec, frames=None) -> np.ndarray:
     """Draw `spec`: uint8 (T, H, W, 3) with H = W = spec.size, or only the frames listed in
     ``frames`` (len(frames), H, W, 3). Edges are anti-aliased (1 px ramp).
 
-    The cost is linear in frames and small in pixels: about 1–2 ms for 16 frames of 64 px.
+    The cost is linear in frames and small in pixels.
     """
     frames = _frame_list(spec, frames)
     S = spec.size

@@ -8,10 +8,8 @@ prompts in stage 2 (self-distillation: the targets are what the LLM said before 
 wrong) ties short replies to video questions and leaves text questions as they were.
 
 The prompts are built here from templates and word lists. None of them asks for a capital city,
-an author or a painter: those are the held-out text checks of the evaluation (`TEXT_CHECKS`;
-smollm2 answers all 12 right under the default model's empty system turn, 9 under its chat
-template's default one), so a tuned model that still answers them has kept its
-language rather than learnt the checks.
+an author or a painter: those are the held-out text checks of the evaluation (`TEXT_CHECKS`), so a
+tuned model that still answers them has kept its language rather than learnt the checks.
 
     python -m videollm.data.text_replay --llm smollm2 --n 200 --seed 0 --out data/text_replay.json
 """
@@ -26,7 +24,11 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from encoder.errors import UserError, run_cli
+from encoder.files import atomic_write_text
+from videollm.llm import default_cache_dir, load_llm
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +132,6 @@ def base_answers(model, tokenizer, prompts: list[str], *, system_prompt: str | N
     """The LLM's greedy replies to `prompts`, each a one-turn chat rendered with its chat template
     (and `system_prompt`, as training renders it; None: the template's default system turn). A
     reply cut by `max_new_tokens` is trimmed to its last full sentence, or None if it has none."""
-    import torch
-
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
@@ -160,11 +160,6 @@ def write_text_replay(path: str | Path, llm: str, n: int, seed: int, *,
     """Write up to `n` text-only LLaVA records (no ``video``) answered by `llm`'s own greedy
     replies to `path` (JSON, atomically); prompts whose reply has no full sentence are left out.
     Returns the number written."""
-    import torch
-
-    from encoder.files import atomic_write_text
-    from videollm.llm import default_cache_dir, load_llm
-
     prompts = replay_prompts(n, seed)
     model, tokenizer = load_llm(llm, cache_dir=cache_dir if cache_dir is not None else default_cache_dir())
     torch.manual_seed(seed)
