@@ -37,7 +37,7 @@ def test_shipped_metrics_meet_the_targets(shipped):
 def test_shipped_model_gives_its_recorded_answers(shipped):
     """The default loads as trained weights (not the random fallback) and replies to the first
     held-out open-ended questions and the text question exactly as the shipped evaluation recorded."""
-    from training.pipeline import open_samples
+    from eval.open_ended import open_samples
     from videollm.chat import generate_stream
 
     import yaml

@@ -8,7 +8,8 @@ texts], "answer": "A"–"D", "category", "task"}``.
 
 from pathlib import Path
 
-from eval.answer import extract_letter, format_options
+from eval.answer import extract_letter
+from videollm.data.prompts import format_options
 
 HERE = Path(__file__).resolve().parent
 
