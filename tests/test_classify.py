@@ -9,9 +9,9 @@ import pytest
 from videollm.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.overrides.embed_dim=32", "model.overrides.depth_mamba=2", "model.overrides.attn_every=2",
-        "model.overrides.num_heads=2", "model.overrides.patch_size=8", "data.num_frames=4", "data.size=32",
-        "epochs=2", "batch_size=4", "num_threads=1"]
+TINY = ["encoder_config.embed_dim=32", "encoder_config.depth_mamba=2", "encoder_config.attn_every=2",
+        "encoder_config.num_heads=2", "encoder_config.patch_size=8", "data.num_frames=4", "data.size=32",
+        "steps=6", "batch_size=4", "threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_classify_on_list_files(tiny_lists, tmp_path, capsys, mode):
     train, val = tiny_lists
     out = tmp_path / mode
     rc = cli(["classify", "--config", str(REPO / "training/configs/classify_list.yaml"), *TINY,
-              f"data.train_list={train}", f"data.val_list={val}", f"mode={mode}", "test_clips=2",
+              f"data.source={train}", f"data.val_source={val}", f"mode={mode}", "test_clips=2",
               f"output_dir={out}"])
     assert rc == 0
     r = check_results(out, capsys)
@@ -45,7 +45,7 @@ def test_classify_on_list_files(tiny_lists, tmp_path, capsys, mode):
 
 
 def test_classify_synth_label_fraction_from_pretrained(tmp_path, capsys):
-    """init= a pretrained encoder dir; only 25% of the labels are used."""
+    """encoder= a pretrained encoder dir; only 25% of the labels are used."""
     from encoder.videomap import VideoMAPConfig, VideoMAPModel
 
     enc_dir = tmp_path / "enc"
@@ -53,17 +53,17 @@ def test_classify_synth_label_fraction_from_pretrained(tmp_path, capsys):
                                              attn_every=2, num_heads=2, patch_size=8)).save_pretrained(enc_dir)
     out = tmp_path / "synth"
     rc = cli(["classify", "--config", str(REPO / "training/configs/classify_synth_motion.yaml"), *TINY,
-              "data.num_train=16", "data.num_val=8", "data.label_fraction=0.25", f"init={enc_dir}",
+              "data.num_train=16", "data.num_val=8", "data.label_fraction=0.25", f"encoder={enc_dir}",
               f"output_dir={out}"])
     assert rc == 0
     r = check_results(out, capsys)
     assert r["num_train_labeled"] == 4 and r["num_test"] == 8
 
 
-def test_bad_init_is_a_user_error(tmp_path, capsys):
+def test_bad_encoder_is_a_user_error(tmp_path, capsys):
     rc = cli(["classify", "--config", str(REPO / "training/configs/classify_synth_motion.yaml"), *TINY,
-              f"init={tmp_path}", f"output_dir={tmp_path / 'o'}"])
-    assert rc == 2 and "not an encoder directory" in capsys.readouterr().err
+              f"encoder={tmp_path}", f"output_dir={tmp_path / 'o'}"])
+    assert rc == 2 and "nor an encoder directory" in capsys.readouterr().err
 
 
 def test_ablation_table_from_rows():
@@ -87,10 +87,11 @@ def test_scene_options_and_time_pool(tmp_path, capsys):
     import torch
 
     from encoder.videomap import VideoMAPConfig, VideoMAPModel
-    from training.classify import SceneSynthSource, VideoClassifier
+    from training.classify import VideoClassifier
     from videollm.data.synth import PLAIN_BACKGROUNDS, make_clip
+    from videollm.data.video_sources import SynthSource
 
-    src = SceneSynthSource(4, 32, "motion", base_seed=10, size_hint=4, background="plain", distractors=0)
+    src = SynthSource(4, 32, "motion", base_seed=10, size_hint=4, background="plain", distractors=0)
     for i in range(2):
         kw = src.spec_kw(10 + i)
         assert kw["background"] in PLAIN_BACKGROUNDS and kw["distractors"] == 0
@@ -105,8 +106,8 @@ def test_scene_options_and_time_pool(tmp_path, capsys):
     assert model.features(x).shape == (2, 4 * 32) and model(x).shape == (2, 8)
     out = tmp_path / "scene"
     rc = cli(["classify", "--config", str(REPO / "training/configs/classify_synth_motion.yaml"), *TINY,
-              "data.num_train=8", "data.num_val=4", "init=null", "pool=time", "data.background=plain",
-              "data.distractors=0", "epochs=1", f"output_dir={out}"])
+              "data.num_train=8", "data.num_val=4", "encoder=nano", "pool=time", "data.background=plain",
+              "data.distractors=0", "steps=2", f"output_dir={out}"])
     assert rc == 0 and check_results(out, capsys)["num_test"] == 4
     rc = cli(["classify", "--config", str(REPO / "training/configs/classify_synth_motion.yaml"), *TINY,
               "data.background=sky", f"output_dir={tmp_path / 'bad'}"])
@@ -123,3 +124,40 @@ def test_ablation_levers_override_the_budget():
     assert b["finetune_epochs"] == BUDGETS["smoke"]["finetune_epochs"] and BUDGETS["smoke"]["size"] == 32
     with pytest.raises(UserError):
         resolve_budget("smoke", {"size": 36})
+
+
+def test_classify_a_class_folder_tree_saves_the_classifier_and_resumes_exactly(tmp_path, capsys):
+    """data.source=<folder>/<class>/<video> (Kinetics-style): labels from the sub-folders; the run
+    checkpoints, refuses to start over in its folder, resumes with the uninterrupted run's losses,
+    and saves the fine-tuned classifier, which loads with its class names."""
+    import shutil
+
+    import torch
+
+    from training.classify import load_classifier
+    from videollm.data.synth import write_synth_dataset
+
+    write_synth_dataset(tmp_path / "synth", 8, seed=0, num_frames=8, size=32, task="motion")
+    tree = tmp_path / "tree"
+    for line in (tmp_path / "synth" / "index.csv").read_text().splitlines():
+        path, label = line.split(",")
+        (tree / f"class{label}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "synth" / path, tree / f"class{label}")
+    classes = sorted(p.name for p in tree.iterdir())
+    args = ["classify", "--config", str(REPO / "training/configs/classify_list.yaml"), *TINY, f"data.source={tree}",
+            f"data.val_source={tree}", "steps=4", "save_every=2", "log_every=1", "optim.warmup_steps=1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli([*args, f"output_dir={full}"]) == 0
+    r = check_results(full, capsys)
+    assert r["num_classes"] == len(classes) and r["classes"] == classes and r["num_test"] == 8
+    assert cli([*args, f"output_dir={part}", "stop_after=2"]) == 0
+    assert (part / "checkpoint-2" / "trainable.safetensors").is_file() and not (part / "final").exists()
+    capsys.readouterr()
+    assert cli([*args, f"output_dir={part}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli([*args, f"output_dir={part}", "resume=true"]) == 0
+    losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, part)]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+    model, names = load_classifier(part / "final")
+    assert names == classes and model(torch.zeros(1, 3, 4, 32, 32)).shape == (1, len(classes))

@@ -31,7 +31,7 @@ def test_loss_decreases_and_encoder_saved(full_run):
     losses = [m[s]["loss"] for s in range(1, 31)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
-    for key in ("lr", "clips_per_s", "skipped", "next_pix", "masked_pix"):
+    for key in ("lr", "samples_per_s", "skipped", "next_pix", "masked_pix", "grad_norm"):
         assert key in m[30]
     from encoder.videomap import VideoMAPModel
 
@@ -42,11 +42,11 @@ def test_loss_decreases_and_encoder_saved(full_run):
 
 def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
     out = tmp_path / "run"
-    assert cli(["pretrain", "--config", SMOKE, f"output_dir={out}", "stop_at_step=10"]) == 0
+    assert cli(["pretrain", "--config", SMOKE, f"output_dir={out}", "stop_after=10"]) == 0
     assert (out / "checkpoint-10").is_dir() and not (out / "encoder").exists()
     # restarting without resume=true refuses to overwrite
     assert cli(["pretrain", "--config", SMOKE, f"output_dir={out}"]) == 2
-    assert cli(["pretrain", "--config", SMOKE, f"output_dir={out}", "resume=true", "stop_at_step=20"]) == 0
+    assert cli(["pretrain", "--config", SMOKE, f"output_dir={out}", "resume=true", "stop_after=20"]) == 0
     ref, got = metrics(full_run), metrics(out)
     assert sorted(got) == list(range(1, 21))
     for step in range(11, 21):
@@ -66,8 +66,8 @@ def test_corrupt_videos_skipped_and_reported(tmp_path, caplog, capsys):
     (data / "list.csv").write_text(lines)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
-        rc = cli(["pretrain", "--config", SMOKE, f"output_dir={out}", "data.source=list",
-                  f"data.list_file={data / 'list.csv'}", "max_steps=6", "save_every=3"])
+        rc = cli(["pretrain", "--config", SMOKE, f"output_dir={out}", f"data.source={data / 'list.csv'}",
+                  "steps=6", "save_every=3"])
     assert rc == 0
     m = metrics(out)
     assert sorted(m) == list(range(1, 7))
@@ -75,8 +75,8 @@ def test_corrupt_videos_skipped_and_reported(tmp_path, caplog, capsys):
     text = caplog.text
     assert "text.mp4" in text and "trunc.mp4" in text
     # over the cap: a clear error naming the cap (exit status 2)
-    rc = cli(["pretrain", "--config", SMOKE, f"output_dir={tmp_path / 'run2'}", "data.source=list",
-              f"data.list_file={data / 'list.csv'}", "max_steps=6", "data.max_skipped=1"])
+    rc = cli(["pretrain", "--config", SMOKE, f"output_dir={tmp_path / 'run2'}", f"data.source={data / 'list.csv'}",
+              "steps=6", "data.max_skipped=1"])
     assert rc == 2
     assert "data.max_skipped=1" in capsys.readouterr().err
 
@@ -87,9 +87,46 @@ def test_shipped_pretrain_configs_load():
 
     for path in sorted((REPO / "training/configs").glob("pretrain_*.yaml")):
         cfg = load_config(PretrainConfig, path)
-        assert cfg.output_dir and cfg.max_steps > 0
+        assert cfg.output_dir and cfg.steps > 0
         if "smoke" in path.name:
             build_model(cfg)
     nano = load_config(PretrainConfig, REPO / "training/configs/pretrain_nano_synth.yaml")
-    assert nano.model.preset == "nano" and nano.data.num_frames == 16
+    assert nano.encoder == "nano" and nano.data.num_frames == 16
     assert yaml.safe_load((REPO / "training/configs/pretrain_nano_synth.yaml").read_text())["objective"]["name"] == "videomap"
+
+
+def test_a_folder_of_videos_is_a_source(tmp_path, capsys):
+    """data.source=<folder>: every video under it (any depth); an empty or missing folder is named."""
+    from videollm.data.synth import write_synth_dataset
+
+    write_synth_dataset(tmp_path / "data", 4, seed=0, num_frames=4, size=32, task="motion")
+    (tmp_path / "data" / "index.csv").unlink()  # only videos: the folder itself is the source
+    out = tmp_path / "run"
+    assert cli(["pretrain", "--config", SMOKE, f"output_dir={out}", f"data.source={tmp_path / 'data'}",
+                "steps=2", "save_every=2"]) == 0
+    assert sorted(metrics(out)) == [1, 2] and (out / "encoder" / "config.json").is_file()
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert cli(["pretrain", "--config", SMOKE, f"output_dir={tmp_path / 'r2'}", f"data.source={tmp_path / 'empty'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"folder '{tmp_path / 'empty'}' holds no videos" in err and "not found" not in err
+    assert cli(["pretrain", "--config", SMOKE, f"output_dir={tmp_path / 'r3'}", f"data.source={tmp_path / 'nope'}"]) == 2
+    assert f"data.source '{tmp_path / 'nope'}' not found; give 'synth', a folder" in capsys.readouterr().err
+
+
+def test_help_lists_every_key_and_unknown_keys_are_named(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["pretrain", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for line in ("steps=1000", "stop_after=null", "resume=false", "keep=2", "encoder=nano", "data.source=synth",
+                 "optim.lr=0.00015", "optim.min_lr_ratio=0.0", "objective.name=videomap", "precision=fp32"):
+        assert line in text, line
+    assert "continue the run in output_dir" in text  # the field's comment
+    assert cli(["pretrain", "--config", SMOKE, "resum=true"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'resum' on the command line; did you mean 'resume'?" in err and "valid keys:" in err
+    assert cli(["pretrain", "--config", SMOKE, "max_steps=3"]) == 2
+    assert "renamed to 'steps'" in capsys.readouterr().err
+    assert cli(["pretrain", "--config", SMOKE, "optim.lrr=3"]) == 2
+    assert "did you mean 'optim.lr'?" in capsys.readouterr().err

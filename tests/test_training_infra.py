@@ -1,14 +1,16 @@
-"""Recipe config loading and atomic, resumable checkpoints."""
+"""Recipe config loading, atomic and resumable checkpoints, and the skeleton's shared pieces."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
 from encoder.errors import UserError
-from training.checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint
-from training.config import load_config, parse_overrides
+from training.checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from training.config import keys_help, load_config, parse_overrides
+from training.recipe import lr_schedule, open_run, param_groups
 
 
 @dataclasses.dataclass
@@ -36,7 +38,9 @@ def test_yaml_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    (["stepz=3"], "unknown key"),
+    (["stepz=3"], "unknown key 'stepz' on the command line; did you mean 'steps'"),
+    (["optim.lrr=3"], "unknown key 'optim.lrr' on the command line; did you mean 'optim.lr'"),
+    (["max_steps=3"], "renamed to 'steps'"),
     (["steps=many"], "expected an integer"),
     (["resume=maybe"], "expected true/false"),
     (["steps"], "key=value"),
@@ -61,7 +65,7 @@ def test_checkpoint_roundtrip_rng_and_rotation(tmp_path):
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model=model, optimizer=opt, config_yaml="a: 1\n", keep=2)
+        save_checkpoint(tmp_path, step, weights=trainable_state(model), optimizer=opt, config_yaml="a: 1\n", keep=2)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     expected_next = torch.rand(3)  # the draw right after the checkpoint's RNG snapshot
     model2 = torch.nn.Linear(3, 2)
@@ -77,13 +81,13 @@ def test_checkpoint_roundtrip_rng_and_rotation(tmp_path):
 
 def test_interrupted_write_keeps_previous(tmp_path):
     model = torch.nn.Linear(2, 2)
-    save_checkpoint(tmp_path, 1, model=model)
+    save_checkpoint(tmp_path, 1, weights=trainable_state(model))
 
     def boom(_):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        save_checkpoint(tmp_path, 2, model=model, write_files=boom)
+        save_checkpoint(tmp_path, 2, weights=trainable_state(model), write_files=boom)
     assert latest_checkpoint(tmp_path).name == "checkpoint-1"
     assert not (tmp_path / "checkpoint-2").exists()
 
@@ -95,3 +99,51 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     MetricsLog(tmp_path / "m.jsonl", resume_step=3).log({"step": 4, "loss": 0.0})
     steps = [json.loads(x)["step"] for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("resum: true\n")
+    with pytest.raises(UserError, match=f"unknown key 'resum' in '{f}'; did you mean 'resume'\\? valid keys: steps, name"):
+        load_config(Cfg, f)
+
+
+def test_help_lists_keys_with_defaults_and_comments():
+    text = keys_help(Cfg)
+    assert "steps=10" in text and "teacher=null" in text and "optim.betas=[0.9, 0.95]" in text
+
+
+def test_checkpoints_hold_trainable_weights_and_buffers_not_frozen_ones():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    assert sorted(trainable_state(model)) == ["1.bias", "1.num_batches_tracked", "1.running_mean", "1.running_var",
+                                              "1.weight", "2.bias", "2.weight"]
+
+
+def test_the_one_lr_schedule():
+    f = lr_schedule(warmup=4, total=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.1 + 0.9 * 0.5) and f(14) == pytest.approx(0.1)
+    assert f(100) == pytest.approx(0.1)
+    g = lr_schedule(warmup=0, total=10)
+    assert g(0) == 1.0 and g(5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_param_groups_no_decay_on_norms_biases_and_tagged_and_own_lrs():
+    m = torch.nn.Module()
+    m.projector, m.vision_tower, m.language_model = (torch.nn.Linear(2, 2) for _ in range(3))
+    m.table = torch.nn.Parameter(torch.zeros(1, 4, 2))
+    m.table._no_weight_decay = True
+    m.language_model.bias.requires_grad_(False)
+    groups = param_groups(m, 1e-4, 0.1, {"projector.": 1e-3, "vision_tower.": None})
+    by = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
+    assert by == {(1e-3, 0.1): 1, (1e-3, 0.0): 1, (1e-4, 0.1): 2, (1e-4, 0.0): 2}  # the frozen bias is left out
+
+
+def test_a_folder_holding_a_run_is_refused_without_resume(tmp_path):
+    assert open_run(tmp_path / "new", resume=False) is None
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="already holds a run \\(metrics.jsonl\\); pass resume=true"):
+        open_run(tmp_path / "old", resume=False)
+    assert open_run(tmp_path / "old", resume=True) is None  # nothing to resume from: step 0

@@ -26,26 +26,34 @@ Task setting (flags, recorded in ``ablation.json`` as ``overrides`` and in the e
 random), ``--pool`` (classifier pooling: mean | cls | time), ``--batch``, ``--epochs`` (fine-tuning),
 ``--size``, ``--frames``, ``--patch``. The scene options apply to the pretraining pool too. The
 ``default`` budget is plain backgrounds, no distractors, ``time`` pooling (per-frame mean tokens
-concatenated in frame order), batch 8, 20 fine-tuning epochs: with the generator's cluttered mix,
-mean pooling, batch 16 and 10 epochs (``--background mixed --distractors random --pool mean --batch
-16 --epochs 10``) every arm, scratch with 50 % labels included, stayed at chance on 8-way motion —
-an experiment that measures nothing. See docs/ablation.md for the pilots behind the choice.
+concatenated in frame order), batch 8, 20 fine-tuning epochs: with the generator's cluttered mix and
+mean pooling every arm stayed at chance in the pilots, an experiment that measures nothing (see
+docs/ablation.md for the pilots behind the choice).
 
-Budgets are sized for the 2-core CPU this repo is developed on (one torch thread per process
-is fastest when the CPU is shared): ``default`` ≈ 37 min for 3 seeds with ``--jobs 3`` on a busy machine (measured), ``smoke`` ≈ 1 min.
+Budgets are sized for a 2-core CPU (one torch thread per process is fastest when the CPU is
+shared); ``smoke`` is a minute-long check of the machinery.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from encoder.errors import UserError, run_cli
+from training.classify import ClassifyConfig
+from training.classify import train as classify
+from training.config import load_config
+from training.pretrain import PretrainConfig
+from training.pretrain import train as pretrain
+from videollm.data.synth import BACKGROUNDS, NUM_CLASSES
 
 ARMS = ("videomap", "scratch", "mae", "videomap_mamba")
 
@@ -76,8 +84,6 @@ LEVERS = {"size": "size", "frames": "num_frames", "patch": "patch_size", "epochs
 
 def resolve_budget(budget: str, overrides: dict | None = None) -> dict:
     """The named budget with the task-setting overrides applied (a new dict)."""
-    import copy
-
     if budget not in BUDGETS:
         raise UserError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
     b = copy.deepcopy(BUDGETS[budget])
@@ -103,69 +109,36 @@ def resolve_budget(budget: str, overrides: dict | None = None) -> dict:
         raise UserError(f"pool must be mean, cls or time; got {b['feature_pool']!r}")
     if b["background"] == "mixed":
         b["background"] = None
-    from videollm.data.synth import BACKGROUNDS
-
     if b["background"] not in (None, "plain", *BACKGROUNDS):
         raise UserError(f"background must be mixed, plain or one of {', '.join(BACKGROUNDS)}; got {b['background']!r}")
     return b
-
-
-class _ScenePretrainData:
-    """While active, pretraining draws its unlabeled pool with the budget's scene options (the same
-    clips, seeds 0..pool-1, that classification labels a subset of)."""
-
-    def __init__(self, b: dict):
-        self.b = b
-
-    def __enter__(self):
-        import training.pretrain as tp
-
-        self.orig = tp.build_source
-        b = self.b
-        if b.get("background") is None and b.get("distractors") is None:
-            return self
-
-        def build_source(data, train=True):
-            from training.classify import SceneSynthSource
-
-            if data.source != "synth":
-                return self.orig(data, train)
-            return SceneSynthSource(data.num_frames, data.size, data.task, base_seed=0, size_hint=data.synth_pool,
-                                    background=b["background"], distractors=b["distractors"])
-
-        tp.build_source = build_source
-        return self
-
-    def __exit__(self, *exc):
-        import training.pretrain as tp
-
-        tp.build_source = self.orig
-        return False
 
 
 def _kv(prefix: str, d: dict) -> list[str]:
     return [f"{prefix}{k}={v}" for k, v in d.items()]
 
 
-def pretrain_arm(arm: str, seed: int, b: dict, task: str, threads: int, run_dir: Path) -> dict:
-    from training.config import load_config
-    from training.pretrain import PretrainConfig, train
+def _scene(b: dict) -> list[str]:
+    """The budget's synthetic scene, for pretraining's unlabeled pool and classification alike."""
+    return [f"data.background={b.get('background') or 'null'}",
+            f"data.distractors={'null' if b.get('distractors') is None else b['distractors']}"]
 
+
+def pretrain_arm(arm: str, seed: int, b: dict, task: str, threads: int, run_dir: Path) -> dict:
     if (run_dir / "encoder" / "config.json").is_file() and (run_dir / "summary.json").is_file():
         return json.loads((run_dir / "summary.json").read_text())
     attn_every = 0 if arm == "videomap_mamba" else b["hybrid_attn_every"]
     objective = "mae" if arm == "mae" else "videomap"
     cfg = load_config(PretrainConfig, None, [
-        *_kv("model.overrides.", {**b["encoder"], "attn_every": attn_every}),
+        *_kv("encoder_config.", {**b["encoder"], "attn_every": attn_every}),
         *_kv("objective.", b["decoder"]), f"objective.name={objective}",
-        f"data.task={task}", f"data.num_frames={b['num_frames']}", f"data.size={b['size']}",
-        f"data.synth_pool={b['pool']}", f"batch_size={b['pretrain_batch']}", f"max_steps={b['pretrain_steps']}",
+        f"data.task={task}", f"data.num_frames={b['num_frames']}", f"data.size={b['size']}", *_scene(b),
+        f"data.synth_pool={b['pool']}", f"batch_size={b['pretrain_batch']}", f"steps={b['pretrain_steps']}",
         f"optim.lr={b['pretrain_lr']}", f"optim.warmup_steps={max(1, b['pretrain_steps'] // 10)}",
         f"save_every={max(1, b['pretrain_steps'] // 2)}", f"log_every={max(1, b['pretrain_steps'] // 50)}",
-        f"seed={seed}", f"num_threads={threads}", f"output_dir={run_dir}", "resume=true"])
+        f"seed={seed}", f"threads={threads}", f"output_dir={run_dir}", "resume=true"])
     t0 = time.time()
-    with _ScenePretrainData(b):
-        summary = train(cfg)
+    summary = pretrain(cfg)
     summary = {"loss": summary.get("loss"), "seconds": round(time.time() - t0, 1),
                "clips_seen": b["pretrain_steps"] * b["pretrain_batch"]}
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -174,23 +147,26 @@ def pretrain_arm(arm: str, seed: int, b: dict, task: str, threads: int, run_dir:
 
 def classify_arm(arm: str, seed: int, b: dict, task: str, threads: int, init: Path | None, mode: str,
                  out: Path) -> dict:
-    from training.classify import ClassifyConfig, train
-    from training.config import load_config
-
+    """Fine-tune or linear-probe for the budget's epochs: an epoch is one pass over the labelled
+    clips (the probe leaves out a last batch of one, which BatchNorm cannot take), with one epoch
+    of warm-up and a cosine to 1e-6."""
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
     attn_every = 0 if arm == "videomap_mamba" else b["hybrid_attn_every"]
     epochs, lr = (b["finetune_epochs"], b["finetune_lr"]) if mode == "finetune" else (b["linear_epochs"], b["linear_lr"])
+    labelled, bs = max(1, round(b["label_fraction"] * b["num_train"])), b["batch_size"]
+    per_epoch = -(-labelled // bs) if mode == "finetune" else labelled // bs + (labelled % bs >= 2)
+    encoder = [f"encoder={init}"] if init else \
+        ["encoder=nano", *_kv("encoder_config.", {**b["encoder"], "attn_every": attn_every})]
     cfg = load_config(ClassifyConfig, None, [
-        *_kv("model.overrides.", {**b["encoder"], "attn_every": attn_every}),
-        f"init={init if init else 'null'}", f"mode={mode}", f"data.task={task}",
+        *encoder, f"mode={mode}", f"data.task={task}",
         f"data.num_frames={b['num_frames']}", f"data.size={b['size']}", f"data.num_train={b['num_train']}",
-        f"data.num_val={b['num_val']}", f"data.label_fraction={b['label_fraction']}", f"epochs={epochs}",
-        f"lr={lr}", f"batch_size={b['batch_size']}", f"seed={seed}", f"num_threads={threads}",
-        f"output_dir={out}", f"pool={b.get('feature_pool', 'mean')}",
-        f"data.background={b.get('background') or 'null'}",
-        f"data.distractors={'null' if b.get('distractors') is None else b['distractors']}"])
-    return train(cfg)
+        f"data.num_val={b['num_val']}", f"data.label_fraction={b['label_fraction']}", f"steps={epochs * per_epoch}",
+        f"optim.lr={lr}", f"optim.warmup_steps={per_epoch}", f"optim.min_lr_ratio={1e-6 / lr!r}",
+        f"batch_size={bs}", f"save_every={per_epoch * epochs}", f"log_every={per_epoch}", f"seed={seed}",
+        f"threads={threads}", f"output_dir={out}", f"pool={b.get('feature_pool', 'mean')}", *_scene(b),
+        "resume=true"])
+    return classify(cfg)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -271,8 +247,6 @@ def run_seed(out: Path, seed: int, budget: str, task: str, threads: int, overrid
 
 def run(out: Path, seeds: int, budget: str, task: str, threads: int, jobs: int = 1,
         overrides: dict | None = None) -> dict:
-    from videollm.data.synth import NUM_CLASSES
-
     b = resolve_budget(budget, overrides)
     if (b.get("background") is not None or b.get("distractors") is not None) and task != "motion":
         raise UserError("--background / --distractors apply to the motion task only")
@@ -281,9 +255,6 @@ def run(out: Path, seeds: int, budget: str, task: str, threads: int, jobs: int =
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if jobs > 1:  # seeds are independent: one process per seed, `jobs` at a time
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             per_seed = list(pool.map(run_seed, [out] * seeds, range(seeds), [budget] * seeds, [task] * seeds,
                                      [threads] * seeds, [overrides] * seeds))

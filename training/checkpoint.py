@@ -1,70 +1,96 @@
 """Atomic, resumable checkpoints and a metrics log that stays consistent across resumes.
 
-A checkpoint is a directory ``<run>/checkpoint-<step>/`` holding ``model.safetensors`` (or the
-files a caller writes itself), ``training_state.pt`` (optimizer, scheduler, RNG states, step, any
-extras) and ``config.yaml``. It is written under a temporary name and renamed into place, and
-``<run>/latest`` (a one-line file naming it) is replaced atomically last, so a run killed at any
-moment leaves either the previous checkpoint or the new one — never a half-written one.
+A checkpoint is a directory ``<run>/checkpoint-<step>/`` holding ``trainable.safetensors`` (the
+trainable parameters and the buffers — never frozen weights such as a base LLM), or the files a
+caller writes itself (DeepSpeed's state), ``training_state.pt`` (optimizer, scheduler, RNG states,
+step, any extras) and ``config.yaml``. It is written under a temporary name and renamed into
+place, and ``<run>/latest`` (a one-line file naming it) is replaced atomically last, so a run
+killed at any moment leaves either the previous checkpoint or the new one — never a half-written
+one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from encoder.errors import UserError
-from encoder.files import atomic_dir, atomic_write_text  # noqa: F401  (re-exported for the recipes)
+from encoder.files import atomic_dir, atomic_write_text
+
+WEIGHTS = "trainable.safetensors"
+STATE = "training_state.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module | None = None,
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of `model`: its state dict without the frozen parameters."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load `trainable_state` output back; an error if it does not fit `model`."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise UserError(f"checkpoint '{where}' does not match this model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); resume with the config it was written with")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` folders of a run, oldest first."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(run_dir: Path, step: int, *, weights: dict[str, torch.Tensor] | None = None,
                     optimizer=None, scheduler=None, config_yaml: str | None = None,
                     extra: dict[str, Any] | None = None, keep: int = 2, write_files=None) -> Path:
-    """Write ``checkpoint-<step>`` atomically, point ``latest`` at it, keep the newest `keep`.
+    """Write ``checkpoint-<step>`` atomically, point ``latest`` at it, keep the newest `keep` (0: all).
 
-    `write_files(tmp_dir)` may write further files (e.g. a peft adapter or accelerate state).
+    weights: e.g. `trainable_state(model)`. `write_files(tmp_dir)` may write further files (e.g.
+    DeepSpeed's state).
     """
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
-        if model is not None:
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
+        if weights is not None:
+            save_file(weights, str(tmp / WEIGHTS))
         torch.save({
             "step": step,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             "extra": extra or {},
-        }, tmp / "training_state.pt")
+        }, tmp / STATE)
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
         if write_files is not None:
             write_files(tmp)
     atomic_write_text(run_dir / "latest", final.name + "\n")
-    ckpts = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    for old in ckpts[:-keep] if keep > 0 else []:
+    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -74,7 +100,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(run_dir) / pointer.read_text().strip()
-    if not (path / "training_state.pt").is_file():
+    if not (path / STATE).is_file():
         raise UserError(f"'{pointer}' names '{path.name}', which is missing or incomplete; "
                         f"delete '{pointer}' to start over or point it at an existing checkpoint")
     return path
@@ -82,13 +108,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module | None = None, optimizer=None,
                     scheduler=None, restore_rng: bool = True) -> dict[str, Any]:
-    """Load what `save_checkpoint` wrote; returns ``{"step", "extra"}``."""
-    from safetensors.torch import load_file
-
+    """Load what `save_checkpoint` wrote into `model` (its trainable state), `optimizer`,
+    `scheduler` and the global RNGs; returns ``{"step", "extra"}``."""
     path = Path(path)
     if model is not None:
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+        load_trainable_state(model, load_file(str(path / WEIGHTS)), str(path))
+    state = torch.load(path / STATE, map_location="cpu", weights_only=False)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

@@ -1,114 +1,102 @@
 """Recipe: evaluate a video encoder by classification — fine-tuning or linear probing.
 
-    videollm classify --config training/configs/classify_synth_motion.yaml init=runs/pretrain/encoder
-    videollm classify --config … mode=linear data.label_fraction=0.1 init=null      # from scratch
-    videollm classify --config … data.source=list data.train_list=k400/train.csv data.val_list=k400/val.csv
+    videollm classify --config training/configs/classify_synth_motion.yaml encoder=runs/pretrain/encoder
+    videollm classify --config … mode=linear data.label_fraction=0.1 encoder=nano     # a scratch encoder
+    videollm classify --config training/configs/classify_list.yaml data.source=k400/train/ data.val_source=k400/val/
 
-Data: Kinetics-style list files (``path,label``; see `videollm.data.video_sources`) or the synthetic
-generator (``data.source=synth``: clips of seeds ``train_seed + i`` for training and
-``val_seed + i`` for testing; the time-dependent tasks are ``motion`` and ``order``).
-``data.label_fraction`` keeps only that fraction of the training labels (a fixed, seeded subset).
+Data (``data.source``): a folder of videos with one sub-folder per class (Kinetics-style; the test
+folder ``data.val_source`` uses the training folder's class names), list files (``path,label``;
+see `videollm.data.video_sources`), or the synthetic generator (``synth``: clips of seeds
+``train_seed + i`` for training and ``val_seed + i`` for testing; the time-dependent tasks are
+``motion`` and ``order``). ``data.label_fraction`` keeps only that fraction of the training
+labels (a fixed, seeded subset).
 
-Model: the encoder (``init``: a ``save_pretrained`` dir such as ``<pretrain run>/encoder``, a
-pretrain run dir, or ``null`` for a randomly initialised ``model`` preset) + mean-pooled patch
-tokens (``pool=mean``; the pretext never trains the cls token) + a linear head.
-``mode=finetune`` trains everything (AdamW, warmup + cosine); ``mode=linear`` freezes the encoder,
-extracts features once and trains a BatchNorm (no affine, as MAE's linear probe) + linear head.
+Model: the encoder (``encoder``: a ``save_pretrained`` dir such as ``<pretrain run>/encoder``, a
+pretrain run dir, or a preset, randomly initialised) + pooled patch tokens (``pool=mean``; the
+pretext never trains the cls token) + a linear head. ``mode=finetune`` trains everything;
+``mode=linear`` freezes the encoder, extracts features once and trains a BatchNorm (no affine, as
+MAE's linear probe) + linear head, without weight decay or clipping. An epoch is
+ceil(labelled clips / batch_size) steps.
 
-Test: the logits of ``test_clips`` uniformly spaced clips per video are averaged; top-1 / top-5 are
-printed as JSON and written to ``output_dir/results.json``.
+Test: the logits of ``test_clips`` uniformly spaced clips per video are averaged; top-1 / top-5
+are logged at every evaluation, printed as JSON and written to ``output_dir/results.json``. The
+fine-tuned classifier is saved to ``output_dir/final`` (`load_classifier`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from encoder.errors import UserError, VideoReadError, run_cli
-from training.config import config_from_argv, save_config
-from videollm.data.video_sources import SkipTracker, SynthSource, VideoListSource, load_batch, step_rng
-from training.pretrain import ModelConfig, build_encoder, seed_everything, warmup_cosine
+from encoder.videomap import VideoMAPModel
+from training.config import config_from_argv
+from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, VideoDataConfig, build_encoder,
+                             print_summary, run)
+from videollm.data.synth import NUM_CLASSES
+from videollm.data.video_sources import SkipTracker, load_batch, open_video_source, step_rng
 
 logger = logging.getLogger("training.classify")
 
 
 @dataclass
-class ClassifyDataConfig:
-    source: str = "synth"  # synth | list
-    train_list: str | None = None
-    val_list: str | None = None
-    root: str | None = None
-    task: str = "motion"  # synthetic task
-    num_train: int = 1000  # synthetic clips available for training (before label_fraction)
-    num_val: int = 300
-    train_seed: int = 0
-    val_seed: int = 1_000_000  # disjoint from the training (and pretraining pool) seeds
-    label_fraction: float = 1.0
+class ClassifyData(VideoDataConfig):
+    val_source: str | None = None  # test videos: a folder or list file (synth: seeds from val_seed)
     num_frames: int = 8
     size: int = 32
-    max_skipped: int = 10
-    # Synthetic scene options (motion task), for both training and test clips. background: null =
-    # the generator's random mix (plain, noisy, checkered, striped); "plain" = a plain background
-    # (gray or black, alternating by seed); or one `videollm.data.synth.BACKGROUNDS` name.
-    # distractors: null = 0–2 static extra objects at random; n = exactly n.
-    background: str | None = None
-    distractors: int | None = None
+    num_train: int = 1000  # synth: clips available for training (before label_fraction)
+    num_val: int = 300  # synth: test clips
+    train_seed: int = 0
+    val_seed: int = 1_000_000  # disjoint from the training (and pretraining pool) seeds
+    label_fraction: float = 1.0  # a fixed, seeded subset of the training labels
 
 
 @dataclass
-class ClassifyConfig:
-    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
-    init: str | None = None  # encoder dir (save_pretrained), a pretrain run dir, or null = scratch
-    model: ModelConfig = field(default_factory=ModelConfig)  # used when init is null
-    num_classes: int | None = None  # default: the synthetic task's, or max label + 1 of the list
+class ClassifyOptim(OptimConfig):
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.002
+
+
+@dataclass
+class ClassifyConfig(RecipeConfig):
+    output_dir: str = "runs/classify"
+    steps: int = 500
+    batch_size: int = 16
+    encoder: str = "nano"  # an encoder dir (save_pretrained), a pretrain run dir, or a preset (random init)
+    encoder_config: dict = field(default_factory=dict)  # `VideoMAPConfig` fields for a preset encoder
+    num_classes: int | None = None  # default: the synthetic task's, the folder's classes, or max label + 1
     mode: str = "finetune"  # finetune | linear
     pool: str = "mean"  # mean (of patch tokens) | cls | time (per-frame means, concatenated over time)
-    epochs: int = 10
-    batch_size: int = 16
     eval_batch_size: int = 32
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
-    test_clips: int = 1
-    seed: int = 0
-    output_dir: str = "runs/classify"
-    num_threads: int = 0
+    test_clips: int = 1  # clips per test video whose logits are averaged
+    data: ClassifyData = field(default_factory=ClassifyData)
+    optim: ClassifyOptim = field(default_factory=ClassifyOptim)
 
     def validate(self) -> None:
+        super().validate()
+        self.data.validate()
         if self.mode not in ("finetune", "linear"):
             raise UserError(f"mode must be 'finetune' or 'linear'; got {self.mode!r}")
         if self.pool not in ("mean", "cls", "time"):
             raise UserError(f"pool must be 'mean', 'cls' or 'time'; got {self.pool!r}")
-        if self.data.background is not None:
-            from videollm.data.synth import BACKGROUNDS
-
-            if self.data.background != "plain" and self.data.background not in BACKGROUNDS:
-                raise UserError(f"data.background must be null, 'plain' or one of {', '.join(BACKGROUNDS)}; "
-                                f"got {self.data.background!r}")
-        if self.data.distractors is not None and not 0 <= self.data.distractors <= 3:
-            raise UserError(f"data.distractors must be null or in 0..3; got {self.data.distractors}")
-        if (self.data.background is not None or self.data.distractors is not None) and (
-                self.data.source != "synth" or self.data.task != "motion"):
-            raise UserError("data.background / data.distractors apply to the synthetic motion task only")
         if not 0 < self.data.label_fraction <= 1:
             raise UserError(f"data.label_fraction must be in (0, 1]; got {self.data.label_fraction}")
-        if self.data.source == "list" and not (self.data.train_list and self.data.val_list):
-            raise UserError("data.source=list needs data.train_list and data.val_list ('path,label' files)")
-        if self.data.source not in ("synth", "list"):
-            raise UserError(f"data.source must be 'synth' or 'list'; got {self.data.source!r}")
-        if self.test_clips < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise UserError("test_clips, epochs and batch_size must be >= 1")
+        if self.data.source != "synth" and not self.data.val_source:
+            raise UserError("data.val_source is needed with a folder or list file: the test videos (a folder with "
+                            "the training folder's class sub-folders, or a 'path,label' list)")
+        if self.test_clips < 1 or self.eval_batch_size < 1:
+            raise UserError("test_clips and eval_batch_size must be >= 1")
 
 
 class VideoClassifier(nn.Module):
@@ -123,6 +111,7 @@ class VideoClassifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.pool = pool
+        self.probe_norm = probe_norm
         D = encoder.config.embed_dim
         F_ = D * encoder.config.num_frames if pool == "time" else D
         self.norm = nn.BatchNorm1d(F_, affine=False) if probe_norm else nn.Identity()
@@ -142,75 +131,31 @@ class VideoClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.features(pixel_values)))  # (B, C)
 
-
-def load_encoder(cfg: ClassifyConfig):
-    from encoder.videomap import VideoMAPModel
-
-    if cfg.init is None:
-        from training.pretrain import DataConfig
-
-        return build_encoder(cfg.model, DataConfig(num_frames=cfg.data.num_frames, size=cfg.data.size))
-    path = Path(cfg.init)
-    if (path / "encoder" / "config.json").is_file():
-        path = path / "encoder"  # a pretrain run dir
-    if not (path / "config.json").is_file():
-        raise UserError(f"init '{cfg.init}' is not an encoder directory (no config.json); pass the "
-                        "'encoder/' folder a pretrain run writes, or init=null for a scratch encoder")
-    return VideoMAPModel.from_pretrained(path)
+    def save(self, directory: Path, classes: list[str] | None = None) -> None:
+        """``encoder/`` (save_pretrained), ``classifier.safetensors`` (norm + head) and
+        ``classifier.json`` (what `load_classifier` needs to rebuild it)."""
+        directory = Path(directory)
+        self.encoder.save_pretrained(directory / "encoder")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        save_file(state, str(directory / "classifier.safetensors"))
+        (directory / "classifier.json").write_text(json.dumps(
+            {"num_classes": self.head.out_features, "pool": self.pool, "probe_norm": self.probe_norm,
+             "classes": classes}, indent=1) + "\n")
 
 
-def build_sources(cfg: ClassifyConfig):
-    d = cfg.data
-    if d.source == "list":
-        train = VideoListSource(d.train_list, d.num_frames, d.size, d.root, train=True)
-        val = VideoListSource(d.val_list, d.num_frames, d.size, d.root, train=False)
-        labels = [it.label for it in train.items + val.items]
-        if any(lab is None for lab in labels):
-            raise UserError("classification lists need a label on every line ('path,label')")
-        num_classes = cfg.num_classes or max(labels) + 1
-        n_train = len(train)
-    else:
-        from videollm.data.synth import NUM_CLASSES
-
-        src = SynthSource if d.background is None and d.distractors is None else SceneSynthSource
-        kw = {} if src is SynthSource else {"background": d.background, "distractors": d.distractors}
-        train = src(d.num_frames, d.size, d.task, base_seed=d.train_seed, size_hint=d.num_train, **kw)
-        val = src(d.num_frames, d.size, d.task, base_seed=d.val_seed, size_hint=d.num_val, **kw)
-        num_classes = cfg.num_classes or NUM_CLASSES[d.task]
-        n_train = d.num_train
-    # A fixed, seeded subset of the training labels.
-    k = max(1, round(d.label_fraction * n_train))
-    subset = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:k].tolist()
-    return train, val, sorted(subset), num_classes
-
-
-class SceneSynthSource(SynthSource):
-    """`SynthSource` with fixed scene options: ``background`` (None, "plain" or a `BACKGROUNDS`
-    name) and ``distractors`` (None or 0..3), passed to `videollm.data.synth.make_clip`."""
-
-    def __init__(self, num_frames: int, size: int, task: str = "motion", base_seed: int = 0, size_hint: int = 0,
-                 background: str | None = None, distractors: int | None = None):
-        super().__init__(num_frames, size, task, base_seed, size_hint)
-        self.background, self.distractors = background, distractors
-
-    def spec_kw(self, seed: int) -> dict:
-        from videollm.data.synth import PLAIN_BACKGROUNDS
-
-        kw = {}
-        if self.background is not None:
-            kw["background"] = (PLAIN_BACKGROUNDS[seed % len(PLAIN_BACKGROUNDS)] if self.background == "plain"
-                                else self.background)
-        if self.distractors is not None:
-            kw["distractors"] = self.distractors
-        return kw
-
-    def load(self, i: int, rng=None) -> tuple[torch.Tensor, int]:
-        from encoder.transforms import frames_to_tensor
-        from videollm.data.synth import make_clip
-
-        seed = self.base_seed + int(i)
-        clip = make_clip(seed, self.num_frames, self.size, self.task, **self.spec_kw(seed))
-        return frames_to_tensor(clip.frames, self.size), clip.label
+def load_classifier(path: str | Path) -> tuple[VideoClassifier, list[str] | None]:
+    """A classifier `VideoClassifier.save` wrote (e.g. ``<classify run>/final``), in eval mode,
+    and its class names (None for integer labels)."""
+    path = Path(path)
+    if not (path / "classifier.json").is_file():
+        raise UserError(f"'{path}' is not a saved classifier (no classifier.json); give <classify run>/final")
+    meta = json.loads((path / "classifier.json").read_text())
+    model = VideoClassifier(VideoMAPModel.from_pretrained(path / "encoder"), meta["num_classes"], meta["pool"],
+                            meta["probe_norm"])
+    missing, unexpected = model.load_state_dict(load_file(str(path / "classifier.safetensors")), strict=False)
+    if unexpected or [k for k in missing if not k.startswith("encoder.")]:
+        raise UserError(f"'{path / 'classifier.safetensors'}' does not match classifier.json")
+    return model.eval(), meta["classes"]
 
 
 class _Cached:
@@ -231,16 +176,42 @@ class _Cached:
         return self.cache[i]
 
 
+def build_sources(cfg: ClassifyConfig):
+    """(train source, test source, the labelled subset of training indices, num_classes, class names)."""
+    d = cfg.data
+    kw = dict(task=d.task, background=d.background, distractors=d.distractors)
+    train = open_video_source(d.source, d.num_frames, d.size, root=d.root, base_seed=d.train_seed,
+                              size_hint=d.num_train, train=True, **kw)
+    val_source = "synth" if d.source == "synth" else d.val_source
+    val = open_video_source(val_source, d.num_frames, d.size, root=d.root, base_seed=d.val_seed,
+                            size_hint=d.num_val, train=False, classes=train.classes, **kw)
+    if d.source == "synth":
+        num_classes, n_train = cfg.num_classes or NUM_CLASSES[d.task], d.num_train
+    else:
+        for src in (train, val):
+            unlabelled = next((i for i, it in enumerate(src.items) if it.label is None), None)
+            if unlabelled is not None:
+                raise UserError(f"{src.describe(unlabelled)} has no label: classification needs one sub-folder per "
+                                "class (<folder>/<class>/<video>) or a 'path,label' line for every video")
+        num_classes = cfg.num_classes or (len(train.classes) if train.classes is not None
+                                          else max(it.label for it in train.items + val.items) + 1)
+        n_train = len(train)
+    # A fixed, seeded subset of the training labels.
+    k = max(1, round(d.label_fraction * n_train))
+    subset = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:k].tolist()
+    return train, val, sorted(subset), num_classes, train.classes
+
+
 @torch.no_grad()
-def evaluate(predict, val, test_clips: int, batch_size: int, skips: SkipTracker) -> dict:
+def evaluate(predict, val, test_clips: int, batch_size: int, skips: SkipTracker, device=None) -> dict:
     """Average the logits of `test_clips` clips per video; top-1 / top-5 over decodable videos."""
     correct1 = correct5 = total = 0
     pending_x, pending_y = [], []
 
     def flush():
         nonlocal correct1, correct5, total
-        x = torch.cat(pending_x)  # (n·K, 3, T, S, S)
-        logits = predict(x).reshape(len(pending_y), test_clips, -1).mean(dim=1)  # (n, C)
+        x = torch.cat(pending_x).to(device)  # (n·K, 3, T, S, S)
+        logits = predict(x).float().cpu().reshape(len(pending_y), test_clips, -1).mean(dim=1)  # (n, C)
         y = torch.tensor(pending_y)
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (n, ≤5)
         correct1 += int((top[:, 0] == y).sum())
@@ -267,95 +238,119 @@ def evaluate(predict, val, test_clips: int, batch_size: int, skips: SkipTracker)
     return {"top1": correct1 / total, "top5": correct5 / total, "num_test": total}
 
 
-def _features(model: VideoClassifier, source, indices, batch_size, skips) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
-    for s in range(0, len(indices), batch_size):
-        x, y = load_batch(source, indices[s:s + batch_size], None, skips)
-        feats.append(model.features(x))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+class Classify(Recipe):
+    name = "classify"
+
+    def setup(self, engine: Engine):
+        cfg = self.cfg
+        self.engine = engine
+        self.train_src, self.val_src, self.subset, num_classes, self.classes = build_sources(cfg)
+        if cfg.data.source == "synth":
+            self.train_src = _Cached(self.train_src)
+        self.skips = SkipTracker(cfg.data.max_skipped)
+        encoder = build_encoder(cfg.encoder, cfg.encoder_config, num_frames=cfg.data.num_frames, size=cfg.data.size)
+        model = VideoClassifier(encoder, num_classes, cfg.pool, probe_norm=cfg.mode == "linear")
+        self.num_classes = num_classes
+        self.linear = cfg.mode == "linear"
+        if self.linear:
+            # The linear probe as MAE's: no weight decay, no clipping.
+            self.optim = replace(cfg.optim, weight_decay=0.0, grad_clip=0.0)
+            model.encoder.requires_grad_(False)
+            model.encoder.eval()
+            with torch.no_grad():  # (n, F), (n,): the frozen encoder's features, extracted once
+                self.feats, self.labels = self._features(model)
+            n = len(self.labels)  # BatchNorm needs 2 samples: a last batch of 1 is left out
+            batches = n // cfg.batch_size + (n % cfg.batch_size >= 2)
+        else:
+            batches = -(-len(self.subset) // cfg.batch_size)
+        self.steps_per_epoch = batches // cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(self.subset)} labelled clip(s) make no optimizer step of batch_size="
+                            f"{cfg.batch_size} × grad_accum={cfg.grad_accum}")
+        self._order_epoch, self._order = None, None
+        self._train_mode(model)
+        return model
+
+    def _features(self, model: VideoClassifier) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        bs = self.cfg.eval_batch_size
+        for s in range(0, len(self.subset), bs):
+            x, y = load_batch(self.train_src, self.subset[s:s + bs], None, self.skips)
+            feats.append(model.features(x))
+            labels.append(y)
+        return torch.cat(feats), torch.cat(labels)
+
+    def _train_mode(self, model) -> None:
+        if self.linear:
+            model.norm.train()
+        else:
+            model.train()
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The order in which epoch `epoch` visits the labelled clips (a pure function of seed and epoch)."""
+        if self._order_epoch != epoch:
+            g, _ = step_rng(self.cfg.seed, epoch)
+            n = len(self.labels) if self.linear else len(self.subset)
+            self._order, self._order_epoch = torch.randperm(n, generator=g).tolist(), epoch
+        return self._order
+
+    def loss(self, model, step: int, micro: int) -> Micro:
+        cfg = self.cfg
+        epoch, k = divmod(step - 1, self.steps_per_epoch)
+        k = k * cfg.grad_accum + micro
+        idx = self._epoch_order(epoch)[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        if self.linear:
+            x, y = self.feats[idx].to(self.engine.device), self.labels[idx].to(self.engine.device)
+            return Micro(F.cross_entropy(model.head(model.norm(x)), y), samples=len(idx))
+        _, rng = step_rng(cfg.seed, epoch, k)
+        x, y = load_batch(self.train_src, [self.subset[j] for j in idx], rng, self.skips)
+        return Micro(F.cross_entropy(model(x.to(self.engine.device)), y.to(self.engine.device)), samples=len(y))
+
+    def status(self) -> dict:
+        return {"epoch": (self._order_epoch or 0) + 1, "skipped": self.skips.events}
+
+    def evaluate(self, model, step: int) -> dict:
+        model.eval()
+        result = evaluate(model, self.val_src, self.cfg.test_clips, self.cfg.eval_batch_size, self.skips,
+                          self.engine.device)
+        self._train_mode(model)
+        return result
+
+    def extra_state(self) -> dict:
+        return {"skips": self.skips.state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.skips = SkipTracker(self.cfg.data.max_skipped, **state.get("skips", {}))
+
+    def save_final(self, model, directory: Path) -> None:
+        model.save(directory, self.classes)
 
 
 def train(cfg: ClassifyConfig) -> dict:
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    """Train (or resume) and test; returns the results also written to ``output_dir/results.json``."""
     t_start = time.time()
-    seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    train_src, val_src, subset, num_classes = build_sources(cfg)
-    if cfg.data.source == "synth":
-        train_src = _Cached(train_src)
-    skips = SkipTracker(cfg.data.max_skipped)
-    model = VideoClassifier(load_encoder(cfg), num_classes, cfg.pool, probe_norm=cfg.mode == "linear")
-    steps_per_epoch = math.ceil(len(subset) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    history = []
-
-    if cfg.mode == "linear":
-        model.encoder.requires_grad_(False)
-        model.encoder.eval()
-        with torch.no_grad():
-            feats, labels = _features(model, train_src, subset, cfg.eval_batch_size, skips)  # (n, D), (n,)
-        params = list(model.norm.parameters()) + list(model.head.parameters())
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), total, cfg.min_lr / cfg.lr))
-        for epoch in range(cfg.epochs):
-            model.norm.train()
-            g, _ = step_rng(cfg.seed, epoch)
-            order = torch.randperm(len(labels), generator=g)
-            losses = []
-            for s in range(0, len(order), cfg.batch_size):
-                idx = order[s:s + cfg.batch_size]
-                if len(idx) < 2 and isinstance(model.norm, nn.BatchNorm1d):
-                    continue  # BatchNorm needs 2 samples
-                loss = F.cross_entropy(model.head(model.norm(feats[idx])), labels[idx])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-            history.append(sum(losses) / max(1, len(losses)))
-    else:
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not getattr(p, "_no_weight_decay", False)]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not getattr(p, "_no_weight_decay", False))]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), total, cfg.min_lr / cfg.lr))
-        for epoch in range(cfg.epochs):
-            model.train()
-            g, rng = step_rng(cfg.seed, epoch)
-            order = [subset[j] for j in torch.randperm(len(subset), generator=g).tolist()]
-            losses = []
-            for s in range(0, len(order), cfg.batch_size):
-                x, y = load_batch(train_src, order[s:s + cfg.batch_size], rng, skips)
-                loss = F.cross_entropy(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-            history.append(sum(losses) / len(losses))
-            logger.info("epoch %d/%d: train loss %.4f", epoch + 1, cfg.epochs, history[-1])
-
-    model.eval()
-    result = evaluate(model, val_src, cfg.test_clips, cfg.eval_batch_size, skips)
-    result.update({"mode": cfg.mode, "init": cfg.init, "num_classes": num_classes,
-                   "num_train_labeled": len(subset), "test_clips": cfg.test_clips, "epochs": cfg.epochs,
-                   "train_loss": history, "skipped": skips.events, "seconds": round(time.time() - t_start, 1)})
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    recipe = Classify(cfg)
+    summary = run(recipe)
+    results_file = Path(cfg.output_dir) / "results.json"
+    if "top1" not in summary:
+        if summary["final"] is None:
+            return summary  # stopped early (stop_after): no test yet
+        if results_file.is_file():  # resumed a finished run: nothing new was trained or tested
+            return json.loads(results_file.read_text())
+        raise UserError(f"'{cfg.output_dir}' finished training but holds no results.json; choose another output_dir")
+    result = {k: summary[k] for k in ("top1", "top5", "num_test")}
+    result.update({"mode": cfg.mode, "encoder": cfg.encoder, "num_classes": recipe.num_classes,
+                   "classes": recipe.classes, "num_train_labeled": len(recipe.subset), "test_clips": cfg.test_clips,
+                   "steps": summary["step"], "train_loss": summary["loss"], "skipped": summary["skipped"],
+                   "final": summary["final"], "seconds": round(time.time() - t_start, 1)})
+    results_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_argv(ClassifyConfig, "videollm classify", __doc__, argv, "mode=linear init=null")
+    cfg = config_from_argv(ClassifyConfig, "videollm classify", __doc__, argv, "mode=linear encoder=runs/x/encoder")
     result = train(cfg)
-    print(json.dumps({k: result[k] for k in ("top1", "top5", "num_test", "mode", "num_train_labeled")}))
+    print_summary(result, ("top1", "top5", "num_test", "mode", "num_train_labeled", "final"))
     return 0
 
 

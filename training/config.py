@@ -1,14 +1,21 @@
 """Recipe configs: a dataclass per recipe, filled from a YAML file plus ``key=value`` overrides.
 
 The dataclass is the schema: an unknown key, or a value of the wrong type, is an error that names
-the key and the file. Nested dataclasses take dotted keys (``optim.lr=3e-4``). Values of overrides
-are parsed as YAML scalars, so ``steps=30``, ``lr=1e-3``, ``resume=true`` and ``teacher=null``
-have the types one expects. The resolved config is written next to every checkpoint.
+the key and where it came from (with the closest valid key, or the new name of a renamed one).
+Nested dataclasses take dotted keys (``optim.lr=3e-4``). Values of overrides are parsed as YAML
+scalars, so ``steps=30``, ``lr=1e-3``, ``resume=true`` and ``teacher=null`` have the types one
+expects. ``--help`` lists every key with its default and the comment next to its field. The
+resolved config is written next to every checkpoint.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import inspect
+import logging
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,8 +24,20 @@ from typing import Any, TypeVar
 import yaml
 
 from encoder.errors import UserError
+from encoder.files import atomic_write_text
 
 T = TypeVar("T")
+
+# Keys of the recipes before they shared one vocabulary: an old name says what it is now.
+RENAMED = {
+    "max_steps": "steps", "stop_at_step": "stop_after", "keep_checkpoints": "keep", "num_threads": "threads",
+    "mixed_precision": "precision", "init": "encoder", "epochs": "steps", "model": "encoder / encoder_config",
+    "lr": "optim.lr", "min_lr": "optim.min_lr_ratio", "weight_decay": "optim.weight_decay",
+    "warmup_epochs": "optim.warmup_steps", "warmup_steps": "optim.warmup_steps", "grad_clip": "optim.grad_clip",
+    "encoder_lr": "optim.encoder_lr", "optim.min_lr": "optim.min_lr_ratio",
+    "data.list_file": "data.source", "data.train_list": "data.source", "data.val_list": "data.val_source",
+    "data.video_root": "data.root", "data.image_size": "data.size", "data.clip_frames": "data.num_frames",
+}
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -53,6 +72,36 @@ def _merge(base: dict, update: dict) -> dict:
     for k, v in update.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _section_type(tp: Any) -> Any:
+    """The dataclass inside a field's type (``X``, ``X | None``), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def _check_keys(cls: type, data: dict[str, Any], prefix: str, origin: str) -> None:
+    """Every key of `data` names a field of `cls` (recursing into sections); else a UserError that
+    names the key, where it came from, and the closest valid key or its new name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        if key in hints:
+            section = _section_type(hints[key])
+            if section is not None and isinstance(value, dict):
+                _check_keys(section, value, f"{prefix}{key}.", origin)
+            continue
+        full = prefix + key
+        if full in RENAMED or (not prefix and key in RENAMED):
+            hint = f"; it was renamed to '{RENAMED.get(full) or RENAMED[key]}'"
+        else:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+        raise UserError(f"unknown key '{full}' {origin}{hint} valid keys{' of ' + prefix[:-1] if prefix else ''}: "
+                        f"{', '.join(names)}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -116,13 +165,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:  # load_config checks keys first; this catches direct callers
+        _check_keys(cls, {unknown[0]: None}, f"{where}." if where else "", "in the config")
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as err:
@@ -142,8 +189,10 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
             raise UserError(f"config file '{path}' is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise UserError(f"config file '{path}' must hold a mapping of keys to values")
-    data = _merge(data, _nest(parse_overrides(overrides or [])))
-    cfg = _from_dict(cls, data, "")
+        _check_keys(cls, data, "", f"in '{path}'")
+    update = _nest(parse_overrides(overrides or []))
+    _check_keys(cls, update, "", "on the command line")
+    cfg = _from_dict(cls, _merge(data, update), "")
     post = getattr(cfg, "validate", None)
     if callable(post):
         post()
@@ -154,24 +203,81 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from encoder.files import atomic_write_text
+    atomic_write_text(Path(path), to_yaml(cfg))
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+# ---- --help: every key with its default -------------------------------------------------------------
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comment of each field of `cls` (and its bases) in its source: the one after the field on
+    its line, else the block of comment lines right above it."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsourcelines(klass)[0]
+        except (OSError, TypeError):
+            continue
+        block: list[str] = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                block.append(stripped.lstrip("#").strip())
+                continue
+            m = re.match(r"\s+(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
+            if m and m.group(1) in klass.__dataclass_fields__:
+                text = (m.group(2) or " ".join(block)).strip()
+                if text:  # a subclass that only changes a default keeps its base's comment
+                    comments[m.group(1)] = text
+            block = []
+    return comments
+
+
+def _key_lines(obj: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, comment) of every leaf field of the dataclass instance `obj`."""
+    rows = []
+    comments = _field_comments(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += _key_lines(value, f"{prefix}{f.name}.")
+        else:
+            shown = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
+                                   default_flow_style=True, width=10_000).strip()
+            shown = shown.removesuffix("\n...").removesuffix("...").strip()
+            rows.append((prefix + f.name, shown, comments.get(f.name, "")))
+    return rows
+
+
+def keys_help(cls: type) -> str:
+    """The ``--help`` listing of a config class: ``key=default  comment`` per line."""
+    rows = _key_lines(cls())
+    width = min(44, max(len(f"{k}={d}") for k, d, _ in rows))
+    lines = ["keys (key=default):"]
+    for key, default, comment in rows:
+        text = f"{key}={default}"
+        lines.append(f"  {text:<{width}}  {comment}".rstrip() if len(text) <= width
+                     else f"  {text}\n  {'':<{width}}  {comment}".rstrip())
+    return "\n".join(lines)
 
 
 def config_from_argv(cls: type[T], prog: str, doc: str, argv: list[str] | None, example: str) -> T:
     """A recipe's command line: ``--config FILE`` plus ``key=value`` overrides → the config `cls`.
     Also sets up INFO logging unless the caller configured logging already."""
-    import argparse
-    import logging
-
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=keys_help(cls),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file under training/configs/ (defaults if omitted)")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
     return load_config(cls, args.config, args.overrides)

@@ -1,13 +1,19 @@
 """Video clips for the encoder recipes (pretraining, classification).
 
-Two sources with one interface, ``source.load(i, rng) -> (clip (3, T, S, S) float, label)``:
+A recipe's ``data.source`` is one of three things, each opened by `open_video_source` into an
+object with one interface, ``source.load(i, rng) -> (clip (3, T, S, S) float, label)``:
 
-- `VideoListSource`: a Kinetics-style list file, one video per line, ``path[,label]`` (a space also
-  separates, as in Kinetics/SSv2 lists; a ``path,label`` header line is ignored). Relative paths
-  resolve against ``root`` if given, else against the list file's folder. Frames are decoded with
-  `encoder.video_io.read_video` (random segment sampling when training, uniform when testing).
-- `SynthSource`: the synthetic generator (`videollm.data.synth.make_clip`) rendered on the fly — a
-  clip is a pure function of its seed, so nothing is stored.
+- ``synth``: `SynthSource`, the synthetic generator (`videollm.data.synth.make_clip`) rendered on
+  the fly — a clip is a pure function of its seed, so nothing is stored;
+- a folder: every video under it (any depth, common video extensions). A video's label is the
+  first sub-folder it sits in (Kinetics-style trees: ``<folder>/<class>/<video>``), classes
+  numbered in sorted order;
+- a list file, one video per line, ``path[,label]`` (a space also separates, as in Kinetics/SSv2
+  lists; a ``path,label`` header line is ignored). Relative paths resolve against ``root`` if
+  given, else against the list file's folder.
+
+Folders and list files give a `VideoFileSource`, decoded with `encoder.video_io.read_video` (random
+segment sampling when training, uniform when testing).
 
 Sampling is a pure function of (seed, step, micro-batch): `step_rng` makes the generators, so a
 resumed run draws exactly the clips the uninterrupted run would have drawn.
@@ -28,8 +34,14 @@ import torch
 
 from encoder.errors import UserError, VideoReadError
 from encoder.transforms import frames_to_tensor
+from encoder.video_io import read_video
+from videollm.data.synth import BACKGROUNDS, PLAIN_BACKGROUNDS, check_clip_args, make_clip
 
 logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
+                    ".ts", ".gif")
+SOURCE_HELP = "'synth', a folder of videos, or a list file ('path[,label]' per line)"
 
 
 def step_seed(*keys: int) -> int:
@@ -48,7 +60,7 @@ def step_rng(*keys: int) -> tuple[torch.Generator, np.random.Generator]:
 class VideoItem:
     path: Path
     label: int | None
-    line: int
+    where: str  # how to find it again: "list.csv line 3", or the path itself for a folder
 
 
 def read_list_file(list_file: str | Path, root: str | Path | None = None) -> list[VideoItem]:
@@ -75,19 +87,44 @@ def read_list_file(list_file: str | Path, root: str | Path | None = None) -> lis
                                     "(expected 'path,label' with a class index)") from None
                 parts = [line]  # a path with a space in it and no label
         path = Path(parts[0])
-        items.append(VideoItem(path if path.is_absolute() else base / path, label, n))
+        items.append(VideoItem(path if path.is_absolute() else base / path, label, f"{list_file.name} line {n}"))
     if not items:
-        raise UserError(f"video list '{list_file}' has no entries")
+        raise UserError(f"video list '{list_file}' has no entries; write one video per line ('path[,label]')")
     return items
 
 
-class VideoListSource:
-    """Clips decoded from the videos of a list file."""
+def scan_folder(folder: str | Path, classes: list[str] | None = None) -> tuple[list[VideoItem], list[str]]:
+    """Every video under `folder` (sorted), labelled by the first sub-folder it sits in, and the
+    class names (sorted; or `classes` as given, e.g. the training folder's for a test folder).
+    Videos directly in `folder` have no label."""
+    folder = Path(folder)
+    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+    if not videos:
+        raise UserError(f"folder '{folder}' holds no videos ({', '.join(VIDEO_EXTENSIONS[:6])}, …); put videos in "
+                        f"it (any depth; for classification one sub-folder per class) or give data.source "
+                        f"{SOURCE_HELP}")
+    names = {p.relative_to(folder).parts[0] for p in videos if len(p.relative_to(folder).parts) > 1}
+    classes = sorted(names) if classes is None else list(classes)
+    index = {name: i for i, name in enumerate(classes)}
+    items = []
+    for p in videos:
+        parts = p.relative_to(folder).parts
+        label = None
+        if len(parts) > 1:
+            if parts[0] not in index:
+                raise UserError(f"'{p}': class '{parts[0]}' is not one of the training classes ({', '.join(classes)})")
+            label = index[parts[0]]
+        items.append(VideoItem(p, label, str(p)))
+    return items, classes
 
-    def __init__(self, list_file: str | Path, num_frames: int, size: int, root: str | Path | None = None,
-                 train: bool = True):
-        self.list_file = Path(list_file)
-        self.items = read_list_file(list_file, root)
+
+class VideoFileSource:
+    """Clips decoded from video files (a folder's or a list file's). ``classes``: the class names
+    of a folder, None for a list file (its labels are class indices)."""
+
+    def __init__(self, items: list[VideoItem], num_frames: int, size: int, train: bool = True,
+                 classes: list[str] | None = None, origin: str = ""):
+        self.items, self.classes, self.origin = items, classes, origin
         self.num_frames, self.size, self.train = num_frames, size, train
 
     def __len__(self) -> int:
@@ -95,12 +132,10 @@ class VideoListSource:
 
     def describe(self, i: int) -> str:
         item = self.items[i]
-        return f"{item.path} ({self.list_file.name} line {item.line})"
+        return str(item.path) if item.where == str(item.path) else f"{item.path} ({item.where})"
 
     def load(self, i: int, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, int]:
         """Clip i: (3, T, S, S), random segments when training. Raises `VideoReadError`."""
-        from encoder.video_io import read_video
-
         item = self.items[i]
         mode = "random_segment" if self.train else "uniform"
         clip = read_video(item.path, self.num_frames, mode=mode, rng=rng)
@@ -109,8 +144,6 @@ class VideoListSource:
     def load_clips(self, i: int, num_clips: int) -> tuple[torch.Tensor, int]:
         """Multi-clip test: the video is split into `num_clips` equal segments and each is sampled
         uniformly with T frames → (K, 3, T, S, S)."""
-        from encoder.video_io import read_video
-
         item = self.items[i]
         T = self.num_frames
         frames = read_video(item.path, T * num_clips, mode="uniform").frames  # (K·T, H, W, 3)
@@ -119,14 +152,19 @@ class VideoListSource:
 
 
 class SynthSource:
-    """Synthetic clips on the fly: item i is ``make_clip(base_seed + i)`` (index = seed offset)."""
+    """Synthetic clips on the fly: item i is ``make_clip(base_seed + i)`` (index = seed offset).
 
-    def __init__(self, num_frames: int, size: int, task: str = "motion", base_seed: int = 0, size_hint: int = 0):
-        from videollm.data.synth import check_clip_args
+    Scene options for the motion task: ``background`` (None: the generator's random mix; "plain":
+    a plain background, alternating by seed; or one `videollm.data.synth.BACKGROUNDS` name) and
+    ``distractors`` (None: 0–2 static extra objects at random; n: exactly n)."""
 
+    def __init__(self, num_frames: int, size: int, task: str = "motion", base_seed: int = 0, size_hint: int = 0,
+                 background: str | None = None, distractors: int | None = None):
         check_clip_args(num_frames, size, task)
         self.num_frames, self.size, self.task, self.base_seed = num_frames, size, task, base_seed
         self._len = size_hint  # 0 = unbounded (samplers draw fresh seeds)
+        self.background, self.distractors = background, distractors
+        self.classes = None
 
     def __len__(self) -> int:
         return self._len
@@ -134,16 +172,52 @@ class SynthSource:
     def describe(self, i: int) -> str:
         return f"synthetic clip seed {self.base_seed + i}"
 
-    def load(self, i: int, rng=None) -> tuple[torch.Tensor, int]:
-        from videollm.data.synth import make_clip
+    def spec_kw(self, seed: int) -> dict:
+        kw = {}
+        if self.background is not None:
+            kw["background"] = (PLAIN_BACKGROUNDS[seed % len(PLAIN_BACKGROUNDS)] if self.background == "plain"
+                                else self.background)
+        if self.distractors is not None:
+            kw["distractors"] = self.distractors
+        return kw
 
-        clip = make_clip(self.base_seed + int(i), self.num_frames, self.size, self.task)
+    def load(self, i: int, rng=None) -> tuple[torch.Tensor, int]:
+        seed = self.base_seed + int(i)
+        clip = make_clip(seed, self.num_frames, self.size, self.task, **self.spec_kw(seed))
         return frames_to_tensor(clip.frames, self.size), clip.label
 
     def load_clips(self, i: int, num_clips: int) -> tuple[torch.Tensor, int]:
         # A synthetic clip is exactly one clip long; the K "views" are the same clip.
         x, y = self.load(i)
         return x[None].expand(num_clips, *x.shape), y
+
+
+def check_scene(background: str | None, distractors: int | None, task: str) -> None:
+    """UserError unless the synthetic scene options are valid for `task`."""
+    if background is not None and background != "plain" and background not in BACKGROUNDS:
+        raise UserError(f"data.background must be null, 'plain' or one of {', '.join(BACKGROUNDS)}; got {background!r}")
+    if distractors is not None and not 0 <= distractors <= 3:
+        raise UserError(f"data.distractors must be null or in 0..3; got {distractors}")
+    if (background is not None or distractors is not None) and task != "motion":
+        raise UserError("data.background / data.distractors apply to the synthetic motion task only")
+
+
+def open_video_source(source: str, num_frames: int, size: int, *, root: str | None = None, train: bool = True,
+                      task: str = "motion", base_seed: int = 0, size_hint: int = 0, background: str | None = None,
+                      distractors: int | None = None, classes: list[str] | None = None):
+    """The clips of ``data.source``: "synth" (`SynthSource`; task, base_seed, size_hint and the
+    scene options apply), a folder or a list file (`VideoFileSource`; root resolves a list's
+    relative paths; classes: a folder's class names to number its sub-folders by)."""
+    if source == "synth":
+        return SynthSource(num_frames, size, task, base_seed=base_seed, size_hint=size_hint,
+                           background=background, distractors=distractors)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        items, names = scan_folder(path, classes)
+        return VideoFileSource(items, num_frames, size, train, classes=names, origin=str(path))
+    if path.is_file():
+        return VideoFileSource(read_list_file(path, root), num_frames, size, train, origin=str(path))
+    raise UserError(f"data.source '{source}' not found; give {SOURCE_HELP}")
 
 
 class SkipTracker:

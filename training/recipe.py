@@ -1,0 +1,556 @@
+"""The one recipe skeleton: pretrain, classify, ground and finetune run on it (torchtune's
+recipes are the model: an explicit loop, the shared parts written once).
+
+A recipe is a `Recipe` subclass that brings its config, its setup and its step:
+
+    class Pretrain(Recipe):
+        name = "pretrain"                        # logs, <name>_config.yaml in the final folder
+        final_name = "encoder"                   # the folder save_final fills, under output_dir
+        def setup(self, engine) -> nn.Module     # build model and data; return the module to train
+        def loss(self, model, step, micro) -> Micro         # one micro-batch's loss (+ logs)
+        def evaluate(self, model, step) -> dict              # optional: metrics on held-out data
+        def save_final(self, model, directory)               # the trained model
+        def extra_state(self) / load_extra_state(state)      # optional: what else a resume needs
+
+`run(recipe)` does the rest, the same way for every recipe:
+
+- the run folder: a folder that already holds a run (metrics, config or checkpoints) is refused
+  unless ``resume=true``; the resolved config is written to ``config.yaml``;
+- seeds (``seed``), CPU threads (``threads``);
+- AdamW over the trainable parameters in `param_groups` (no weight decay on norms, biases, 1-D
+  and tagged ``_no_weight_decay`` parameters; per-module learning rates), the one LR schedule
+  `lr_schedule` (linear warm-up, cosine to ``min_lr_ratio``), gradient accumulation and clipping,
+  ``precision`` (bf16 autocast), all through an `Engine`;
+- ``metrics.jsonl`` (step, loss, the recipe's logs, lr, grad_norm, samples_per_s, sec_per_step,
+  evaluations every ``eval_every`` steps and after the last), a progress bar on a terminal or a
+  log line with an ETA every ``log_every`` steps otherwise;
+- atomic checkpoints every ``save_every`` steps and at the last step of the invocation (trainable
+  weights, optimizer, scheduler, RNG states, the recipe's extras; the data position is the step:
+  recipes draw their batches as a pure function of it), exact resume, ``stop_after`` slices;
+- the final model, written by the recipe into ``output_dir/<final_name>`` atomically.
+
+The `Engine` is the one place that knows where the steps run (device, precision, DeepSpeed) and
+how many processes share them: rank-aware logging and saving go through ``engine.is_main``, data
+sharding through ``engine.rank`` / ``engine.world``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
+from tqdm import tqdm
+from transformers import AutoModel
+
+from encoder.errors import UserError
+from encoder.files import atomic_dir, atomic_write_text
+from encoder.videomap import PRESETS, VideoMAPConfig, VideoMAPModel
+from training.checkpoint import (MetricsLog, checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                 trainable_state)
+from training.config import to_yaml
+from videollm.data.video_sources import SOURCE_HELP, check_scene
+
+logger = logging.getLogger("training.recipe")
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared keys
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.0  # AdamW's, on matrices only (not norms, biases, tagged tables)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
+    min_lr_ratio: float = 0.0  # the cosine ends at lr × min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+
+
+@dataclass
+class RecipeConfig:
+    output_dir: str = "runs/recipe"  # the run folder: metrics, config, checkpoints, the final model
+    seed: int = 0  # every random draw of the run follows from it
+    steps: int = 1000  # optimizer steps; the LR schedule spans them
+    stop_after: int | None = None  # end this invocation after this step (time-limited jobs); resume=true continues
+    resume: bool = False  # continue the run in output_dir from its latest checkpoint
+    keep: int = 2  # checkpoints kept (0: all)
+    save_every: int = 100  # checkpoint every this many steps (and at the last step)
+    log_every: int = 1  # a metrics line every this many steps
+    eval_every: int = 0  # evaluate every this many steps; 0: after the last step only
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: str = "fp32"  # fp32 | bf16 (autocast; the weights stay fp32)
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("eval_every", "keep", "threads"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise UserError(f"stop_after must be >= 1 or null; got {self.stop_after}")
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"precision must be 'fp32' or 'bf16'; got {self.precision!r}")
+        if self.optim.warmup_steps < 0 or not 0.0 <= self.optim.min_lr_ratio <= 1.0:
+            raise UserError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]; got "
+                            f"{self.optim.warmup_steps}, {self.optim.min_lr_ratio}")
+
+
+@dataclass
+class VideoDataConfig:
+    """The video data of the encoder recipes (pretrain, classify)."""
+
+    source: str | None = "synth"  # synth | a folder of videos (labels: sub-folder names) | a list file (path[,label])
+    root: str | None = None  # where a list file's relative paths resolve (default: its folder)
+    task: str = "motion"  # synthetic task: motion | order | count
+    num_frames: int = 16  # frames per clip
+    size: int = 64  # frame side in px (resized + centre-cropped)
+    max_skipped: int = 10  # distinct undecodable videos tolerated before giving up
+    background: str | None = None  # synth motion scene: null = random mix | plain | a synth.BACKGROUNDS name
+    distractors: int | None = None  # synth motion scene: null = 0–2 static extra objects at random | n
+
+    def validate(self) -> None:
+        if not self.source:
+            raise UserError(f"data.source is required: give {SOURCE_HELP}")
+        check_scene(self.background, self.distractors, self.task if self.source == "synth" else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_schedule(warmup: int, total: int, min_ratio: float = 0.0):
+    """The LR multiplier of scheduler step `step` (0-based): linear from 1/warmup to 1 over `warmup`
+    steps, then a cosine from 1 down to `min_ratio` at step `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
+                 lrs: dict[str, float | None] | None = None) -> list[dict]:
+    """AdamW groups over the trainable parameters of `model`: weight decay on matrices only (none
+    on norms, biases, 1-D tensors and parameters tagged ``_no_weight_decay`` such as position
+    tables), and a parameter whose name starts with a prefix of `lrs` at that prefix's lr (None:
+    `lr`). The schedule scales every group alike."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        group_lr = next((v for k, v in (lrs or {}).items() if name.startswith(k) and v is not None), lr)
+        decay = 0.0 if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) else weight_decay
+        groups.setdefault((group_lr, decay), []).append(p)
+    return [{"params": ps, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), ps in groups.items()]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_encoder(encoder: str, encoder_config: dict | None = None, *, num_frames: int, size: int):
+    """A VideoMAP encoder: a preset name (random init from torch's global RNG; `encoder_config`
+    sets further `VideoMAPConfig` fields), or an encoder directory (``save_pretrained``) or
+    pretrain run folder (its ``encoder/``), which keeps its own config."""
+    if encoder in PRESETS:
+        kw = {"img_size": size, "num_frames": num_frames, **(encoder_config or {})}
+        try:
+            return VideoMAPModel(VideoMAPConfig.from_preset(encoder, **kw))
+        except (ValueError, TypeError) as err:
+            raise UserError(f"encoder_config: {err}") from None
+    path = Path(encoder).expanduser()
+    if (path / "encoder" / "config.json").is_file():
+        path = path / "encoder"  # a pretrain run folder
+    if not (path / "config.json").is_file():
+        raise UserError(f"encoder '{encoder}' is neither a preset ({', '.join(PRESETS)}) nor an encoder directory "
+                        "(config.json, as pretraining writes to <run>/encoder)")
+    if encoder_config:
+        logger.info("encoder %s is a saved encoder: it keeps its own config (encoder_config is for a preset)", path)
+    return AutoModel.from_pretrained(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: where the steps run
+# ---------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Device, precision, gradient accumulation and DeepSpeed, through accelerate. The process
+    state (rank, world size, device) is known from the start; the `Accelerator` is made in
+    `prepare`, after the model: with a DeepSpeed plugin active, transformers would load weights
+    the ZeRO-3 way, and the edits after loading (the ``<video>`` rows) would hit unmaterialised
+    shards. Multi-process runs (a process group, a distributed sampler, metrics reduced across
+    ranks, one writer) are wired here and nowhere else."""
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.state = PartialState()
+        self.accelerator: Accelerator | None = None
+        self.deepspeed = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.state.process_index
+
+    @property
+    def world(self) -> int:
+        return self.state.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    def wait(self) -> None:
+        self.state.wait_for_everyone()
+
+    def prepare(self, model, optimizer, *, deepspeed: str | None = None, find_unused_parameters: bool = False):
+        """Make the Accelerator and hand it the model and optimizer (not the scheduler: the
+        skeleton steps it once per optimizer step, accelerate would step it per process)."""
+        plugin = None
+        if deepspeed:
+            try:
+                import deepspeed as _  # noqa: F401  (optional: only deepspeed=… runs need it)
+            except ImportError:
+                raise UserError("deepspeed=… needs the deepspeed package: pip install deepspeed") from None
+            plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed), gradient_accumulation_steps=self.cfg.grad_accum,
+                                     gradient_clipping=self.cfg.optim.grad_clip or None, zero3_init_flag=False)
+            # Batches come from the recipe (exact resume), so accelerate cannot read the micro-batch off a loader.
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.batch_size
+            self.deepspeed = True
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+        self.accelerator = Accelerator(gradient_accumulation_steps=self.cfg.grad_accum, deepspeed_plugin=plugin,
+                                       mixed_precision="bf16" if self.cfg.precision == "bf16" else "no",
+                                       kwargs_handlers=handlers)
+        if plugin is not None:
+            self._fill_deepspeed_auto(model)
+        return self.accelerator.prepare(model, optimizer)
+
+    def _fill_deepspeed_auto(self, model) -> None:
+        """Fill the bucket-size "auto" values accelerate derives from ``model.config.hidden_size``
+        (a VideoLLM config keeps it in ``text_config``), with accelerate's own formulas."""
+        config = getattr(model, "config", None)
+        hidden = getattr(getattr(config, "text_config", config), "hidden_size", None)
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        for key, value in (("reduce_bucket_size", lambda h: h * h),
+                           ("stage3_prefetch_bucket_size", lambda h: int(0.9 * h * h)),
+                           ("stage3_param_persistence_threshold", lambda h: 10 * h)):
+            if ds.get(key) == "auto" and hidden:
+                ds[key] = value(hidden)
+
+    @property
+    def zero3(self) -> bool:
+        return self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def accumulate(self, model):
+        return self.accelerator.accumulate(model)
+
+    @property
+    def sync_gradients(self) -> bool:
+        return self.accelerator.sync_gradients
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Divides by grad_accum (DeepSpeed: accumulates and steps itself)."""
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, params, max_norm: float) -> float | None:
+        """The global gradient norm before clipping (None with DeepSpeed, which clips itself)."""
+        if max_norm <= 0:
+            return None
+        norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        return None if norm is None else float(norm)
+
+    def mean(self, value: float) -> float:
+        """`value` averaged over the processes."""
+        if self.world == 1:
+            return float(value)
+        return float(self.accelerator.reduce(torch.tensor(float(value), device=self.device), "mean"))
+
+    def gathered(self, model):
+        """Inside: every parameter whole on every rank (ZeRO-3 partitions them); a no-op otherwise."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.unwrap(model).parameters()), modifier_rank=None)
+
+    def save(self, run_dir: Path, step: int, model, optimizer, scheduler, *, extra: dict, config_yaml: str,
+             keep: int) -> None:
+        """A checkpoint of the trainable state (DeepSpeed: its own state, frozen weights left out)."""
+        if self.deepspeed:
+            # Every rank writes its shard into a shared staging folder; the main process moves it
+            # into the atomic checkpoint folder.
+            staging = run_dir / f".staging-{step}"
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.wait()
+            self.accelerator.save_state(str(staging / "accelerate"), exclude_frozen_parameters=True)
+            self.wait()
+            if self.is_main:
+                save_checkpoint(run_dir, step, scheduler=scheduler, config_yaml=config_yaml, extra=extra, keep=keep,
+                                write_files=lambda d: shutil.move(str(staging / "accelerate"), d))
+                shutil.rmtree(staging, ignore_errors=True)
+        elif self.is_main:
+            save_checkpoint(run_dir, step, weights=trainable_state(self.unwrap(model)), optimizer=optimizer,
+                            scheduler=scheduler, config_yaml=config_yaml, extra=extra, keep=keep)
+        self.wait()
+
+    def load(self, path: Path, model, optimizer, scheduler) -> dict:
+        if self.deepspeed:
+            if not (path / "accelerate").is_dir():
+                raise UserError(f"'{path}' holds no DeepSpeed state; resume it without deepspeed=…")
+            # Frozen weights are not in the checkpoint (exclude_frozen_parameters): not strict.
+            self.accelerator.load_state(str(path / "accelerate"), load_module_strict=False)
+            return load_checkpoint(path, scheduler=scheduler)
+        if (path / "accelerate").is_dir():
+            raise UserError(f"'{path}' was written with DeepSpeed; resume it with the same deepspeed=…")
+        return load_checkpoint(path, model=self.unwrap(model), optimizer=optimizer, scheduler=scheduler)
+
+    def end(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+
+
+# ---------------------------------------------------------------------------------------------
+# A recipe and the loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Micro:
+    """One micro-batch's result: the loss to backpropagate, scalar logs (averaged over the step's
+    micro-batches) and how many samples it held (throughput)."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+
+
+class Recipe:
+    """What a recipe brings to `run` (see the module docstring); the defaults do nothing."""
+
+    name = "recipe"
+    final_name = "final"
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.optim = cfg.optim  # what the optimizer, schedule and clipping use (a recipe may adjust it in setup)
+
+    def setup(self, engine: Engine) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        return param_groups(model, self.optim.lr, self.optim.weight_decay)
+
+    def engine_options(self) -> dict:
+        """Extra `Engine.prepare` arguments (deepspeed, find_unused_parameters)."""
+        return {}
+
+    def before_steps(self, model, resumed: bool) -> None:
+        """Runs once before the first step of an invocation (e.g. a warm-up that a resumed run has)."""
+
+    def loss(self, model, step: int, micro: int) -> Micro:
+        raise NotImplementedError
+
+    def status(self) -> dict:
+        """Counters to put in every metrics line (e.g. skipped videos)."""
+        return {}
+
+    def evaluate(self, model, step: int) -> dict:
+        """Held-out metrics; must leave the model as training wants it (train mode)."""
+        return {}
+
+    def save_final(self, model, directory: Path) -> None:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+def open_run(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0). A folder that already holds a run is
+    refused without ``resume=true``: a new run would overwrite its metrics and config."""
+    held = [name for name in ("metrics.jsonl", "config.yaml", "latest") if (run_dir / name).exists()]
+    held += [p.name for p in checkpoints(run_dir)] if run_dir.is_dir() else []
+    if held and not resume:
+        raise UserError(f"'{run_dir}' already holds a run ({held[0]}); pass resume=true to continue it, "
+                        "or choose another output_dir")
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        logger.info("resume=true but %s holds no checkpoint; starting at step 0", run_dir)
+    return ckpt
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise (a log file, a scheduler) a log line with the ETA at
+    every logged step."""
+
+    def __init__(self, name: str, start: int, stop: int, total: int, enabled: bool):
+        self.name, self.start, self.stop, self.total = name, start, stop, total
+        self.t0 = time.perf_counter()
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+
+    def update(self, record: dict, logged: bool) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
+                                  if k in ("loss", "eval_loss", "top1") and isinstance(v, float)})
+            return
+        if not logged:
+            return
+        per_step = (time.perf_counter() - self.t0) / max(1, step - self.start)
+        values = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
+                           if k not in ("step", "sec_per_step", "lr") and isinstance(v, float))
+        logger.info("%s step %d/%d  %s  lr %.3g  %.2f s/step  ETA %s", self.name, step, self.total, values,
+                    record.get("lr", 0.0), per_step, _duration(per_step * (self.stop - step)))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Train `recipe` (or continue it): returns the last metrics record with ``step``,
+    ``output_dir`` and ``final`` (the final model's folder; None when ``stop_after`` ended early)."""
+    cfg = recipe.cfg
+    run_dir = Path(cfg.output_dir)
+    engine = Engine(cfg)
+    resume_from = open_run(run_dir, cfg.resume)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    config_yaml = to_yaml(cfg)
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
+
+    model = recipe.setup(engine)
+    optim = recipe.optim
+    optimizer = torch.optim.AdamW(recipe.param_groups(model), lr=optim.lr, betas=tuple(optim.betas))
+    schedule = lr_schedule(optim.warmup_steps, cfg.steps, optim.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer = engine.prepare(model, optimizer, **recipe.engine_options())
+
+    start = 0
+    if resume_from is not None:
+        info = engine.load(resume_from, model, optimizer, scheduler)
+        start = info["step"]
+        recipe.load_extra_state(info["extra"])
+        logger.info("resumed from %s (step %d)", resume_from, start)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume_from else None) \
+        if engine.is_main else None
+    recipe.before_steps(model, resumed=resume_from is not None)
+
+    stop = min(cfg.steps, cfg.stop_after or cfg.steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    progress = Progress(recipe.name, start, stop, cfg.steps, engine.is_main)
+    record: dict[str, Any] = {"step": start}
+    for step in range(start + 1, stop + 1):
+        t0 = time.perf_counter()
+        losses, logs, samples, grad_norm = [], {}, 0, None
+        for micro in range(cfg.grad_accum):
+            with engine.accumulate(model):
+                with engine.autocast():
+                    out = recipe.loss(model, step, micro)
+                engine.backward(out.loss)
+                losses.append(float(out.loss.detach()))
+                for k, v in out.logs.items():
+                    logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+                samples += out.samples
+                if engine.sync_gradients:
+                    grad_norm = engine.clip_grad_norm(params, optim.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        loss = engine.mean(sum(losses) / len(losses))
+        if not math.isfinite(loss):
+            raise UserError(f"the loss is {loss} at step {step}; lower optim.lr or check the data")
+        record = {"step": step, "loss": loss, **logs, "lr": optim.lr * schedule(step - 1), **recipe.status()}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if samples:
+            record["samples_per_s"] = round(samples * engine.world / dt, 3)
+        record["sec_per_step"] = round(dt, 4)
+        evaluated = step == stop == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+        if evaluated:
+            record.update(recipe.evaluate(model, step))
+        logged = evaluated or step % cfg.log_every == 0 or step == stop
+        if metrics is not None and logged:
+            metrics.log(record)
+        progress.update(record, logged)
+        if step % cfg.save_every == 0 or step == stop:
+            engine.save(run_dir, step, model, optimizer, scheduler, extra=recipe.extra_state(),
+                        config_yaml=config_yaml, keep=cfg.keep)
+    progress.close()
+
+    summary = {**record, "output_dir": str(run_dir), "final": None}
+    if stop < cfg.steps:
+        logger.info("stopped after step %d of %d (stop_after); resume=true continues", stop, cfg.steps)
+        return summary
+    final = run_dir / recipe.final_name
+    with engine.gathered(model):
+        if engine.is_main:
+            with atomic_dir(final) as tmp:
+                recipe.save_final(engine.unwrap(model), tmp)
+                (tmp / f"{recipe.name}_config.yaml").write_text(config_yaml)
+    engine.wait()
+    logger.info("%s: final model in %s", recipe.name, final)
+    engine.end()
+    return {**summary, "final": str(final)}
+
+
+def print_summary(summary: dict, keys: tuple[str, ...]) -> None:
+    """The one JSON line a recipe's command prints at the end."""
+    print(json.dumps({k: summary.get(k) for k in keys}))
