@@ -164,13 +164,25 @@ class PatchEmbed3D(nn.Module):
         if motion_gap:
             self.motion_stem, self.motion_proj = _patch_stem(in_chans, dim, patch_size, stem)
 
-    def _embed(self, x: torch.Tensor, stem: nn.Module | None, proj: nn.Module) -> torch.Tensor:
+    @staticmethod
+    def _embed(x: torch.Tensor, stem: nn.Module | None, proj: nn.Module) -> torch.Tensor:
         """(B, C, T, H, W) → (B, D, T, h, w)."""
         if stem is not None:  # per frame: (B·T, C, H, W) → (B, C', T, H·2/P, W·2/P)
             B, _, T, H, W = x.shape
             x = stem(x.transpose(1, 2).reshape(B * T, -1, H, W))
             x = x.reshape(B, T, *x.shape[1:]).transpose(1, 2)
         return proj(x)
+
+    def appearance_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The appearance stem's patch features of each frame: (B, C, T, H, W) → (B, D, T, h, w)."""
+        return self._embed(pixel_values, self.stem, self.proj)
+
+    def motion_features(self, frame_difference: torch.Tensor) -> torch.Tensor:
+        """The motion stem's patch features of frame differences (``x_t − x_{t−g}``):
+        (B, C, T, H, W) → (B, D, T, h, w). Only with ``motion_gap`` > 0."""
+        if not self.motion_gap:
+            raise ValueError("this patch embedding has no motion stem (motion_gap=0)")
+        return self._embed(frame_difference, self.motion_stem, self.motion_proj)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         if pixel_values.dim() != 5 or pixel_values.shape[1] != self.in_chans:
@@ -180,11 +192,11 @@ class PatchEmbed3D(nn.Module):
         if H % P or W % P:
             raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {P}; "
                              f"resize or crop the frames to a multiple of {P} (e.g. {max(P, H // P * P)}x{max(P, W // P * P)})")
-        x = self._embed(pixel_values, self.stem, self.proj)  # (B, D, T, h, w)
+        x = self.appearance_features(pixel_values)  # (B, D, T, h, w)
         if self.motion_gap:
             g = self.motion_gap
             before = torch.cat([pixel_values[:, :, :1].expand(-1, -1, min(g, T), -1, -1), pixel_values[:, :, :-g]], 2)
-            x = x + self._embed(pixel_values - before, self.motion_stem, self.motion_proj)  # frame t − frame t−g
+            x = x + self.motion_features(pixel_values - before)  # frame t − frame t−g
         grid = tuple(x.shape[2:])  # (T, h, w)
         x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T, N, D)
         return x, grid

@@ -167,6 +167,8 @@ def load_cpu_kernel():
         digest = hashlib.sha256(code + key).hexdigest()[:12]
         name = f"videomap_selective_scan_cpu_{digest}"
         build_dir = Path(cpp_extension.get_default_build_root()) / name
+        if not any(build_dir.glob(f"{name}*.so")):
+            log.warning("building the CPU scan kernel once (about 40 s; later runs reuse it) …")
         try:
             os.makedirs(build_dir, exist_ok=True)
             local_src = build_dir / src.name
