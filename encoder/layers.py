@@ -365,3 +365,12 @@ def check_int(name: str, value, minimum: int) -> None:
     """Config validation: `value` must be an int (not a bool) of at least `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def frame_causal_mask(frames: int, tokens: int, device=None) -> torch.Tensor:
+    """Attention mask (SDPA sense, True = may attend) over [cls, frame 1 (n tokens), …, frame T]:
+    a token of frame t attends the cls token and frames ≤ t; the cls token attends itself only
+    (it belongs to no frame, so it carries nothing to earlier frames). (1 + T·n, 1 + T·n) bool."""
+    frame_of = torch.cat([torch.full((1,), -1, device=device),
+                          torch.arange(frames, device=device).repeat_interleave(tokens)])  # (L,)
+    return frame_of[None, :] <= frame_of[:, None]  # (L, L): [query, key]

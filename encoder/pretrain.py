@@ -46,6 +46,7 @@ from encoder.layers import AttentionBlock, RMSNorm, interpolate_temporal_pos
 
 OBJECTIVES = ("videomap", "mae", "umt")
 ORDERS = ("frame", "token")
+MASKINGS = ("frame", "tube")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +93,14 @@ def random_masking(batch: int, frames: int, tokens: int, ratio: float,
     noise = torch.rand(batch, frames, tokens, generator=generator)  # (B, T, N)
     rank = noise.argsort(dim=-1).argsort(dim=-1)  # (B, T, N): each token's rank within its frame
     return (rank < n_mask).to(device)  # (B, T, N), exactly n_mask True per frame
+
+
+def tube_masking(batch: int, frames: int, tokens: int, ratio: float,
+                 generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Tube masking (VideoMAE): the same positions masked in every frame, so a masked token cannot
+    be read off the same place in a neighbouring frame (a static background shows it ~always).
+    token_mask: bool (B, T, N), True = masked, ``round(ratio·N)`` per frame, at least one kept."""
+    return random_masking(batch, 1, tokens, ratio, generator, device).expand(batch, frames, tokens)
 
 
 def decoder_attn_mask(frames: int, tokens: int, order: str | None, device=None) -> torch.Tensor | None:
@@ -292,14 +301,21 @@ class VideoMAPPretrainer(nn.Module):
         next_weight, masked_weight: weights of term (a) next-frame and (b) masked reconstruction.
         pixel_weight, teacher_weight: weights of the pixel and the teacher-feature parts.
         teacher: a `CLIPTeacher` or None (pixels only).
+        masking: "frame" (random per frame, the same count in each) or "tube" (the same positions
+            in every frame: `tube_masking`).
+        frame_causal: run the encoder frame-causally for the videomap objective (its outputs at
+            frame t see frames ≤ t only), so the next-frame term predicts a frame the encoder has
+            not seen. False reproduces the earlier reading (a bidirectional encoder; copying).
     """
 
     def __init__(self, encoder: nn.Module, *, objective: str = "videomap", order: str = "frame",
                  mask_ratio: float | None = 0.5, decoder_dim: int = 256, decoder_depth: int = 4,
                  decoder_heads: int = 8, norm_pix: bool = True, next_weight: float = 1.0,
                  masked_weight: float = 1.0, pixel_weight: float = 1.0, teacher_weight: float = 1.0,
-                 teacher: CLIPTeacher | None = None):
+                 teacher: CLIPTeacher | None = None, masking: str = "frame", frame_causal: bool = True):
         super().__init__()
+        if masking not in MASKINGS:
+            raise UserError(f"masking must be one of {', '.join(MASKINGS)}; got {masking!r}")
         if objective not in OBJECTIVES:
             raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
         if order not in ORDERS:
@@ -313,6 +329,8 @@ class VideoMAPPretrainer(nn.Module):
         self.encoder = encoder
         self.objective = objective
         self.order = order
+        self.masking = masking
+        self.frame_causal = frame_causal and objective == "videomap"
         self.patch_size = cfg.patch_size
         self.mask_ratio = mask_ratio
         self.norm_pix = norm_pix
@@ -356,11 +374,12 @@ class VideoMAPPretrainer(nn.Module):
         B, _, T, H, W = pixel_values.shape
         N = (H // self.patch_size) * (W // self.patch_size)
         ratio = self.mask_ratio if self.mask_ratio is not None else sample_mask_ratio(generator)
-        return random_masking(B, T, N, ratio, generator, device=pixel_values.device)
+        masking = tube_masking if self.masking == "tube" else random_masking
+        return masking(B, T, N, ratio, generator, device=pixel_values.device)
 
     def forward_encoder(self, pixel_values: torch.Tensor, token_mask: torch.Tensor):
         """The encoder sees the visible tokens only: (B, 1 + T·N_vis, D)."""
-        out = self.encoder(pixel_values, token_mask=token_mask)
+        out = self.encoder(pixel_values, token_mask=token_mask, frame_causal=self.frame_causal)
         return out.last_hidden_state, out.grid
 
     def forward_decoder(self, latent: torch.Tensor, token_mask: torch.Tensor, grid) -> dict[str, torch.Tensor]:

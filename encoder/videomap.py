@@ -61,6 +61,7 @@ from encoder.layers import (
     VideoEncoderOutput,
     check_int,
     drop_path_schedule,
+    frame_causal_mask,
     init_video_weights,
 )
 from encoder.scan import causal_conv1d, selective_scan
@@ -102,6 +103,10 @@ class VideoMAPConfig(PretrainedConfig):
             ending at the same grid; see `encoder.layers.PatchEmbed3D`).
         motion_gap: g > 0 adds a motion stem that reads each frame minus the frame g before it
             (`encoder.layers.PatchEmbed3D`); 0 = none.
+        frame_causal: the default of ``forward(frame_causal=…)``: the outputs of frame t see frames
+            ≤ t only (see `frame_causal_mask`). Frame-wise autoregressive pretraining needs it: with
+            a bidirectional encoder the outputs of frame t already carry frame t+1, and predicting
+            frame t+1 from them is copying.
         norm_eps: RMSNorm epsilon. initializer_range: std of the truncated-normal init.
         gradient_checkpointing: pass True to build the model with activation checkpointing on
             (Hugging Face consumes this flag in ``post_init``); or call
@@ -135,6 +140,7 @@ class VideoMAPConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         patch_stem: str = "linear",
         motion_gap: int = 0,
+        frame_causal: bool = False,
         **kwargs,
     ):
         for name, value, minimum in (("img_size", img_size, 1), ("patch_size", patch_size, 1),
@@ -162,6 +168,9 @@ class VideoMAPConfig(PretrainedConfig):
         if patch_stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
             raise ValueError(f"patch_stem='conv' needs a patch_size that is a power of two >= 2; got {patch_size}")
         check_int("motion_gap", motion_gap, 0)
+        if not isinstance(frame_causal, bool):
+            raise ValueError(f"frame_causal must be true or false; got {frame_causal!r}")
+        self.frame_causal = frame_causal
         self.patch_stem = patch_stem
         self.motion_gap = motion_gap
         self.img_size = img_size
@@ -273,14 +282,32 @@ class BiMambaMixer(nn.Module):
         self.ssm_bwd = SelectiveSSM(d_inner, d_state, d_conv, dt_rank)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """frames: with T given, the sequence is [cls, frame 1, …, frame T] (equal frame lengths)
+        and the backward direction scans each frame on its own (and the cls token alone), so no
+        output sees a later frame; the forward direction is causal already."""
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L) view
         x, z = xz.chunk(2, dim=1)  # (B, E, L) views
         # Gating is elementwise, so gating each direction inside its scan and averaging equals
         # gating the average; the scans apply it in their fused epilogue.
-        y = 0.5 * (self.ssm_fwd(x, z) + self.ssm_bwd(x, z, reverse=True))  # (B, E, L)
+        backward = self.ssm_bwd(x, z, reverse=True) if frames is None else self._backward_within_frames(x, z, frames)
+        y = 0.5 * (self.ssm_fwd(x, z) + backward)  # (B, E, L)
         # out_proj as W @ y keeps y in its layout (a Linear on y.transpose would copy it).
         return weight_times(self.out_proj.weight, y).transpose(1, 2)  # (B, L, D)
+
+    def _backward_within_frames(self, x: torch.Tensor, z: torch.Tensor, frames: int) -> torch.Tensor:
+        """The backward scan restarted at every frame boundary. x, z: (B, E, 1 + T·n) → (B, E, 1 + T·n)."""
+        B, E, L = x.shape
+        n = (L - 1) // frames
+
+        def per_frame(t: torch.Tensor) -> torch.Tensor:  # (B, E, T·n) → (B·T, E, n)
+            return t.reshape(B, E, frames, n).transpose(1, 2).reshape(B * frames, E, n)
+
+        cls = self.ssm_bwd(x[..., :1], z[..., :1], reverse=True)  # (B, E, 1)
+        y = self.ssm_bwd(per_frame(x[..., 1:]), per_frame(z[..., 1:]), reverse=True)  # (B·T, E, n)
+        y = y.reshape(B, frames, E, n).transpose(1, 2).reshape(B, E, frames * n)  # (B, E, T·n)
+        return torch.cat([cls, y], dim=-1)  # (B, E, 1 + T·n)
+
 
 
 class MambaBlock(GradientCheckpointingLayer):
@@ -293,8 +320,8 @@ class MambaBlock(GradientCheckpointingLayer):
         self.mixer = BiMambaMixer(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states + self.drop_path(self.mixer(self.norm(hidden_states)))
+    def forward(self, hidden_states: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        return hidden_states + self.drop_path(self.mixer(self.norm(hidden_states), frames))
 
 
 class VideoMAPPreTrainedModel(NoWeightDecayTagsMixin, PreTrainedModel):
@@ -361,18 +388,24 @@ class VideoMAPModel(VideoMAPPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> VideoEncoderOutput:
+                output_hidden_states: bool = False, frame_causal: bool | None = None) -> VideoEncoderOutput:
         """pixel_values: (B, C, T, H, W) float; token_mask: optional bool (B, T, N), True = dropped
-        before the blocks (same count in every frame)."""
+        before the blocks (same count in every frame). frame_causal (default: the config's): the
+        outputs of frame t see frames ≤ t only."""
+        causal = self.config.frame_causal if frame_causal is None else frame_causal
         pixel_values = pixel_values.to(self.embeddings.patch_embed.proj.weight.dtype)
         cls, x, grid = self.embeddings(pixel_values, token_mask)  # (B, 1, D), (B, T, N_vis, D)
         B, T, Nv, D = x.shape
         h = stem = torch.cat([cls, x.reshape(B, T * Nv, D)], dim=1)  # (B, 1 + T·N_vis, D), spatial-first
+        attn_mask = frame_causal_mask(T, Nv, device=h.device) if causal else None  # (L, L)
         hidden_states = []
         for block in self.blocks:
             if output_hidden_states:
                 hidden_states.append(h)
-            h = block(h)  # (B, 1 + T·N_vis, D)
+            if isinstance(block, MambaBlock):
+                h = block(h, T if causal else None)  # (B, 1 + T·N_vis, D)
+            else:
+                h = block(h, attn_mask=attn_mask)
         if output_hidden_states:
             hidden_states.append(h)
         h = self.norm(h)

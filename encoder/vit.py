@@ -40,6 +40,7 @@ from encoder.layers import (
     VideoEncoderOutput,
     check_int,
     drop_path_schedule,
+    frame_causal_mask,
     init_video_weights,
 )
 
@@ -156,9 +157,10 @@ class ViTVideoModel(ViTVideoPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> VideoEncoderOutput:
+                output_hidden_states: bool = False, frame_causal: bool = False) -> VideoEncoderOutput:
         """pixel_values: (B, C, T, H, W) float; token_mask: optional bool (B, T, N), True = dropped
-        before the blocks (same count in every frame)."""
+        before the blocks (same count in every frame). frame_causal: joint attention sees frames
+        ≤ t only (per-frame attention is causal in time already)."""
         pixel_values = pixel_values.to(self.embeddings.patch_embed.proj.weight.dtype)
         cls, x, grid = self.embeddings(pixel_values, token_mask)  # (B, 1, D), (B, T, N_vis, D)
         B, T, Nv, D = x.shape
@@ -168,11 +170,13 @@ class ViTVideoModel(ViTVideoPreTrainedModel):
             h = torch.cat([cls[:, None].expand(B, T, 1, D), x], dim=2)  # (B, T, 1 + N_vis, D)
             h = h.reshape(B * T, 1 + Nv, D)  # (B·T, 1 + N_vis, D): each frame is its own sequence
         stem = self._to_video_layout(h, B, T)  # (B, 1 + T·N_vis, D)
+        causal = frame_causal and self.config.attention == "joint"
+        attn_mask = frame_causal_mask(T, Nv, device=h.device) if causal else None  # (L, L)
         hidden_states = []
         for block in self.blocks:
             if output_hidden_states:
                 hidden_states.append(self._to_video_layout(h, B, T))
-            h = block(h)
+            h = block(h, attn_mask=attn_mask)
         if output_hidden_states:
             hidden_states.append(self._to_video_layout(h, B, T))
         h = self._to_video_layout(self.norm(h), B, T)  # (B, 1 + T·N_vis, D)
