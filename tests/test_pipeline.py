@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from encoder.errors import UserError
 from training.config import load_config, save_config
-from training.pipeline import (DataSpec, PipelineConfig, Targets, config_path, eval_commands, missed_targets, model_card,
-                               shown_command, stage_commands, stage_configs, stage_data, write_stage2_mix)
+from training.pipeline import (DataSpec, PipelineConfig, Targets, config_path, eval_commands, main, missed_targets,
+                               model_card, shown_command, stage_commands, stage_configs, stage_data, write_stage2_mix)
 from videollm.chat import generate_stream
 from videollm.data.instruct import load_records
 from videollm.modeling_videollm import DEFAULT_WEIGHTS, load_videollm
@@ -247,3 +247,9 @@ def test_pipeline_smoke_end_to_end(tmp_path):
     for pattern in ("*.mp4", "*.safetensors", "text_replay.json"):
         assert files(out, pattern) and files(out2, pattern) == files(out, pattern), pattern
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["metrics"] == summary["metrics"]
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--ship" in capsys.readouterr().out

@@ -72,7 +72,7 @@ class DataSpec:
     clips_per_task: int = 200  # short clips of each task (motion, order, count)
     needle_clips: int = 200  # long haystack clips with a needle
     haystack_frames: int = 64
-    needle_span: int = 5  # needle frames
+    needle_span: int = 5  # needle frames; > haystack_frames / num_frames so uniform sampling sees it
     # "mixed": haystacks of real and synthetic segments; "real": the bundled real clips only, as
     # V-NIAH's (synthetic segments hold shapes too, which a long clip seen whole would show).
     needle_haystack: str = "mixed"
@@ -289,7 +289,7 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     seed, paths and stage links), in the order they run."""
     data = out / "data"
     encoder = str(out / "pretrain" / "encoder")
-    run = {"pretrain": {"data.source": "list", "data.list_file": str(data / "pretrain_list.csv")},
+    run = {"pretrain": {"data.source": str(data / "pretrain_list.csv")},
            "ground": {"llm": "smollm2", "encoder": encoder},
            "stage1": {"stage": 1, "llm": "smollm2", "encoder": encoder, "data.source": str(data / "instruct.json")},
            "stage2": {"stage": 2, "llm": "smollm2", "init_from": str(out / "stage1" / "final"),
