@@ -99,7 +99,10 @@ def test_stage1_trains_only_the_projector(assets, tmp_path):
     changed = {k for k in final if k in initial and not torch.equal(final[k], initial[k])}
     assert changed and all(k.startswith("projector.") for k in changed), sorted(changed)[:5]
     assert {k for k in initial if k.startswith("projector.")} <= changed
-    assert any(k.startswith("vision_tower.") for k in final) and any(k.startswith("language_model.") for k in final)
+    # The frozen LLM is saved by reference (config.base_llm), not as weights; so are checkpoints.
+    assert any(k.startswith("vision_tower.") for k in final) and not any(k.startswith("language_model.") for k in final)
+    ckpt = load_file(str(out / "checkpoint-3" / "trainable.safetensors"))
+    assert ckpt and all(k.startswith("projector.") for k in ckpt if k.endswith((".weight", ".bias")))
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and "eval_loss" in rows[-1]
 
@@ -145,7 +148,7 @@ def test_word_anchor_is_installed_in_stage1_and_kept_in_stage2(assets, tmp_path)
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     _finetune(STAGE1, _overrides(assets, s1, steps=2, save_every=100, eval_every=100, word_anchor="[colors, shapes]"))
     m1, proc = load_videollm(s1 / "final")
-    assert m1.config.word_anchor == [list(COLOR_WORDS), list(SHAPE_WORDS)]
+    assert m1.config.projector_config.words == [list(COLOR_WORDS), list(SHAPE_WORDS)]
     rows = word_embeddings(m1.get_input_embeddings().weight, proc.tokenizer)  # every word ground scores
     n = len(COLOR_WORDS) + len(SHAPE_WORDS)
     assert rows.shape[0] == len(WORDS) and torch.equal(m1.projector.anchor_values, rows[:n])
@@ -156,7 +159,7 @@ def test_word_anchor_is_installed_in_stage1_and_kept_in_stage2(assets, tmp_path)
     _finetune(STAGE2, _overrides(assets, s2, steps=2, grad_accum=1, save_every=100, eval_every=100,
                                  init_from=s1 / "final", **{"optim.lr": 5e-3}))
     m2, _ = load_videollm(s2 / "final")
-    assert m2.has_lora and m2.config.word_anchor == m1.config.word_anchor
+    assert m2.has_lora and m2.config.projector_config.words == m1.config.projector_config.words
     assert torch.equal(m2.projector.anchor_values, rows[:n])
     assert float(m2.projector.anchor_gate) != float(m1.projector.anchor_gate)
 
@@ -166,6 +169,17 @@ def test_word_anchor_names_known_groups():
         FinetuneConfig(word_anchor=["colours"]).validate()
     with pytest.raises(UserError, match="word_anchor"):
         FinetuneConfig(word_anchor=["colors", "colors"]).validate()
+
+
+def test_a_run_folder_is_never_overwritten(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    kw = dict(steps=2, grad_accum=1, eval_every=100, save_every=100)
+    _finetune(STAGE2, _overrides(assets, out, **kw))
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert cli(["finetune", "--config", str(STAGE2), *_overrides(assets, out, **kw)]) == 2
+    assert f"'{out}' already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 def test_resume_continues_exactly(assets, tmp_path):
@@ -215,6 +229,10 @@ def test_deepspeed_single_process(assets, tmp_path, zero):
 
     _finetune_process([*_overrides(assets, out, **kw), "stop_after=2"], env)  # checkpoint-2 via DeepSpeed save_state
     assert (out / "checkpoint-2" / "accelerate").is_dir()
+    # The checkpoint holds the trainable weights (LoRA, projector), not the frozen LLM.
+    (states,) = (out / "checkpoint-2" / "accelerate").rglob("mp_rank_00_model_states.pt")
+    saved = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert saved and all("lora_" in k or k.startswith("projector.") for k in saved), sorted(saved)[:3]
     _finetune_process([*_overrides(assets, out, **kw), "resume=true"], env)
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and "eval_loss" in rows[-1]
@@ -222,24 +240,6 @@ def test_deepspeed_single_process(assets, tmp_path, zero):
     final = load_file(str(out / "final" / "model.safetensors"))  # gathered, not ZeRO-3 shards
     assert final["projector.linear_1.weight"].numel() > 0
     assert (out / "final" / "llm_adapter" / "adapter_model.safetensors").is_file()
-
-
-def test_param_groups_give_projector_and_encoder_their_own_lr():
-    import torch.nn as nn
-
-    from training.finetune import OptimConfig, param_groups
-
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.projector, self.vision_tower, self.language_model = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
-
-    m = M()
-    m.language_model.bias.requires_grad_(False)
-    groups = param_groups(m, OptimConfig(lr=1e-4, weight_decay=0.1, projector_lr=1e-3, encoder_lr=5e-4))
-    by = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
-    assert by == {(1e-3, 0.1): 1, (1e-3, 0.0): 1, (5e-4, 0.1): 1, (5e-4, 0.0): 1, (1e-4, 0.1): 1}
-    assert sum(by.values()) == 5  # the frozen bias is left out
 
 
 def _old_epoch_batches(n, batch_size, epoch, seed, rank, world):
@@ -324,7 +324,7 @@ def test_epoch_batches_group_by_length():
 def test_record_lengths_are_the_encoded_lengths(assets, tmp_path):
     """group_by_length sorts by `record_lengths`, counted without decoding a video: it must equal
     what `make_encode` builds, video records (of two frame counts) and text-only ones."""
-    from training.finetune import make_encode, make_processor, record_lengths
+    from training.finetune import make_encode, record_lengths
     from videollm.data.instruct import load_records
 
     records = load_records(assets["data"])[:6]
@@ -333,8 +333,7 @@ def test_record_lengths_are_the_encoded_lengths(assets, tmp_path):
     records[2].conversations = [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi! How can I help?"}]
     for time_line in (False, True):
         cfg = load_config(FinetuneConfig, STAGE1, _overrides(assets, tmp_path / "len", **{"data.time_line": time_line}))
-        model, tokenizer = build_model(cfg)
-        processor = make_processor(model, tokenizer, cfg)
+        model, processor = build_model(cfg)
         encode = make_encode(processor, max_length=10_000)
         counted, encoded = record_lengths(records, processor), [len(encode(r)["input_ids"]) for r in records]
         if time_line:  # the stamps are stood in for: within a few tokens
@@ -345,13 +344,14 @@ def test_record_lengths_are_the_encoded_lengths(assets, tmp_path):
 
 
 def test_make_encode_samples_the_records_frame_count(assets, tmp_path):
-    from training.finetune import make_encode, make_processor
+    from training.finetune import make_encode
     from videollm.data.instruct import collate, load_records
 
     cfg = load_config(FinetuneConfig, STAGE1, _overrides(assets, tmp_path / "enc"))
     assert cfg.data.num_frames == 4
-    model, tokenizer = build_model(cfg)
-    encode = make_encode(make_processor(model, tokenizer, cfg), cfg.data.max_length)
+    model, processor = build_model(cfg)
+    tokenizer = processor.tokenizer
+    encode = make_encode(processor, cfg.data.max_length)
     records = load_records(assets["data"])[:2]
     records[1].num_frames = 6
     short, long = encode(records[0]), encode(records[1])
@@ -373,7 +373,7 @@ def test_stage2_trains_on_text_only_records_in_a_data_mix(assets, tmp_path):
     """Text-only records (no video) mixed with video records: batches of their own, no pixel
     values, gradients into the LoRA only, and a stage-2 run through them (the default model's
     text replay relies on all of it)."""
-    from training.finetune import batch_group, epoch_batches, make_encode, make_processor
+    from training.finetune import batch_group, epoch_batches, make_encode
     from videollm.data.instruct import collate, load_records, split_eval
 
     texts = [("Name a fruit.", "An apple is a fruit."), ("Say hello.", "Hello there, friend."),
@@ -389,9 +389,9 @@ def test_stage2_trains_on_text_only_records_in_a_data_mix(assets, tmp_path):
     out = tmp_path / "s2"
     over = _overrides(assets, out, steps=6, grad_accum=1, eval_every=6, save_every=6, **{"data.source": mix})
     cfg = load_config(FinetuneConfig, STAGE2, over)
-    model, tokenizer = build_model(cfg)
-    encode = make_encode(make_processor(model, tokenizer, cfg), cfg.data.max_length)
-    batch = collate([encode(r) for r in text_records[:3]], tokenizer.pad_token_id)
+    model, processor = build_model(cfg)
+    encode = make_encode(processor, cfg.data.max_length)
+    batch = collate([encode(r) for r in text_records[:3]], processor.tokenizer.pad_token_id)
     assert batch["pixel_values"] is None and (batch["labels"] != -100).sum() > 3 * len("Hello there")
     model(**batch).loss.backward()
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -441,3 +441,33 @@ def test_frozen_linears_in_bf16_give_the_same_bf16_step(tied):
     (loss_a, grad_a), (loss_b, grad_b) = grads
     assert torch.equal(loss_a, loss_b)
     assert grad_a.keys() == grad_b.keys() and all(torch.equal(grad_a[k], grad_b[k]) for k in grad_a)
+
+
+def test_finetune_the_shipped_model_on_own_data_then_chat(tmp_path):
+    """The README's path for a user: continue the shipped model (init_from=default) on a small
+    LLaVA-video file of one's own, then chat with the result; neither command shows a library
+    warning."""
+    from encoder.video_io import sample_clip_path
+
+    clip = str(sample_clip_path("bigbuckbunny"))
+    answers = ["A big rabbit in a meadow.", "A rabbit stands on the grass.", "A large white rabbit."]
+    records = [{"id": f"own{i}", "video": clip,
+                "conversations": [{"from": "human", "value": "<video>\nWhat animal is in the video?"},
+                                  {"from": "gpt", "value": answers[i % 3]}]} for i in range(6)]
+    (tmp_path / "my.json").write_text(json.dumps(records))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "videollm", "finetune", "--config", str(STAGE2), "init_from=default",
+                           f"data.source={tmp_path / 'my.json'}", "steps=2", f"output_dir={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = ("training.", "encoder.", "videollm.")
+    foreign = [line for line in proc.stderr.splitlines()
+               if line.strip() and not (line[9:].split(" ", 1)[-1].startswith(ours))]
+    assert not foreign, foreign[:5]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["final"] == str(out / "final")
+    assert (out / "final" / "llm_adapter" / "adapter_model.safetensors").is_file()
+    chat = subprocess.run([sys.executable, "-m", "videollm", "chat", "--model", str(out / "final"), clip,
+                           "What animal is in the video?", "--max-new-tokens", "12"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert chat.stdout.strip() and not chat.stderr.strip(), (chat.stdout, chat.stderr)

@@ -114,7 +114,7 @@ def test_seeds_are_deterministic_and_disjoint():
 
 
 def test_needle_haystack_is_real_video_with_one_needle_frame():
-    source = ClipSource(GroundData(clip_frames=8, size=32, haystack_frames=24))
+    source = ClipSource(GroundData(num_frames=8, size=32, haystack_frames=24))
     frames, words, needle, start = source.needle(11)
     assert frames.shape == (24, 32, 32, 3)
     assert words == {needle.spec.objects[0].color, needle.spec.objects[0].shape}
@@ -139,13 +139,13 @@ def test_motion_stem_warms_up_on_frame_pairs_and_reaches_stage1(tmp_path):
     enc = VideoMAPModel(VideoMAPConfig(img_size=32, patch_size=16, num_frames=8, embed_dim=32, depth_mamba=2,
                                        attn_every=2, num_heads=2, patch_stem="conv", motion_gap=2))
     enc.save_pretrained(tmp_path / "enc")
-    source = ClipSource(GroundData(clip_frames=8, size=32))
+    source = ClipSource(GroundData(num_frames=8, size=32))
     pixels, targets, about = _stem_frames(source, [1, 2, 3, 4], (1, 1), 12.0, gap=2)
     assert pixels.shape == (4, 3, 2, 32, 32)
     assert _stem_frames(source, [1, 2, 3, 4], (1, 1), 12.0)[0].shape == (4, 3, 1, 32, 32)  # no motion stem: a frame
     assert targets.shape == (4, 1, len(WORDS)) and (pixels[:, :, 0] != pixels[:, :, 1]).any()  # targets: the pair's last
     cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder=str(tmp_path / "enc"), steps=1, batch_size=2,
-                       eval_clips=2, stem_steps=3, stem_batch=4, data=GroundData(clip_frames=8, size=32,
+                       eval_clips=2, stem_steps=3, stem_batch=4, data=GroundData(num_frames=8, size=32,
                                                                                   haystack_frames=8))
     before = {k: v.clone() for k, v in enc.embeddings.patch_embed.motion_stem.state_dict().items()}
     train(cfg)
@@ -158,7 +158,7 @@ def test_motion_stem_warms_up_on_frame_pairs_and_reaches_stage1(tmp_path):
     from training.finetune import FinetuneConfig, build_model
 
     ft = FinetuneConfig(stage=1, init_from=str(tmp_path / "g" / "final"))
-    ft.data.image_size, ft.data.num_frames = 32, 8
+    ft.data.size, ft.data.num_frames = 32, 8
     model, _ = build_model(ft)
     assert model.config.vision_config.motion_gap == 2
     assert all(torch.equal(model.vision_tower.embeddings.patch_embed.motion_stem.state_dict()[k], trained[k])
@@ -181,7 +181,7 @@ def test_token_readout_scores_each_object_token_by_its_own_targets():
 def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder="nano", steps=2, batch_size=4, eval_clips=2,
                        save_every=1, log_every=1, stem_steps=2, stem_batch=4, stem_shape_first=0.5, none_logit=3.0,
-                       data=GroundData(clip_frames=8, size=32, haystack_frames=8, needle_fraction=0.5))
+                       data=GroundData(num_frames=8, size=32, haystack_frames=8, needle_fraction=0.5))
     last = train(cfg)
     stem = json.loads((tmp_path / "g" / "stem.json").read_text())  # the warm-up ran and was scored
     assert 0.0 <= stem["stem_acc_color"] <= 1.0 and stem["stem_seconds"] >= 0
@@ -194,14 +194,17 @@ def test_short_run_writes_an_init_for_stage1_and_resumes(tmp_path):
     lines = (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
 
-    # stage 1 starts from it: the projector weights are the grounded ones
+    # stage 1 starts from it: the projector weights are the grounded ones, and the word anchor it
+    # adds reads the tokens as grounding trained them (its "none" at grounding's none_logit)
     from training.finetune import FinetuneConfig, build_model
 
-    ft = FinetuneConfig(stage=1, init_from=str(final))
-    ft.data.image_size, ft.data.num_frames = 32, 8
+    ft = FinetuneConfig(stage=1, init_from=str(final), word_anchor=["colors", "shapes", "motions"],
+                        anchor_none_logit=cfg.none_logit)
+    ft.data.size, ft.data.num_frames = 32, 8
     model, _ = build_model(ft)
     assert torch.equal(model.projector.linear_1.weight, state["projector.linear_1.weight"])
-    assert model.config.anchor_none_logit == 3.0  # the anchor reads the tokens as grounding trained them
+    assert model.config.projector_type == "word_anchor" and model.config.projector_config.none_logit == 3.0
+    assert model.config.projector_config.temperature == cfg.temperature
 
     # a resumed run with more steps continues from the checkpoint, not from scratch
     cfg.steps, cfg.resume = 3, True
@@ -215,12 +218,12 @@ def test_concat_merge_reaches_stage_one(tmp_path):
 
     cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder="nano", steps=1, batch_size=2, eval_clips=1,
                        save_every=1, log_every=1, spatial_merge="concat",
-                       data=GroundData(clip_frames=4, size=32, haystack_frames=4, needle_fraction=0.5))
+                       data=GroundData(num_frames=4, size=32, haystack_frames=4, needle_fraction=0.5))
     train(cfg)
     final = tmp_path / "g" / "final"
-    assert json.loads((final / "config.json").read_text())["spatial_merge"] == "concat"
+    assert json.loads((final / "config.json").read_text())["projector_config"]["spatial_merge"] == "concat"
     ft = FinetuneConfig(stage=1, init_from=str(final))  # its own spatial_merge is "avg": the init's wins
-    ft.data.image_size, ft.data.num_frames = 32, 4
+    ft.data.size, ft.data.num_frames = 32, 4
     model, _ = build_model(ft)
     state = load_file(str(final / "model.safetensors"))
     assert model.projector.linear_1.in_features == 4 * model.config.vision_config.embed_dim

@@ -2,17 +2,18 @@
 
     python -m training.ground --config training/configs/ground_nano.yaml \\
         encoder=runs/x/pretrain/encoder output_dir=runs/x/ground
-    → output_dir/final (a VideoLLM config + encoder and projector weights: stage 1's ``init_from``)
+    → output_dir/final (a VideoLLM: encoder + projector, the LLM by reference: stage 1's ``init_from``)
 
-Why: in stages 1 and 2 every example costs a forward and a backward pass through the whole LLM
-(about 5 ms a token on two CPU cores), and a fresh projector's tokens mean nothing to the LLM, so
-most of that budget goes to discovering which direction of the embedding space is "red". This
-stage learns that from the synthetic clips' ground truth at the cost of the encoder alone: the
-encoder and the projector are trained so that each video token points where the LLM's input
-embeddings of the words for what it shows point (the colour, shape and motion words of the objects
-in its region). Pointing the right way is not enough for the LLM to read a token as a word (the
-tokens keep their own norm and off-word directions); finetune's ``word_anchor`` turns each token
-into the mix of the words it scores (`videollm.modeling_videollm.VideoProjector.anchor`).
+Why: in stages 1 and 2 every example costs a forward and a backward pass through the whole LLM,
+and a fresh projector's tokens mean nothing to the LLM, so most of that budget goes to discovering
+which direction of the embedding space is "red". This stage learns that from the synthetic clips'
+ground truth at the cost of the encoder alone: the encoder and the projector are trained so that
+each video token points where the LLM's input embeddings of the words for what it shows point
+(the colour, shape and motion words of the objects in its region). Pointing the right way is not
+enough for the LLM to read a token as a word (the tokens keep their own norm and off-word
+directions); stage 1's ``word_anchor`` turns each token into the mix of the words it scores
+(`videollm.projectors.WordAnchorProjector`), with grounding's ``none_logit`` as its
+``anchor_none_logit``.
 
 Objective (``objective: dense``, the default). The generator knows where every object is in
 every frame (`videollm.data.synth.visible_coverage`), so each video token gets its own target:
@@ -20,31 +21,30 @@ every frame (`videollm.data.synth.visible_coverage`), so each video token gets i
     z_k  = projector(encoder(clip))_k                 video tokens, k = 1…K      (K, D_llm)
     e_w  = mean input embedding of " w"'s sub-tokens, minus the mean over WORDS   (W, D_llm)
     s_kw = τ · cos(z_k, e_w)                           token k's score for word w
-    loss = Σ_groups mean_k CE(softmax(s_k,group ∪ {none: 0}), target_k,group)
+    loss = Σ_groups mean_k CE(softmax(s_k,group ∪ {none: none_logit}), target_k,group)
            + λ · mean_k (‖z_k‖ / ē − 1)²
 
 A token (a frame × a cell of the pooled grid) whose cell holds an object's centre targets that
 object's colour in that frame, its shape and its motion words (`token_targets`); an empty cell
-targets "none" (every word scored below 0; weighted by ``null_weight``); a cell that shows only
-part of an object has no target. So a token says what the object in its place is: "what colour
-is the diamond?" is read where "diamond" is. ``objective: mil`` is the earlier per-clip
-multiple-instance loss (each word of the clip scored by its best token, s_w = max_k s_kw): it
-does not say which token shows what, and left the moving object's colour at 75% and its shape at
-chance (150 steps, nano, 64 px).
+targets "none" (every word scored below ``none_logit``; weighted by ``null_weight``); a cell that
+shows only part of an object has no target. So a token says what the object in its place is:
+"what colour is the diamond?" is read where "diamond" is. ``objective: mil`` is the earlier
+per-clip multiple-instance loss (each word of the clip scored by its best token,
+s_w = max_k s_kw): it does not say which token shows what, and learns shape and motion poorly.
 
 Groups are colours, shapes and motions. Word embeddings are centred first: the raw rows of words
 of one kind are close to one another (every colour is near "colour"), and what has to be told
 apart is the difference. ē is the mean norm of the LLM's embedding rows, so video tokens sit at
 the scale of words.
-Clips: the three synthetic tasks (`videollm.data.synth`, ``clip_frames`` frames) and, for
+Clips: the three synthetic tasks (`videollm.data.synth`, ``data.num_frames`` frames) and, for
 ``needle_fraction`` of each batch, a V-NIAH-style haystack (``haystack_frames`` frames of the
 bundled real clips, which name no word) with a one-frame `make_needle` shape at a random depth, so
 a brief shape in long real video is singled out as well. Clips are rendered on the fly from seeds
 (step, index), so a resumed run sees exactly the clips it would have seen.
 
 Before the main steps, ``stem_steps`` > 0 warms up the encoder's patch stem alone on single frames
-(`warm_stem`), which is about 25× cheaper a step than the whole encoder on a clip; an encoder's
-motion stem (``motion_gap``), on pairs of frames, to name motion.
+(`warm_stem`), far cheaper a step than the whole encoder on a clip; an encoder's motion stem
+(``motion_gap``), on pairs of frames, to name motion.
 
 Logged: loss, and on ``eval_clips`` held-out clips (seeds never used in training) the top-1
 accuracy, read off the token scores, of the colour, shape and direction of a lone moving object and
@@ -58,6 +58,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,11 +67,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from encoder.errors import UserError, run_cli
-from training.config import config_from_argv, to_dict
-from videollm.data.synth import COLORS, DIRECTIONS, SHAPES
+from encoder.transforms import frames_to_tensor
+from training.config import config_from_argv
+from training.recipe import Engine, Micro, OptimConfig, Recipe, RecipeConfig, lr_schedule, param_groups, run
+from videollm.configuration_videollm import SPATIAL_MERGES
+from videollm.data.haystack import insert_needle, real_clips, segment_haystack
+from videollm.data.synth import (COLORS, DIRECTIONS, SHAPES, TASKS, make_clip, make_needle, render, sample_spec,
+                                 trajectory, visible_coverage)
+from videollm.modeling_videollm import build_videollm, save_videollm, word_embedding_rows
 
 logger = logging.getLogger("training.ground")
 
@@ -85,35 +91,39 @@ WORDS = COLOR_WORDS + SHAPE_WORDS + MOTION_WORDS
 
 @dataclass
 class GroundData:
-    clip_frames: int = 16
-    size: int = 64
+    num_frames: int = 16  # frames of a short synthetic clip
+    size: int = 64  # frame side in px
     needle_fraction: float = 0.25  # share of each batch that is a real-video haystack with a needle
     haystack_frames: int = 64
 
 
 @dataclass
-class GroundConfig:
+class GroundOptim(OptimConfig):
+    lr: float = 1.0e-3  # the projector's peak lr
+    encoder_lr: float = 5.0e-4  # the encoder's peak lr
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class GroundConfig(RecipeConfig):
     output_dir: str = "runs/ground"
+    steps: int = 300
+    batch_size: int = 16  # clips per step (short clips + needle haystacks)
+    log_every: int = 10
     encoder: str = "nano"  # a pretrained encoder dir (or a preset: random init)
     llm: str = "smollm2"  # only its input embeddings are used
     llm_cache_dir: str | None = None
     spatial_pool: int = 2
-    spatial_merge: str = "avg"  # how the projector merges a pooled window: avg | concat (VideoLLMConfig)
-    stem_skip: bool = False  # the projector also reads the patch stem (VideoLLMConfig.stem_skip)
-    steps: int = 300
-    batch_size: int = 16  # clips per step (short clips + needle haystacks)
-    lr: float = 1.0e-3  # projector
-    encoder_lr: float = 5.0e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    spatial_merge: str = "avg"  # how the projector merges a pooled window: avg | concat
+    stem_skip: bool = False  # the projector also reads the patch stem
     objective: str = "dense"  # "dense": per-token targets from the rendered objects; "mil": per-clip words
     temperature: float = 15.0  # τ: cosine → logit scale
     norm_weight: float = 0.1  # λ
     null_weight: float = 0.5  # dense: weight of the background tokens' "nothing" loss
-    # dense: the logit of each group's "none" class (0: a background token must score every word
-    # below 0, which centred word keys barely allow: run23's null loss stayed at ~2.0, near uniform).
-    # Saved as the projector's anchor_none_logit, so the anchor reads tokens as they were trained.
+    # dense: the logit of each group's "none" class. At 0 a background token must score every word
+    # below 0, which centred word keys barely allow; a higher logit lets it stay silent. Stage 1's
+    # word anchor reads the tokens as trained when its anchor_none_logit is the same.
     none_logit: float = 0.0
     min_cover: float = 12.0  # dense: pixels of an object a token's cell must show to be about it
     stem_steps: int = 0  # appearance warm-up of the encoder's patch stem before the main steps (0: none)
@@ -121,23 +131,17 @@ class GroundConfig:
     stem_lr: float = 1.0e-3
     stem_shape_first: float = 0.0  # share of the warm-up steps that train shape alone before colour joins
     eval_clips: int = 48
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
     data: GroundData = field(default_factory=GroundData)
+    optim: GroundOptim = field(default_factory=GroundOptim)
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserError(f"steps and batch_size must be >= 1; got steps={self.steps}, batch_size={self.batch_size}")
+        super().validate()
         if not 0.0 <= self.data.needle_fraction <= 1.0:
             raise UserError(f"data.needle_fraction must be in [0, 1]; got {self.data.needle_fraction}")
         if self.stem_steps < 0 or self.stem_batch < 1:
             raise UserError(f"stem_steps must be >= 0 and stem_batch >= 1; got {self.stem_steps}, {self.stem_batch}")
         if not 0.0 <= self.stem_shape_first <= 1.0:
             raise UserError(f"stem_shape_first must be in [0, 1] (a share of stem_steps); got {self.stem_shape_first}")
-        from videollm.configuration_videollm import SPATIAL_MERGES
-
         if self.spatial_merge not in SPATIAL_MERGES:
             raise UserError(f"spatial_merge must be one of {SPATIAL_MERGES}; got {self.spatial_merge!r}")
         if self.objective not in ("dense", "mil"):
@@ -156,8 +160,6 @@ class GroundConfig:
 
 def word_embeddings(llm_embeddings: torch.Tensor, tokenizer) -> torch.Tensor:
     """(W, D): the LLM's embedding of each of `WORDS` (`videollm.modeling_videollm.word_embedding_rows`)."""
-    from videollm.modeling_videollm import word_embedding_rows
-
     return word_embedding_rows(llm_embeddings, tokenizer, WORDS)
 
 
@@ -220,8 +222,6 @@ def token_targets(spec, at: int, num_frames: int, cells: tuple[int, int], min_co
     Any other cell is background. Returns ``(targets, about)``: float (K, W), 1 at the words
     (`object_words`) of the token's object, and int8 (K,): 1 about an object, 0 background (target
     "no word"), -1 no target."""
-    from videollm.data.synth import trajectory, visible_coverage
-
     kh, kw = cells
     S = spec.size
     if S % kh or S % kw:
@@ -285,42 +285,24 @@ class ClipSource:
     the `SynthClip` drawn, the frame of the video where that clip's first frame is)."""
 
     def __init__(self, data: GroundData):
-        from encoder.video_io import SAMPLE_CLIPS, read_video
-        from videollm.data.synth import square_frames
-
         self.data = data
-        self.real = [square_frames(read_video(name, 64).frames, data.size) for name in SAMPLE_CLIPS]
+        self.real = real_clips(data.size)
 
     def short(self, seed: int):
-        from videollm.data.synth import make_clip
-
-        clip = make_clip(seed, self.data.clip_frames, self.data.size, self._task(seed))
+        clip = make_clip(seed, self.data.num_frames, self.data.size, self._task(seed))
         return clip.frames, clip_words(clip.spec), clip, 0
 
     def short_spec(self, seed: int):
         """The spec of ``short(seed)``'s clip, not rendered."""
-        from videollm.data.synth import sample_spec
-
-        return sample_spec(np.random.default_rng(int(seed)), self.data.clip_frames, self.data.size, self._task(seed))
+        return sample_spec(np.random.default_rng(int(seed)), self.data.num_frames, self.data.size, self._task(seed))
 
     @staticmethod
     def _task(seed: int) -> str:
-        from videollm.data.synth import TASKS
-
         return TASKS[int(np.random.default_rng([seed, 1]).integers(len(TASKS)))]
 
     def needle(self, seed: int):
-        from videollm.data.synth import insert_needle, make_needle
-
         rng = np.random.default_rng([seed, 2])
-        parts, total = [], 0
-        while total < self.data.haystack_frames:
-            src = self.real[int(rng.integers(len(self.real)))]
-            k = int(rng.integers(8, 33))
-            a = int(rng.integers(0, len(src) - min(k, len(src)) + 1))
-            parts.append(src[a:a + k])
-            total += len(parts[-1])
-        haystack = np.concatenate(parts)[:self.data.haystack_frames]
+        haystack = segment_haystack(rng, self.data.haystack_frames, self.real, lengths=(8, 32), source_first=True)
         needle = make_needle(seed, num_frames=1, size=self.data.size)
         video, (start, _) = insert_needle(haystack, needle.frames, float(rng.uniform(0, 1)))
         return video, clip_words(needle.spec), needle, start
@@ -362,8 +344,6 @@ class WordScorer(torch.nn.Module):
 
 
 def _pixels(frames: list[np.ndarray], size: int) -> torch.Tensor:
-    from encoder.transforms import frames_to_tensor
-
     return torch.stack([frames_to_tensor(f, size) for f in frames])  # (B, 3, T, S, S)
 
 
@@ -374,15 +354,13 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
     needle (its shape and colour), read off the best token of the clip; and per token about the
     moving object (`token_targets`), its motion words (``motion_token``) and, for the four plain
     directions, its direction (``direction_token``)."""
-    from videollm.data.synth import make_clip
-
     model.eval()
     hits: dict[str, list[bool]] = {"color": [], "shape": [], "direction": [], "needle_shape": [], "needle_color": [],
                                    "motion_token": [], "direction_token": []}
     groups = {"color": COLOR_WORDS, "shape": SHAPE_WORDS}
     for i, s in enumerate(seeds):
         if i % 2 == 0:
-            clip = make_clip(s, source.data.clip_frames, size, "motion", distractors=0)
+            clip = make_clip(s, source.data.num_frames, size, "motion", distractors=0)
             frames, obj = clip.frames, clip.spec.objects[0]
         else:
             frames, _, needle, _ = source.needle(s)
@@ -406,7 +384,7 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
         else:
             hits["needle_shape"].append(best(groups["shape"]) == obj.shape)
             hits["needle_color"].append(best(groups["color"]) == obj.color)
-    hits.update(binding(model, scorer, seeds, source.data.clip_frames, size, cells))
+    hits.update(binding(model, scorer, seeds, source.data.num_frames, size, cells))
     model.train()
     return {f"acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
 
@@ -426,8 +404,6 @@ def binding(model, scorer: WordScorer, seeds: list[int], frames: int, size: int,
     needs? On ``count`` clips of 1–4 objects, per object: the token that scores its shape highest,
     read for its colour in that frame (``bind_color``) and its motion (``bind_motion``); the token
     that scores its colour highest, read for its shape (``bind_shape``)."""
-    from videollm.data.synth import make_clip
-
     hits: dict[str, list[bool]] = {"bind_color": [], "bind_shape": [], "bind_motion": []}
     per_frame = cells[0] * cells[1]
     for s in seeds:
@@ -456,8 +432,6 @@ def _stem_frames(source: ClipSource, seeds: list[int], cells: tuple[int, int], m
     seed in 8) a frame of a bundled real clip, which is all background. With ``gap`` > 0 (an
     encoder with a motion stem) each sample is the frame ``gap`` before it and the frame, and the
     targets are the second's. Returns pixels (B, 3, 1 or 2, S, S), targets (B, k, W), about (B, k)."""
-    from videollm.data.synth import render
-
     frames, targets, about = [], [], []
     k = cells[0] * cells[1]
     for s in seeds:
@@ -497,11 +471,11 @@ def _stem_features(emb, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """The appearance stem's patch features of the last frame of `pixels` (B, 3, T, S, S), and the
     motion stem's (None without one), each (B, D, 1, h, w): warmed up apart, so that neither
     takes the other's channels."""
-    appearance = emb._embed(pixels[:, :, -1:], emb.stem, emb.proj)
+    appearance = emb.appearance_features(pixels[:, :, -1:])
     if not emb.motion_gap:
         return appearance, None
     diff = pixels[:, :, -1:] - pixels[:, :, :1]  # the sample's two frames are `gap` apart
-    return appearance, emb._embed(diff, emb.motion_stem, emb.motion_proj)
+    return appearance, emb.motion_features(diff)
 
 
 def stem_groups(cfg: GroundConfig, step: int) -> tuple[tuple[str, ...], ...]:
@@ -517,44 +491,27 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     frames, to name the colour and shape of the object in each token cell (the main objective's
     dense targets and loss without motion, which one frame does not show, read by a `StemHead`).
 
-    Why: the full encoder learns shape very slowly from these clips. On single-object 64 px frames
-    with direct shape supervision, 400 steps of 64 frames left the whole nano encoder at chance,
-    while its convolutional stem alone (``patch_stem="conv"``) reached 90% in 600 steps and
-    99% in 1200, at about 30 ms a step; the linear 16×16 patchify alone reached 48% in 1500. So
-    the cheap part learns what things look like first, and the main steps teach the blocks and the
-    projector to carry it into the video tokens.
+    Why: the full encoder learns shape very slowly from these clips, while its convolutional stem
+    alone (``patch_stem="conv"``) learns it quickly and cheaply. So the cheap part learns what
+    things look like first, and the main steps teach the blocks and the projector to carry it into
+    the video tokens; with ``stem_skip`` the projector reads the stem directly, so what the stem
+    tells apart survives the main steps (docs/experiments.md has the probes).
 
-    Colour and shape trained together from the first step leave shape near chance: on the
-    multi-object frames, a conv stem 1.5× as wide as nano's got 25% shape held-out in 600 steps
-    (22% without the background term), shape alone 45% (57% without the background term), and
-    shape alone for 1200 steps 80%. Colour is learned fast and takes the stem's few channels
-    first. ``stem_shape_first`` of the steps train shape alone (1200 steps at 0.8: shape 76%,
-    colour 71% in that probe; 63% and 55% with nano's stem, as the pipeline's warm-up). Alone, the
-    gain did not survive the main steps (150 steps after it: shape 37.5%, as without it, and colour
-    83% against 100%; with the stem frozen in the main steps, shape 33% and colour 54%): the blocks
-    lose what the stem tells apart. With ``stem_skip`` the projector reads the stem directly, and
-    it does survive (150 steps from the same encoder: tokens name shape 62.5% against 29%, the
-    needle's shape 83% against 33%, colour 100% both), so the pipeline runs the two together.
-    The warm-up was still learning at 1200 steps: at 3000 (with the motion stem, shape first 0.8,
-    ~85 ms a step) its held-out cells name shape 82.5% (57.0% at 1200), colour 87.7% (59.0%) and
-    motion 84.0% (74.2%), and after 300 main steps the tokens name a single moving object's shape
-    95.8% of the time (66.7%). At 5000 warm-up and 420 main steps: cells shape 87.7%, colour
-    89.7%, motion 86.0%; tokens shape 100%, direction 83.3% per token (55.7% at 3000 and 300).
+    Colour is learned fast and, trained together with shape from the first step, takes the stem's
+    few channels first: ``stem_shape_first`` of the steps train shape alone.
 
     An encoder with a motion stem (``motion_gap`` g > 0, `encoder.layers.PatchEmbed3D`) warms it
     up too, on pairs of frames g apart, to name each cell's motion words from the pair's
     difference; it has its own head and its own loss from the first step, so it takes nothing from
-    the appearance stem. Probed from scratch (1200 steps, nano width, shape first 0.8): motion 75%
-    of the cells (41% say "still"), shape 60%, colour 54%. One head for both, motion from the first
-    step: motion 80%, but shape 42% and colour 48%; motion only in the last 20% of the steps: 39%.
-    Returns held-out cell accuracies (``stem_acc_*``)."""
+    the appearance stem. The warm-up's schedule is the recipes' one (`lr_schedule`: 5% warm-up,
+    cosine to 0.1). Returns held-out cell accuracies (``stem_acc_*``)."""
     emb = model.vision_tower.embeddings.patch_embed
     gap = emb.motion_gap
     dim = model.config.vision_config.embed_dim
     head = StemHead(dim, cfg.spatial_pool)
     motion_head = StemHead(dim, cfg.spatial_pool) if gap else torch.nn.Identity()
     opt = torch.optim.AdamW([*emb.parameters(), *head.parameters(), *motion_head.parameters()], lr=cfg.stem_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warm_lr(cfg.stem_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(max(1, cfg.stem_steps // 20), cfg.stem_steps, 0.1))
     for step in range(cfg.stem_steps):
         seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 41, step]).generate_state(cfg.stem_batch)]
         pixels, targets, about = _stem_frames(source, seeds, cells, cfg.min_cover, gap)
@@ -583,96 +540,78 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     return {f"stem_acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
 
 
-def _warm_lr(steps: int):
-    warm = max(1, steps // 20)
-    return lambda i: min(1.0, (i + 1) / warm) * max(0.1, 1.0 - i / max(1, steps))
-
-
-def _build(cfg: GroundConfig):
-    from training.finetune import FinetuneConfig, build_model
-
-    ft = FinetuneConfig(stage=1, llm=cfg.llm, llm_cache_dir=cfg.llm_cache_dir, encoder=cfg.encoder,
-                        spatial_pool=cfg.spatial_pool, spatial_merge=cfg.spatial_merge,
-                        stem_skip=cfg.stem_skip, seed=cfg.seed)
-    ft.data.image_size, ft.data.num_frames = cfg.data.size, cfg.data.clip_frames
-    model, tokenizer = build_model(ft)
-    model.config.anchor_none_logit = float(cfg.none_logit)  # saved with the init stage 1 reads
+def build_model(cfg: GroundConfig):
+    """(VideoLLM with a plain "mlp" projector, encoder and projector trainable, LLM frozen; its
+    processor; the `WordScorer` over the LLM's word embeddings)."""
+    projector = {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
+                 "stem_skip": cfg.stem_skip}
+    model, processor = build_videollm(cfg.llm, cfg.encoder, num_frames=cfg.data.num_frames, image_size=cfg.data.size,
+                                      projector=projector, cache_dir=cfg.llm_cache_dir, seed=cfg.seed)
     model.requires_grad_(False)
     model.vision_tower.requires_grad_(True)
     model.projector.requires_grad_(True)
     emb = model.get_input_embeddings().weight.detach()
-    scorer = WordScorer(word_embeddings(emb, tokenizer), float(emb.norm(dim=-1).mean()), cfg.temperature)
-    return model, scorer
+    scorer = WordScorer(word_embeddings(emb, processor.tokenizer), float(emb.norm(dim=-1).mean()), cfg.temperature)
+    return model, processor, scorer
 
 
-def save_init(model, path: Path) -> None:
-    """What stage 1's ``init_from`` reads: the VideoLLM config and the encoder + projector weights
-    (the LLM is loaded from ``base_llm`` as usual), written atomically."""
-    from safetensors.torch import save_file
-
-    from training.checkpoint import atomic_dir
-
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-             if k.startswith(("vision_tower.", "projector."))}
-    with atomic_dir(path) as tmp:
-        model.config.save_pretrained(tmp)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+def batch_seeds_of(seed: int, step: int, micro: int, n: int) -> list[int]:
+    """Clip seeds of micro-batch `micro` of step `step` (1-based); micro-batch 0 is `batch_seeds`."""
+    if micro == 0:
+        return batch_seeds(seed, step - 1, n)
+    return [int(s) for s in np.random.SeedSequence([seed, 31, step - 1, micro]).generate_state(n)]
 
 
-def train(cfg: GroundConfig) -> dict[str, Any]:
-    from training.checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint
-    from training.finetune import lr_lambda
+class Ground(Recipe):
+    name = "ground"
 
-    cfg.validate()
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    torch.manual_seed(cfg.seed)
-    model, scorer = _build(cfg)
-    source = ClipSource(cfg.data)
-    params = [{"params": list(model.projector.parameters()), "lr": cfg.lr},
-              {"params": list(model.vision_tower.parameters()), "lr": cfg.encoder_lr}]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, 0.1))
-    trainable = torch.nn.ModuleDict({"vision_tower": model.vision_tower, "projector": model.projector,
-                                     "scorer": scorer})
-    step = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, model=trainable, optimizer=optimizer, scheduler=scheduler)["step"]
-        logger.info("resumed from %s at step %d", ckpt, step)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if ckpt is not None else None)
-    patches = cfg.data.size // model.config.vision_config.patch_size
-    cells = model.config.tokens_per_frame_for(patches, patches)  # (kh, kw) video tokens per frame
-    if cfg.stem_steps and ckpt is None:  # a resumed run has its warmed stem in the checkpoint
-        t0 = time.perf_counter()
-        stem = warm_stem(model, cfg, source, cells)
-        stem["stem_seconds"] = round(time.perf_counter() - t0, 1)
-        (run_dir / "stem.json").write_text(json.dumps(stem, indent=1) + "\n")
-        logger.info("stem warm-up: %s", stem)
-    n_needle = round(cfg.batch_size * cfg.data.needle_fraction)
-    n_short = cfg.batch_size - n_needle
-    size = cfg.data.size
-    model.train()
-    record: dict[str, Any] = {"step": step}
-    t_last = time.perf_counter()
-    while step < cfg.steps:
-        seeds = batch_seeds(cfg.seed, step, cfg.batch_size)
-        loss = torch.zeros(())
+    def setup(self, engine: Engine):
+        cfg = self.cfg
+        self.engine = engine
+        model, self.processor, self.scorer = build_model(cfg)
+        self.scorer.to(engine.device)
+        self.source = ClipSource(cfg.data)
+        patches = cfg.data.size // model.config.vision_config.patch_size
+        self.cells = model.config.projector_config.tokens_per_frame_for(patches, patches)  # (kh, kw) tokens per frame
+        model.train()
+        return model
+
+    def param_groups(self, model):
+        return param_groups(model, self.optim.lr, self.optim.weight_decay, {"vision_tower.": self.optim.encoder_lr})
+
+    def before_steps(self, model, resumed: bool) -> None:
+        cfg = self.cfg
+        if cfg.stem_steps and not resumed:  # a resumed run has its warmed stem in the checkpoint
+            t0 = time.perf_counter()
+            stem = warm_stem(self.engine.unwrap(model), cfg, self.source, self.cells)
+            stem["stem_seconds"] = round(time.perf_counter() - t0, 1)
+            if self.engine.is_main:
+                (Path(cfg.output_dir) / "stem.json").write_text(json.dumps(stem, indent=1) + "\n")
+            logger.info("stem warm-up: %s", stem)
+        model.train()
+
+    def loss(self, model, step: int, micro: int) -> Micro:
+        cfg = self.cfg
+        n_needle = round(cfg.batch_size * cfg.data.needle_fraction)
+        seeds = batch_seeds_of(cfg.seed, step, micro, cfg.batch_size)
+        device = self.engine.device
+        loss = torch.zeros((), device=device)
         parts = {}
-        for kind, group, make in (("short", seeds[:n_short], source.short), ("needle", seeds[n_short:], source.needle)):
+        for kind, group, make in (("short", seeds[:cfg.batch_size - n_needle], self.source.short),
+                                  ("needle", seeds[cfg.batch_size - n_needle:], self.source.needle)):
             if not group:
                 continue
             clips = [make(s) for s in group]
-            z = model.get_video_features(_pixels([c[0] for c in clips], size))  # (b, K, D_llm)
-            tok, norm_pen = scorer.token_scores(z), scorer.norm_penalty(z)  # (b, K, W), ()
+            z = model.get_video_features(_pixels([c[0] for c in clips], cfg.data.size).to(device))  # (b, K, D_llm)
+            tok, norm_pen = self.scorer.token_scores(z), self.scorer.norm_penalty(z)  # (b, K, W), ()
             if cfg.objective == "dense":
-                targets, about = zip(*(token_targets(c[2].spec, c[3], len(c[0]), cells, cfg.min_cover) for c in clips))
+                targets, about = zip(*(token_targets(c[2].spec, c[3], len(c[0]), self.cells, cfg.min_cover)
+                                       for c in clips))
                 if z.shape[1] != targets[0].shape[0]:
                     raise UserError(f"dense grounding needs one video token per frame and cell; the projector gave "
-                                    f"{z.shape[1]} for {len(clips[0][0])} frames of {cells} cells (temporal pooling?)")
-                ce_obj, ce_null = dense_loss(tok, torch.stack(targets), torch.stack(about), none_logit=cfg.none_logit)
+                                    f"{z.shape[1]} for {len(clips[0][0])} frames of {self.cells} cells (temporal pooling?)")
+                ce_obj, ce_null = dense_loss(tok, torch.stack(targets).to(device), torch.stack(about).to(device),
+                                             none_logit=cfg.none_logit)
                 ce = ce_obj + cfg.null_weight * ce_null
                 parts[f"ce_null_{kind}"] = float(ce_null.detach())
             else:
@@ -680,33 +619,20 @@ def train(cfg: GroundConfig) -> dict[str, Any]:
             loss = loss + (ce + cfg.norm_weight * norm_pen) * len(group) / cfg.batch_size
             parts[f"ce_{kind}"] = float(ce.detach())
             parts[f"norm_{kind}"] = float(norm_pen.detach())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        lr_used = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        if not math.isfinite(float(loss.detach())):
-            raise RuntimeError(f"loss is {float(loss.detach())} at step {step}; lower lr or check the data")
-        record = {"step": step, "loss": float(loss.detach()), "lr": lr_used, **parts}
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        if step == cfg.steps:
-            record.update(evaluate(model, scorer, source, eval_seeds(cfg.seed, cfg.eval_clips), size, cells,
-                                   cfg.min_cover))
-        now = time.perf_counter()
-        record["sec_per_step"] = round(now - t_last, 3)
-        t_last = now
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics.log(record)
-            logger.info("step %d %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(run_dir, step, model=trainable, optimizer=optimizer, scheduler=scheduler,
-                            config_yaml=config_yaml)
-    save_init(model, run_dir / "final")
-    logger.info("grounded encoder + projector → %s", run_dir / "final")
-    return record
+        return Micro(loss, parts, samples=cfg.batch_size)
+
+    def evaluate(self, model, step: int) -> dict:
+        return evaluate(model, self.scorer, self.source, eval_seeds(self.cfg.seed, self.cfg.eval_clips),
+                        self.cfg.data.size, self.cells, self.cfg.min_cover)
+
+    def save_final(self, model, directory: Path) -> None:
+        save_videollm(model, self.processor, directory)
+
+
+def train(cfg: GroundConfig) -> dict[str, Any]:
+    """Run (or resume) grounding; returns the last metrics record (with the held-out accuracies)
+    and ``final``, the grounded VideoLLM's folder."""
+    return run(Ground(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,4 +643,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    sys.exit(run_cli(main))

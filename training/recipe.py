@@ -464,6 +464,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     """Train `recipe` (or continue it): returns the last metrics record with ``step``,
     ``output_dir`` and ``final`` (the final model's folder; None when ``stop_after`` ended early)."""
     cfg = recipe.cfg
+    cfg.validate()
     run_dir = Path(cfg.output_dir)
     engine = Engine(cfg)
     resume_from = open_run(run_dir, cfg.resume)
