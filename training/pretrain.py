@@ -51,6 +51,8 @@ class ObjectiveConfig:
     pixel_weight: float = 1.0
     teacher: str | None = None  # CLIP Hub id or local path; null = pixel targets only
     teacher_weight: float = 1.0
+    masking: str = "frame"  # frame (random per frame, the same count in each) | tube (the same positions in every frame)
+    frame_causal: bool = True  # videomap: the encoder runs frame-causally, so frame t+1 is unseen when predicted
 
 
 @dataclass
@@ -91,7 +93,8 @@ def build_model(cfg: PretrainConfig):
         encoder, teacher=o.teacher, objective=o.name, order=o.order,
         mask_ratio=o.mask_ratio, decoder_dim=o.decoder_dim, decoder_depth=o.decoder_depth,
         decoder_heads=o.decoder_heads, norm_pix=o.norm_pix, next_weight=o.next_weight,
-        masked_weight=o.masked_weight, pixel_weight=o.pixel_weight, teacher_weight=o.teacher_weight)
+        masked_weight=o.masked_weight, pixel_weight=o.pixel_weight, teacher_weight=o.teacher_weight,
+        masking=o.masking, frame_causal=o.frame_causal)
 
 
 def build_source(data: PretrainData):
