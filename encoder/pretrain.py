@@ -18,7 +18,8 @@ Objectives (``objective=``):
   (a) *next-frame*: the decoder outputs at frame t predict all tokens of frame t+1 (at the same
   spatial position); (b) *masked reconstruction* (MAP): the masked tokens of frame t are predicted
   at their own positions. Each term has a pixel part (MAE's per-patch normalised pixels, MSE) and,
-  with a teacher, a semantic part (CLIP features, L2-normalised, loss 2 − 2·cos as in UMT).
+  with a teacher, a semantic part (the teacher's per-frame features at the student's grid,
+  L2-normalised, loss 2 − 2·cos as in UMT; `encoder.teacher`).
   Note the encoder itself is bidirectional (B-Mamba + global attention), so visible tokens of frame
   t+1 reach frame t's outputs through the encoder; the masked half of frame t+1 is what the
   decoder must genuinely predict. The causal decoder keeps the *decoder* from copying.
@@ -33,7 +34,6 @@ D encoder width, E decoder width, F teacher feature width.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from encoder.errors import UserError
 from encoder.layers import AttentionBlock, RMSNorm, interpolate_temporal_pos
+from encoder.teacher import Teacher, build_teacher
 
 OBJECTIVES = ("videomap", "mae", "umt")
 ORDERS = ("frame", "token")
@@ -149,80 +150,6 @@ def feature_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher
-# ---------------------------------------------------------------------------------------------
-
-
-class CLIPTeacher(nn.Module):
-    """A frozen Hugging Face CLIP vision tower applied frame by frame.
-
-    Per frame: last-layer patch tokens → ``post_layernorm`` → ``visual_projection`` (when the
-    checkpoint has one) → L2 norm → bilinear resize over the patch grid to the student's grid →
-    L2 norm again (interpolation shortens the vectors). forward: pixel_values (B, 3, T, H, W),
-    normalised with CLIP's mean/std (the repo's default transform) → (B, T, h·w, F).
-    """
-
-    def __init__(self, vision_model: nn.Module, projection: nn.Module | None, image_size: int):
-        super().__init__()
-        self.vision_model = vision_model
-        self.projection = projection
-        self.image_size = image_size
-        self.requires_grad_(False)
-        self.eval()
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "CLIPTeacher":
-        """Load by Hub id or local path: `CLIPVisionModelWithProjection` if the checkpoint has
-        ``visual_projection`` weights, else `CLIPVisionModel` (no projection)."""
-        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the "newly initialized visual_projection" warning is expected
-        try:
-            model, info = CLIPVisionModelWithProjection.from_pretrained(name_or_path, output_loading_info=True)
-            if any(k.startswith("visual_projection") for k in info.get("missing_keys", ())):
-                model = CLIPVisionModel.from_pretrained(name_or_path)
-                projection = None
-            else:
-                projection = model.visual_projection
-        except OSError as err:
-            raise UserError(f"cannot load the CLIP teacher '{name_or_path}': {err}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        tower = getattr(model, "vision_model", model)  # transformers 5: CLIPVisionModel is the tower
-        return cls(tower, projection, model.config.image_size)
-
-    @property
-    def feature_dim(self) -> int:
-        if self.projection is not None:
-            return self.projection.out_features
-        return self.vision_model.config.hidden_size
-
-    def train(self, mode: bool = True):  # always frozen, always in eval mode
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        B, C, T, H, W = pixel_values.shape
-        x = pixel_values.transpose(1, 2).reshape(B * T, C, H, W)  # (B·T, 3, H, W): one image per frame
-        if (H, W) != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        dtype = next(self.vision_model.parameters()).dtype
-        out = self.vision_model(pixel_values=x.to(dtype))
-        tokens = self.vision_model.post_layernorm(out.last_hidden_state[:, 1:])  # (B·T, n, Dc), cls dropped
-        if self.projection is not None:
-            tokens = self.projection(tokens)  # (B·T, n, F)
-        tokens = F.normalize(tokens.float(), dim=-1)
-        side = int(math.isqrt(tokens.shape[1]))
-        fmap = tokens.transpose(1, 2).reshape(B * T, -1, side, side)  # (B·T, F, s, s)
-        if (side, side) != tuple(grid_hw):
-            fmap = F.interpolate(fmap, size=tuple(grid_hw), mode="bilinear", align_corners=False)  # (B·T, F, h, w)
-        feats = fmap.flatten(2).transpose(1, 2)  # (B·T, N, F)
-        return F.normalize(feats, dim=-1).reshape(B, T, -1, feats.shape[-1])  # (B, T, N, F)
-
-
-# ---------------------------------------------------------------------------------------------
 # Decoder
 # ---------------------------------------------------------------------------------------------
 
@@ -300,7 +227,8 @@ class VideoMAPPretrainer(nn.Module):
         norm_pix: MAE's per-patch normalised pixel targets.
         next_weight, masked_weight: weights of term (a) next-frame and (b) masked reconstruction.
         pixel_weight, teacher_weight: weights of the pixel and the teacher-feature parts.
-        teacher: a `CLIPTeacher` or None (pixels only).
+        teacher: a frozen `encoder.teacher.Teacher` (EfficientNet-Lite0 by default, or CLIP/SigLIP),
+            or None (pixels only).
         masking: "frame" (random per frame, the same count in each) or "tube" (the same positions
             in every frame: `tube_masking`).
         frame_causal: run the encoder frame-causally for the videomap objective (its outputs at
@@ -312,7 +240,7 @@ class VideoMAPPretrainer(nn.Module):
                  mask_ratio: float | None = 0.5, decoder_dim: int = 256, decoder_depth: int = 4,
                  decoder_heads: int = 8, norm_pix: bool = True, next_weight: float = 1.0,
                  masked_weight: float = 1.0, pixel_weight: float = 1.0, teacher_weight: float = 1.0,
-                 teacher: CLIPTeacher | None = None, masking: str = "frame", frame_causal: bool = True):
+                 teacher: Teacher | None = None, masking: str = "frame", frame_causal: bool = True):
         super().__init__()
         if masking not in MASKINGS:
             raise UserError(f"masking must be one of {', '.join(MASKINGS)}; got {masking!r}")
@@ -393,12 +321,17 @@ class VideoMAPPretrainer(nn.Module):
         z = self.decoder(visible, token_mask, grid, attn_mask)  # (B, T, N, E)
         return {name: head(z) for name, head in self.heads.items()}  # (B, T, N, K) each
 
-    def targets(self, pixel_values: torch.Tensor, grid) -> dict[str, torch.Tensor]:
+    def targets(self, pixel_values: torch.Tensor, grid,
+                teacher_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-patch targets {kind: (B, T, N, K)}; ``teacher_features`` (B, T, N, F) are the
+        teacher's targets when the caller has them already (`encoder.teacher.TeacherCache`)."""
         out = {}
         if self.pixel_weight > 0:
             pix = patchify(pixel_values.float(), self.patch_size)  # (B, T, N, P·P·3)
             out["pix"] = norm_pix_target(pix) if self.norm_pix else pix
-        if self.teacher_weight > 0:
+        if self.teacher_weight > 0 and teacher_features is not None:
+            out["feat"] = F.normalize(teacher_features.to(pixel_values.device).float(), dim=-1)  # (B, T, N, F)
+        elif self.teacher_weight > 0:
             teacher = self.teacher.to(pixel_values.device)
             out["feat"] = teacher(pixel_values, grid[1:])  # (B, T, N, F), unit norm
         return out
@@ -427,21 +360,23 @@ class VideoMAPPretrainer(nn.Module):
                               token_mask=token_mask, predictions=preds)
 
     def forward(self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> PretrainOutput:
+                generator: torch.Generator | None = None,
+                teacher_features: torch.Tensor | None = None) -> PretrainOutput:
         """pixel_values (B, 3, T, H, W) → `PretrainOutput`. Pass ``generator`` (or a ready
-        ``token_mask``) for reproducible masking."""
+        ``token_mask``) for reproducible masking, and ``teacher_features`` (B, T, N, F) to use
+        cached teacher targets instead of running the teacher."""
         if token_mask is None:
             token_mask = self.random_masking(pixel_values, generator)  # (B, T, N)
         latent, grid = self.forward_encoder(pixel_values, token_mask)  # (B, 1 + T·N_vis, D)
         preds = self.forward_decoder(latent, token_mask, grid)
-        return self.forward_loss(preds, self.targets(pixel_values, grid), token_mask)
+        return self.forward_loss(preds, self.targets(pixel_values, grid, teacher_features), token_mask)
 
     @property
-    def teacher(self) -> CLIPTeacher | None:
+    def teacher(self) -> Teacher | None:
         return self._teacher[0]
 
 
 def build_pretrainer(encoder: nn.Module, *, teacher: str | Path | None = None, **kwargs) -> VideoMAPPretrainer:
-    """The one place a recipe's objective options become a module (teacher loaded by id/path)."""
-    return VideoMAPPretrainer(encoder, teacher=CLIPTeacher.from_pretrained(str(teacher)) if teacher else None,
-                              **kwargs)
+    """The one place a recipe's objective options become a module (the teacher built by name:
+    ``efficientnet_lite0`` or a CLIP/SigLIP id or path, `encoder.teacher.build_teacher`)."""
+    return VideoMAPPretrainer(encoder, teacher=build_teacher(str(teacher) if teacher else None), **kwargs)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from encoder.pretrain import (
-    CLIPTeacher,
     VideoMAPPretrainer,
     build_pretrainer,
     decoder_attn_mask,
@@ -17,6 +16,7 @@ from encoder.pretrain import (
     sample_mask_ratio,
     unpatchify,
 )
+from encoder.teacher import CLIPTeacher
 from encoder.videomap import PRESETS, VideoMAPConfig, VideoMAPModel
 from encoder.vit import ViTVideoConfig, ViTVideoModel
 

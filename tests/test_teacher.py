@@ -1,0 +1,137 @@
+"""The semantic teachers (encoder/teacher.py): the embedded EfficientNet-Lite0 loads its shipped
+ImageNet weights exactly, sees real photos as ImageNet does, gives unit features at the student's
+grid, and its targets are cached per (clip, frame, transform)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoder.efficientnet_lite import EfficientNetLite
+from encoder.pretrain import VideoMAPPretrainer
+from encoder.teacher import (
+    DEFAULT_TEACHER,
+    EfficientNetTeacher,
+    TeacherCache,
+    build_teacher,
+    efficientnet_lite0_weights,
+    imagenet_class_names,
+)
+from encoder.transforms import CLIP_MEAN, CLIP_STD, frames_to_tensor
+from encoder.videomap import VideoMAPConfig, VideoMAPModel
+
+
+def sklearn_photo(name: str) -> np.ndarray:
+    """A scikit-learn sample photo (a training-side real source), (H, W, 3) uint8, read without
+    importing scikit-learn (installed --no-deps: only its data files are used)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        pytest.skip("scikit-learn's sample photos are not installed (make setup installs them)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / name
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return EfficientNetTeacher()
+
+
+def clip_of(photo: np.ndarray, frames: int = 2, size: int = 224) -> torch.Tensor:
+    """A still clip of the photo, as the student sees it: (1, 3, T, S, S), CLIP-normalised."""
+    return frames_to_tensor(np.stack([photo] * frames), size).unsqueeze(0)
+
+
+def test_weights_load_strictly_into_our_network():
+    net = EfficientNetLite()
+    state = torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
+    result = net.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert sum(p.numel() for p in net.parameters()) == 4_652_008
+
+
+def test_class_names():
+    names = imagenet_class_names()
+    assert len(names) == 1000 and len(set(names)) > 990
+    assert names[281] == "tabby" and names[967] == "espresso" and names[0] == "tench"
+
+
+def test_normalisation_is_tf_style(teacher):
+    """Student-normalised input → [0, 1] → (x·255 − 127)/128, the range the weights were trained on."""
+    x01 = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 1, 8, 8)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1)
+    images = teacher._images((x01 - mean) / std)  # (1, 3, 224, 224) in [0, 1]
+    assert torch.allclose(images[0, :, 0, 0], torch.tensor([0.0, 0.5, 1.0]), atol=1e-5)
+    tf = EfficientNetTeacher.normalise(images)[0, :, 0, 0]
+    assert torch.allclose(tf, torch.tensor([-127 / 128, 0.5 / 128, 1.0]), atol=1e-4)
+
+
+@pytest.mark.parametrize("photo,expected", [("china.jpg", {"palace", "monastery", "bell cote", "pagoda", "stupa"}),
+                                            ("flower.jpg", {"daisy"})])
+def test_real_photos_are_named_as_imagenet_would(teacher, photo, expected):
+    probs = teacher.probs(clip_of(sklearn_photo(photo)))  # (1, T, 1000)
+    assert probs.shape == (1, 2, 1000) and torch.allclose(probs.sum(-1), torch.ones(1, 2), atol=1e-4)
+    top5 = {teacher.class_names[i] for i in probs[0, 0].topk(5).indices}
+    assert top5 & expected, top5
+
+
+def test_features_at_the_student_grid(teacher):
+    clip = clip_of(sklearn_photo("flower.jpg"), frames=3, size=64)  # the student's 64 px frames
+    feats = teacher(clip, (4, 4))  # (B, T, h·w, F)
+    assert feats.shape == (1, 3, 16, 1280)
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(1, 3, 16), atol=1e-4)
+    assert torch.allclose(feats[0, 0], feats[0, 2], atol=1e-5)  # a still clip: the same every frame
+    assert not torch.allclose(feats[0, 0, 0], feats[0, 0, 15], atol=1e-2)  # but not the same everywhere
+
+
+def test_cache_hit_equals_a_fresh_computation(teacher, tmp_path):
+    clip = clip_of(sklearn_photo("china.jpg"), frames=2, size=64)
+    cache = TeacherCache(tmp_path, teacher)
+    first = cache.features("synth:seed=1", [0, 5], clip, (4, 4))
+    assert (cache.misses, cache.hits) == (1, 0)
+    again = TeacherCache(tmp_path, teacher).features("synth:seed=1", [0, 5], clip, (4, 4))  # from disk
+    assert torch.allclose(first, again) and first.shape == (2, 16, 1280)
+    fresh = teacher(clip, (4, 4))[0]
+    assert torch.allclose(again, fresh, atol=2e-3)  # stored in fp16
+    # a new frame of the same clip is computed and added; the stored ones are read
+    more = TeacherCache(tmp_path, teacher)
+    out = more.features("synth:seed=1", [5, 7], clip, (4, 4))
+    assert more.misses == 1 and torch.allclose(out[0], first[1])
+
+
+def test_cache_misses_when_the_transform_changes(teacher, tmp_path):
+    clip = clip_of(sklearn_photo("china.jpg"), frames=1, size=64)
+    TeacherCache(tmp_path, teacher).features("c", [0], clip, (4, 4))
+    other = EfficientNetTeacher(image_size=128)
+    assert other.transform_id != teacher.transform_id
+    cache = TeacherCache(tmp_path, other)
+    cache.features("c", [0], clip, (4, 4))
+    assert cache.misses == 1
+
+
+def test_build_teacher_by_name(teacher):
+    assert build_teacher(None) is None
+    built = build_teacher(DEFAULT_TEACHER)
+    assert isinstance(built, EfficientNetTeacher) and built.feature_dim == 1280
+    assert all(not p.requires_grad for p in built.parameters())
+    built.train()
+    assert not built.training  # always frozen, always in eval mode
+
+
+def test_pretraining_with_the_embedded_teacher_and_cached_targets(teacher):
+    """The objective's semantic half runs on the embedded teacher, from cached targets too."""
+    torch.manual_seed(0)
+    enc = VideoMAPModel(VideoMAPConfig(img_size=32, patch_size=8, num_frames=2, embed_dim=32, depth_mamba=2,
+                                       attn_every=2, num_heads=2))
+    model = VideoMAPPretrainer(enc, teacher=teacher, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    clip = clip_of(sklearn_photo("flower.jpg"), frames=2, size=32)
+    g = torch.Generator().manual_seed(0)
+    out = model(clip, generator=g)
+    out.loss.backward()
+    assert {"next_feat", "masked_feat"} <= set(out.terms) and torch.isfinite(out.loss)
+    assert model.heads["next_feat"].weight.grad.abs().sum() > 0
+    cached = teacher(clip, (4, 4))
+    again = model(clip, token_mask=out.token_mask, teacher_features=cached)
+    assert torch.allclose(again.terms["next_feat"], out.terms["next_feat"], atol=1e-5)
