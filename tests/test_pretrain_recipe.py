@@ -95,16 +95,19 @@ def test_shipped_pretrain_configs_load():
     assert yaml.safe_load((REPO / "training/configs/pretrain_nano_synth.yaml").read_text())["objective"]["name"] == "videomap"
 
 
-def test_a_folder_of_videos_is_a_source(tmp_path, capsys):
-    """data.source=<folder>: every video under it (any depth); an empty or missing folder is named."""
+def test_a_folder_of_videos_is_a_source(tmp_path, capsys, caplog):
+    """data.source=<folder>: every video under it (any depth); an empty or missing folder is named.
+    Off a terminal, progress is a log line with the ETA."""
     from videollm.data.synth import write_synth_dataset
 
     write_synth_dataset(tmp_path / "data", 4, seed=0, num_frames=4, size=32, task="motion")
     (tmp_path / "data" / "index.csv").unlink()  # only videos: the folder itself is the source
     out = tmp_path / "run"
-    assert cli(["pretrain", "--config", SMOKE, f"output_dir={out}", f"data.source={tmp_path / 'data'}",
-                "steps=2", "save_every=2"]) == 0
+    with caplog.at_level(logging.INFO, logger="training.recipe"):
+        assert cli(["pretrain", "--config", SMOKE, f"output_dir={out}", f"data.source={tmp_path / 'data'}",
+                    "steps=2", "save_every=2"]) == 0
     assert sorted(metrics(out)) == [1, 2] and (out / "encoder" / "config.json").is_file()
+    assert "pretrain step 2/2" in caplog.text and "ETA" in caplog.text
     capsys.readouterr()
     (tmp_path / "empty").mkdir()
     assert cli(["pretrain", "--config", SMOKE, f"output_dir={tmp_path / 'r2'}", f"data.source={tmp_path / 'empty'}"]) == 2

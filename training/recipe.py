@@ -37,6 +37,7 @@ sharding through ``engine.rank`` / ``engine.world``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -237,10 +238,8 @@ class Engine:
         skeleton steps it once per optimizer step, accelerate would step it per process)."""
         plugin = None
         if deepspeed:
-            try:
-                import deepspeed as _  # noqa: F401  (optional: only deepspeed=… runs need it)
-            except ImportError:
-                raise UserError("deepspeed=… needs the deepspeed package: pip install deepspeed") from None
+            if importlib.util.find_spec("deepspeed") is None:  # optional: only deepspeed=… runs need it
+                raise UserError("deepspeed=… needs the deepspeed package: pip install deepspeed")
             plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed), gradient_accumulation_steps=self.cfg.grad_accum,
                                      gradient_clipping=self.cfg.optim.grad_clip or None, zero3_init_flag=False)
             # Batches come from the recipe (exact resume), so accelerate cannot read the micro-batch off a loader.
