@@ -44,8 +44,7 @@ from pathlib import Path
 import torch
 
 from encoder.errors import UserError, run_cli
-from encoder.videomap import VideoMAPConfig, VideoMAPModel
-from encoder.vit import ViTVideoConfig, ViTVideoModel
+from encoder.build import build_encoder, parse_encoder_name
 from videollm.configuration_videollm import VideoLLMConfig
 from videollm.llm import default_cache_dir, load_llm
 from videollm.projectors import build_projector
@@ -55,22 +54,12 @@ FIELDS = ["encoder", "mode", "frames", "size", "with_llm", "status", "tokens", "
 MODES = ("infer", "train")
 
 
-def parse_encoder(name: str) -> tuple[str, str, str | None]:
-    """``videomap-tiny`` → ("videomap", "tiny", None); ``vit-tiny-frame`` → ("vit", "tiny", "frame")."""
-    parts = name.split("-")
-    if parts[0] == "videomap" and len(parts) == 2:
-        return "videomap", parts[1], None
-    if parts[0] == "vit" and len(parts) in (2, 3) and (len(parts) == 2 or parts[2] in ("joint", "frame")):
-        return "vit", parts[1], parts[2] if len(parts) == 3 else "joint"
-    raise UserError(f"unknown encoder '{name}'; use videomap-<preset>, vit-<preset> (joint attention) "
-                    "or vit-<preset>-frame (per-frame attention)")
-
-
-def build_encoder(name: str, frames: int, size: int):
-    family, preset, attention = parse_encoder(name)
-    if family == "videomap":
-        return VideoMAPModel(VideoMAPConfig.from_preset(preset, img_size=size, num_frames=frames))
-    return ViTVideoModel(ViTVideoConfig.from_preset(preset, img_size=size, num_frames=frames, attention=attention))
+def check_encoder_name(name: str) -> None:
+    """Only preset names are profiled: ``videomap-<preset>``, ``vit-<preset>`` (joint attention) or
+    ``vit-<preset>-frame`` (per-frame attention)."""
+    if parse_encoder_name(name) is None or "-" not in name:
+        raise UserError(f"unknown encoder '{name}'; use videomap-<preset>, vit-<preset> (joint attention) "
+                        "or vit-<preset>-frame (per-frame attention)")
 
 
 def _current_rss_mb() -> float:
@@ -94,7 +83,7 @@ def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: s
     """Measure one point in this process; returns a row of `FIELDS`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = build_encoder(encoder, frames, size).to(device)
+    model = build_encoder(encoder, num_frames=frames, img_size=size).to(device)
     model.train(mode == "train")
     params = sum(p.numel() for p in model.parameters())
     projector = llm = None
@@ -321,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--out is required")
     encoders = [e for e in args.encoders.split(",") if e]
     for e in encoders:
-        parse_encoder(e)
+        check_encoder_name(e)
     modes = [m for m in args.mode.split(",") if m]
     if not modes or any(m not in MODES for m in modes):
         raise UserError(f"--mode takes infer, train or both; got '{args.mode}'")

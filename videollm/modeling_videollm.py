@@ -39,8 +39,8 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
+from encoder.build import build_encoder
 from encoder.errors import UserError
-from encoder.videomap import PRESETS, VideoMAPConfig
 from videollm.configuration_videollm import PROJECTOR_CONFIGS, VIDEO_TOKEN, VideoLLMConfig, make_projector_config
 from videollm.llm import load_llm
 from videollm.processing_videollm import VideoLLMProcessor
@@ -495,19 +495,13 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
 
 
 def _build_encoder(encoder, num_frames: int, image_size: int | None, dtype) -> nn.Module:
-    """The encoder from a module, a config or a preset name (random), or a directory."""
+    """The encoder from a module, a config, or a name (`encoder.build.build_encoder`: a preset, random
+    init, or a directory)."""
     if isinstance(encoder, nn.Module):
         return encoder
     if isinstance(encoder, PretrainedConfig):
         return AutoModel.from_config(encoder)
-    if isinstance(encoder, str) and encoder in PRESETS:
-        sizes = {"num_frames": num_frames, **({"img_size": image_size} if image_size else {})}
-        return AutoModel.from_config(VideoMAPConfig.from_preset(encoder, **sizes))
-    path = Path(str(encoder)).expanduser()
-    if not (path / "config.json").is_file():
-        raise UserError(f"encoder '{encoder}' is neither a VideoMAP preset ({', '.join(PRESETS)}) "
-                        "nor an encoder directory (with config.json)")
-    return AutoModel.from_pretrained(str(path), dtype=dtype)
+    return build_encoder(str(encoder), num_frames=num_frames, img_size=image_size, dtype=dtype)
 
 
 def _change_projector(model: VideoLLMForCausalLM, tokenizer, projector_type: str, settings: dict) -> None:
