@@ -44,6 +44,9 @@ def test_configs_load_and_build_commands(name, tmp_path):
     assert configs["stage2"].init_from == str(tmp_path / "stage1" / "final")
     assert configs["stage1"].init_from == str(tmp_path / "ground" / "final")
     assert configs["stage2"].steps == cfg.stage2.overrides["steps"]  # the file's overrides over the recipe's YAML
+    # the anchor stage 1 adds reads tokens with grounding's "none" class; the shipped encoder is bidirectional
+    assert configs["stage1"].anchor_none_logit == configs["ground"].none_logit == cfg.ground.overrides.get("none_logit", 0)
+    assert configs["pretrain"].objective.frame_causal is False
     assert cmds["replay"][cmds["replay"].index("--n") + 1] == str(cfg.data.text_replay)
     assert "--system-prompt" not in cmds["replay"]  # both stage 2s render an empty system turn, the CLI's default
     cfg.ground = None  # without grounding, stage 1 starts from the pretrained encoder

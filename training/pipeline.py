@@ -302,6 +302,9 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         if spec is None:
             continue
         keys = {**spec.overrides, **run[name], "seed": cfg.seed, "output_dir": str(out / name), "resume": True}
+        if name == "stage1" and "ground" in configs and "anchor_none_logit" not in _flatten(spec.overrides):
+            # the anchor reads tokens with the "none" class grounding trained them with
+            keys["anchor_none_logit"] = configs["ground"].none_logit
         configs[name] = load_config(cls, REPO / spec.config, _kv(keys))
     return configs
 
