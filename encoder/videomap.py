@@ -25,21 +25,9 @@ Block layout (``attn_every``; ``depth_mamba`` Mamba blocks in all hybrid cases):
     attn_every = 1       pure attention: depth_mamba attention blocks (each Mamba block replaced)
     attn_every = 0       pure Mamba: depth_mamba Mamba blocks
 
-Presets (``VideoMAPConfig.from_preset``; widths/depths follow VideoMamba, 4:1 adds one attention
-block per 4 Mamba blocks). Parameter counts as built at 224 px, 8 frames, patch 16 (they change
-only through the position tables: (1 + N + T)·D):
-
-    ======  ====  ===========  =====  ==============
-    preset  D     Mamba+attn   heads  parameters
-    ======  ====  ===========  =====  ==============
-    nano    128   8 + 2        4      1,599,232
-    tiny    192   24 + 6       3      9,623,424
-    small   384   24 + 6       6      36,056,832
-    middle  576   32 + 8       9      105,546,240
-    base    768   24 + 6       12     139,353,600
-    ======  ====  ===========  =====  ==============
-
-``PRESET_PARAMS`` holds the same numbers; a test builds every preset and checks them.
+Presets (``VideoMAPConfig.from_preset``): widths and depths follow VideoMamba, and 4:1 adds one
+attention block per 4 Mamba blocks; `PRESET_PARAMS` holds their parameter counts (224 px, 8 frames,
+patch 16), checked by a test.
 """
 
 from __future__ import annotations

@@ -14,16 +14,7 @@ Both modes use the position scheme of VideoMAP (spatial table for cls + N shared
 temporal table added per frame, both interpolated to the input's grid), RMSNorm pre-norm blocks
 and stochastic depth, so a comparison isolates the token mixer.
 
-Presets (224 px, 8 frames, patch 16; ``PRESET_PARAMS``, checked by a test):
-
-    ======  ====  ======  =====  ==========
-    preset  D     layers  heads  parameters
-    ======  ====  ======  =====  ==========
-    nano    128   10      4      2,105,088
-    tiny    192   12      3      5,521,152
-    small   384   12      6      21,659,136
-    base    768   12      12     85,785,600
-    ======  ====  ======  =====  ==========
+Presets: `PRESETS`, with their parameter counts (224 px, 8 frames, patch 16) in `PRESET_PARAMS`.
 """
 
 from __future__ import annotations
