@@ -472,7 +472,7 @@ class Finetune(Recipe):
         for idx in batches[:cfg.eval_batches]:
             batch = self._collate([self.eval_ds[i] for i in idx])
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with engine.autocast():
+            with engine.accelerator.autocast():
                 total += model(**batch).loss.float().cpu()
             count += 1
         model.train()

@@ -272,20 +272,6 @@ class Engine:
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
 
-    def autocast(self):
-        return self.accelerator.autocast()
-
-    def accumulate(self, model):
-        return self.accelerator.accumulate(model)
-
-    @property
-    def sync_gradients(self) -> bool:
-        return self.accelerator.sync_gradients
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Divides by grad_accum (DeepSpeed: accumulates and steps itself)."""
-        self.accelerator.backward(loss)
-
     def clip_grad_norm(self, params, max_norm: float) -> float | None:
         """The global gradient norm before clipping (None with DeepSpeed, which clips itself)."""
         if max_norm <= 0:
@@ -481,6 +467,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     schedule = lr_schedule(optim.warmup_steps, cfg.steps, optim.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer = engine.prepare(model, optimizer, **recipe.engine_options())
+    accelerator = engine.accelerator
 
     start = 0
     if resume_from is not None:
@@ -500,15 +487,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
         t0 = time.perf_counter()
         losses, logs, samples, grad_norm = [], {}, 0, None
         for micro in range(cfg.grad_accum):
-            with engine.accumulate(model):
-                with engine.autocast():
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
                     out = recipe.loss(model, step, micro)
-                engine.backward(out.loss)
+                accelerator.backward(out.loss)  # divided by grad_accum (DeepSpeed: accumulates and steps itself)
                 losses.append(float(out.loss.detach()))
                 for k, v in out.logs.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
                 samples += out.samples
-                if engine.sync_gradients:
+                if accelerator.sync_gradients:  # the step's last micro-batch
                     grad_norm = engine.clip_grad_norm(params, optim.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
