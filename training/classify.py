@@ -37,10 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from encoder.build import build_encoder
 from encoder.errors import UserError, VideoReadError, run_cli
 from encoder.videomap import VideoMAPModel
 from training.config import config_from_argv
-from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, VideoDataConfig, build_encoder,
+from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, VideoDataConfig,
                              print_summary, run)
 from videollm.data.synth import NUM_CLASSES
 from videollm.data.video_sources import SkipTracker, load_batch, open_video_source, step_rng
@@ -248,7 +249,7 @@ class Classify(Recipe):
         if cfg.data.source == "synth":
             self.train_src = _Cached(self.train_src)
         self.skips = SkipTracker(cfg.data.max_skipped)
-        encoder = build_encoder(cfg.encoder, cfg.encoder_config, num_frames=cfg.data.num_frames, size=cfg.data.size)
+        encoder = build_encoder(cfg.encoder, num_frames=cfg.data.num_frames, img_size=cfg.data.size, **cfg.encoder_config)
         model = VideoClassifier(encoder, num_classes, cfg.pool, probe_norm=cfg.mode == "linear")
         self.num_classes = num_classes
         self.linear = cfg.mode == "linear"

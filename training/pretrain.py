@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
+from encoder.build import build_encoder
 from encoder.errors import run_cli
 from encoder.pretrain import build_pretrainer
 from training.config import config_from_argv
-from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, VideoDataConfig, build_encoder,
+from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, VideoDataConfig,
                              print_summary, run)
 from videollm.data.video_sources import SkipTracker, load_batch, open_video_source, step_rng, step_seed
 
@@ -72,7 +73,7 @@ class PretrainOptim(OptimConfig):
 class PretrainConfig(RecipeConfig):
     output_dir: str = "runs/pretrain"
     save_every: int = 100
-    encoder: str = "nano"  # a VideoMAP preset (random init) or an encoder directory to continue from
+    encoder: str = "nano"  # a preset (random init; nano…, vit-<preset>) or an encoder directory to continue from
     # `VideoMAPConfig` fields for a preset (embed_dim, depth_mamba, attn_every, patch_size,
     # drop_path_rate, patch_stem, motion_gap, …); img_size and num_frames come from data.
     encoder_config: dict = field(default_factory=dict)
@@ -88,7 +89,7 @@ class PretrainConfig(RecipeConfig):
 def build_model(cfg: PretrainConfig):
     """The pretrainer (encoder + decoder + heads [+ frozen teacher])."""
     o = cfg.objective
-    encoder = build_encoder(cfg.encoder, cfg.encoder_config, num_frames=cfg.data.num_frames, size=cfg.data.size)
+    encoder = build_encoder(cfg.encoder, num_frames=cfg.data.num_frames, img_size=cfg.data.size, **cfg.encoder_config)
     return build_pretrainer(
         encoder, teacher=o.teacher, objective=o.name, order=o.order,
         mask_ratio=o.mask_ratio, decoder_dim=o.decoder_dim, decoder_depth=o.decoder_depth,

@@ -54,11 +54,9 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 from tqdm import tqdm
-from transformers import AutoModel
 
 from encoder.errors import UserError
 from encoder.files import atomic_dir, atomic_write_text
-from encoder.videomap import PRESETS, VideoMAPConfig, VideoMAPModel
 from training.checkpoint import (MetricsLog, checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint,
                                  trainable_state)
 from training.config import to_yaml
@@ -172,27 +170,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_encoder(encoder: str, encoder_config: dict | None = None, *, num_frames: int, size: int):
-    """A VideoMAP encoder: a preset name (random init from torch's global RNG; `encoder_config`
-    sets further `VideoMAPConfig` fields), or an encoder directory (``save_pretrained``) or
-    pretrain run folder (its ``encoder/``), which keeps its own config."""
-    if encoder in PRESETS:
-        kw = {"img_size": size, "num_frames": num_frames, **(encoder_config or {})}
-        try:
-            return VideoMAPModel(VideoMAPConfig.from_preset(encoder, **kw))
-        except (ValueError, TypeError) as err:
-            raise UserError(f"encoder_config: {err}") from None
-    path = Path(encoder).expanduser()
-    if (path / "encoder" / "config.json").is_file():
-        path = path / "encoder"  # a pretrain run folder
-    if not (path / "config.json").is_file():
-        raise UserError(f"encoder '{encoder}' is neither a preset ({', '.join(PRESETS)}) nor an encoder directory "
-                        "(config.json, as pretraining writes to <run>/encoder)")
-    if encoder_config:
-        logger.info("encoder %s is a saved encoder: it keeps its own config (encoder_config is for a preset)", path)
-    return AutoModel.from_pretrained(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
