@@ -16,6 +16,11 @@ d reads group ``d // (d / g)``) or time-invariant ``(d, n)``; ``D: (d,)``, ``z: 
 - mamba-ssm's CUDA kernel when it imports and the tensors are on CUDA.
 
 `selective_scan` picks one by a single explicit condition and logs a fallback once.
+
+One direction of a Mamba mixer around the scan (causal conv → SiLU → x_proj → dt_proj → scan) has
+the same three forms: `selective_ssm_ref` (the parts in sequence), `selective_ssm_cpu` (the same
+numbers on the kernel, with a backward that recomputes the conv output and Δ instead of keeping
+three (b, e, l) activations, as mamba-ssm's ``mamba_inner_fn``), and the dispatcher `selective_ssm`.
 """
 
 from __future__ import annotations
@@ -260,6 +265,130 @@ def causal_conv1d(x, weight, bias=None, activation=None, *, reverse=False):
 
 
 # ---------------------------------------------------------------------------------------------
+# One direction of a Mamba mixer, fused: conv → SiLU → x_proj → dt_proj → scan
+
+
+def weight_times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A Linear's weight applied along dim 1 of x: (O, I) @ (B, I, L) -> (B, O, L).
+
+    As a batched matmul over a broadcast weight, so x is neither transposed nor copied, and the
+    backward keeps x itself (``weight @ x`` would fold x into a (B·L, I) copy and keep that)."""
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+def _ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, d_state, reverse, conv_fn):
+    """The scan's inputs from the direction's input x (b, e, l): u = silu(conv(x)) (b, e, l),
+    delta (b, e, l) before dt_proj's bias, and B, C (b, s, l), views of x_proj's output."""
+    u = conv_fn(x, conv_weight, conv_bias, activation="silu", reverse=reverse)  # (b, e, l)
+    x_dbl = weight_times(x_proj_weight, u)  # (r + 2s, e) @ (b, e, l) -> (b, r + 2s, l)
+    dt, B, C = x_dbl.split([dt_proj_weight.shape[1], d_state, d_state], dim=1)  # (b, r, l), (b, s, l) ×2
+    delta = weight_times(dt_proj_weight, dt)  # (e, r) @ (b, r, l) -> (b, e, l)
+    return u, delta, B, C
+
+
+def _ssm_composed(scan_fn, conv_fn, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z,
+                  delta_bias, delta_softplus, reverse):
+    u, delta, B, C = _ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A.shape[1],
+                                      reverse, conv_fn)
+    return scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                   reverse=reverse)
+
+
+def selective_ssm_ref(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, z=None,
+                      delta_bias=None, delta_softplus=True, *, reverse=False):
+    """The definition, from the reference parts: every intermediate is an autograd node, so the
+    backward keeps the conv output, u, delta (each (b, e, l)) and the scan's own saved tensors.
+
+    x, z: r(b e l); conv_weight: r(e k); conv_bias: r(e); x_proj_weight: r((r + 2s) e);
+    dt_proj_weight: r(e r); A: r(e s); D, delta_bias: r(e). Returns y: r(b e l).
+    ``reverse``: the backward direction of a bidirectional mixer (anti-causal conv, reversed scan).
+    """
+    return _ssm_composed(selective_scan_ref, causal_conv1d_ref, x, conv_weight, conv_bias, x_proj_weight,
+                         dt_proj_weight, A, D, z, delta_bias, delta_softplus, reverse)
+
+
+def _check_ssm(x, conv_weight, x_proj_weight, dt_proj_weight, A):
+    if x.dim() != 3:
+        raise ValueError(f"x must be (b, e, l); got {tuple(x.shape)}")
+    e = x.shape[1]
+    if A.dim() != 2 or A.shape[0] != e:
+        raise ValueError(f"A must be (e={e}, s); got {tuple(A.shape)}")
+    if conv_weight.dim() != 2 or conv_weight.shape[0] != e:
+        raise ValueError(f"conv_weight must be (e={e}, k); got {tuple(conv_weight.shape)}")
+    r = dt_proj_weight.shape[1] if dt_proj_weight.dim() == 2 else -1
+    if dt_proj_weight.dim() != 2 or dt_proj_weight.shape[0] != e:
+        raise ValueError(f"dt_proj_weight must be (e={e}, r); got {tuple(dt_proj_weight.shape)}")
+    if tuple(x_proj_weight.shape) != (r + 2 * A.shape[1], e):
+        raise ValueError(f"x_proj_weight must be (r + 2s = {r + 2 * A.shape[1]}, e={e}); "
+                         f"got {tuple(x_proj_weight.shape)}")
+
+
+class _SSMCPU(torch.autograd.Function):
+    """`selective_ssm_ref` on the C++ kernel, keeping for the backward only what it was given
+    (x and z are usually views of the mixer's in_proj output, which is kept anyway) and the
+    kernel's tile-start states; the conv output, u, delta, B and C are recomputed in the backward
+    (mamba-ssm's ``mamba_inner_fn`` recomputes the conv output and delta the same way,
+    ``checkpoint_lvl=1``). The recompute is a conv and two thin matmuls; the scan itself is not
+    run again (its backward recomputes the states from the saved tile starts)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias,
+                softplus, reverse, save):
+        u, delta, B, C = _ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                                          A.shape[1], reverse, causal_conv1d_ref)
+        out, _, states = _CPU_EXT.fwd(u.float(), delta.float(), A, B.float().unsqueeze(1),
+                                      C.float().unsqueeze(1), D, z, delta_bias, softplus, reverse, save)
+        ctx.save_for_backward(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias,
+                              states)
+        ctx.softplus, ctx.reverse = softplus, reverse
+        return out.to(u.dtype)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dout):
+        x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias, states = ctx.saved_tensors
+        # Recompute the scan's inputs with a graph back to the tensors that need gradients.
+        needs = ctx.needs_input_grad[:5]
+        leaves = [t.detach().requires_grad_(n) if t is not None else None
+                  for t, n in zip((x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight), needs)]
+        with torch.enable_grad():
+            u, delta, B, C = _ssm_scan_inputs(*leaves, A.shape[1], ctx.reverse, causal_conv1d_ref)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _CPU_EXT.bwd(
+            u.detach().float(), delta.detach().float(), A, B.detach().float().unsqueeze(1),
+            C.detach().float().unsqueeze(1), D, z, delta_bias, ctx.softplus, ctx.reverse, states,
+            dout.float(), None)
+        grads = [None] * 5
+        wanted = [i for i, n in enumerate(needs) if n]
+        pairs = [(t, g.to(t.dtype)) for t, g in ((u, du), (delta, ddelta), (B, dB.squeeze(1)), (C, dC.squeeze(1)))
+                 if t.requires_grad]
+        if wanted and pairs:
+            # B and C are views of one x_proj output: their gradients meet there.
+            got = torch.autograd.grad([t for t, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
+                                      allow_unused=True)
+            for i, g in zip(wanted, got):
+                grads[i] = g
+        return (*grads, dA, dD, dz, dbias, None, None, None)
+
+
+def selective_ssm_cpu(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, z=None,
+                      delta_bias=None, delta_softplus=True, *, reverse=False):
+    """`selective_ssm_ref` fused on the C++ kernel (see `_SSMCPU`): the same forward, and a
+    backward that keeps no (b, e, l) tensor of its own."""
+    if load_cpu_kernel() is None:
+        raise RuntimeError(f"the CPU selective-scan kernel could not be built: {_CPU_EXT_ERROR}")
+    _check_ssm(x, conv_weight, x_proj_weight, dt_proj_weight, A)
+    tensors = (x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    def f32(t):
+        return None if t is None else t.float()
+
+    return _SSMCPU.apply(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A.float(), f32(D), f32(z),
+                         f32(delta_bias), bool(delta_softplus), bool(reverse), save)
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch
 
 
@@ -292,3 +421,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return _flip_time(impl, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return impl(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                 return_last_state=return_last_state)
+
+
+def selective_ssm(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, z=None,
+                  delta_bias=None, delta_softplus=True, *, reverse=False):
+    """One direction of a Mamba mixer: y = scan(u = silu(conv(x)), Δ = dt_proj(x_proj(u)_dt),
+    B, C = x_proj(u)_B,C) gated by silu(z); shapes as `selective_ssm_ref`. On the CPU kernel the
+    fused `selective_ssm_cpu` (same results, a backward that recomputes the conv output and Δ
+    instead of keeping them); elsewhere the parts in sequence (`causal_conv1d`, `selective_scan`)."""
+    if _pick_impl(x.device.type) is selective_scan_cpu:
+        return selective_ssm_cpu(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=D, z=z,
+                                 delta_bias=delta_bias, delta_softplus=delta_softplus, reverse=reverse)
+    return _ssm_composed(selective_scan, causal_conv1d, x, conv_weight, conv_bias, x_proj_weight,
+                         dt_proj_weight, A, D, z, delta_bias, delta_softplus, reverse)

@@ -4,12 +4,14 @@ import importlib
 import logging
 import sys
 import types
+from functools import partial
 
 import pytest
 import torch
 
 from encoder import scan
-from encoder.scan import selective_scan, selective_scan_cpu, selective_scan_ref
+from encoder.scan import (selective_scan, selective_scan_cpu, selective_scan_ref, selective_ssm, selective_ssm_cpu,
+                          selective_ssm_ref)
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -50,22 +52,151 @@ OPTION_SETS = [
 ]
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("bc", ["shared", "grouped", "invariant"])
 @pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "+".join(o) or "plain")
 @pytest.mark.parametrize("shape", [(2, 24, 4, 37), (1, 40, 16, 130)], ids=["d24", "d40-l130"])
-def test_cpu_kernel_matches_reference(bc, options, shape):
+def test_cpu_kernel_matches_reference(bc, options, shape, reverse):
     # d=24 and d=40 are not multiples of the kernel's 16-lane blocks; l=130 spans three 64-step
-    # recompute chunks of the backward.
+    # recompute chunks of the backward, whose states come from the tile starts the forward kept.
     inputs = make(*shape, bc=bc)
-    y_ref, last_ref, g_ref = run(selective_scan_ref, inputs, options)
-    y, last, g = run(selective_scan_cpu, inputs, options)
+    y_ref, last_ref, g_ref = run(partial(selective_scan_ref, reverse=reverse), inputs, options)
+    y, last, g = run(partial(selective_scan_cpu, reverse=reverse), inputs, options)
     torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(last, last_ref, rtol=RTOL, atol=ATOL)
     assert g.keys() == g_ref.keys()
     for k in g_ref:
         diff = (g[k] - g_ref[k]).abs().max().item()
-        print(f"{bc} {options} grad {k}: max diff {diff:.2e}")
+        print(f"{bc} {options} reverse={reverse} grad {k}: max diff {diff:.2e}")
         torch.testing.assert_close(g[k], g_ref[k], rtol=RTOL, atol=ATOL, msg=f"grad of {k}")
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for the backward of `fn()`, by storage, leaving out
+    storages that `fn` was given (the caller keeps those anyway); and the output."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return kept, out
+
+
+def test_cpu_kernel_keeps_tile_start_states_not_every_state():
+    # The backward recomputes the states tile by tile (as mamba-ssm's CUDA kernel does in SRAM):
+    # besides its inputs the forward keeps one (n,)-state per channel every 64 steps, not the
+    # (b, d, n, l) tensor the reference's loop keeps.
+    b, d, n, l = 1, 64, 16, 1024
+    inputs = {k: v.requires_grad_(True) for k, v in make(b, d, n, l).items()}
+    given = {v.untyped_storage().data_ptr() for v in inputs.values()}
+    kw = {k: inputs[k] for k in ("D", "z", "delta_bias")}
+    kept, _ = saved_bytes(lambda: selective_scan_cpu(inputs["u"], inputs["delta"], inputs["A"], inputs["B"],
+                                                     inputs["C"], delta_softplus=True, **kw))
+    own = sum(v for k, v in kept.items() if k not in given)
+    assert own == 4 * b * d * n * (l // 64)  # the tile-start states: 1/64 of (b, d, n, l)
+    kept_ref, _ = saved_bytes(lambda: selective_scan_ref(inputs["u"], inputs["delta"], inputs["A"], inputs["B"],
+                                                         inputs["C"], delta_softplus=True, **kw))
+    assert sum(v for k, v in kept_ref.items() if k not in given) > 4 * b * d * n * l
+
+
+# ---------------------------------------------------------------------------------------------
+# One direction of a Mamba mixer, fused (selective_ssm)
+
+
+def make_ssm(b=2, e=40, l=130, s=16, r=5, k=4, seed=0):
+    """A mixer's in_proj output xz (b, l, 2e) and one direction's parameters."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(conv_weight=torch.randn(e, k, generator=g) * 0.3, conv_bias=torch.randn(e, generator=g) * 0.1,
+                  x_proj_weight=torch.randn(r + 2 * s, e, generator=g) * 0.2,
+                  dt_proj_weight=torch.randn(e, r, generator=g) * 0.3, A=-torch.rand(e, s, generator=g) - 0.1,
+                  D=torch.randn(e, generator=g), delta_bias=torch.randn(e, generator=g) * 0.5)
+    return torch.randn(b, l, 2 * e, generator=g), params
+
+
+def run_ssm(fn, xz, params, *, reverse, gate=True, softplus=True, use_D=True):
+    """fn on x, z = the two halves of xz, as (b, e, l) views (as the mixer passes them);
+    returns y and the gradients of a random projection of y."""
+    leaves = {"xz": xz.clone().requires_grad_(True), **{k: v.clone().requires_grad_(True) for k, v in params.items()}}
+    x, z = leaves["xz"].transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
+    kw = {k: leaves[k] for k in params if k not in ("D",)}
+    y = fn(x, **kw, D=leaves["D"] if use_D else None, z=z if gate else None, delta_softplus=softplus,
+           reverse=reverse)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    return y.detach(), {k: v.grad for k, v in leaves.items() if v.grad is not None}
+
+
+SSM_CASES = [dict(reverse=False), dict(reverse=True), dict(reverse=True, gate=False),
+             dict(reverse=False, gate=False, use_D=False)]
+
+
+@pytest.mark.parametrize("case", SSM_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_fused_ssm_matches_reference_and_the_unfused_kernel_path(case):
+    xz, params = make_ssm()
+    y_ref, g_ref = run_ssm(selective_ssm_ref, xz, params, **case)
+    y, g = run_ssm(selective_ssm_cpu, xz, params, **case)
+    torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL)
+    assert g.keys() == g_ref.keys()
+    for k in g_ref:
+        print(f"{case} grad {k}: max diff {(g[k] - g_ref[k]).abs().max().item():.2e}")
+        torch.testing.assert_close(g[k], g_ref[k], rtol=RTOL, atol=ATOL, msg=f"grad of {k}")
+    # The same ops as the parts run one after another on the kernel (the mixer's old path), so the
+    # same numbers to the bit: fusing changes what is kept, not what is computed.
+    unfused = partial(scan._ssm_composed, selective_scan_cpu, scan.causal_conv1d_ref)
+    y_parts, g_parts = run_ssm(lambda x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias,
+                               delta_softplus, reverse: unfused(x, conv_weight, conv_bias, x_proj_weight,
+                                                                dt_proj_weight, A, D, z, delta_bias,
+                                                                delta_softplus, reverse), xz, params, **case)
+    assert torch.equal(y, y_parts)
+    for k in g_parts:
+        assert torch.equal(g[k], g_parts[k]), k
+
+
+def test_fused_ssm_keeps_no_activation_of_its_own():
+    # The unfused direction keeps the conv output, u and delta, each (b, e, l); the fused one keeps
+    # only what it was given (x, z: views of xz) and the kernel's tile-start states.
+    xz, params = make_ssm(b=1, e=64, l=1024)
+    leaves = {"xz": xz.requires_grad_(True), **{k: v.requires_grad_(True) for k, v in params.items()}}
+    given = {v.untyped_storage().data_ptr() for v in leaves.values()}
+
+    def call(fn):
+        x, z = leaves["xz"].transpose(1, 2).chunk(2, dim=1)
+        return lambda: fn(x, **{k: v for k, v in params.items()}, z=z, reverse=True)
+
+    kept, _ = saved_bytes(call(selective_ssm_cpu))
+    own = sum(v for k, v in kept.items() if k not in given)
+    e, l, s = 64, 1024, 16
+    assert own <= 4 * e * s * (l // 64) + 4 * e * s  # tile-start states (+ A as given to the kernel)
+    kept_parts, _ = saved_bytes(call(partial(scan._ssm_composed, selective_scan_cpu, scan.causal_conv1d_ref,
+                                             delta_softplus=True)))
+    assert sum(v for k, v in kept_parts.items() if k not in given) >= 3 * 4 * e * l
+
+
+def test_fused_ssm_without_grad_and_on_partial_grads():
+    xz, params = make_ssm(b=1, l=70)
+    x, z = xz.transpose(1, 2).chunk(2, dim=1)
+    with torch.no_grad():
+        y = selective_ssm_cpu(x, **params, z=z)
+    torch.testing.assert_close(y, selective_ssm_ref(x, **params, z=z), rtol=RTOL, atol=ATOL)
+    # Only dt_proj's weight trains: u, B and C do not depend on it and must not break the backward.
+    w = params["dt_proj_weight"].clone().requires_grad_(True)
+    kw = {**params, "dt_proj_weight": w}
+    selective_ssm_cpu(x, **kw, z=z).sum().backward()
+    w_ref = params["dt_proj_weight"].clone().requires_grad_(True)
+    selective_ssm_ref(x, **{**params, "dt_proj_weight": w_ref}, z=z).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=RTOL, atol=ATOL)
+
+
+def test_fused_ssm_dispatch_and_shape_errors():
+    xz, params = make_ssm(b=1, l=20)
+    x, z = xz.transpose(1, 2).chunk(2, dim=1)
+    torch.testing.assert_close(selective_ssm(x, **params, z=z), selective_ssm_cpu(x, **params, z=z))
+    with pytest.raises(ValueError, match="x_proj_weight must be"):
+        selective_ssm_cpu(x, **{**params, "x_proj_weight": params["x_proj_weight"][:-1]})
+    with pytest.raises(ValueError, match="A must be"):
+        selective_ssm_cpu(x, **{**params, "A": params["A"][:3]})
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
