@@ -1,7 +1,8 @@
 """``videollm profile memory``: peak memory and time of VideoMAP vs ViT encoders across frame counts.
 
     videollm profile memory --encoders videomap-tiny,vit-tiny,vit-tiny-frame \\
-        --frames 8,16,32,64,128,256 --mode infer,train --out out/profile --time-limit 120
+        --frames 8,16,32,64,128,256 --mode infer,train --out out/profile --time-limit 120 \\
+        [--checkpointing off,on]
 
 Every point (encoder, mode, frames) runs in a FRESH subprocess
 (``python -m eval.profile_memory --point JSON``) so one point's allocations never inflate the
@@ -16,6 +17,10 @@ What a point measures:
   same for every encoder. CUDA: ``torch.cuda.max_memory_allocated`` (``cuda_peak_mb``).
 - ``time_s`` (after an untimed one-frame warm-up): wall time of one forward under ``no_grad`` (``infer``) or forward + backward of
   ``mean(last_hidden_state²)`` (``train``); the median of up to 3 runs, fewer when a run is slow.
+- ``--checkpointing on``: training points with activation checkpointing per block (each block keeps
+  its input and recomputes the rest in the backward: Hugging Face's
+  ``activation_checkpointing_enable()``, non-reentrant), a series of its own (``<encoder> ckpt``)
+  compared with the other encoders' checkpointed series. Inference has nothing to checkpoint.
 - ``--with-llm smollm2``: the encoder output goes through the VideoLLM projector (2×2 spatial
   pooling → K = T·49 tokens at 224 px) and those K embeddings prefill the LLM (no text tokens), so
   time and memory are the end-to-end video cost. The LLM is frozen; in ``train`` mode gradients
@@ -26,7 +31,7 @@ MemoryError), ``timeout`` (over ``--time-limit`` seconds) or ``error``; larger f
 recorded as ``skipped``. Results: ``profile.csv`` (appended point by point; a rerun with the same
 ``--out`` reuses the points that finished and retries the others, e.g. with a longer
 ``--time-limit``), ``profile.png`` (log-log memory and time vs frames),
-``profile.md`` (a table and the measured crossover frame counts).
+``profile.md`` (a table and the measured crossover frame counts), ``profile.json`` (the rows).
 """
 
 from __future__ import annotations
@@ -49,9 +54,10 @@ from videollm.configuration_videollm import VideoLLMConfig
 from videollm.llm import default_cache_dir, load_llm
 from videollm.projectors import build_projector
 
-FIELDS = ["encoder", "mode", "frames", "size", "with_llm", "status", "tokens", "llm_tokens", "params_m",
+FIELDS = ["encoder", "mode", "checkpointing", "frames", "size", "with_llm", "status", "tokens", "llm_tokens", "params_m",
           "baseline_rss_mb", "peak_rss_mb", "delta_mb", "cuda_peak_mb", "time_s", "runs", "note"]
 MODES = ("infer", "train")
+CHECKPOINTING = ("off", "on")
 
 
 def check_encoder_name(name: str) -> None:
@@ -79,12 +85,14 @@ def _peak_rss_mb() -> float:
 
 
 def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: str | None = None,
-              max_runs: int = 3, llm_cache_dir: str | None = None) -> dict:
+              max_runs: int = 3, llm_cache_dir: str | None = None, checkpointing: str = "off") -> dict:
     """Measure one point in this process; returns a row of `FIELDS`."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_encoder(encoder, num_frames=frames, img_size=size).to(device)
     model.train(mode == "train")
+    if checkpointing == "on":
+        model.activation_checkpointing_enable()
     params = sum(p.numel() for p in model.parameters())
     projector = llm = None
     note = ""
@@ -137,8 +145,8 @@ def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: s
     times.sort()
     peak = _peak_rss_mb()
     return {
-        "encoder": encoder, "mode": mode, "frames": frames, "size": size, "with_llm": with_llm or "",
-        "status": "ok", "tokens": tokens, "llm_tokens": llm_tokens, "params_m": round(params / 1e6, 3),
+        "encoder": encoder, "mode": mode, "checkpointing": checkpointing, "frames": frames, "size": size,
+        "with_llm": with_llm or "", "status": "ok", "tokens": tokens, "llm_tokens": llm_tokens, "params_m": round(params / 1e6, 3),
         "baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(peak, 1),
         "delta_mb": round(max(peak - baseline, 0.0), 1),
         "cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else "",
@@ -150,7 +158,7 @@ def measure_in_subprocess(point: dict, time_limit: float) -> dict:
     """Run one point with ``python -m eval.profile_memory --point …``; classify failures."""
     cmd = [sys.executable, "-m", "eval.profile_memory", "--point", json.dumps(point)]
     base = {**{k: "" for k in FIELDS}, "encoder": point["encoder"], "mode": point["mode"],
-            "frames": point["frames"], "size": point["size"], "with_llm": point.get("with_llm") or ""}
+            "checkpointing": point.get("checkpointing", "off"), "frames": point["frames"], "size": point["size"], "with_llm": point.get("with_llm") or ""}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit)
@@ -172,14 +180,25 @@ def measure_in_subprocess(point: dict, time_limit: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _ckpt(row: dict) -> str:
+    return row.get("checkpointing") or "off"  # rows written before the column existed: off
+
+
 def _key(row: dict) -> tuple:
-    return (row["encoder"], row["mode"], int(row["frames"]), int(row["size"]), row.get("with_llm") or "")
+    return (row["encoder"], row["mode"], _ckpt(row), int(row["frames"]), int(row["size"]),
+            row.get("with_llm") or "")
+
+
+def series_name(row: dict) -> str:
+    """The encoder, with `` ckpt`` when it ran with activation checkpointing."""
+    return row["encoder"] + (" ckpt" if _ckpt(row) == "on" else "")
 
 
 def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(series name, mode) -> its rows by frame count."""
     out: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        out.setdefault((r["encoder"], r["mode"]), []).append(r)
+        out.setdefault((series_name(r), r["mode"]), []).append(r)
     for v in out.values():
         v.sort(key=lambda r: int(r["frames"]))
     return out
@@ -187,14 +206,17 @@ def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def crossovers(rows: list[dict]) -> list[str]:
     """For each mode and each joint-attention ViT: the smallest frame count from which VideoMAP is
-    cheaper (time, memory), judged on frame counts where both finished or the ViT failed."""
+    cheaper (time, memory), judged on frame counts where both finished or the ViT failed. A
+    checkpointed series is compared with checkpointed ones only."""
     lines = []
     series = _series(rows)
     for mode in MODES:
         maps = [e for (e, m) in series if m == mode and e.startswith("videomap")]
-        vits = [e for (e, m) in series if m == mode and e.startswith("vit") and not e.endswith("-frame")]
+        vits = [e for (e, m) in series if m == mode and e.startswith("vit") and not e.split()[0].endswith("-frame")]
         for a in maps:
             for b in vits:
+                if a.endswith(" ckpt") != b.endswith(" ckpt"):
+                    continue
                 A = {int(r["frames"]): r for r in series[(a, mode)]}
                 B = {int(r["frames"]): r for r in series[(b, mode)]}
                 for metric, unit in (("time_s", "time"), ("delta_mb", "memory")):
@@ -244,7 +266,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if not ok:
             continue
         x = [int(r["frames"]) for r in ok]
-        style = "-" if mode == "infer" else "--"
+        style = "-" if mode == "infer" else (":" if enc.endswith(" ckpt") else "--")
         for ax, metric in zip(axes, ("delta_mb", "time_s")):
             line, = ax.plot(x, [max(float(r[metric]), 1e-3) for r in ok], style, marker="o", label=f"{enc} {mode}")
             failed = [r for r in rs if r["status"] in ("oom", "timeout", "error")]
@@ -265,8 +287,25 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _typed(row: dict) -> dict:
+    """A row as JSON values: numbers as numbers (CSV gives strings), blanks as null."""
+    def value(v):
+        if v in ("", None):
+            return None
+        if isinstance(v, str):
+            for cast in (int, float):
+                try:
+                    return cast(v)
+                except ValueError:
+                    pass
+        return v
+    return {k: (row.get(k) or "" if k in ("encoder", "mode", "status", "note", "with_llm") else value(row.get(k)))
+            for k in FIELDS} | {"checkpointing": _ckpt(row)}
+
+
 def write_reports(rows: list[dict], out: Path) -> None:
     plot(rows, out / "profile.png")
+    (out / "profile.json").write_text(json.dumps([_typed(r) for r in rows], indent=1) + "\n", encoding="utf-8")
     notes = sorted({r["note"] for r in rows if r.get("note") and r["status"] == "ok"})
     text = ["# Encoder memory/time profile", "", markdown_table(rows), "", "## Crossover", "",
             *crossovers(rows), ""]
@@ -299,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224, help="frame side in pixels (default 224)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per point before giving up")
     p.add_argument("--with-llm", help="also prefill this LLM (e.g. smollm2) with the projected video tokens")
+    p.add_argument("--checkpointing", default="off",
+                   help="activation checkpointing per block in training points: off, on or both (off,on)")
     p.add_argument("--point", help=argparse.SUPPRESS)  # internal: measure one point, print a JSON line
     args = p.parse_args(argv)
 
@@ -314,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.mode.split(",") if m]
     if not modes or any(m not in MODES for m in modes):
         raise UserError(f"--mode takes infer, train or both; got '{args.mode}'")
+    ckpts = [c for c in args.checkpointing.split(",") if c]
+    if not ckpts or any(c not in CHECKPOINTING for c in ckpts):
+        raise UserError(f"--checkpointing takes off, on or both (off,on); got '{args.checkpointing}'")
+    # (encoder, mode, checkpointing) series; inference has no backward, so nothing to checkpoint.
+    runs = [(e, m, c) for e in encoders for m in modes for c in ckpts if not (m == "infer" and c == "on")]
     frames = _ints(args.frames, "--frames")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,32 +378,31 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
-        for encoder in encoders:
-            for mode in modes:
-                stopped = None
-                for n in frames:
-                    point = {"encoder": encoder, "frames": n, "mode": mode, "size": args.size,
-                             "with_llm": args.with_llm}
-                    key = _key(point)
-                    if key in done:
-                        row = done[key]
-                    elif stopped:
-                        row = {**{k: "" for k in FIELDS}, **point, "with_llm": args.with_llm or "",
-                               "status": "skipped", "note": f"series stopped at {stopped}"}
-                    else:
-                        row = measure_in_subprocess(point, args.time_limit)
-                    if key not in done:
-                        writer.writerow({k: row.get(k, "") for k in FIELDS})
-                        f.flush()
-                        rows.append(row)
-                        done[key] = row
-                    if row["status"] != "ok" and not stopped:
-                        stopped = f"{n} frames ({row['status']})"
-                    print(json.dumps({k: row.get(k) for k in ("encoder", "mode", "frames", "status", "time_s",
-                                                            "delta_mb")}), flush=True)
-    wanted = {(e, m, n, args.size, args.with_llm or "") for e in encoders for m in modes for n in frames}
+        for encoder, mode, ckpt in runs:
+            stopped = None
+            for n in frames:
+                point = {"encoder": encoder, "frames": n, "mode": mode, "size": args.size,
+                         "with_llm": args.with_llm, "checkpointing": ckpt}
+                key = _key(point)
+                if key in done:
+                    row = done[key]
+                elif stopped:
+                    row = {**{k: "" for k in FIELDS}, **point, "with_llm": args.with_llm or "",
+                           "status": "skipped", "note": f"series stopped at {stopped}"}
+                else:
+                    row = measure_in_subprocess(point, args.time_limit)
+                if key not in done:
+                    writer.writerow({k: row.get(k, "") for k in FIELDS})
+                    f.flush()
+                    rows.append(row)
+                    done[key] = row
+                if row["status"] != "ok" and not stopped:
+                    stopped = f"{n} frames ({row['status']})"
+                print(json.dumps({k: row.get(k) for k in ("encoder", "mode", "checkpointing", "frames", "status",
+                                                        "time_s", "delta_mb")}), flush=True)
+    wanted = {(e, m, c, n, args.size, args.with_llm or "") for e, m, c in runs for n in frames}
     write_reports([r for r in rows if _key(r) in wanted], out)
-    print(f"wrote {csv_path}, {out / 'profile.png'}, {out / 'profile.md'}", file=sys.stderr)
+    print(f"wrote {csv_path}, {out / 'profile.json'}, {out / 'profile.png'}, {out / 'profile.md'}", file=sys.stderr)
     return 0
 
 
