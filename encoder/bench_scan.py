@@ -1,9 +1,16 @@
-"""`videollm bench scan`: forward+backward time of the reference scan vs the dispatched fast path.
+"""`videollm bench scan`: forward+backward time of the reference scan vs the dispatched fast path,
+and of one Mamba direction (conv → x_proj → dt_proj → scan) in parts vs fused.
 
 Prints one JSON line. Errors are measured against the reference on the same inputs:
 ``max_abs_err`` is the largest |y_fast − y_ref|; ``max_grad_err`` is, over all inputs, the largest
 |g_fast − g_ref| divided by that gradient's largest |g_ref| (gradients of A sum over b·l terms and
 have a scale of their own, so an absolute figure would not compare across inputs).
+
+``ssm``: one mixer direction of width e = ``--dim`` on the kernel, its parts in sequence
+(``parts``: what autograd keeps by itself) vs `selective_ssm_cpu` (``fused``: recomputes the conv
+output and Δ in the backward); ``*_fwd_ms`` the forward alone (with autograd recording),
+``*_ms`` forward + backward, ``*_saved_mb`` what the forward keeps for the backward beyond its
+inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import time
 import torch
 
 from encoder.errors import run_cli
-from encoder.scan import _pick_impl, selective_scan_ref
+from encoder.scan import _pick_impl, _ssm_composed, causal_conv1d_ref, selective_scan_cpu, selective_scan_ref, selective_ssm_cpu
 
 
 def make_inputs(b: int, d: int, n: int, l: int, seed: int = 0):
@@ -46,6 +53,46 @@ def run_once(fn, inputs, dy):
     return seconds, y.detach(), {k: v.grad for k, v in leaves.items()}
 
 
+def make_ssm_inputs(b: int, e: int, n: int, l: int, seed: int = 0):
+    """One direction's input x (b, e, l) and parameters, at a Mamba layer's scales (dt rank e/32)."""
+    g = torch.Generator().manual_seed(seed)
+    r = max(1, e // 32)
+    base = make_inputs(b, e, n, l, seed)
+    return dict(x=torch.randn(b, e, l, generator=g), z=base["z"], conv_weight=torch.randn(e, 4, generator=g) * 0.3,
+                conv_bias=torch.zeros(e), x_proj_weight=torch.randn(r + 2 * n, e, generator=g) * e ** -0.5,
+                dt_proj_weight=torch.randn(e, r, generator=g) * r ** -0.5, A=base["A"], D=base["D"],
+                delta_bias=base["delta_bias"])
+
+
+def ssm_parts(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias):
+    return _ssm_composed(selective_scan_cpu, causal_conv1d_ref, x, conv_weight, conv_bias, x_proj_weight,
+                         dt_proj_weight, A, D, z, delta_bias, True, False)
+
+
+def ssm_fused(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias):
+    return selective_ssm_cpu(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=D, z=z,
+                             delta_bias=delta_bias)
+
+
+def run_ssm_once(fn, inputs, dy):
+    """(forward seconds, forward + backward seconds, MB kept for the backward beyond the inputs)."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    given = {v.untyped_storage().data_ptr() for v in leaves.values()}
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(**leaves)
+    t1 = time.perf_counter()
+    y.backward(dy)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t0, sum(v for k, v in kept.items() if k not in given) / 2**20
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="videollm bench scan", description=__doc__)
     p.add_argument("--batch", type=int, default=1)
@@ -68,6 +115,15 @@ def main(argv=None) -> int:
     ref_ms, fast_ms = 1e3 * statistics.median(ref_times), 1e3 * statistics.median(fast_times)
     grad_err = max(((g_fast[k] - g_ref[k]).abs().max() / g_ref[k].abs().max().clamp_min(1e-12)).item()
                    for k in g_ref)
+
+    ssm_inputs = make_ssm_inputs(args.batch, args.dim, args.state, args.length)
+    ssm = {}
+    for name, fn in (("parts", ssm_parts), ("fused", ssm_fused)):
+        run_ssm_once(fn, ssm_inputs, dy)  # warm-up
+        runs = [run_ssm_once(fn, ssm_inputs, dy) for _ in range(args.repeats)]
+        ssm[f"{name}_fwd_ms"] = round(1e3 * statistics.median(r[0] for r in runs), 1)
+        ssm[f"{name}_ms"] = round(1e3 * statistics.median(r[1] for r in runs), 1)
+        ssm[f"{name}_saved_mb"] = round(runs[0][2], 2)
     print(json.dumps({
         "shape": {"b": args.batch, "d": args.dim, "n": args.state, "l": args.length},
         "impl": fast.__name__,
@@ -77,6 +133,7 @@ def main(argv=None) -> int:
         "speedup": round(ref_ms / fast_ms, 1),
         "max_abs_err": (y_fast - y_ref).abs().max().item(),
         "max_grad_err": grad_err,
+        "ssm": ssm,
     }))
     return 0
 
