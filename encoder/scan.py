@@ -310,17 +310,11 @@ def selective_ssm_ref(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
 def _check_ssm(x, conv_weight, x_proj_weight, dt_proj_weight, A):
     if x.dim() != 3:
         raise ValueError(f"x must be (b, e, l); got {tuple(x.shape)}")
-    e = x.shape[1]
-    if A.dim() != 2 or A.shape[0] != e:
-        raise ValueError(f"A must be (e={e}, s); got {tuple(A.shape)}")
-    if conv_weight.dim() != 2 or conv_weight.shape[0] != e:
-        raise ValueError(f"conv_weight must be (e={e}, k); got {tuple(conv_weight.shape)}")
-    r = dt_proj_weight.shape[1] if dt_proj_weight.dim() == 2 else -1
-    if dt_proj_weight.dim() != 2 or dt_proj_weight.shape[0] != e:
-        raise ValueError(f"dt_proj_weight must be (e={e}, r); got {tuple(dt_proj_weight.shape)}")
-    if tuple(x_proj_weight.shape) != (r + 2 * A.shape[1], e):
-        raise ValueError(f"x_proj_weight must be (r + 2s = {r + 2 * A.shape[1]}, e={e}); "
-                         f"got {tuple(x_proj_weight.shape)}")
+    e, s, r, k = x.shape[1], A.shape[-1], dt_proj_weight.shape[-1], conv_weight.shape[-1]
+    for name, t, shape in (("A", A, (e, s)), ("conv_weight", conv_weight, (e, k)),
+                           ("dt_proj_weight", dt_proj_weight, (e, r)), ("x_proj_weight", x_proj_weight, (r + 2 * s, e))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {shape} (e={e}, s={s}, r={r}, k={k}); got {tuple(t.shape)}")
 
 
 class _SSMCPU(torch.autograd.Function):
