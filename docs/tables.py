@@ -1,0 +1,171 @@
+"""Write the result tables of docs/*.md from the JSON result files beside them.
+
+A table in a page sits between two markers, and only the lines between them are rewritten:
+
+    <!-- table: ablation_result -->
+    | arm | … |
+    <!-- /table -->
+
+    python docs/tables.py           # rewrite every marked table from docs/*.json
+    python docs/tables.py --check   # exit 1 and name the tables that differ from their JSON
+
+Each JSON file holds measured results with the command that made them; to update a table, put
+the new numbers in its JSON (never in the page) and run this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+MARKED = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def load(name: str) -> dict:
+    return json.loads((DOCS / name).read_text(encoding="utf-8"))
+
+
+def rows(header: list[str], body: list[list[str]], align: list[str] | None = None) -> str:
+    """A markdown table; `align` holds '---' or '---:' per column."""
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def pm(v: list[float]) -> str:
+    """[mean, std] as 'mean ± std' (one decimal, as measured)."""
+    return f"{v[0]:.1f} ± {v[1]:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/ablation.json
+
+
+def ablation_old() -> str:
+    d = load("ablation.json")["old_setting"]
+    return rows([f"arm (old setting, 3 seeds, {d['minutes']} min)", "fine-tune top-1 (%)", "linear-probe top-1 (%)"],
+                [[a["arm"], pm(a["finetune_top1"]), pm(a["linear_top1"])] for a in d["arms"]])
+
+
+def ablation_pilots() -> str:
+    body = []
+    for r in load("ablation.json")["pilots"]["rows"]:
+        top1 = pm(r["scratch_finetune_top1"]) if isinstance(r["scratch_finetune_top1"], list) \
+            else f"{r['scratch_finetune_top1']:.1f}"
+        cells = [r["setting"], f"{top1} %",
+                 "—" if r["final_train_loss"] is None else f"{r['final_train_loss']:.2f}",
+                 "—" if r["wall_min"] is None else f"{r['wall_min']:.1f} min"]
+        if r.get("chosen"):  # the setting that became the default budget
+            cells = [f"**{c}**" if i < 3 else c for i, c in enumerate(cells)]
+        body.append(cells)
+    return rows(["setting (32 px, 8 frames, patch 8 unless said)", "scratch fine-tune top-1", "final train loss", "wall"],
+                body)
+
+
+def ablation_result() -> str:
+    arms = load("ablation.json")["result"]["arms"]
+    return rows(["arm", "encoder", "pretraining", "fine-tune top-1 (%)", "linear-probe top-1 (%)", "final pretrain loss"],
+                [[a["arm"], a["encoder"], a["pretraining"], pm(a["finetune_top1"]), pm(a["linear_top1"]),
+                  "—" if a["pretrain_loss"] is None else f"{a['pretrain_loss']:.3f}"] for a in arms])
+
+
+def ablation_seeds() -> str:
+    arms = load("ablation.json")["result"]["arms"]
+    n = len(arms[0]["per_seed_finetune_linear_top1"])
+    return rows(["arm", *[f"seed {i}: fine-tune / linear (%)" for i in range(n)]],
+                [[a["arm"], *[f"{ft:.1f} / {lp:.1f}" for ft, lp in a["per_seed_finetune_linear_top1"]]]
+                 for a in arms])
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/profile_cpu.json
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    if r["status"] == "ok":
+        return f"{r['time_s']} / {r['delta_mb']:,}"
+    return r.get("note") or r["status"]
+
+
+def _profile_table(part: dict, series: list[tuple[str, str]], heads: list[str], tokens_head: str) -> str:
+    by = {(r["encoder"], r["mode"], r["frames"]): r for r in part["rows"]}
+    frames = sorted({r["frames"] for r in part["rows"]})
+    tokens = {r["frames"]: r["tokens"] for r in part["rows"]}
+    body = [[str(f), f"{tokens[f]:,}", *[_cell(by.get((e, m, f))) for e, m in series]] for f in frames]
+    return rows(["frames", tokens_head, *heads], body, ["---:", "---:", *["---"] * len(series)])
+
+
+NAMES = {"videomap-tiny": "VideoMAP-tiny", "vit-tiny": "ViT-tiny joint", "vit-tiny-frame": "ViT-tiny per-frame"}
+
+
+def profile_encoders() -> str:
+    series = [(e, m) for m in ("infer", "train") for e in NAMES]
+    return _profile_table(load("profile_cpu.json")["encoders"], series, [f"{NAMES[e]} {m}" for e, m in series],
+                          "tokens")
+
+
+def profile_with_llm() -> str:
+    series = [(e, "infer") for e in NAMES]
+    return _profile_table(load("profile_cpu.json")["with_llm"], series, [f"{NAMES[e]} + LLM" for e, _ in series],
+                          "LLM tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/niah_long.json
+
+
+def niah_long() -> str:
+    d = load("niah_long.json")
+    n = d["needles"]
+    depth_heads = [f"depth {x:g}" for x in d["depths"]]
+    body = [[str(r["frames"]), f"{r['video_tokens']:,}", "answered",
+             *[f"{c}/{n}" for c in r["correct"]], f"{100 * sum(r['correct']) / (n * len(r['correct'])):.1f}%"]
+            for r in d["rows"]]
+    body += [[str(r["frames"]), "", "named by its own tokens (`--readout`)",
+              *[f"{c}/{n}" for c in r["named"]], f"{100 * sum(r['named']) / (n * len(r['named'])):.1f}%"]
+             for r in d["readout"]]
+    return rows(["frames", "video tokens", "needles", *depth_heads, "all"], body,
+                ["---:", "---:", "---", *["---:"] * len(depth_heads), "---:"])
+
+
+TABLES = {f.__name__: f for f in (ablation_old, ablation_pilots, ablation_result, ablation_seeds, profile_encoders,
+                                  profile_with_llm, niah_long)}
+
+
+def render(text: str, page: str = "") -> str:
+    """`text` with every marked table rewritten from its JSON."""
+    def one(m: re.Match) -> str:
+        name = m["name"]
+        if name not in TABLES:
+            raise SystemExit(f"{page}: unknown table {name!r} (known: {', '.join(TABLES)})")
+        return m.group(1) + TABLES[name]() + m.group(4)
+    return MARKED.sub(one, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its JSON")
+    args = ap.parse_args(argv)
+    stale = []
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        new = render(text, page.name)
+        if new != text:
+            stale.append(page.name)
+            if not args.check:
+                page.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print(f"tables differ from their JSON in: {', '.join(stale)} (run python docs/tables.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
