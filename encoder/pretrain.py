@@ -20,9 +20,10 @@ Objectives (``objective=``):
   at their own positions. Each term has a pixel part (MAE's per-patch normalised pixels, MSE) and,
   with a teacher, a semantic part (the teacher's per-frame features at the student's grid,
   L2-normalised, loss 2 − 2·cos as in UMT; `encoder.teacher`).
-  Note the encoder itself is bidirectional (B-Mamba + global attention), so visible tokens of frame
-  t+1 reach frame t's outputs through the encoder; the masked half of frame t+1 is what the
-  decoder must genuinely predict. The causal decoder keeps the *decoder* from copying.
+  The encoder runs frame-causally too (``frame_causal``, `encoder.layers.frame_causal_mask`): a
+  bidirectional encoder would carry frame t+1 into frame t's outputs, and the next-frame term
+  would be solved by copying. ``masking="tube"`` keeps a masked token from being read off the same
+  place in an earlier frame.
 - ``"mae"``: non-causal decoder, masked-reconstruction of pixels only (VideoMAE with frame-wise
   random masking instead of tubes).
 - ``"umt"``: no decoder; the visible encoder tokens are aligned with the teacher's features at
@@ -250,7 +251,7 @@ class VideoMAPPretrainer(nn.Module):
             raise UserError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
         if objective == "umt" and teacher is None:
             raise UserError("objective 'umt' aligns encoder tokens with teacher features; set a teacher "
-                            "(a CLIP id or local path)")
+                            "(efficientnet_lite0, or a CLIP/SigLIP id or local path)")
         if mask_ratio is not None and not 0.0 <= mask_ratio < 1.0:
             raise UserError(f"mask_ratio must be in [0, 1) or null (sampled); got {mask_ratio}")
         cfg = encoder.config

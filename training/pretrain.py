@@ -50,7 +50,7 @@ class ObjectiveConfig:
     next_weight: float = 1.0  # term (a): frame t predicts frame t+1
     masked_weight: float = 1.0  # term (b): masked tokens at their own positions
     pixel_weight: float = 1.0
-    teacher: str | None = None  # CLIP Hub id or local path; null = pixel targets only
+    teacher: str | None = None  # efficientnet_lite0 (embedded), a CLIP/SigLIP id or path; null = pixels only
     teacher_weight: float = 1.0
     masking: str = "frame"  # frame (random per frame, the same count in each) | tube (the same positions in every frame)
     frame_causal: bool = True  # videomap: the encoder runs frame-causally, so frame t+1 is unseen when predicted
