@@ -3,6 +3,7 @@ ImageNet weights exactly, sees real photos as ImageNet does, gives unit features
 grid, and its targets are cached per (clip, frame, transform)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from encoder.teacher import (
 )
 from encoder.transforms import CLIP_MEAN, CLIP_STD, frames_to_tensor
 from encoder.videomap import VideoMAPConfig, VideoMAPModel
+from videollm.cli import main as cli
 
 
 def sklearn_photo(name: str) -> np.ndarray:
@@ -135,3 +137,12 @@ def test_pretraining_with_the_embedded_teacher_and_cached_targets(teacher):
     cached = teacher(clip, (4, 4))
     again = model(clip, token_mask=out.token_mask, teacher_features=cached)
     assert torch.allclose(again.terms["next_feat"], out.terms["next_feat"], atol=1e-5)
+
+
+def test_the_pretrain_recipe_runs_with_the_embedded_teacher(tmp_path):
+    """The semantic half of the objective through the real command: both feature terms are logged."""
+    out = tmp_path / "run"
+    assert cli(["pretrain", "--config", "training/configs/pretrain_smoke.yaml", "objective.teacher=efficientnet_lite0",
+                "steps=1", f"output_dir={out}"]) == 0
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["next_feat"] > 0 and record["masked_feat"] > 0 and (out / "encoder" / "config.json").is_file()
