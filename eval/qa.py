@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
 from PIL import Image
 
 from encoder.errors import UserError, run_cli
