@@ -2,36 +2,19 @@
 
     videollm bench ablation --out runs/ablation [--seeds 3] [--budget default|smoke] [--task motion]
 
-On the synthetic time-dependent classification task (``motion``: 8 directions, or ``order``),
-with only 10 % of the training labels for the supervised part, compare four encoders of the same
-(nano-family, shrunk) architecture:
+On a synthetic time-dependent classification task (``motion``: 8 directions, or ``order``), with
+10 % of the training labels, four encoders of the same shrunk nano-family architecture (`ARMS`):
+``videomap`` (hybrid 4 Mamba : 1 attention, VideoMAP pretraining), ``scratch`` (hybrid, none),
+``mae`` (hybrid, MAE) and ``videomap_mamba`` (pure Mamba, VideoMAP). Pretrained arms get the same
+budget (steps × batch on the unlabelled training clips); each encoder is then fine-tuned (and
+linear-probed) on the labelled 10 % and tested on held-out seeds, once per seed; the table reports
+mean ± std of top-1. ``--out`` gets ``ablation.json``, ``ablation.md`` and one folder per run;
+finished runs are reused, so an interrupted bench continues.
 
-    ==================  ===========================================  ===========================
-    arm                 encoder                                      pretraining
-    ==================  ===========================================  ===========================
-    videomap            hybrid (4 Mamba : 1 attention)               VideoMAP (frame-causal MAR)
-    scratch             hybrid                                       none
-    mae                 hybrid                                       MAE (non-causal decoder)
-    videomap_mamba      pure Mamba (``attn_every=0``)                VideoMAP
-    ==================  ===========================================  ===========================
-
-Every pretrained arm gets the same budget (steps × batch, on the unlabeled training clips), then
-each encoder is fine-tuned (and, as a cheap second reading, linear-probed) on the labeled 10 %, and
-tested on held-out seeds. Each arm runs with every seed; the table reports mean ± std of top-1.
-Results land in ``--out``: ``ablation.json``, ``ablation.md``, and one folder per run (pretraining
-metrics, classification results). Finished runs are reused, so an interrupted bench continues.
-
-Task setting (flags, recorded in ``ablation.json`` as ``overrides`` and in the effective ``budget``):
-``--background`` (mixed | plain | a `videollm.data.synth.BACKGROUNDS` name), ``--distractors`` (0..3 |
-random), ``--pool`` (classifier pooling: mean | cls | time), ``--batch``, ``--epochs`` (fine-tuning),
-``--size``, ``--frames``, ``--patch``. The scene options apply to the pretraining pool too. The
-``default`` budget is plain backgrounds, no distractors, ``time`` pooling (per-frame mean tokens
-concatenated in frame order), batch 8, 20 fine-tuning epochs: with the generator's cluttered mix and
-mean pooling every arm stayed at chance in the pilots, an experiment that measures nothing (see
-docs/ablation.md for the pilots behind the choice).
-
-Budgets are sized for a 2-core CPU (one torch thread per process is fastest when the CPU is
-shared); ``smoke`` is a minute-long check of the machinery.
+The task-setting flags (`LEVERS`; recorded in ``ablation.json``) override the budget; the scene
+options apply to the pretraining pool too. The ``default`` budget uses plain backgrounds, no
+distractors and ``time`` pooling, because every arm stayed at chance with the generator's mix and
+mean pooling (docs/ablation.md). Budgets are sized for a 2-core CPU; ``smoke`` checks the machinery.
 """
 
 from __future__ import annotations
@@ -75,9 +58,7 @@ BUDGETS: dict[str, dict] = {
         background=None, distractors=None, feature_pool="mean"),
 }
 
-# Task-setting levers (CLI flag → budget key). background / distractors set the synthetic scene of
-# every clip, pretraining's unlabeled pool included (null = the generator's random mix); feature_pool (--pool) is the
-# classifier's pooling (see `training.classify.VideoClassifier`).
+# Task-setting levers: CLI flag → budget key (feature_pool: `training.classify.VideoClassifier`'s pool).
 LEVERS = {"size": "size", "frames": "num_frames", "patch": "patch_size", "epochs": "finetune_epochs",
           "batch": "batch_size", "background": "background", "distractors": "distractors", "pool": "feature_pool"}
 
@@ -118,25 +99,30 @@ def _kv(prefix: str, d: dict) -> list[str]:
     return [f"{prefix}{k}={v}" for k, v in d.items()]
 
 
-def _scene(b: dict) -> list[str]:
-    """The budget's synthetic scene, for pretraining's unlabeled pool and classification alike."""
-    return [f"data.background={b.get('background') or 'null'}",
-            f"data.distractors={'null' if b.get('distractors') is None else b['distractors']}"]
+def _encoder_config(arm: str, b: dict) -> list[str]:
+    attn_every = 0 if arm == "videomap_mamba" else b["hybrid_attn_every"]
+    return _kv("encoder_config.", {**b["encoder"], "attn_every": attn_every})
+
+
+def _common(b: dict, task: str, seed: int, threads: int, out: Path) -> list[str]:
+    """The overrides of both recipes: task, synthetic scene (the unlabelled pool's too), clip shape,
+    seed, threads and the run folder (resume=true: a finished run is reused)."""
+    return [f"data.task={task}", f"data.num_frames={b['num_frames']}", f"data.size={b['size']}",
+            f"data.background={b.get('background') or 'null'}",
+            f"data.distractors={'null' if b.get('distractors') is None else b['distractors']}",
+            f"seed={seed}", f"threads={threads}", f"output_dir={out}", "resume=true"]
 
 
 def pretrain_arm(arm: str, seed: int, b: dict, task: str, threads: int, run_dir: Path) -> dict:
     if (run_dir / "encoder" / "config.json").is_file() and (run_dir / "summary.json").is_file():
         return json.loads((run_dir / "summary.json").read_text())
-    attn_every = 0 if arm == "videomap_mamba" else b["hybrid_attn_every"]
-    objective = "mae" if arm == "mae" else "videomap"
     cfg = load_config(PretrainConfig, None, [
-        *_kv("encoder_config.", {**b["encoder"], "attn_every": attn_every}),
-        *_kv("objective.", b["decoder"]), f"objective.name={objective}",
-        f"data.task={task}", f"data.num_frames={b['num_frames']}", f"data.size={b['size']}", *_scene(b),
+        *_encoder_config(arm, b), *_kv("objective.", b["decoder"]),
+        f"objective.name={'mae' if arm == 'mae' else 'videomap'}",
         f"data.synth_pool={b['pool']}", f"batch_size={b['pretrain_batch']}", f"steps={b['pretrain_steps']}",
         f"optim.lr={b['pretrain_lr']}", f"optim.warmup_steps={max(1, b['pretrain_steps'] // 10)}",
         f"save_every={max(1, b['pretrain_steps'] // 2)}", f"log_every={max(1, b['pretrain_steps'] // 50)}",
-        f"seed={seed}", f"threads={threads}", f"output_dir={run_dir}", "resume=true"])
+        *_common(b, task, seed, threads, run_dir)])
     t0 = time.time()
     summary = pretrain(cfg)
     summary = {"loss": summary.get("loss"), "seconds": round(time.time() - t0, 1),
@@ -152,25 +138,16 @@ def classify_arm(arm: str, seed: int, b: dict, task: str, threads: int, init: Pa
     of warm-up and a cosine to 1e-6."""
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
-    attn_every = 0 if arm == "videomap_mamba" else b["hybrid_attn_every"]
     epochs, lr = (b["finetune_epochs"], b["finetune_lr"]) if mode == "finetune" else (b["linear_epochs"], b["linear_lr"])
     labelled, bs = max(1, round(b["label_fraction"] * b["num_train"])), b["batch_size"]
     per_epoch = -(-labelled // bs) if mode == "finetune" else labelled // bs + (labelled % bs >= 2)
-    encoder = [f"encoder={init}"] if init else \
-        ["encoder=nano", *_kv("encoder_config.", {**b["encoder"], "attn_every": attn_every})]
     cfg = load_config(ClassifyConfig, None, [
-        *encoder, f"mode={mode}", f"data.task={task}",
-        f"data.num_frames={b['num_frames']}", f"data.size={b['size']}", f"data.num_train={b['num_train']}",
-        f"data.num_val={b['num_val']}", f"data.label_fraction={b['label_fraction']}", f"steps={epochs * per_epoch}",
-        f"optim.lr={lr}", f"optim.warmup_steps={per_epoch}", f"optim.min_lr_ratio={1e-6 / lr!r}",
-        f"batch_size={bs}", f"save_every={per_epoch * epochs}", f"log_every={per_epoch}", f"seed={seed}",
-        f"threads={threads}", f"output_dir={out}", f"pool={b.get('feature_pool', 'mean')}", *_scene(b),
-        "resume=true"])
+        *([f"encoder={init}"] if init else ["encoder=nano", *_encoder_config(arm, b)]), f"mode={mode}",
+        f"data.num_train={b['num_train']}", f"data.num_val={b['num_val']}", f"data.label_fraction={b['label_fraction']}",
+        f"steps={epochs * per_epoch}", f"optim.lr={lr}", f"optim.warmup_steps={per_epoch}",
+        f"optim.min_lr_ratio={1e-6 / lr!r}", f"batch_size={bs}", f"save_every={per_epoch * epochs}",
+        f"log_every={per_epoch}", f"pool={b.get('feature_pool', 'mean')}", *_common(b, task, seed, threads, out)])
     return classify(cfg)
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -181,8 +158,8 @@ def summarize(runs: list[dict]) -> dict:
             continue
         entry = {"n": len(rows)}
         for key in ("finetune_top1", "linear_top1", "finetune_top5"):
-            m, s = _mean_std([r[key] for r in rows])
-            entry[key] = {"mean": m, "std": s}
+            xs = [r[key] for r in rows]
+            entry[key] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
         losses = [r["pretrain_loss"] for r in rows if r["pretrain_loss"] is not None]
         entry["pretrain_loss"] = statistics.fmean(losses) if losses else None
         out[arm] = entry
@@ -229,11 +206,8 @@ def run_seed(out: Path, seed: int, budget: str, task: str, threads: int, overrid
     runs = []
     for arm in ARMS:
         run_dir = out / arm / f"seed{seed}"
-        pre = None
-        init = None
-        if arm != "scratch":
-            pre = pretrain_arm(arm, seed, b, task, threads, run_dir / "pretrain")
-            init = run_dir / "pretrain" / "encoder"
+        pre = None if arm == "scratch" else pretrain_arm(arm, seed, b, task, threads, run_dir / "pretrain")
+        init = None if arm == "scratch" else run_dir / "pretrain" / "encoder"
         ft = classify_arm(arm, seed, b, task, threads, init, "finetune", run_dir / "finetune")
         lp = classify_arm(arm, seed, b, task, threads, init, "linear", run_dir / "linear")
         row = {"arm": arm, "seed": seed, "pretrain_loss": pre["loss"] if pre else None,
@@ -250,8 +224,6 @@ def run(out: Path, seeds: int, budget: str, task: str, threads: int, jobs: int =
     b = resolve_budget(budget, overrides)
     if (b.get("background") is not None or b.get("distractors") is not None) and task != "motion":
         raise UserError("--background / --distractors apply to the motion task only")
-    if task not in ("motion", "order"):
-        raise UserError(f"task must be a time-dependent one: motion or order; got {task!r}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if jobs > 1:  # seeds are independent: one process per seed, `jobs` at a time

@@ -1,12 +1,10 @@
 """Atomic, resumable checkpoints and a metrics log that stays consistent across resumes.
 
-A checkpoint is a directory ``<run>/checkpoint-<step>/`` holding ``trainable.safetensors`` (the
-trainable parameters and the buffers — never frozen weights such as a base LLM), or the files a
-caller writes itself (DeepSpeed's state), ``training_state.pt`` (optimizer, scheduler, RNG states,
-step, any extras) and ``config.yaml``. It is written under a temporary name and renamed into
-place, and ``<run>/latest`` (a one-line file naming it) is replaced atomically last, so a run
-killed at any moment leaves either the previous checkpoint or the new one — never a half-written
-one.
+``<run>/checkpoint-<step>/`` holds ``trainable.safetensors`` (trainable parameters and buffers,
+never frozen weights such as a base LLM) or the files a caller writes itself (DeepSpeed's state),
+``training_state.pt`` (optimizer, scheduler, RNG states, step, extras) and ``config.yaml``. It is
+written under a temporary name and renamed into place, then ``<run>/latest`` (naming it) is
+replaced atomically, so a run killed at any moment leaves the previous checkpoint or the new one.
 """
 
 from __future__ import annotations
@@ -28,35 +26,10 @@ WEIGHTS = "trainable.safetensors"
 STATE = "training_state.pt"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of `model`: its state dict without the frozen parameters."""
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in frozen}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load `trainable_state` output back; an error if it does not fit `model`."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    missing = [k for k in missing if k not in frozen]
-    if missing or unexpected:
-        raise UserError(f"checkpoint '{where}' does not match this model (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}); resume with the config it was written with")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -69,22 +42,18 @@ def save_checkpoint(run_dir: Path, step: int, *, weights: dict[str, torch.Tensor
                     optimizer=None, scheduler=None, config_yaml: str | None = None,
                     extra: dict[str, Any] | None = None, keep: int = 2, write_files=None) -> Path:
     """Write ``checkpoint-<step>`` atomically, point ``latest`` at it, keep the newest `keep` (0: all).
-
-    weights: e.g. `trainable_state(model)`. `write_files(tmp_dir)` may write further files (e.g.
-    DeepSpeed's state).
-    """
+    weights: e.g. `trainable_state(model)`; `write_files(tmp_dir)` may add files (DeepSpeed's state)."""
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step}"
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     with atomic_dir(final) as tmp:
         if weights is not None:
             save_file(weights, str(tmp / WEIGHTS))
-        torch.save({
-            "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
-            "extra": extra or {},
-        }, tmp / STATE)
+        torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": rng, "extra": extra or {}}, tmp / STATE)
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
         if write_files is not None:
@@ -107,19 +76,28 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module | None = None, optimizer=None,
-                    scheduler=None, restore_rng: bool = True) -> dict[str, Any]:
+                    scheduler=None) -> dict[str, Any]:
     """Load what `save_checkpoint` wrote into `model` (its trainable state), `optimizer`,
     `scheduler` and the global RNGs; returns ``{"step", "extra"}``."""
     path = Path(path)
     if model is not None:
-        load_trainable_state(model, load_file(str(path / WEIGHTS)), str(path))
+        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        missing = [k for k in missing if k not in frozen]
+        if missing or unexpected:
+            raise UserError(f"checkpoint '{path}' does not match this model (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}); resume with the config it was written with")
     state = torch.load(path / STATE, map_location="cpu", weights_only=False)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    if restore_rng:
-        set_rng_state(state["rng"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return {"step": state["step"], "extra": state["extra"]}
 
 

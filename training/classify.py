@@ -4,23 +4,18 @@
     videollm classify --config … mode=linear data.label_fraction=0.1 encoder=nano     # a scratch encoder
     videollm classify --config training/configs/classify_list.yaml data.source=k400/train/ data.val_source=k400/val/
 
-Data (``data.source``): a folder of videos with one sub-folder per class (Kinetics-style; the test
-folder ``data.val_source`` uses the training folder's class names), list files (``path,label``;
-see `videollm.data.video_sources`), or the synthetic generator (``synth``: clips of seeds
-``train_seed + i`` for training and ``val_seed + i`` for testing; the time-dependent tasks are
-``motion`` and ``order``). ``data.label_fraction`` keeps only that fraction of the training
-labels (a fixed, seeded subset).
+Data (``data.source``): a folder with one sub-folder per class (the test folder ``data.val_source``
+is numbered by the training folder's classes), ``path,label`` list files, or ``synth`` (seeds
+``train_seed + i`` for training, ``val_seed + i`` for testing). ``data.label_fraction`` keeps a
+fixed, seeded subset of the training labels.
 
-Model: the encoder (``encoder``: a ``save_pretrained`` dir such as ``<pretrain run>/encoder``, a
-pretrain run dir, or a preset, randomly initialised) + pooled patch tokens (``pool=mean``; the
-pretext never trains the cls token) + a linear head. ``mode=finetune`` trains everything;
-``mode=linear`` freezes the encoder, extracts features once and trains a BatchNorm (no affine, as
-MAE's linear probe) + linear head, without weight decay or clipping. An epoch is
-ceil(labelled clips / batch_size) steps.
+Model: the encoder + pooled tokens (`VideoClassifier`) + a linear head. ``mode=finetune`` trains
+everything; ``mode=linear`` freezes the encoder, extracts features once and trains a BatchNorm (no
+affine) + linear head without weight decay or clipping, as MAE's linear probe.
 
-Test: the logits of ``test_clips`` uniformly spaced clips per video are averaged; top-1 / top-5
-are logged at every evaluation, printed as JSON and written to ``output_dir/results.json``. The
-fine-tuned classifier is saved to ``output_dir/final`` (`load_classifier`).
+Test: the logits of ``test_clips`` uniformly spaced clips per video are averaged; top-1 / top-5 go
+to the metrics and ``output_dir/results.json``; the classifier to ``output_dir/final``
+(`load_classifier`).
 """
 
 from __future__ import annotations
@@ -40,11 +35,11 @@ from safetensors.torch import load_file, save_file
 from encoder.build import build_encoder
 from encoder.errors import UserError, VideoReadError, run_cli
 from encoder.videomap import VideoMAPModel
-from training.config import config_from_argv
+from training.config import check, config_from_argv, in_range, one_of
 from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, VideoDataConfig,
                              print_summary, run)
 from videollm.data.synth import NUM_CLASSES
-from videollm.data.video_sources import SkipTracker, load_batch, open_video_source, step_rng
+from videollm.data.video_sources import SkipTracker, load_batch, step_rng
 
 logger = logging.getLogger("training.classify")
 
@@ -86,18 +81,12 @@ class ClassifyConfig(RecipeConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.data.validate()
-        if self.mode not in ("finetune", "linear"):
-            raise UserError(f"mode must be 'finetune' or 'linear'; got {self.mode!r}")
-        if self.pool not in ("mean", "cls", "time"):
-            raise UserError(f"pool must be 'mean', 'cls' or 'time'; got {self.pool!r}")
-        if not 0 < self.data.label_fraction <= 1:
-            raise UserError(f"data.label_fraction must be in (0, 1]; got {self.data.label_fraction}")
+        check(self, {"mode": one_of("finetune", "linear"), "pool": one_of("mean", "cls", "time"),
+                     "data.label_fraction": in_range(0, 1, low_open=True), "test_clips": in_range(1),
+                     "eval_batch_size": in_range(1)})
         if self.data.source != "synth" and not self.data.val_source:
             raise UserError("data.val_source is needed with a folder or list file: the test videos (a folder with "
                             "the training folder's class sub-folders, or a 'path,label' list)")
-        if self.test_clips < 1 or self.eval_batch_size < 1:
-            raise UserError("test_clips and eval_batch_size must be >= 1")
 
 
 class VideoClassifier(nn.Module):
@@ -163,13 +152,7 @@ class _Cached:
     """Synthetic clips do not change between epochs: render each once."""
 
     def __init__(self, source):
-        self.source, self.cache = source, {}
-
-    def __len__(self):
-        return len(self.source)
-
-    def describe(self, i):
-        return self.source.describe(i)
+        self.source, self.cache, self.describe = source, {}, source.describe
 
     def load(self, i, rng=None):
         if i not in self.cache:
@@ -180,12 +163,9 @@ class _Cached:
 def build_sources(cfg: ClassifyConfig):
     """(train source, test source, the labelled subset of training indices, num_classes, class names)."""
     d = cfg.data
-    kw = dict(task=d.task, background=d.background, distractors=d.distractors)
-    train = open_video_source(d.source, d.num_frames, d.size, root=d.root, base_seed=d.train_seed,
-                              size_hint=d.num_train, train=True, **kw)
-    val_source = "synth" if d.source == "synth" else d.val_source
-    val = open_video_source(val_source, d.num_frames, d.size, root=d.root, base_seed=d.val_seed,
-                            size_hint=d.num_val, train=False, classes=train.classes, **kw)
+    train = d.open(base_seed=d.train_seed, size_hint=d.num_train, train=True)
+    val = d.open("synth" if d.source == "synth" else d.val_source, base_seed=d.val_seed, size_hint=d.num_val,
+                 train=False, classes=train.classes)
     if d.source == "synth":
         num_classes, n_train = cfg.num_classes or NUM_CLASSES[d.task], d.num_train
     else:
@@ -207,33 +187,24 @@ def build_sources(cfg: ClassifyConfig):
 def evaluate(predict, val, test_clips: int, batch_size: int, skips: SkipTracker, device=None) -> dict:
     """Average the logits of `test_clips` clips per video; top-1 / top-5 over decodable videos."""
     correct1 = correct5 = total = 0
-    pending_x, pending_y = [], []
-
-    def flush():
-        nonlocal correct1, correct5, total
-        x = torch.cat(pending_x).to(device)  # (n·K, 3, T, S, S)
-        logits = predict(x).float().cpu().reshape(len(pending_y), test_clips, -1).mean(dim=1)  # (n, C)
-        y = torch.tensor(pending_y)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (n, ≤5)
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(dim=1).sum())
-        total += len(pending_y)
-        pending_x.clear()
-        pending_y.clear()
-
+    xs, ys = [], []
     per_batch = max(1, batch_size // test_clips)
     for i in range(len(val)):
         try:
             clips, y = val.load_clips(i, test_clips)  # (K, 3, T, S, S)
+            xs.append(clips)
+            ys.append(y)
         except VideoReadError as err:
             skips.record(val.describe(i), err)
-            continue
-        pending_x.append(clips)
-        pending_y.append(y)
-        if len(pending_y) == per_batch:
-            flush()
-    if pending_y:
-        flush()
+        if ys and (len(ys) == per_batch or i == len(val) - 1):
+            x = torch.cat(xs).to(device)  # (n·K, 3, T, S, S)
+            logits = predict(x).float().cpu().reshape(len(ys), test_clips, -1).mean(dim=1)  # (n, C)
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (n, ≤5)
+            y = torch.tensor(ys)
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(dim=1).sum())
+            total += len(ys)
+            xs, ys = [], []
     if total == 0:
         raise UserError("no test video could be decoded")
     return {"top1": correct1 / total, "top5": correct5 / total, "num_test": total}
@@ -244,22 +215,25 @@ class Classify(Recipe):
 
     def setup(self, engine: Engine):
         cfg = self.cfg
-        self.engine = engine
-        self.train_src, self.val_src, self.subset, num_classes, self.classes = build_sources(cfg)
+        self.train_src, self.val_src, self.subset, self.num_classes, self.classes = build_sources(cfg)
         if cfg.data.source == "synth":
             self.train_src = _Cached(self.train_src)
         self.skips = SkipTracker(cfg.data.max_skipped)
         encoder = build_encoder(cfg.encoder, num_frames=cfg.data.num_frames, img_size=cfg.data.size, **cfg.encoder_config)
-        model = VideoClassifier(encoder, num_classes, cfg.pool, probe_norm=cfg.mode == "linear")
-        self.num_classes = num_classes
+        model = VideoClassifier(encoder, self.num_classes, cfg.pool, probe_norm=cfg.mode == "linear")
         self.linear = cfg.mode == "linear"
         if self.linear:
             # The linear probe as MAE's: no weight decay, no clipping.
             self.optim = replace(cfg.optim, weight_decay=0.0, grad_clip=0.0)
             model.encoder.requires_grad_(False)
             model.encoder.eval()
-            with torch.no_grad():  # (n, F), (n,): the frozen encoder's features, extracted once
-                self.feats, self.labels = self._features(model)
+            feats, labels, bs = [], [], cfg.eval_batch_size
+            with torch.no_grad():  # the frozen encoder's features, extracted once
+                for s in range(0, len(self.subset), bs):
+                    x, y = load_batch(self.train_src, self.subset[s:s + bs], None, self.skips)
+                    feats.append(model.features(x))
+                    labels.append(y)
+            self.feats, self.labels = torch.cat(feats), torch.cat(labels)  # (n, F), (n,)
             n = len(self.labels)  # BatchNorm needs 2 samples: a last batch of 1 is left out
             batches = n // cfg.batch_size + (n % cfg.batch_size >= 2)
         else:
@@ -271,15 +245,6 @@ class Classify(Recipe):
         self._order_epoch, self._order = None, None
         self._train_mode(model)
         return model
-
-    def _features(self, model: VideoClassifier) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, labels = [], []
-        bs = self.cfg.eval_batch_size
-        for s in range(0, len(self.subset), bs):
-            x, y = load_batch(self.train_src, self.subset[s:s + bs], None, self.skips)
-            feats.append(model.features(x))
-            labels.append(y)
-        return torch.cat(feats), torch.cat(labels)
 
     def _train_mode(self, model) -> None:
         if self.linear:
@@ -316,12 +281,6 @@ class Classify(Recipe):
                           self.engine.device)
         self._train_mode(model)
         return result
-
-    def extra_state(self) -> dict:
-        return {"skips": self.skips.state()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.skips = SkipTracker(self.cfg.data.max_skipped, **state.get("skips", {}))
 
     def save_final(self, model, directory: Path) -> None:
         model.save(directory, self.classes)

@@ -1,20 +1,19 @@
-"""Recipe configs: a dataclass per recipe, filled from a YAML file plus ``key=value`` overrides.
-
-The dataclass is the schema: an unknown key, or a value of the wrong type, is an error that names
-the key and where it came from (with the closest valid key, or the new name of a renamed one).
-Nested dataclasses take dotted keys (``optim.lr=3e-4``). Values of overrides are parsed as YAML
-scalars, so ``steps=30``, ``lr=1e-3``, ``resume=true`` and ``teacher=null`` have the types one
-expects. ``--help`` lists every key with its default and the comment next to its field. The
-resolved config is written next to every checkpoint.
+"""Recipe configs: a dataclass per recipe (the schema), filled from a YAML file plus ``key=value``
+overrides (dotted for sections: ``optim.lr=3e-4``; values parsed as YAML scalars). An unknown key
+or a wrongly typed value is an error naming the key, where it came from, and the closest valid key
+or a renamed key's new name. ``--help`` lists every key with its default and its field's comment.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import inspect
 import logging
+import math
+import operator
 import re
 import types
 import typing
@@ -137,38 +136,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is Any:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
+    if tp in _SCALARS:
+        accepted, expected = _SCALARS[tp]
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
                 return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"{where}: expected a string, got {value!r}")
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, accepted) and (tp is bool or not isinstance(value, bool)):
+            return tp(value)
+        raise UserError(f"{where}: expected {expected}, got {value!r}")
     return value
 
 
+# A scalar field's type: (the value types it takes, what an error says it expected)
+_SCALARS = {bool: ((bool,), "true/false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+            str: ((str, int, float), "a string")}
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:  # load_config checks keys first; this catches direct callers
-        _check_keys(cls, {unknown[0]: None}, f"{where}." if where else "", "in the config")
+    hints = typing.get_type_hints(cls)  # keys were checked by `_check_keys`
     kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -197,6 +184,33 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     if callable(post):
         post()
     return cfg
+
+
+def one_of(*allowed):
+    """A `check` rule: the value is one of `allowed`."""
+    return lambda v: None if v in allowed else "one of " + ", ".join(map(repr, allowed))
+
+
+def in_range(low=-math.inf, high=math.inf, *, low_open=False, high_open=False, null=False):
+    """A `check` rule: a finite number from `low` to `high` (None too with `null`)."""
+    text = (f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}" if high < math.inf
+            else f">= {low}" if low > -math.inf else "a finite number") + (" or null" if null else "")
+
+    def rule(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+        return None if ok or (null and v is None) else text
+    return rule
+
+
+def check(cfg: Any, rules: dict[str, Any]) -> None:
+    """A UserError naming the first (dotted) key of `rules` whose value in `cfg` breaks its rule
+    (`one_of`, `in_range`)."""
+    for key, rule in rules.items():
+        value = operator.attrgetter(key)(cfg)
+        need = rule(value)
+        if need:
+            raise UserError(f"{key} must be {need}; got {value!r}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -4,22 +4,17 @@
     videollm pretrain --config training/configs/pretrain_nano_synth.yaml data.source=my_videos/ output_dir=runs/x
     accelerate launch -m training.pretrain --config training/configs/pretrain_nano_synth.yaml   # multi-GPU
 
-The objective (VideoMAP, or the MAE / UMT baselines) is `encoder.pretrain.VideoMAPPretrainer`; this
-file is its setup and step on the recipe skeleton (`training.recipe`: schedule, parameter groups,
-accumulation, clipping, checkpoints, metrics). Data (``data.source``): synthetic clips generated on
-the fly, a folder of videos, or a ``path[,label]`` list file (labels unused).
-
-Exact resume: every random draw of step s (which clips, which frames, which tokens are masked) comes
-from generators seeded by (seed, s, micro-batch, process), and the global RNG state (stochastic
-depth) is in the checkpoint, so ``resume=true`` continues with the losses the uninterrupted run
-would have had. Outputs in ``output_dir``: ``metrics.jsonl``, ``config.yaml``,
-``checkpoint-<step>/`` (the trainable objective state: encoder, decoder, heads; optimizer,
-scheduler, RNG) and, at the end, ``encoder/`` (`save_pretrained`, loadable by
-``VideoMAPModel.from_pretrained`` and by the VideoLLM).
+The objective (VideoMAP, or the MAE / UMT baselines) is `encoder.pretrain.VideoMAPPretrainer`,
+run on the recipe skeleton (`training.recipe`). Data (``data.source``): synthetic clips, a folder of
+videos, or a ``path[,label]`` list file (labels unused). Every random draw of step s (clips, frames,
+masked tokens) comes from generators seeded by (seed, s, micro-batch, process), so a resumed run has
+the losses of the uninterrupted one. The trained encoder goes to ``output_dir/encoder``
+(`save_pretrained`: ``VideoMAPModel.from_pretrained`` and the VideoLLM load it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -33,7 +28,7 @@ from encoder.pretrain import build_pretrainer
 from training.config import config_from_argv
 from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, VideoDataConfig,
                              print_summary, run)
-from videollm.data.video_sources import SkipTracker, load_batch, open_video_source, step_rng, step_seed
+from videollm.data.video_sources import SkipTracker, load_batch, step_rng, step_seed
 
 logger = logging.getLogger("training.pretrain")
 
@@ -81,26 +76,12 @@ class PretrainConfig(RecipeConfig):
     data: PretrainData = field(default_factory=PretrainData)
     optim: PretrainOptim = field(default_factory=PretrainOptim)
 
-    def validate(self) -> None:
-        super().validate()
-        self.data.validate()
-
 
 def build_model(cfg: PretrainConfig):
     """The pretrainer (encoder + decoder + heads [+ frozen teacher])."""
-    o = cfg.objective
     encoder = build_encoder(cfg.encoder, num_frames=cfg.data.num_frames, img_size=cfg.data.size, **cfg.encoder_config)
-    return build_pretrainer(
-        encoder, teacher=o.teacher, objective=o.name, order=o.order,
-        mask_ratio=o.mask_ratio, decoder_dim=o.decoder_dim, decoder_depth=o.decoder_depth,
-        decoder_heads=o.decoder_heads, norm_pix=o.norm_pix, next_weight=o.next_weight,
-        masked_weight=o.masked_weight, pixel_weight=o.pixel_weight, teacher_weight=o.teacher_weight,
-        masking=o.masking, frame_causal=o.frame_causal)
-
-
-def build_source(data: PretrainData):
-    return open_video_source(data.source, data.num_frames, data.size, root=data.root, task=data.task,
-                             size_hint=data.synth_pool, background=data.background, distractors=data.distractors)
+    options = dataclasses.asdict(cfg.objective)  # the objective's keys are build_pretrainer's arguments
+    return build_pretrainer(encoder, objective=options.pop("name"), **options)
 
 
 def sample_batch(source, batch_size: int, keys: tuple[int, ...], skips: SkipTracker) -> torch.Tensor:
@@ -108,15 +89,12 @@ def sample_batch(source, batch_size: int, keys: tuple[int, ...], skips: SkipTrac
     g, rng = step_rng(*keys)
     n = len(source)
     if n:
-        def draw():
-            return int(torch.randint(n, (1,), generator=g))
         indices = torch.randint(n, (batch_size,), generator=g).tolist()
+        draw = lambda: int(torch.randint(n, (1,), generator=g))
     else:  # unbounded synthetic stream: seeds derived from the keys
-        extra = iter(range(batch_size, 10 ** 9))
-
-        def draw():
-            return step_seed(*keys, next(extra)) % (2 ** 62)
         indices = [step_seed(*keys, j) % (2 ** 62) for j in range(batch_size)]
+        extra = iter(range(batch_size, 10 ** 9))
+        draw = lambda: step_seed(*keys, next(extra)) % (2 ** 62)
     pixels, _ = load_batch(source, indices, rng, skips, draw=draw)
     return pixels  # (B', 3, T, S, S)
 
@@ -126,8 +104,7 @@ class Pretrain(Recipe):
     final_name = "encoder"
 
     def setup(self, engine: Engine):
-        self.engine = engine
-        self.source = build_source(self.cfg.data)
+        self.source = self.cfg.data.open(size_hint=self.cfg.data.synth_pool)
         self.skips = SkipTracker(self.cfg.data.max_skipped)
         return build_model(self.cfg)
 
@@ -142,12 +119,6 @@ class Pretrain(Recipe):
     def status(self) -> dict:
         return {"skipped": self.skips.events, "skipped_files": len(self.skips.bad)}
 
-    def extra_state(self) -> dict:
-        return {"skips": self.skips.state()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.skips = SkipTracker(self.cfg.data.max_skipped, **state.get("skips", {}))
-
     def save_final(self, model, directory: Path) -> None:
         model.encoder.save_pretrained(directory)
         if self.skips.bad:
@@ -156,8 +127,8 @@ class Pretrain(Recipe):
 
 
 def train(cfg: PretrainConfig) -> dict:
-    """Run (or resume) pretraining; returns the last metrics record with ``encoder`` (the saved
-    encoder's folder, None when stop_after ended the run early)."""
+    """Run (or resume) pretraining: the last metrics record with ``encoder``, the saved encoder's
+    folder (None when stop_after ended the run early)."""
     summary = run(Pretrain(cfg))
     return {**summary, "encoder": summary["final"]}
 

@@ -1,37 +1,14 @@
-"""The one recipe skeleton: pretrain, classify, ground and finetune run on it (torchtune's
+"""The one recipe skeleton that pretrain, classify, ground and finetune run on (torchtune's
 recipes are the model: an explicit loop, the shared parts written once).
 
-A recipe is a `Recipe` subclass that brings its config, its setup and its step:
-
-    class Pretrain(Recipe):
-        name = "pretrain"                        # logs, <name>_config.yaml in the final folder
-        final_name = "encoder"                   # the folder save_final fills, under output_dir
-        def setup(self, engine) -> nn.Module     # build model and data; return the module to train
-        def loss(self, model, step, micro) -> Micro         # one micro-batch's loss (+ logs)
-        def evaluate(self, model, step) -> dict              # optional: metrics on held-out data
-        def save_final(self, model, directory)               # the trained model
-        def extra_state(self) / load_extra_state(state)      # optional: what else a resume needs
-
-`run(recipe)` does the rest, the same way for every recipe:
-
-- the run folder: a folder that already holds a run (metrics, config or checkpoints) is refused
-  unless ``resume=true``; the resolved config is written to ``config.yaml``;
-- seeds (``seed``), CPU threads (``threads``);
-- AdamW over the trainable parameters in `param_groups` (no weight decay on norms, biases, 1-D
-  and tagged ``_no_weight_decay`` parameters; per-module learning rates), the one LR schedule
-  `lr_schedule` (linear warm-up, cosine to ``min_lr_ratio``), gradient accumulation and clipping,
-  ``precision`` (bf16 autocast), all through an `Engine`;
-- ``metrics.jsonl`` (step, loss, the recipe's logs, lr, grad_norm, samples_per_s, sec_per_step,
-  evaluations every ``eval_every`` steps and after the last), a progress bar on a terminal or a
-  log line with an ETA every ``log_every`` steps otherwise;
-- atomic checkpoints every ``save_every`` steps and at the last step of the invocation (trainable
-  weights, optimizer, scheduler, RNG states, the recipe's extras; the data position is the step:
-  recipes draw their batches as a pure function of it), exact resume, ``stop_after`` slices;
-- the final model, written by the recipe into ``output_dir/<final_name>`` atomically.
-
-The `Engine` is the one place that knows where the steps run (device, precision, DeepSpeed) and
-how many processes share them: rank-aware logging and saving go through ``engine.is_main``, data
-sharding through ``engine.rank`` / ``engine.world``.
+A recipe is a `Recipe` subclass: its config, ``setup(engine) -> module to train``, ``loss(model,
+step, micro) -> Micro``, ``save_final(model, directory)`` and optionally ``evaluate``,
+``extra_state`` / ``load_extra_state``. `run(recipe)` does the rest alike for every recipe: refuses
+a folder that holds a run unless ``resume=true``; writes ``config.yaml``; seeds; AdamW over
+`param_groups` with the one `lr_schedule`; accumulation, clipping and ``precision`` through the
+`Engine`; ``metrics.jsonl`` and progress; atomic checkpoints (trainable weights, optimizer,
+scheduler, RNG, extras; the data position is the step, as recipes draw batches as a pure function
+of it), exact resume and ``stop_after``; the final model in ``output_dir/<final_name>``.
 """
 
 from __future__ import annotations
@@ -45,6 +22,7 @@ import random
 import shutil
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,15 +37,10 @@ from encoder.errors import UserError
 from encoder.files import atomic_dir, atomic_write_text
 from training.checkpoint import (MetricsLog, checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint,
                                  trainable_state)
-from training.config import to_yaml
-from videollm.data.video_sources import SOURCE_HELP, check_scene
+from training.config import check, in_range, one_of, to_yaml
+from videollm.data.video_sources import SOURCE_HELP, SkipTracker, check_scene, open_video_source
 
 logger = logging.getLogger("training.recipe")
-
-
-# ---------------------------------------------------------------------------------------------
-# The shared keys
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -98,19 +71,14 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("eval_every", "keep", "threads"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise UserError(f"stop_after must be >= 1 or null; got {self.stop_after}")
-        if self.precision not in ("fp32", "bf16"):
-            raise UserError(f"precision must be 'fp32' or 'bf16'; got {self.precision!r}")
-        if self.optim.warmup_steps < 0 or not 0.0 <= self.optim.min_lr_ratio <= 1.0:
-            raise UserError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]; got "
-                            f"{self.optim.warmup_steps}, {self.optim.min_lr_ratio}")
+        """Checks the shared keys, then every section that has a ``validate`` (`VideoDataConfig`)."""
+        check(self, {**dict.fromkeys(("steps", "batch_size", "grad_accum", "save_every", "log_every"), in_range(1)),
+                     **dict.fromkeys(("eval_every", "keep", "threads", "optim.warmup_steps"), in_range(0)),
+                     "stop_after": in_range(1, null=True), "precision": one_of("fp32", "bf16"),
+                     "optim.min_lr_ratio": in_range(0, 1)})
+        for section in vars(self).values():
+            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+                section.validate()
 
 
 @dataclass
@@ -131,10 +99,10 @@ class VideoDataConfig:
             raise UserError(f"data.source is required: give {SOURCE_HELP}")
         check_scene(self.background, self.distractors, self.task if self.source == "synth" else "")
 
-
-# ---------------------------------------------------------------------------------------------
-# Shared pieces
-# ---------------------------------------------------------------------------------------------
+    def open(self, source: str | None = None, **kw):
+        """The clips of `source` (default: ``source``) as `open_video_source` opens them."""
+        return open_video_source(source or self.source, self.num_frames, self.size, root=self.root, task=self.task,
+                                 background=self.background, distractors=self.distractors, **kw)
 
 
 def lr_schedule(warmup: int, total: int, min_ratio: float = 0.0):
@@ -166,49 +134,21 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
     return [{"params": ps, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), ps in groups.items()]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# The engine: where the steps run
-# ---------------------------------------------------------------------------------------------
-
-
 class Engine:
-    """Device, precision, gradient accumulation and DeepSpeed, through accelerate. The process
-    state (rank, world size, device) is known from the start; the `Accelerator` is made in
-    `prepare`, after the model: with a DeepSpeed plugin active, transformers would load weights
-    the ZeRO-3 way, and the edits after loading (the ``<video>`` rows) would hit unmaterialised
-    shards. Multi-process runs (a process group, a distributed sampler, metrics reduced across
-    ranks, one writer) are wired here and nowhere else."""
+    """Where the steps run (device, precision, DeepSpeed, through accelerate) and how many processes
+    share them: rank-aware logging and saving go through ``is_main``, data sharding through
+    ``rank`` / ``world``. The `Accelerator` is made in `prepare`, after the model: with a DeepSpeed
+    plugin active, transformers would load weights the ZeRO-3 way, and the edits after loading
+    (the ``<video>`` rows) would hit unmaterialised shards."""
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
-        self.state = PartialState()
+        self.state = state = PartialState()
+        self.is_main, self.rank, self.world = state.is_main_process, state.process_index, state.num_processes
+        self.device: torch.device = state.device
+        self.wait = state.wait_for_everyone
         self.accelerator: Accelerator | None = None
         self.deepspeed = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.state.is_main_process
-
-    @property
-    def rank(self) -> int:
-        return self.state.process_index
-
-    @property
-    def world(self) -> int:
-        return self.state.num_processes
-
-    @property
-    def device(self) -> torch.device:
-        return self.state.device
-
-    def wait(self) -> None:
-        self.state.wait_for_everyone()
 
     def prepare(self, model, optimizer, *, deepspeed: str | None = None, find_unused_parameters: bool = False):
         """Make the Accelerator and hand it the model and optimizer (not the scheduler: the
@@ -227,34 +167,19 @@ class Engine:
                                        mixed_precision="bf16" if self.cfg.precision == "bf16" else "no",
                                        kwargs_handlers=handlers)
         if plugin is not None:
-            self._fill_deepspeed_auto(model)
+            # The bucket-size "auto" values accelerate derives from ``model.config.hidden_size`` (a
+            # VideoLLM keeps it in ``text_config``), by accelerate's own formulas.
+            config = getattr(model, "config", None)
+            h = getattr(getattr(config, "text_config", config), "hidden_size", None)
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                               ("stage3_param_persistence_threshold", 10 * h)) if h else ():
+                if ds.get(key) == "auto":
+                    ds[key] = value
         return self.accelerator.prepare(model, optimizer)
-
-    def _fill_deepspeed_auto(self, model) -> None:
-        """Fill the bucket-size "auto" values accelerate derives from ``model.config.hidden_size``
-        (a VideoLLM config keeps it in ``text_config``), with accelerate's own formulas."""
-        config = getattr(model, "config", None)
-        hidden = getattr(getattr(config, "text_config", config), "hidden_size", None)
-        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        for key, value in (("reduce_bucket_size", lambda h: h * h),
-                           ("stage3_prefetch_bucket_size", lambda h: int(0.9 * h * h)),
-                           ("stage3_param_persistence_threshold", lambda h: 10 * h)):
-            if ds.get(key) == "auto" and hidden:
-                ds[key] = value(hidden)
-
-    @property
-    def zero3(self) -> bool:
-        return self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
-
-    def clip_grad_norm(self, params, max_norm: float) -> float | None:
-        """The global gradient norm before clipping (None with DeepSpeed, which clips itself)."""
-        if max_norm <= 0:
-            return None
-        norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        return None if norm is None else float(norm)
 
     def mean(self, value: float) -> float:
         """`value` averaged over the processes."""
@@ -264,7 +189,7 @@ class Engine:
 
     def gathered(self, model):
         """Inside: every parameter whole on every rank (ZeRO-3 partitions them); a no-op otherwise."""
-        if not self.zero3:
+        if not (self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3):
             return contextlib.nullcontext()
         import deepspeed
 
@@ -302,15 +227,6 @@ class Engine:
             raise UserError(f"'{path}' was written with DeepSpeed; resume it with the same deepspeed=…")
         return load_checkpoint(path, model=self.unwrap(model), optimizer=optimizer, scheduler=scheduler)
 
-    def end(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.end_training()
-
-
-# ---------------------------------------------------------------------------------------------
-# A recipe and the loop
-# ---------------------------------------------------------------------------------------------
-
 
 @dataclass
 class Micro:
@@ -323,10 +239,12 @@ class Micro:
 
 
 class Recipe:
-    """What a recipe brings to `run` (see the module docstring); the defaults do nothing."""
+    """What a recipe brings to `run` (see the module docstring); the defaults do nothing. `run`
+    sets ``engine`` before `setup`."""
 
     name = "recipe"
     final_name = "final"
+    engine: Engine
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -360,10 +278,12 @@ class Recipe:
         raise NotImplementedError
 
     def extra_state(self) -> dict:
-        return {}
+        """What else a resume needs (default: the undecodable-video counts of a recipe with ``skips``)."""
+        return {"skips": self.skips.state()} if isinstance(getattr(self, "skips", None), SkipTracker) else {}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        if "skips" in state:
+            self.skips = SkipTracker(self.skips.max_skipped, **state["skips"])
 
 
 def open_run(run_dir: Path, resume: bool) -> Path | None:
@@ -385,12 +305,10 @@ class Progress:
     every logged step."""
 
     def __init__(self, name: str, start: int, stop: int, total: int, enabled: bool):
-        self.name, self.start, self.stop, self.total = name, start, stop, total
+        self.name, self.start, self.stop, self.total, self.enabled = name, start, stop, total, enabled
         self.t0 = time.perf_counter()
-        self.bar = None
-        self.enabled = enabled
-        if enabled and sys.stderr.isatty():
-            self.bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True) \
+            if enabled and sys.stderr.isatty() else None
 
     def update(self, record: dict, logged: bool) -> None:
         if not self.enabled:
@@ -404,22 +322,16 @@ class Progress:
         if not logged:
             return
         per_step = (time.perf_counter() - self.t0) / max(1, step - self.start)
+        eta = per_step * (self.stop - step)
+        eta = f"{eta:.0f} s" if eta < 90 else f"{eta / 60:.0f} min" if eta < 5400 else f"{eta / 3600:.1f} h"
         values = "  ".join(f"{k} {v:.4g}" for k, v in record.items()
                            if k not in ("step", "sec_per_step", "lr") and isinstance(v, float))
         logger.info("%s step %d/%d  %s  lr %.3g  %.2f s/step  ETA %s", self.name, step, self.total, values,
-                    record.get("lr", 0.0), per_step, _duration(per_step * (self.stop - step)))
+                    record.get("lr", 0.0), per_step, eta)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -428,11 +340,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.cfg
     cfg.validate()
     run_dir = Path(cfg.output_dir)
-    engine = Engine(cfg)
+    recipe.engine = engine = Engine(cfg)
     resume_from = open_run(run_dir, cfg.resume)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     config_yaml = to_yaml(cfg)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -473,7 +387,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                     logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
                 samples += out.samples
                 if accelerator.sync_gradients:  # the step's last micro-batch
-                    grad_norm = engine.clip_grad_norm(params, optim.grad_clip)
+                    # The global norm before clipping (None with DeepSpeed, which clips itself).
+                    norm = accelerator.clip_grad_norm_(params, optim.grad_clip) if optim.grad_clip > 0 else None
+                    grad_norm = None if norm is None else float(norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -511,7 +427,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 (tmp / f"{recipe.name}_config.yaml").write_text(config_yaml)
     engine.wait()
     logger.info("%s: final model in %s", recipe.name, final)
-    engine.end()
+    accelerator.end_training()
     return {**summary, "final": str(final)}
 
 

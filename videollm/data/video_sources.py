@@ -1,26 +1,15 @@
 """Video clips for the encoder recipes (pretraining, classification).
 
-A recipe's ``data.source`` is one of three things, each opened by `open_video_source` into an
-object with one interface, ``source.load(i, rng) -> (clip (3, T, S, S) float, label)``:
+`open_video_source` opens a recipe's ``data.source`` as an object with ``load(i, rng) -> (clip
+(3, T, S, S) float, label)``: ``synth`` (`SynthSource`: clips rendered on the fly from their seed);
+a folder (every video under it, labelled by the first sub-folder it sits in, Kinetics-style); or a
+list file of ``path[,label]`` lines (a space also separates; relative paths resolve against
+``root``, else the list's folder). Folders and list files are decoded by `VideoFileSource`.
 
-- ``synth``: `SynthSource`, the synthetic generator (`videollm.data.synth.make_clip`) rendered on
-  the fly — a clip is a pure function of its seed, so nothing is stored;
-- a folder: every video under it (any depth, common video extensions). A video's label is the
-  first sub-folder it sits in (Kinetics-style trees: ``<folder>/<class>/<video>``), classes
-  numbered in sorted order;
-- a list file, one video per line, ``path[,label]`` (a space also separates, as in Kinetics/SSv2
-  lists; a ``path,label`` header line is ignored). Relative paths resolve against ``root`` if
-  given, else against the list file's folder.
-
-Folders and list files give a `VideoFileSource`, decoded with `encoder.video_io.read_video` (random
-segment sampling when training, uniform when testing).
-
-Sampling is a pure function of (seed, step, micro-batch): `step_rng` makes the generators, so a
-resumed run draws exactly the clips the uninterrupted run would have drawn.
-
-A video that fails to decode is skipped by `load_batch`, counted in `SkipTracker` (which warns once
-per file, naming it) and replaced by another draw; more than ``max_skipped`` distinct bad files is
-a `UserError` naming the cap, since then the list itself is probably wrong.
+Sampling is a pure function of (seed, step, micro-batch) through `step_rng`, so a resumed run draws
+the clips the uninterrupted run would have. `load_batch` skips a video that fails to decode,
+counted by `SkipTracker`, which stops the run past ``max_skipped`` distinct bad files (the list
+itself is then probably wrong).
 """
 
 from __future__ import annotations
@@ -66,8 +55,6 @@ class VideoItem:
 def read_list_file(list_file: str | Path, root: str | Path | None = None) -> list[VideoItem]:
     """Parse ``path[,label]`` lines (see the module docstring). Errors name the file and line."""
     list_file = Path(list_file)
-    if not list_file.is_file():
-        raise UserError(f"video list '{list_file}' not found")
     base = Path(root) if root else list_file.parent
     items = []
     for n, raw in enumerate(list_file.read_text().splitlines(), start=1):
@@ -123,8 +110,8 @@ class VideoFileSource:
     of a folder, None for a list file (its labels are class indices)."""
 
     def __init__(self, items: list[VideoItem], num_frames: int, size: int, train: bool = True,
-                 classes: list[str] | None = None, origin: str = ""):
-        self.items, self.classes, self.origin = items, classes, origin
+                 classes: list[str] | None = None):
+        self.items, self.classes = items, classes
         self.num_frames, self.size, self.train = num_frames, size, train
 
     def __len__(self) -> int:
@@ -214,9 +201,9 @@ def open_video_source(source: str, num_frames: int, size: int, *, root: str | No
     path = Path(source).expanduser()
     if path.is_dir():
         items, names = scan_folder(path, classes)
-        return VideoFileSource(items, num_frames, size, train, classes=names, origin=str(path))
+        return VideoFileSource(items, num_frames, size, train, classes=names)
     if path.is_file():
-        return VideoFileSource(read_list_file(path, root), num_frames, size, train, origin=str(path))
+        return VideoFileSource(read_list_file(path, root), num_frames, size, train)
     raise UserError(f"data.source '{source}' not found; give {SOURCE_HELP}")
 
 
