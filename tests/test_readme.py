@@ -183,6 +183,11 @@ def _videollm() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "videollm.cli"]
 
 
+# One torch thread per command: on a CPU shared with other jobs, two spinning OpenMP threads per
+# process made a 4-second training step take 36 s; these tiny commands gain nothing from two.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -211,14 +216,15 @@ class Workspace:
         words = fast.argv(command)
         argv = _videollm() + [str(_free_port()) if w == "FREE_PORT" else w for w in words[1:]]
         proc = self._server(argv) if fast.server else subprocess.run(
-            argv, cwd=self.root, input=fast.stdin or "", capture_output=True, text=True, timeout=600)
+            argv, cwd=self.root, env=ENV, input=fast.stdin or "", capture_output=True, text=True, timeout=600)
         self.done[fast.id] = proc
         return proc
 
     def _server(self, argv: list[str]) -> subprocess.CompletedProcess:
         port = argv[argv.index("--port") + 1]
         url, up = f"http://127.0.0.1:{port}/", False
-        server = subprocess.Popen(argv, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server = subprocess.Popen(argv, cwd=self.root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
         try:
             deadline = time.time() + 300
             while time.time() < deadline and server.poll() is None and not up:
