@@ -4,31 +4,19 @@
     videollm finetune --config training/configs/finetune_stage2_smoke.yaml init_from=default data.source=my.json
     accelerate launch --num_processes 8 -m training.finetune --config … deepspeed=training/configs/zero2.json
 
-- ``stage=1`` (alignment): only the projector trains; the encoder and the LLM are frozen.
-- ``stage=2`` (instruction tuning): a peft LoRA adapter on the LLM (``lora.target_modules``) plus
-  the projector; ``train_encoder=true`` also trains the encoder.
+- ``stage=1`` (alignment): only the projector trains. ``stage=2`` (instruction tuning): a LoRA
+  adapter on the LLM plus the projector; ``train_encoder=true`` also trains the encoder.
 - ``init_from``: a saved VideoLLM (a stage-1 or grounding ``final/``, or ``default``, the shipped
-  model) to start from exactly: its encoder, projector and, if it has one, its LoRA adapter, which
-  stage 2 then continues. ``llm``, ``encoder`` and the projector keys apply without it.
-- ``word_anchor`` (stage 1 from grounding): the projector becomes a word anchor over these word
-  groups (`training.ground.WORD_GROUPS`), keys centred over all of grounding's words as its scorer
-  was, "none" at ``anchor_none_logit`` (grounding's ``none_logit``). An init_from that has an
-  anchor keeps it.
-- ``quant=4bit`` (QLoRA): the base LLM is loaded 4-bit nf4 (bitsandbytes, double quantization) and
-  prepared with ``peft.prepare_model_for_kbit_training``; stage 2 only.
-- ``precision=bf16`` autocasts through accelerate (stage 2 also stores the frozen linear layers in
-  bf16, `frozen_linears_to`); ``gradient_checkpointing=true`` checkpoints the encoder and the LLM.
-- ``deepspeed=<json>`` wraps a DeepSpeed ZeRO config in an accelerate ``DeepSpeedPlugin`` ("auto"
-  values are filled from this config); checkpoints leave the frozen weights out. The same code
-  runs single-process on CPU.
-- A record may set its own ``num_frames`` (e.g. 64 for a long clip; default ``data.num_frames``);
-  batches are grouped by it, so a batch never mixes frame counts.
+  model) to start from exactly: encoder, projector and any LoRA adapter, which stage 2 continues.
+- ``word_anchor`` (stage 1 from grounding): the projector becomes a word anchor over these groups
+  of `training.ground.WORD_GROUPS`, keys centred over all of grounding's words as its scorer was.
+- ``quant=4bit`` (QLoRA, stage 2): the base LLM in 4-bit nf4 (bitsandbytes, double quantization).
+- ``precision=bf16``: autocast (stage 2 also stores the frozen linears in bf16, `frozen_linears_to`).
+- ``deepspeed=<json>``: a ZeRO config through accelerate; checkpoints leave the frozen weights out.
+- A record may set its own ``num_frames``; a batch never mixes frame counts.
 
-The loop is the recipe skeleton's (`training.recipe`: schedule, accumulation, clipping, eval loss on
-a held-out split every ``eval_every`` steps, ``metrics.jsonl``, checkpoints of the trainable
-weights, exact resume, ``stop_after``); the final model is written with `save_videollm` to
-``<output_dir>/final`` (with LoRA: base-LLM reference + adapter + encoder/projector; with the
-tokenizer that knows ``<video>``).
+The eval loss is on a held-out split; the final model goes to ``<output_dir>/final``
+(`save_videollm`: with LoRA, base-LLM reference + adapter + encoder/projector).
 """
 
 from __future__ import annotations
@@ -45,7 +33,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from encoder.errors import UserError, run_cli
-from training.config import config_from_argv
+from training.config import check, config_from_argv, in_range, one_of
 from training.ground import WORD_GROUPS, WORDS, word_embeddings
 from training.recipe import Engine, Micro, OptimConfig, Recipe, RecipeConfig, param_groups, print_summary, run
 from videollm.configuration_videollm import SPATIAL_MERGES, VideoLLMConfig
@@ -55,14 +43,6 @@ from videollm.modeling_videollm import build_videollm, resolve_model_dir, save_v
 from videollm.processing_videollm import VideoInputs
 
 logger = logging.getLogger("training.finetune")
-
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
-
 
 @dataclass
 class FinetuneData:
@@ -78,10 +58,7 @@ class FinetuneData:
     eval_fraction: float = 0.05  # held-out share of the distinct record ids (0: no eval)
     max_bad_videos: int = 10  # undecodable videos skipped before the run stops
     num_workers: int = 0
-    # Batches of records of similar length (as HF's group_by_length): each group's shuffled records
-    # are sorted by token count within windows of `LENGTH_WINDOW` batches, then the batches are
-    # shuffled. Less padding, other batch mates.
-    group_by_length: bool = False
+    group_by_length: bool = False  # batches of records of similar length (less padding), as HF's
     synth_samples: int = 256
     synth_num_frames: int = 16
     synth_size: int = 64
@@ -93,7 +70,8 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclass
@@ -134,22 +112,14 @@ class FinetuneConfig(RecipeConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.stage not in (1, 2):
-            raise UserError(f"stage must be 1 (alignment) or 2 (instruction tuning), got {self.stage}")
-        if self.quant not in ("none", "4bit"):
-            raise UserError(f"quant must be 'none' or '4bit', got {self.quant!r}")
-        if self.spatial_merge not in SPATIAL_MERGES:
-            raise UserError(f"spatial_merge must be one of {SPATIAL_MERGES}, got {self.spatial_merge!r}")
+        check(self, {"stage": one_of(1, 2), "quant": one_of("none", "4bit"), "spatial_merge": one_of(*SPATIAL_MERGES),
+                     "eval_batches": in_range(1), "data.eval_fraction": in_range(0, 1, high_open=True)})
         if self.stage == 1 and (self.quant != "none" or self.train_encoder):
             raise UserError("stage 1 trains the projector only; quant=4bit and train_encoder=true are stage-2 options")
-        if self.eval_batches < 1:
-            raise UserError(f"eval_batches must be >= 1, got {self.eval_batches}")
         unknown = [g for g in self.word_anchor if g not in WORD_GROUPS]
         if unknown or len(set(self.word_anchor)) != len(self.word_anchor):
             raise UserError(f"word_anchor must list distinct word groups out of {', '.join(WORD_GROUPS)}; "
                             f"got {self.word_anchor}")
-        if not 0 <= self.data.eval_fraction < 1:
-            raise UserError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         if self.deepspeed is not None:
             if not Path(self.deepspeed).is_file():
                 raise UserError(f"deepspeed config '{self.deepspeed}' not found")
@@ -159,11 +129,6 @@ class FinetuneConfig(RecipeConfig):
                 raise UserError(f"deepspeed config '{self.deepspeed}' is not valid JSON: {err}") from None
             if self.quant == "4bit" and stage == 3:
                 raise UserError("quant=4bit with ZeRO-3 is not supported; use zero2.json or no DeepSpeed")
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
 
 
 def projector_settings(cfg: FinetuneConfig) -> dict | None:
@@ -179,9 +144,7 @@ def projector_settings(cfg: FinetuneConfig) -> dict | None:
 
 
 def build_model(cfg: FinetuneConfig):
-    """(VideoLLMForCausalLM, processor) through `build_videollm`, with the trainable parameters of
-    `cfg.stage` set (and LoRA added in stage 2 unless init_from brought an adapter)."""
-    compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    """(model, processor) through `build_videollm`, with what `cfg.stage` trains trainable (+ LoRA)."""
     quantization_config = None
     if cfg.quant == "4bit":
         try:
@@ -190,7 +153,7 @@ def build_model(cfg: FinetuneConfig):
             raise UserError("quant=4bit needs bitsandbytes: pip install bitsandbytes") from None
         quantization_config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype)
+            bnb_4bit_compute_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     projector = projector_settings(cfg)
     model, processor = build_videollm(
         cfg.llm, cfg.encoder, init_from=cfg.init_from, num_frames=cfg.data.num_frames, image_size=cfg.data.size,
@@ -203,6 +166,8 @@ def build_model(cfg: FinetuneConfig):
         model.projector.set_word_anchor(rows[idx], centre=rows.mean(0))
 
     model.requires_grad_(False)
+    if cfg.gradient_checkpointing and cfg.quant != "4bit":  # 4-bit: prepare_model_for_kbit_training does it
+        model.gradient_checkpointing_enable()
     if cfg.stage == 2:
         from peft import LoraConfig, prepare_model_for_kbit_training  # optional heavy import: stage 2 only
 
@@ -212,14 +177,10 @@ def build_model(cfg: FinetuneConfig):
                                 "(merge it first with `videollm merge-lora`, or leave quant=none)")
             for name, p in model.language_model.named_parameters():
                 p.requires_grad_("lora_" in name)
-            if cfg.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
         else:
             if cfg.quant == "4bit":
                 model.language_model = prepare_model_for_kbit_training(
                     model.language_model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-            elif cfg.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
             model.add_lora(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
         if cfg.train_encoder:
@@ -227,8 +188,6 @@ def build_model(cfg: FinetuneConfig):
         if cfg.precision == "bf16" and cfg.quant != "4bit":
             n = frozen_linears_to(model.language_model, torch.bfloat16)
             logger.info("stage 2: %d frozen linear layers of the LLM stored in bf16", n)
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     model.projector.requires_grad_(True)
     model.loss_logits_only = cfg.loss_logits_only
     return model, processor
@@ -236,13 +195,9 @@ def build_model(cfg: FinetuneConfig):
 
 def frozen_linears_to(llm: torch.nn.Module, dtype: torch.dtype) -> int:
     """Store the frozen linear layers of `llm` in `dtype` (the autocast dtype); returns how many.
-
-    Autocast casts a weight to bf16 on every call and caches the cast only for weights that need
-    grad, so a frozen fp32 base layer is re-cast in each forward (~135M values per step for
-    smollm2). Stored in bf16 it is the same bf16 tensor, cast once: the same matmuls, less memory
-    traffic. LoRA weights (trained) stay fp32, and so do the embedding, the norms and the output
-    layer: tied to the embedding, or saved with the adapter when the vocabulary grew (the video
-    token), where a bf16 copy would round the base LLM's weights."""
+    Autocast re-casts a frozen fp32 weight in every forward (it caches casts of trained weights only);
+    stored in bf16 it is cast once. LoRA weights, the embedding, the norms and the output layer (tied,
+    or saved with the adapter when the vocabulary grew: a bf16 copy would round it) stay fp32."""
     output = llm.get_output_embeddings()
     n = 0
     for module in llm.modules():
@@ -250,11 +205,6 @@ def frozen_linears_to(llm: torch.nn.Module, dtype: torch.dtype) -> int:
             module.to(dtype)
             n += 1
     return n
-
-
-# ---------------------------------------------------------------------------------------------
-# Examples: record → input_ids / labels (loss on assistant turns only) / pixel_values
-# ---------------------------------------------------------------------------------------------
 
 
 def make_encode(processor, max_length: int):
@@ -280,10 +230,8 @@ def make_encode(processor, max_length: int):
 
 
 def record_lengths(records, processor) -> list[int]:
-    """Each record's token count as `make_encode` builds it (video placeholders included, before
-    truncation), without decoding a video: what ``group_by_length`` sorts by. A record's video is
-    stood in for by its shape, so the count is exact without the time line, and within a few
-    tokens with it (whole-second stand-in stamps and duration)."""
+    """Each record's token count as `make_encode` builds it, before truncation, without decoding a
+    video (a stand-in of its shape: exact without the time line, within a few tokens with it)."""
     S = processor.image_size
     lengths = []
     for r in records:
@@ -299,24 +247,6 @@ def record_lengths(records, processor) -> list[int]:
     return lengths
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve_data(cfg: FinetuneConfig, is_main: bool, wait) -> tuple[Path, str | None]:
-    """(data file, root of its videos); for ``source=synth`` writes the synthetic set once."""
-    if cfg.data.source != "synth":
-        return Path(cfg.data.source), cfg.data.root
-    out = Path(cfg.output_dir) / "synth"
-    if is_main and not (out / "instruct.json").is_file():
-        logger.warning("writing %d synthetic clips to %s", cfg.data.synth_samples, out)
-        write_synth_dataset(out, cfg.data.synth_samples, seed=cfg.seed, num_frames=cfg.data.synth_num_frames,
-                            size=cfg.data.synth_size, task=cfg.data.synth_task)
-    wait()
-    return out / "instruct.json", None
-
-
 def batch_group(record) -> Any:
     """The batch group of a record (`epoch_batches`): its ``num_frames``, or "text" if it has no video."""
     return "text" if record.video is None else record.num_frames
@@ -327,18 +257,11 @@ LENGTH_WINDOW = 50  # batches per window sorted by length (`DataConfig.group_by_
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
                   groups: list | None = None, lengths: list[int] | None = None) -> list[list[int]]:
-    """This process's batches of epoch `epoch`: a seeded permutation cut into global batches of
-    ``batch_size · world``, each split by rank (drop_last, so every process steps equally).
-
-    groups: one key per record (e.g. its ``num_frames``); a batch then holds one group only. The
-    permutation is split by group (order kept), each group is cut into global batches (drop_last
-    per group), and the global batches are shuffled so the groups interleave. A single group (or
-    None) gives exactly the ungrouped batches. Deterministic in (seed, epoch).
-
-    lengths: one token count per record; each group's records are then sorted by it (longest
-    first, ties in permutation order) within windows of `LENGTH_WINDOW` global batches before the
-    cut, so a batch pads little, and the batches are shuffled (a single group too).
-    """
+    """This process's batches of epoch `epoch`: a permutation seeded by (seed, epoch) cut into global
+    batches of ``batch_size · world``, split by rank (drop_last: every process steps equally).
+    groups (a key per record, e.g. ``num_frames``): each group is cut apart and the batches shuffled
+    so groups interleave. lengths (tokens per record): each group is sorted by it, longest first,
+    within windows of `LENGTH_WINDOW` global batches before the cut."""
     if groups is not None and len(groups) != n:
         raise ValueError(f"groups has {len(groups)} keys for {n} records")
     if lengths is not None and len(lengths) != n:
@@ -365,18 +288,19 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, wor
     return [step[rank * batch_size:(rank + 1) * batch_size] for step in steps]
 
 
-# ---------------------------------------------------------------------------------------------
-# The recipe
-# ---------------------------------------------------------------------------------------------
-
-
 class Finetune(Recipe):
     name = "finetune"
 
     def setup(self, engine: Engine):
-        cfg = self.cfg
-        self.engine = engine
-        data_path, root = resolve_data(cfg, engine.is_main, engine.wait)
+        cfg, d = self.cfg, self.cfg.data
+        data_path, root = Path(d.source), d.root
+        if d.source == "synth":  # the synthetic instruction set, written once
+            data_path, root = Path(cfg.output_dir) / "synth" / "instruct.json", None
+            if engine.is_main and not data_path.is_file():
+                logger.warning("writing %d synthetic clips to %s", d.synth_samples, data_path.parent)
+                write_synth_dataset(data_path.parent, d.synth_samples, seed=cfg.seed, num_frames=d.synth_num_frames,
+                                    size=d.synth_size, task=d.synth_task)
+            engine.wait()
         records = load_records(data_path, root, seed=cfg.seed)
         train_records, eval_records = split_eval(records, cfg.data.eval_fraction, cfg.seed)
         if len(train_records) < cfg.batch_size * engine.world:
@@ -398,29 +322,32 @@ class Finetune(Recipe):
         self.train_ds = InstructDataset(train_records, encode, max_bad_videos=cfg.data.max_bad_videos)
         self.eval_ds = InstructDataset(eval_records, encode, max_bad_videos=cfg.data.max_bad_videos) \
             if eval_records else None
-        # Batches never mix frame counts (a record's num_frames; None: data.num_frames), and text-only
-        # records make batches of their own (short, so not padded to a video record's length).
+        # A batch holds one frame count, or text-only records (short: not padded to a video's length).
         self.train_groups = [batch_group(r) for r in train_records]
         self.eval_groups = [batch_group(r) for r in eval_records]
         self.train_lengths = record_lengths(train_records, self.processor) if cfg.data.group_by_length else None
         self.steps_per_epoch = len(self._epoch_batches(0)) // cfg.grad_accum
         if self.steps_per_epoch == 0:
-            per_group = ""
-            if len(set(self.train_groups)) > 1:
-                counts = ", ".join(f"{'default' if g is None else g}: {c}" for g, c in Counter(self.train_groups).items())
-                per_group = f" (a batch holds one frame count, or text-only records only; records per group: {counts})"
+            counts = ", ".join(f"{'default' if g is None else g}: {c}" for g, c in Counter(self.train_groups).items())
             raise UserError(f"one optimizer step needs {cfg.batch_size * engine.world * cfg.grad_accum} training "
-                            f"records (batch_size × processes × grad_accum); the data has {len(self.train_ds)}"
-                            f"{per_group}")
+                            f"records (batch_size × processes × grad_accum) of one frame count (or text-only); the "
+                            f"data has {len(self.train_ds)} (records per frame count: {counts})")
         self._loader = None  # (epoch, next batch index in the epoch, iterator)
-        model.train()
-        _set_frozen_eval(model, cfg)
+        self._train_mode(model)
         return model
 
+    def _train_mode(self, model) -> None:
+        """Train mode, with the frozen parts in eval mode (no stochastic depth / dropout in them)."""
+        model.train()
+        model = self.engine.unwrap(model)
+        if not self.cfg.train_encoder:
+            model.vision_tower.eval()
+        if self.cfg.stage == 1:
+            model.language_model.eval()
+
     def engine_options(self) -> dict:
-        # Text-only batches leave the encoder and projector out of the graph, which multi-process
-        # DDP must be told about (DeepSpeed needs nothing: every rank gets the same kind of batch
-        # at a step, see `epoch_batches`).
+        # Text-only batches leave the encoder and projector out of the graph, which DDP must be told
+        # (not DeepSpeed: every rank gets the same kind of batch at a step, see `epoch_batches`).
         return {"deepspeed": self.cfg.deepspeed, "find_unused_parameters": self.text_only}
 
     def param_groups(self, model):
@@ -432,8 +359,7 @@ class Finetune(Recipe):
                              self.engine.world, groups=self.train_groups, lengths=self.train_lengths)
 
     def _batch(self, step: int, micro: int) -> dict:
-        """Micro-batch `micro` of step `step`: the epoch's batches in order, loaded by a DataLoader
-        started at this position (a resumed run starts one mid-epoch)."""
+        """Micro-batch `micro` of step `step`, from a DataLoader started at this position if needed."""
         cfg = self.cfg
         epoch, k = divmod(step - 1, self.steps_per_epoch)
         index = k * cfg.grad_accum + micro
@@ -468,16 +394,14 @@ class Finetune(Recipe):
             most = Counter(self.eval_groups).most_common(1)[0][0]
             idx = [i for i, g in enumerate(self.eval_groups) if g == most]
             batches = [idx[engine.rank::engine.world] or idx[:1]]
-        total, count = torch.zeros(()), 0
-        for idx in batches[:cfg.eval_batches]:
+        total, batches = torch.zeros(()), batches[:cfg.eval_batches]
+        for idx in batches:
             batch = self._collate([self.eval_ds[i] for i in idx])
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with engine.accelerator.autocast():
                 total += model(**batch).loss.float().cpu()
-            count += 1
-        model.train()
-        _set_frozen_eval(engine.unwrap(model), cfg)
-        return {"eval_loss": engine.mean(float(total / count))}
+        self._train_mode(model)
+        return {"eval_loss": engine.mean(float(total / len(batches)))}
 
     def extra_state(self) -> dict:
         return {"bad_videos": self.train_ds.bad_videos}
@@ -486,17 +410,9 @@ class Finetune(Recipe):
         save_videollm(model, self.processor, directory)
 
 
-def _set_frozen_eval(model, cfg: FinetuneConfig) -> None:
-    """Frozen parts run in eval mode (no stochastic depth / dropout in what is not trained)."""
-    if not cfg.train_encoder:
-        model.vision_tower.eval()
-    if cfg.stage == 1:
-        model.language_model.eval()
-
-
 def train(cfg: FinetuneConfig) -> dict:
-    """Run (or resume) fine-tuning; returns the last metrics record with ``final`` (None when
-    stop_after ended the run early), the trainable parameter count and the 4-bit layer count."""
+    """Run (or resume) fine-tuning: the last metrics record with ``final`` (None when stop_after
+    ended the run early) and the trainable-parameter and 4-bit layer counts."""
     recipe = Finetune(cfg)
     summary = run(recipe)
     return {**summary, "steps": summary["step"], "bad_videos": recipe.train_ds.bad_videos,

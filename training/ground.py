@@ -4,19 +4,12 @@
         encoder=runs/x/pretrain/encoder output_dir=runs/x/ground
     → output_dir/final (a VideoLLM: encoder + projector, the LLM by reference: stage 1's ``init_from``)
 
-Why: in stages 1 and 2 every example costs a forward and a backward pass through the whole LLM,
-and a fresh projector's tokens mean nothing to the LLM, so most of that budget goes to discovering
-which direction of the embedding space is "red". This stage learns that from the synthetic clips'
-ground truth at the cost of the encoder alone: the encoder and the projector are trained so that
-each video token points where the LLM's input embeddings of the words for what it shows point
-(the colour, shape and motion words of the objects in its region). Pointing the right way is not
-enough for the LLM to read a token as a word (the tokens keep their own norm and off-word
-directions); stage 1's ``word_anchor`` turns each token into the mix of the words it scores
-(`videollm.projectors.WordAnchorProjector`), with grounding's ``none_logit`` as its
-``anchor_none_logit``.
+Why: a fresh projector's tokens mean nothing to the LLM, and stages 1 and 2 pay a pass through the
+whole LLM per example to learn which direction is "red"; here the synthetic ground truth teaches it
+at the encoder's cost. Stage 1's ``word_anchor`` (`videollm.projectors.WordAnchorProjector`, its
+``anchor_none_logit`` = this ``none_logit``) then turns each token into the mix of its words.
 
-Objective (``objective: dense``, the default). The generator knows where every object is in
-every frame (`videollm.data.synth.visible_coverage`), so each video token gets its own target:
+Objective ``dense`` (the default), per video token k (a frame × a cell of the pooled grid):
 
     z_k  = projector(encoder(clip))_k                 video tokens, k = 1…K      (K, D_llm)
     e_w  = mean input embedding of " w"'s sub-tokens, minus the mean over WORDS   (W, D_llm)
@@ -24,40 +17,21 @@ every frame (`videollm.data.synth.visible_coverage`), so each video token gets i
     loss = Σ_groups mean_k CE(softmax(s_k,group ∪ {none: none_logit}), target_k,group)
            + λ · mean_k (‖z_k‖ / ē − 1)²
 
-A token (a frame × a cell of the pooled grid) whose cell holds an object's centre targets that
-object's colour in that frame, its shape and its motion words (`token_targets`); an empty cell
-targets "none" (every word scored below ``none_logit``; weighted by ``null_weight``); a cell that
-shows only part of an object has no target. So a token says what the object in its place is:
-"what colour is the diamond?" is read where "diamond" is. ``objective: mil`` is the earlier
-per-clip multiple-instance loss (each word of the clip scored by its best token,
-s_w = max_k s_kw): it does not say which token shows what, and learns shape and motion poorly.
+Groups: colours, shapes, motions; targets: `token_targets`. Words are centred because words of one
+kind lie close together (every colour near "colour") and the difference is what must be told
+apart; ē (the mean norm of the LLM's embedding rows) keeps tokens at the scale of words. ``objective:
+mil`` is a per-clip multiple-instance loss instead (each word of the clip scored by its best token).
 
-Groups are colours, shapes and motions. Word embeddings are centred first: the raw rows of words
-of one kind are close to one another (every colour is near "colour"), and what has to be told
-apart is the difference. ē is the mean norm of the LLM's embedding rows, so video tokens sit at
-the scale of words.
-Clips: the three synthetic tasks (`videollm.data.synth`, ``data.num_frames`` frames) and, for
-``needle_fraction`` of each batch, a V-NIAH-style haystack (``haystack_frames`` frames of the
-bundled real clips, which name no word) with a one-frame `make_needle` shape at a random depth, so
-a brief shape in long real video is singled out as well. Clips are rendered on the fly from seeds
-(step, index), so a resumed run sees exactly the clips it would have seen.
-
-Before the main steps, ``stem_steps`` > 0 warms up the encoder's patch stem alone on single frames
-(`warm_stem`), far cheaper a step than the whole encoder on a clip; an encoder's motion stem
-(``motion_gap``), on pairs of frames, to name motion.
-
-Logged: loss, and on ``eval_clips`` held-out clips (seeds never used in training) the top-1
-accuracy, read off the token scores, of the colour, shape and direction of a lone moving object and
-of the needle's shape and colour, and the binding accuracies of `binding` (an attribute read at
-the token that best matches another, as a question about "the diamond" needs) — how much of the
-video the tokens already name; ``stem.json``: the warm-up's held-out cell accuracies.
+Clips come from seeds (step, index), so a resumed run sees the same ones: the three synthetic tasks
+and, for ``needle_fraction`` of a batch, ``haystack_frames`` bundled real frames with a one-frame
+needle shape. ``stem_steps`` > 0 first warms up the patch stem alone (`warm_stem`, ``stem.json``).
+Logged: the loss and, on ``eval_clips`` held-out clips, the accuracies of `evaluate` and `binding`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -70,7 +44,7 @@ import torch.nn.functional as F
 
 from encoder.errors import UserError, run_cli
 from encoder.transforms import frames_to_tensor
-from training.config import config_from_argv
+from training.config import check, config_from_argv, in_range, one_of
 from training.recipe import Engine, Micro, OptimConfig, Recipe, RecipeConfig, lr_schedule, param_groups, run
 from videollm.configuration_videollm import SPATIAL_MERGES
 from videollm.data.haystack import insert_needle, real_clips, segment_haystack
@@ -121,9 +95,8 @@ class GroundConfig(RecipeConfig):
     temperature: float = 15.0  # τ: cosine → logit scale
     norm_weight: float = 0.1  # λ
     null_weight: float = 0.5  # dense: weight of the background tokens' "nothing" loss
-    # dense: the logit of each group's "none" class. At 0 a background token must score every word
-    # below 0, which centred word keys barely allow; a higher logit lets it stay silent. Stage 1's
-    # word anchor reads the tokens as trained when its anchor_none_logit is the same.
+    # dense: the logit of each group's "none" class; above 0 a background token can stay silent, which
+    # centred word keys barely allow at 0. Stage 1's anchor_none_logit should be the same.
     none_logit: float = 0.0
     min_cover: float = 12.0  # dense: pixels of an object a token's cell must show to be about it
     stem_steps: int = 0  # appearance warm-up of the encoder's patch stem before the main steps (0: none)
@@ -136,36 +109,19 @@ class GroundConfig(RecipeConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.data.needle_fraction <= 1.0:
-            raise UserError(f"data.needle_fraction must be in [0, 1]; got {self.data.needle_fraction}")
-        if self.stem_steps < 0 or self.stem_batch < 1:
-            raise UserError(f"stem_steps must be >= 0 and stem_batch >= 1; got {self.stem_steps}, {self.stem_batch}")
-        if not 0.0 <= self.stem_shape_first <= 1.0:
-            raise UserError(f"stem_shape_first must be in [0, 1] (a share of stem_steps); got {self.stem_shape_first}")
-        if self.spatial_merge not in SPATIAL_MERGES:
-            raise UserError(f"spatial_merge must be one of {SPATIAL_MERGES}; got {self.spatial_merge!r}")
-        if self.objective not in ("dense", "mil"):
-            raise UserError(f"objective must be 'dense' or 'mil'; got {self.objective!r}")
-        if self.data.haystack_frames < 2:
-            raise UserError(f"data.haystack_frames must be >= 2; got {self.data.haystack_frames}")
-        if isinstance(self.none_logit, bool) or not isinstance(self.none_logit, (int, float)) \
-                or not math.isfinite(self.none_logit):
-            raise UserError(f"none_logit must be a finite number; got {self.none_logit!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Words and clips
-# ---------------------------------------------------------------------------------------------
+        check(self, {"data.needle_fraction": in_range(0, 1), "stem_steps": in_range(0), "stem_batch": in_range(1),
+                     "stem_shape_first": in_range(0, 1), "spatial_merge": one_of(*SPATIAL_MERGES),
+                     "objective": one_of("dense", "mil"), "data.haystack_frames": in_range(2),
+                     "none_logit": in_range()})
 
 
 def word_embeddings(llm_embeddings: torch.Tensor, tokenizer) -> torch.Tensor:
-    """(W, D): the LLM's embedding of each of `WORDS` (`videollm.modeling_videollm.word_embedding_rows`)."""
+    """(W, D): the LLM's embedding of each of `WORDS`."""
     return word_embedding_rows(llm_embeddings, tokenizer, WORDS)
 
 
 def clip_words(spec) -> set[str]:
-    """The words that name something in a `videollm.data.synth.SynthSpec`: every object's colours
-    (including those it turns into), shape and motion."""
+    """The words of a `SynthSpec`: every object's colours (also those it turns into), shape, motion."""
     words = set()
     for obj in spec.objects:
         words.add(obj.color)
@@ -184,9 +140,8 @@ WORD_GROUPS = {"colors": COLOR_WORDS, "shapes": SHAPE_WORDS, "motions": MOTION_W
 
 
 def group_loss(scores: torch.Tensor, word_sets: list[set[str]]) -> torch.Tensor:
-    """Mean over clips and word groups of the cross-entropy between the softmax of the group's clip
-    scores and the uniform distribution over the group's words present in the clip (a group with
-    no word in the clip, e.g. motion for a needle, is skipped)."""
+    """The ``mil`` loss: mean over clips and groups of the cross-entropy of the group's clip scores
+    against uniform over its words in the clip (none there, e.g. a needle's motion: skipped)."""
     losses = []
     for group in GROUPS:
         idx = [WORDS.index(w) for w in group]
@@ -199,8 +154,7 @@ def group_loss(scores: torch.Tensor, word_sets: list[set[str]]) -> torch.Tensor:
 
 
 def object_words(obj, t: int, needle: bool) -> list[str]:
-    """The words for `obj` as frame t shows it: its colour then, its shape, its motion's words
-    (none for a needle, which does not move)."""
+    """The words for `obj` in frame t: its colour then, its shape, its motion's (not a needle's)."""
     words = [obj.color_at(t), obj.shape]
     if not needle:
         words += _MOTION_TO_WORDS.get(obj.motion, tuple(obj.motion.split("-")))
@@ -209,19 +163,14 @@ def object_words(obj, t: int, needle: bool) -> list[str]:
 
 def token_targets(spec, at: int, num_frames: int, cells: tuple[int, int], min_cover: float,
                   frames: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense targets for the video tokens of a video of `num_frames` frames whose frames
-    ``[at, at + spec.num_frames)`` are `spec` rendered (the rest shows no object): one token per
-    frame and cell of a ``cells`` = (kh, kw) grid, frame-major as the projector orders them.
-    With ``frames`` (spec frame indices), only those frames, in that order (``at`` and
-    ``num_frames`` are then ignored).
-
-    A token is about an object when the object's centre is in the token's cell in that frame and
-    at least ``min_cover`` of its pixels show there (after occlusion); of two such objects, the one
-    that shows more. A cell that shows ``min_cover`` pixels of some object without holding its
-    centre sees only part of it (which shape a corner belongs to is not knowable there): no target.
-    Any other cell is background. Returns ``(targets, about)``: float (K, W), 1 at the words
-    (`object_words`) of the token's object, and int8 (K,): 1 about an object, 0 background (target
-    "no word"), -1 no target."""
+    """Targets for the tokens of a `num_frames`-frame video whose frames ``[at, at + spec.num_frames)``
+    are `spec` rendered (the rest shows no object), one per frame and cell of the ``cells`` = (kh, kw)
+    grid, frame-major as the projector orders them; with `frames` (spec frame indices) only those.
+    A token is about the object whose centre is in its cell and of which at least ``min_cover``
+    pixels show there (after occlusion; of two, the one that shows more). A cell showing part of an
+    object without its centre gets no target (which shape a corner belongs to is not knowable
+    there); any other cell is background. Returns targets (K, W) float, 1 at the words
+    (`object_words`) of the token's object, and about (K,) int8: 1 object, 0 background, -1 none."""
     kh, kw = cells
     S = spec.size
     if S % kh or S % kw:
@@ -257,13 +206,10 @@ def token_targets(spec, at: int, num_frames: int, cells: tuple[int, int], min_co
 
 def dense_loss(token_scores: torch.Tensor, targets: torch.Tensor, about: torch.Tensor,
                groups=GROUPS, none_logit: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy within each word group, with a "no word" class of logit
-    ``none_logit``: tokens about an object → uniform over its words in the group (a group it has no
-    word in, a needle's motion, is skipped); background tokens → "no word", i.e. every word's score
-    below ``none_logit``.
-
-    token_scores, targets (B, K, W); about (B, K): 1 object, 0 background, -1 no target (see
-    `token_targets`). Returns (object-token CE, background CE)."""
+    """Per-token cross-entropy within each word group plus a "no word" class of logit ``none_logit``:
+    object tokens → uniform over its words in the group (none there, e.g. a needle's motion: skipped),
+    background tokens → "no word". token_scores, targets (B, K, W); about (B, K) as `token_targets`'s.
+    Returns (object-token CE, background CE)."""
     obj_terms, null_terms = [], []
     for group in groups:
         idx = [WORDS.index(w) for w in group]
@@ -280,9 +226,8 @@ def dense_loss(token_scores: torch.Tensor, targets: torch.Tensor, about: torch.T
 
 
 class ClipSource:
-    """Seeded clips: ``short(seed)`` is a synthetic clip of a random task, ``needle(seed)`` a
-    real-video haystack with a one-frame needle. Both return (frames uint8 (T, S, S, 3), words,
-    the `SynthClip` drawn, the frame of the video where that clip's first frame is)."""
+    """Seeded clips: ``short`` (a synthetic task) and ``needle`` (a real-video haystack, a one-frame needle),
+    each (frames uint8 (T, S, S, 3), words, the `SynthClip` drawn, the video frame where it starts)."""
 
     def __init__(self, data: GroundData):
         self.data = data
@@ -308,19 +253,17 @@ class ClipSource:
         return video, clip_words(needle.spec), needle, start
 
 
-def batch_seeds(seed: int, step: int, n: int) -> list[int]:
-    """Clip seeds of training step `step` (eval clips use `eval_seeds`, which never collide:
-    training seeds are drawn from a different SeedSequence)."""
-    return [int(s) for s in np.random.SeedSequence([seed, 31, step]).generate_state(n)]
+def batch_seeds(seed: int, step: int, n: int, micro: int = 0) -> list[int]:
+    """Clip seeds of micro-batch `micro` of step `step` (0-based); never `eval_seeds`'s."""
+    return _seeds(n, seed, 31, step, *([micro] if micro else []))
 
 
 def eval_seeds(seed: int, n: int) -> list[int]:
-    return [int(s) for s in np.random.SeedSequence([seed, 37]).generate_state(n)]
+    return _seeds(n, seed, 37)
 
 
-# ---------------------------------------------------------------------------------------------
-# Objective
-# ---------------------------------------------------------------------------------------------
+def _seeds(n: int, *keys: int) -> list[int]:
+    return [int(s) for s in np.random.SeedSequence(list(keys)).generate_state(n)]
 
 
 class WordScorer(torch.nn.Module):
@@ -350,40 +293,37 @@ def _pixels(frames: list[np.ndarray], size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], size: int,
              cells: tuple[int, int], min_cover: float = 12.0) -> dict[str, float]:
-    """Top-1 word accuracy, within each word group, for the motion task's moving object and for the
-    needle (its shape and colour), read off the best token of the clip; and per token about the
-    moving object (`token_targets`), its motion words (``motion_token``) and, for the four plain
-    directions, its direction (``direction_token``)."""
+    """Top-1 word accuracy within each group, read off the clip's best token, for the motion task's
+    moving object and the needle; and per token about the moving object, its motion words
+    (``motion_token``) and plain direction (``direction_token``)."""
     model.eval()
     hits: dict[str, list[bool]] = {"color": [], "shape": [], "direction": [], "needle_shape": [], "needle_color": [],
                                    "motion_token": [], "direction_token": []}
-    groups = {"color": COLOR_WORDS, "shape": SHAPE_WORDS}
+    plain = ("left", "right", "up", "down")  # the four plain directions: one word each
     for i, s in enumerate(seeds):
-        if i % 2 == 0:
+        moving = i % 2 == 0
+        if moving:
             clip = make_clip(s, source.data.num_frames, size, "motion", distractors=0)
-            frames, obj = clip.frames, clip.spec.objects[0]
+            frames = clip.frames
         else:
-            frames, _, needle, _ = source.needle(s)
-            obj = needle.spec.objects[0]
+            frames, _, clip, _ = source.needle(s)
+        obj = clip.spec.objects[0]
         scores = scorer.token_scores(model.get_video_features(_pixels([frames], size)))[0]  # (K, W)
-        if i % 2 == 0:  # per token about the object: its motion words, and its plain direction
-            targets, about = token_targets(clip.spec, 0, len(frames), cells, min_cover)
-            hits["motion_token"] += _token_hits(scores, targets, about, MOTION_WORDS)
-            if "-" not in obj.motion and obj.motion in MOTION_WORDS:
-                hits["direction_token"] += _token_hits(scores, targets, about, ("left", "right", "up", "down"))
         tok = scores.amax(dim=0)  # (W,): the clip's best token for each word
 
         def best(words):
             return words[int(tok[[WORDS.index(w) for w in words]].argmax())]
 
-        if i % 2 == 0:
-            hits["color"].append(best(groups["color"]) == obj.color)
-            hits["shape"].append(best(groups["shape"]) == obj.shape)
-            if "-" not in obj.motion:  # the four plain directions: one word each
-                hits["direction"].append(best(("left", "right", "up", "down")) == obj.motion)
-        else:
-            hits["needle_shape"].append(best(groups["shape"]) == obj.shape)
-            hits["needle_color"].append(best(groups["color"]) == obj.color)
+        prefix = "" if moving else "needle_"
+        hits[prefix + "color"].append(best(COLOR_WORDS) == obj.color)
+        hits[prefix + "shape"].append(best(SHAPE_WORDS) == obj.shape)
+        if moving:
+            if "-" not in obj.motion:
+                hits["direction"].append(best(plain) == obj.motion)
+            targets, about = token_targets(clip.spec, 0, len(frames), cells, min_cover)
+            hits["motion_token"] += _token_hits(scores, targets, about, MOTION_WORDS)
+            if obj.motion in MOTION_WORDS:
+                hits["direction_token"] += _token_hits(scores, targets, about, plain)
     hits.update(binding(model, scorer, seeds, source.data.num_frames, size, cells))
     model.train()
     return {f"acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
@@ -400,10 +340,10 @@ def _token_hits(scores: torch.Tensor, targets: torch.Tensor, about: torch.Tensor
 @torch.no_grad()
 def binding(model, scorer: WordScorer, seeds: list[int], frames: int, size: int,
             cells: tuple[int, int]) -> dict[str, list[bool]]:
-    """Can one attribute be read where another is, as a question like "what colour is the star?"
-    needs? On ``count`` clips of 1–4 objects, per object: the token that scores its shape highest,
-    read for its colour in that frame (``bind_color``) and its motion (``bind_motion``); the token
-    that scores its colour highest, read for its shape (``bind_shape``)."""
+    """Can one attribute be read where another is ("what colour is the star?")? On ``count`` clips,
+    per object: the token scoring its shape highest, read for its colour in that frame
+    (``bind_color``) and its motion (``bind_motion``); the one scoring its colour highest, read for
+    its shape (``bind_shape``)."""
     hits: dict[str, list[bool]] = {"bind_color": [], "bind_shape": [], "bind_motion": []}
     per_frame = cells[0] * cells[1]
     for s in seeds:
@@ -422,16 +362,11 @@ def binding(model, scorer: WordScorer, seeds: list[int], frames: int, size: int,
     return hits
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
 def _stem_frames(source: ClipSource, seeds: list[int], cells: tuple[int, int], min_cover: float, gap: int = 0):
     """One frame per seed and its dense targets: a random frame of a short synthetic clip, or (one
-    seed in 8) a frame of a bundled real clip, which is all background. With ``gap`` > 0 (an
-    encoder with a motion stem) each sample is the frame ``gap`` before it and the frame, and the
-    targets are the second's. Returns pixels (B, 3, 1 or 2, S, S), targets (B, k, W), about (B, k)."""
+    seed in 8) of a bundled real clip (all background). With ``gap`` > 0 (a motion stem) a sample is
+    the frame ``gap`` before and the frame. Returns pixels (B, 3, 1|2, S, S), targets (B, k, W),
+    about (B, k)."""
     frames, targets, about = [], [], []
     k = cells[0] * cells[1]
     for s in seeds:
@@ -440,22 +375,20 @@ def _stem_frames(source: ClipSource, seeds: list[int], cells: tuple[int, int], m
             src = source.real[int(rng.integers(len(source.real)))]
             t = int(rng.integers(min(gap, len(src) - 1), len(src)))
             frames.append(src[[max(t - gap, 0), t] if gap else [t]])
-            targets.append(torch.zeros(k, len(WORDS)))
-            about.append(torch.zeros(k, dtype=torch.int8))
-            continue
-        spec = source.short_spec(s)
-        t = int(rng.integers(min(gap, spec.num_frames - 1), spec.num_frames))
-        tg, ab = token_targets(spec, 0, 1, cells, min_cover, frames=[t])
-        frames.append(render(spec, [max(t - gap, 0), t] if gap else [t]))
+            tg, ab = torch.zeros(k, len(WORDS)), torch.zeros(k, dtype=torch.int8)
+        else:
+            spec = source.short_spec(s)
+            t = int(rng.integers(min(gap, spec.num_frames - 1), spec.num_frames))
+            tg, ab = token_targets(spec, 0, 1, cells, min_cover, frames=[t])
+            frames.append(render(spec, [max(t - gap, 0), t] if gap else [t]))
         targets.append(tg)
         about.append(ab)
     return _pixels(frames, source.data.size), torch.stack(targets), torch.stack(about)
 
 
 class StemHead(torch.nn.Module):
-    """Word scores of each token cell straight from a patch stem: the last frame's patch features
-    (B, D, T, h, w), max-pooled over the cell's patches (where in the cell the object is does not
-    matter), then one linear layer. Only used to warm the stem up; thrown away after."""
+    """Word scores of each token cell from a patch stem (used by the warm-up only): the last
+    frame's patch features (B, D, T, h, w) max-pooled over the cell, then one linear layer."""
 
     def __init__(self, dim: int, pool: int):
         super().__init__()
@@ -468,9 +401,8 @@ class StemHead(torch.nn.Module):
 
 
 def _stem_features(emb, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The appearance stem's patch features of the last frame of `pixels` (B, 3, T, S, S), and the
-    motion stem's (None without one), each (B, D, 1, h, w): warmed up apart, so that neither
-    takes the other's channels."""
+    """The appearance stem's patch features of the last frame of `pixels` (B, 3, T, S, S) and the
+    motion stem's (None without one), each (B, D, 1, h, w); apart, so neither takes the other's channels."""
     appearance = emb.appearance_features(pixels[:, :, -1:])
     if not emb.motion_gap:
         return appearance, None
@@ -479,32 +411,20 @@ def _stem_features(emb, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def stem_groups(cfg: GroundConfig, step: int) -> tuple[tuple[str, ...], ...]:
-    """The word groups warm-up step `step` trains: shape alone for the first ``stem_shape_first``
-    of the steps, then colour and shape."""
+    """The word groups warm-up step `step` trains: shape alone during ``stem_shape_first``, then both."""
     if step < round(cfg.stem_shape_first * cfg.stem_steps):
         return (SHAPE_WORDS,)
     return (COLOR_WORDS, SHAPE_WORDS)
 
 
 def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, int]) -> dict[str, float]:
-    """The appearance warm-up (``stem_steps`` > 0): train the encoder's patch stem alone, on single
-    frames, to name the colour and shape of the object in each token cell (the main objective's
-    dense targets and loss without motion, which one frame does not show, read by a `StemHead`).
-
-    Why: the full encoder learns shape very slowly from these clips, while its convolutional stem
-    alone (``patch_stem="conv"``) learns it quickly and cheaply. So the cheap part learns what
-    things look like first, and the main steps teach the blocks and the projector to carry it into
-    the video tokens; with ``stem_skip`` the projector reads the stem directly, so what the stem
-    tells apart survives the main steps (docs/experiments.md has the probes).
-
-    Colour is learned fast and, trained together with shape from the first step, takes the stem's
-    few channels first: ``stem_shape_first`` of the steps train shape alone.
-
-    An encoder with a motion stem (``motion_gap`` g > 0, `encoder.layers.PatchEmbed3D`) warms it
-    up too, on pairs of frames g apart, to name each cell's motion words from the pair's
-    difference; it has its own head and its own loss from the first step, so it takes nothing from
-    the appearance stem. The warm-up's schedule is the recipes' one (`lr_schedule`: 5% warm-up,
-    cosine to 0.1). Returns held-out cell accuracies (``stem_acc_*``)."""
+    """Train the encoder's patch stem alone, on single frames, to name the colour and shape of the
+    object in each token cell (the dense loss, read by a `StemHead`); returns held-out accuracies.
+    Why: the full encoder learns shape slowly from these clips, its convolutional stem alone quickly
+    and cheaply; the main steps then carry what the stem tells apart into the tokens (with
+    ``stem_skip`` the projector reads the stem directly). Colour, learned fast, would take the
+    stem's few channels first, so ``stem_shape_first`` of the steps train shape alone. A motion stem
+    (``motion_gap`` g > 0) warms up too, on frame pairs g apart, with its own head and loss."""
     emb = model.vision_tower.embeddings.patch_embed
     gap = emb.motion_gap
     dim = model.config.vision_config.embed_dim
@@ -513,8 +433,8 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     opt = torch.optim.AdamW([*emb.parameters(), *head.parameters(), *motion_head.parameters()], lr=cfg.stem_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(max(1, cfg.stem_steps // 20), cfg.stem_steps, 0.1))
     for step in range(cfg.stem_steps):
-        seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 41, step]).generate_state(cfg.stem_batch)]
-        pixels, targets, about = _stem_frames(source, seeds, cells, cfg.min_cover, gap)
+        pixels, targets, about = _stem_frames(source, _seeds(cfg.stem_batch, cfg.seed, 41, step), cells,
+                                              cfg.min_cover, gap)
         appearance, motion = _stem_features(emb, pixels)
         ce_obj, ce_null = dense_loss(head(appearance), targets, about, stem_groups(cfg, step))
         loss = ce_obj + cfg.null_weight * ce_null
@@ -527,22 +447,18 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
         sched.step()
         if (step + 1) % max(1, cfg.stem_steps // 10) == 0:
             logger.info("stem step %d loss %.4f", step + 1, float(loss.detach()))
-    hits: dict[str, list[bool]] = {}
     with torch.no_grad():
-        seeds = [int(s) for s in np.random.SeedSequence([cfg.seed, 43]).generate_state(256)]
-        pixels, targets, about = _stem_frames(source, seeds, cells, cfg.min_cover, gap)
+        pixels, targets, about = _stem_frames(source, _seeds(256, cfg.seed, 43), cells, cfg.min_cover, gap)
         appearance, motion = _stem_features(emb, pixels)
-        reads = [("color", COLOR_WORDS, head(appearance)), ("shape", SHAPE_WORDS, head(appearance))]
+        reads = {"color": (COLOR_WORDS, head(appearance)), "shape": (SHAPE_WORDS, head(appearance))}
         if motion is not None:
-            reads.append(("motion", MOTION_WORDS, motion_head(motion)))
-        for name, group, scores in reads:
-            hits[name] = _token_hits(scores, targets, about, group)
+            reads["motion"] = (MOTION_WORDS, motion_head(motion))
+        hits = {name: _token_hits(scores, targets, about, group) for name, (group, scores) in reads.items()}
     return {f"stem_acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
 
 
 def build_model(cfg: GroundConfig):
-    """(VideoLLM with a plain "mlp" projector, encoder and projector trainable, LLM frozen; its
-    processor; the `WordScorer` over the LLM's word embeddings)."""
+    """(VideoLLM with an "mlp" projector, its LLM frozen; processor; `WordScorer` of the LLM's words)."""
     projector = {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
                  "stem_skip": cfg.stem_skip}
     model, processor = build_videollm(cfg.llm, cfg.encoder, num_frames=cfg.data.num_frames, image_size=cfg.data.size,
@@ -555,19 +471,11 @@ def build_model(cfg: GroundConfig):
     return model, processor, scorer
 
 
-def batch_seeds_of(seed: int, step: int, micro: int, n: int) -> list[int]:
-    """Clip seeds of micro-batch `micro` of step `step` (1-based); micro-batch 0 is `batch_seeds`."""
-    if micro == 0:
-        return batch_seeds(seed, step - 1, n)
-    return [int(s) for s in np.random.SeedSequence([seed, 31, step - 1, micro]).generate_state(n)]
-
-
 class Ground(Recipe):
     name = "ground"
 
     def setup(self, engine: Engine):
         cfg = self.cfg
-        self.engine = engine
         model, self.processor, self.scorer = build_model(cfg)
         self.scorer.to(engine.device)
         self.source = ClipSource(cfg.data)
@@ -593,7 +501,7 @@ class Ground(Recipe):
     def loss(self, model, step: int, micro: int) -> Micro:
         cfg = self.cfg
         n_needle = round(cfg.batch_size * cfg.data.needle_fraction)
-        seeds = batch_seeds_of(cfg.seed, step, micro, cfg.batch_size)
+        seeds = batch_seeds(cfg.seed, step - 1, cfg.batch_size, micro)
         device = self.engine.device
         loss = torch.zeros((), device=device)
         parts = {}
@@ -630,8 +538,7 @@ class Ground(Recipe):
 
 
 def train(cfg: GroundConfig) -> dict[str, Any]:
-    """Run (or resume) grounding; returns the last metrics record (with the held-out accuracies)
-    and ``final``, the grounded VideoLLM's folder."""
+    """Run (or resume) grounding: the last metrics record and ``final``, the VideoLLM's folder."""
     return run(Ground(cfg))
 
 
