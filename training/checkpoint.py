@@ -1,10 +1,9 @@
 """Atomic, resumable checkpoints and a metrics log that stays consistent across resumes.
 
-``<run>/checkpoint-<step>/`` holds ``trainable.safetensors`` (trainable parameters and buffers,
-never frozen weights such as a base LLM) or the files a caller writes itself (DeepSpeed's state),
-``training_state.pt`` (optimizer, scheduler, RNG states, step, extras) and ``config.yaml``. It is
-written under a temporary name and renamed into place, then ``<run>/latest`` (naming it) is
-replaced atomically, so a run killed at any moment leaves the previous checkpoint or the new one.
+``<run>/checkpoint-<step>/`` holds ``trainable.safetensors`` (never frozen weights such as a base
+LLM) or DeepSpeed's files, ``training_state.pt`` (optimizer, scheduler, RNG, step, extras) and
+``config.yaml``; renamed into place, then named by ``<run>/latest``, so a killed run leaves the
+previous checkpoint or the new one.
 """
 
 from __future__ import annotations
@@ -77,8 +76,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module | None = None, optimizer=None,
                     scheduler=None) -> dict[str, Any]:
-    """Load what `save_checkpoint` wrote into `model` (its trainable state), `optimizer`,
-    `scheduler` and the global RNGs; returns ``{"step", "extra"}``."""
+    """Load a `save_checkpoint` into `model`, `optimizer`, `scheduler`, the RNGs; ``{"step", "extra"}``."""
     path = Path(path)
     if model is not None:
         missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)

@@ -4,18 +4,12 @@
     videollm classify --config … mode=linear data.label_fraction=0.1 encoder=nano     # a scratch encoder
     videollm classify --config training/configs/classify_list.yaml data.source=k400/train/ data.val_source=k400/val/
 
-Data (``data.source``): a folder with one sub-folder per class (the test folder ``data.val_source``
-is numbered by the training folder's classes), ``path,label`` list files, or ``synth`` (seeds
-``train_seed + i`` for training, ``val_seed + i`` for testing). ``data.label_fraction`` keeps a
-fixed, seeded subset of the training labels.
-
-Model: the encoder + pooled tokens (`VideoClassifier`) + a linear head. ``mode=finetune`` trains
-everything; ``mode=linear`` freezes the encoder, extracts features once and trains a BatchNorm (no
-affine) + linear head without weight decay or clipping, as MAE's linear probe.
-
-Test: the logits of ``test_clips`` uniformly spaced clips per video are averaged; top-1 / top-5 go
-to the metrics and ``output_dir/results.json``; the classifier to ``output_dir/final``
-(`load_classifier`).
+Data: a folder with one sub-folder per class (``data.val_source`` is numbered by the training
+folder's classes), ``path,label`` list files, or ``synth`` (seeds ``train_seed + i`` / ``val_seed +
+i``). ``mode=finetune`` trains everything; ``mode=linear`` freezes the encoder, extracts features
+once and trains a BatchNorm (no affine) + linear head without weight decay or clipping, as MAE's
+linear probe. The test averages the logits of ``test_clips`` clips per video; top-1 / top-5 go to
+the metrics and ``output_dir/results.json``, the classifier to ``output_dir/final`` (`load_classifier`).
 """
 
 from __future__ import annotations
@@ -90,12 +84,8 @@ class ClassifyConfig(RecipeConfig):
 
 
 class VideoClassifier(nn.Module):
-    """encoder → pooled features (B, F) → [BatchNorm] → Linear → logits (B, C).
-
-    ``pool``: ``mean`` of all patch tokens (F = D), the ``cls`` token (F = D), or ``time``: the
-    mean patch token of each frame, concatenated in frame order (F = T·D), so the head itself sees
-    *when* something is where — a mean over all tokens discards the order of the frames.
-    """
+    """encoder → pooled features (B, F) → [BatchNorm] → Linear → logits (B, C). ``pool``: ``mean`` /
+    ``cls`` (F = D), or ``time``: each frame's mean patch token in order (F = T·D), to keep *when*."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "mean", probe_norm: bool = False):
         super().__init__()
@@ -122,8 +112,7 @@ class VideoClassifier(nn.Module):
         return self.head(self.norm(self.features(pixel_values)))  # (B, C)
 
     def save(self, directory: Path, classes: list[str] | None = None) -> None:
-        """``encoder/`` (save_pretrained), ``classifier.safetensors`` (norm + head) and
-        ``classifier.json`` (what `load_classifier` needs to rebuild it)."""
+        """``encoder/``, ``classifier.safetensors`` (norm + head), ``classifier.json`` (its settings)."""
         directory = Path(directory)
         self.encoder.save_pretrained(directory / "encoder")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
@@ -134,8 +123,7 @@ class VideoClassifier(nn.Module):
 
 
 def load_classifier(path: str | Path) -> tuple[VideoClassifier, list[str] | None]:
-    """A classifier `VideoClassifier.save` wrote (e.g. ``<classify run>/final``), in eval mode,
-    and its class names (None for integer labels)."""
+    """A saved classifier (``<classify run>/final``) in eval mode and its class names (or None)."""
     path = Path(path)
     if not (path / "classifier.json").is_file():
         raise UserError(f"'{path}' is not a saved classifier (no classifier.json); give <classify run>/final")
@@ -177,7 +165,6 @@ def build_sources(cfg: ClassifyConfig):
         num_classes = cfg.num_classes or (len(train.classes) if train.classes is not None
                                           else max(it.label for it in train.items + val.items) + 1)
         n_train = len(train)
-    # A fixed, seeded subset of the training labels.
     k = max(1, round(d.label_fraction * n_train))
     subset = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:k].tolist()
     return train, val, sorted(subset), num_classes, train.classes
@@ -247,10 +234,7 @@ class Classify(Recipe):
         return model
 
     def _train_mode(self, model) -> None:
-        if self.linear:
-            model.norm.train()
-        else:
-            model.train()
+        (model.norm if self.linear else model).train()
 
     def _epoch_order(self, epoch: int) -> list[int]:
         """The order in which epoch `epoch` visits the labelled clips (a pure function of seed and epoch)."""
@@ -288,8 +272,7 @@ class Classify(Recipe):
 
 def train(cfg: ClassifyConfig) -> dict:
     """Train (or resume) and test; returns the results also written to ``output_dir/results.json``."""
-    t_start = time.time()
-    recipe = Classify(cfg)
+    t_start, recipe = time.time(), Classify(cfg)
     summary = run(recipe)
     results_file = Path(cfg.output_dir) / "results.json"
     if "top1" not in summary:
@@ -298,11 +281,10 @@ def train(cfg: ClassifyConfig) -> dict:
         if results_file.is_file():  # resumed a finished run: nothing new was trained or tested
             return json.loads(results_file.read_text())
         raise UserError(f"'{cfg.output_dir}' finished training but holds no results.json; choose another output_dir")
-    result = {k: summary[k] for k in ("top1", "top5", "num_test")}
-    result.update({"mode": cfg.mode, "encoder": cfg.encoder, "num_classes": recipe.num_classes,
-                   "classes": recipe.classes, "num_train_labeled": len(recipe.subset), "test_clips": cfg.test_clips,
-                   "steps": summary["step"], "train_loss": summary["loss"], "skipped": summary["skipped"],
-                   "final": summary["final"], "seconds": round(time.time() - t_start, 1)})
+    result = {**{k: summary[k] for k in ("top1", "top5", "num_test")}, "mode": cfg.mode, "encoder": cfg.encoder,
+              "num_classes": recipe.num_classes, "classes": recipe.classes, "num_train_labeled": len(recipe.subset),
+              "test_clips": cfg.test_clips, "steps": summary["step"], "train_loss": summary["loss"],
+              "skipped": summary["skipped"], "final": summary["final"], "seconds": round(time.time() - t_start, 1)}
     results_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -110,14 +110,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, where)
             except UserError as err:
                 errors.append(str(err))
-        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise UserError(errors[0])
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a section (mapping), got {value!r}")
@@ -180,9 +178,8 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     update = _nest(parse_overrides(overrides or []))
     _check_keys(cls, update, "", "on the command line")
     cfg = _from_dict(cls, _merge(data, update), "")
-    post = getattr(cfg, "validate", None)
-    if callable(post):
-        post()
+    if callable(getattr(cfg, "validate", None)):
+        cfg.validate()
     return cfg
 
 
@@ -204,12 +201,10 @@ def in_range(low=-math.inf, high=math.inf, *, low_open=False, high_open=False, n
 
 
 def check(cfg: Any, rules: dict[str, Any]) -> None:
-    """A UserError naming the first (dotted) key of `rules` whose value in `cfg` breaks its rule
-    (`one_of`, `in_range`)."""
+    """A UserError naming the first dotted key of `rules` whose value breaks its rule."""
     for key, rule in rules.items():
         value = operator.attrgetter(key)(cfg)
-        need = rule(value)
-        if need:
+        if need := rule(value):
             raise UserError(f"{key} must be {need}; got {value!r}")
 
 
@@ -224,9 +219,6 @@ def to_yaml(cfg: Any) -> str:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     atomic_write_text(Path(path), to_yaml(cfg))
-
-
-# ---- --help: every key with its default -------------------------------------------------------------
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -284,8 +276,7 @@ def keys_help(cls: type) -> str:
 
 
 def config_from_argv(cls: type[T], prog: str, doc: str, argv: list[str] | None, example: str) -> T:
-    """A recipe's command line: ``--config FILE`` plus ``key=value`` overrides → the config `cls`.
-    Also sets up INFO logging unless the caller configured logging already."""
+    """A recipe's command line (``--config FILE`` + ``key=value`` overrides) → `cls`; INFO logging."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=keys_help(cls),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file under training/configs/ (defaults if omitted)")

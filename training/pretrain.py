@@ -4,12 +4,10 @@
     videollm pretrain --config training/configs/pretrain_nano_synth.yaml data.source=my_videos/ output_dir=runs/x
     accelerate launch -m training.pretrain --config training/configs/pretrain_nano_synth.yaml   # multi-GPU
 
-The objective (VideoMAP, or the MAE / UMT baselines) is `encoder.pretrain.VideoMAPPretrainer`,
-run on the recipe skeleton (`training.recipe`). Data (``data.source``): synthetic clips, a folder of
-videos, or a ``path[,label]`` list file (labels unused). Every random draw of step s (clips, frames,
-masked tokens) comes from generators seeded by (seed, s, micro-batch, process), so a resumed run has
-the losses of the uninterrupted one. The trained encoder goes to ``output_dir/encoder``
-(`save_pretrained`: ``VideoMAPModel.from_pretrained`` and the VideoLLM load it).
+The objective (VideoMAP, or the MAE / UMT baselines) is `encoder.pretrain.VideoMAPPretrainer`.
+Every random draw of step s (clips, frames, masked tokens) comes from generators seeded by (seed, s,
+micro-batch, process), so a resumed run has the losses of the uninterrupted one. The encoder goes
+to ``output_dir/encoder`` (`save_pretrained`: ``VideoMAPModel.from_pretrained`` and the VideoLLM load it).
 """
 
 from __future__ import annotations
@@ -127,8 +125,7 @@ class Pretrain(Recipe):
 
 
 def train(cfg: PretrainConfig) -> dict:
-    """Run (or resume) pretraining: the last metrics record with ``encoder``, the saved encoder's
-    folder (None when stop_after ended the run early)."""
+    """Run (or resume) pretraining: the last metrics record with ``encoder``, the saved encoder's folder."""
     summary = run(Pretrain(cfg))
     return {**summary, "encoder": summary["final"]}
 

@@ -1,36 +1,31 @@
-"""The one recipe skeleton that pretrain, classify, ground and finetune run on (torchtune's
-recipes are the model: an explicit loop, the shared parts written once).
+"""The one recipe skeleton of pretrain, classify, ground and finetune (as torchtune's recipes: an
+explicit loop, the shared parts written once).
 
-A recipe is a `Recipe` subclass: its config, ``setup(engine) -> module to train``, ``loss(model,
-step, micro) -> Micro``, ``save_final(model, directory)`` and optionally ``evaluate``,
-``extra_state`` / ``load_extra_state``. `run(recipe)` does the rest alike for every recipe: refuses
-a folder that holds a run unless ``resume=true``; writes ``config.yaml``; seeds; AdamW over
-`param_groups` with the one `lr_schedule`; accumulation, clipping and ``precision`` through the
-`Engine`; ``metrics.jsonl`` and progress; atomic checkpoints (trainable weights, optimizer,
-scheduler, RNG, extras; the data position is the step, as recipes draw batches as a pure function
-of it), exact resume and ``stop_after``; the final model in ``output_dir/<final_name>``.
+A `Recipe` brings its config, ``setup``, ``loss`` per micro-batch and ``save_final``; `run` does the
+rest alike for all: refuses a folder that holds a run unless ``resume=true``, seeds, AdamW over
+`param_groups` with `lr_schedule`, accumulation, clipping and precision through the `Engine`,
+``metrics.jsonl``, atomic checkpoints with exact resume (recipes draw batches as a pure function of
+the step) and ``stop_after``, and the final model in ``output_dir/<final_name>``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
 import math
-import random
 import shutil
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, set_seed
 from tqdm import tqdm
 
 from encoder.errors import UserError
@@ -120,10 +115,8 @@ def lr_schedule(warmup: int, total: int, min_ratio: float = 0.0):
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
                  lrs: dict[str, float | None] | None = None) -> list[dict]:
-    """AdamW groups over the trainable parameters of `model`: weight decay on matrices only (none
-    on norms, biases, 1-D tensors and parameters tagged ``_no_weight_decay`` such as position
-    tables), and a parameter whose name starts with a prefix of `lrs` at that prefix's lr (None:
-    `lr`). The schedule scales every group alike."""
+    """AdamW groups over the trainable parameters: weight decay on matrices only (not on 1-D or
+    ``_no_weight_decay``-tagged ones), and a name starting with a prefix of `lrs` at its lr (None: `lr`)."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -135,15 +128,13 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
 
 
 class Engine:
-    """Where the steps run (device, precision, DeepSpeed, through accelerate) and how many processes
-    share them: rank-aware logging and saving go through ``is_main``, data sharding through
-    ``rank`` / ``world``. The `Accelerator` is made in `prepare`, after the model: with a DeepSpeed
-    plugin active, transformers would load weights the ZeRO-3 way, and the edits after loading
-    (the ``<video>`` rows) would hit unmaterialised shards."""
+    """Where the steps run (device, precision, DeepSpeed via accelerate), by how many processes
+    (``is_main``, ``rank``, ``world``). The `Accelerator` is made after the model: with a DeepSpeed
+    plugin active, transformers would load weights the ZeRO-3 way, unready for edits (``<video>``)."""
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
-        self.state = state = PartialState()
+        state = PartialState()
         self.is_main, self.rank, self.world = state.is_main_process, state.process_index, state.num_processes
         self.device: torch.device = state.device
         self.wait = state.wait_for_everyone
@@ -230,8 +221,7 @@ class Engine:
 
 @dataclass
 class Micro:
-    """One micro-batch's result: the loss to backpropagate, scalar logs (averaged over the step's
-    micro-batches) and how many samples it held (throughput)."""
+    """One micro-batch's loss, scalar logs (averaged over the step) and sample count (throughput)."""
 
     loss: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
@@ -239,8 +229,7 @@ class Micro:
 
 
 class Recipe:
-    """What a recipe brings to `run` (see the module docstring); the defaults do nothing. `run`
-    sets ``engine`` before `setup`."""
+    """What a recipe brings to `run`; the defaults do nothing. `run` sets ``engine`` before `setup`."""
 
     name = "recipe"
     final_name = "final"
@@ -301,8 +290,7 @@ def open_run(run_dir: Path, resume: bool) -> Path | None:
 
 
 class Progress:
-    """A tqdm bar on a terminal; otherwise (a log file, a scheduler) a log line with the ETA at
-    every logged step."""
+    """A tqdm bar on a terminal, else (a log file) a log line with the ETA at every logged step."""
 
     def __init__(self, name: str, start: int, stop: int, total: int, enabled: bool):
         self.name, self.start, self.stop, self.total, self.enabled = name, start, stop, total, enabled
@@ -311,16 +299,13 @@ class Progress:
             if enabled and sys.stderr.isatty() else None
 
     def update(self, record: dict, logged: bool) -> None:
-        if not self.enabled:
-            return
-        step = record["step"]
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
                                   if k in ("loss", "eval_loss", "top1") and isinstance(v, float)})
+        if not self.enabled or self.bar is not None or not logged:
             return
-        if not logged:
-            return
+        step = record["step"]
         per_step = (time.perf_counter() - self.t0) / max(1, step - self.start)
         eta = per_step * (self.stop - step)
         eta = f"{eta:.0f} s" if eta < 90 else f"{eta / 60:.0f} min" if eta < 5400 else f"{eta / 3600:.1f} h"
@@ -335,8 +320,8 @@ class Progress:
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
-    """Train `recipe` (or continue it): returns the last metrics record with ``step``,
-    ``output_dir`` and ``final`` (the final model's folder; None when ``stop_after`` ended early)."""
+    """Train `recipe` (or continue it): the last metrics record with ``output_dir`` and ``final``
+    (the final model's folder; None when ``stop_after`` ended early)."""
     cfg = recipe.cfg
     cfg.validate()
     run_dir = Path(cfg.output_dir)
@@ -344,9 +329,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     resume_from = open_run(run_dir, cfg.resume)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)  # random, numpy, torch
     config_yaml = to_yaml(cfg)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,11 @@
 """Video clips for the encoder recipes (pretraining, classification).
 
-`open_video_source` opens a recipe's ``data.source`` as an object with ``load(i, rng) -> (clip
-(3, T, S, S) float, label)``: ``synth`` (`SynthSource`: clips rendered on the fly from their seed);
-a folder (every video under it, labelled by the first sub-folder it sits in, Kinetics-style); or a
-list file of ``path[,label]`` lines (a space also separates; relative paths resolve against
-``root``, else the list's folder). Folders and list files are decoded by `VideoFileSource`.
-
+`open_video_source` opens ``data.source`` as an object with ``load(i, rng) -> (clip (3, T, S, S),
+label)``: ``synth`` (`SynthSource`, rendered from seeds), a folder (every video under it, labelled
+by its first sub-folder, Kinetics-style) or a ``path[,label]`` list file (`VideoFileSource`).
 Sampling is a pure function of (seed, step, micro-batch) through `step_rng`, so a resumed run draws
-the clips the uninterrupted run would have. `load_batch` skips a video that fails to decode,
-counted by `SkipTracker`, which stops the run past ``max_skipped`` distinct bad files (the list
-itself is then probably wrong).
+the same clips. `load_batch` skips undecodable videos; `SkipTracker` stops the run past
+``max_skipped`` distinct bad files (the list itself is then probably wrong).
 """
 
 from __future__ import annotations
@@ -81,9 +77,8 @@ def read_list_file(list_file: str | Path, root: str | Path | None = None) -> lis
 
 
 def scan_folder(folder: str | Path, classes: list[str] | None = None) -> tuple[list[VideoItem], list[str]]:
-    """Every video under `folder` (sorted), labelled by the first sub-folder it sits in, and the
-    class names (sorted; or `classes` as given, e.g. the training folder's for a test folder).
-    Videos directly in `folder` have no label."""
+    """Every video under `folder` (sorted), labelled by the first sub-folder it sits in (none directly
+    in `folder`), and the class names (sorted, or `classes`: e.g. the training folder's)."""
     folder = Path(folder)
     videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
     if not videos:
@@ -96,18 +91,14 @@ def scan_folder(folder: str | Path, classes: list[str] | None = None) -> tuple[l
     items = []
     for p in videos:
         parts = p.relative_to(folder).parts
-        label = None
-        if len(parts) > 1:
-            if parts[0] not in index:
-                raise UserError(f"'{p}': class '{parts[0]}' is not one of the training classes ({', '.join(classes)})")
-            label = index[parts[0]]
-        items.append(VideoItem(p, label, str(p)))
+        if len(parts) > 1 and parts[0] not in index:
+            raise UserError(f"'{p}': class '{parts[0]}' is not one of the training classes ({', '.join(classes)})")
+        items.append(VideoItem(p, index[parts[0]] if len(parts) > 1 else None, str(p)))
     return items, classes
 
 
 class VideoFileSource:
-    """Clips decoded from video files (a folder's or a list file's). ``classes``: the class names
-    of a folder, None for a list file (its labels are class indices)."""
+    """Clips decoded from video files; ``classes``: a folder's class names (None for a list file)."""
 
     def __init__(self, items: list[VideoItem], num_frames: int, size: int, train: bool = True,
                  classes: list[str] | None = None):
@@ -129,8 +120,7 @@ class VideoFileSource:
         return frames_to_tensor(clip.frames, self.size), -1 if item.label is None else item.label
 
     def load_clips(self, i: int, num_clips: int) -> tuple[torch.Tensor, int]:
-        """Multi-clip test: the video is split into `num_clips` equal segments and each is sampled
-        uniformly with T frames → (K, 3, T, S, S)."""
+        """`num_clips` equal segments of the video, T uniform frames each → (K, 3, T, S, S)."""
         item = self.items[i]
         T = self.num_frames
         frames = read_video(item.path, T * num_clips, mode="uniform").frames  # (K·T, H, W, 3)
@@ -139,22 +129,19 @@ class VideoFileSource:
 
 
 class SynthSource:
-    """Synthetic clips on the fly: item i is ``make_clip(base_seed + i)`` (index = seed offset).
-
-    Scene options for the motion task: ``background`` (None: the generator's random mix; "plain":
-    a plain background, alternating by seed; or one `videollm.data.synth.BACKGROUNDS` name) and
-    ``distractors`` (None: 0–2 static extra objects at random; n: exactly n)."""
+    """Item i is ``make_clip(base_seed + i)``. Motion scene: ``background`` (None: random mix; "plain":
+    plain ones by seed; a `BACKGROUNDS` name), ``distractors`` (None: 0–2 at random; n: exactly n)."""
 
     def __init__(self, num_frames: int, size: int, task: str = "motion", base_seed: int = 0, size_hint: int = 0,
                  background: str | None = None, distractors: int | None = None):
         check_clip_args(num_frames, size, task)
         self.num_frames, self.size, self.task, self.base_seed = num_frames, size, task, base_seed
-        self._len = size_hint  # 0 = unbounded (samplers draw fresh seeds)
+        self.size_hint = size_hint  # 0 = unbounded (samplers draw fresh seeds)
         self.background, self.distractors = background, distractors
         self.classes = None
 
     def __len__(self) -> int:
-        return self._len
+        return self.size_hint
 
     def describe(self, i: int) -> str:
         return f"synthetic clip seed {self.base_seed + i}"
@@ -192,9 +179,8 @@ def check_scene(background: str | None, distractors: int | None, task: str) -> N
 def open_video_source(source: str, num_frames: int, size: int, *, root: str | None = None, train: bool = True,
                       task: str = "motion", base_seed: int = 0, size_hint: int = 0, background: str | None = None,
                       distractors: int | None = None, classes: list[str] | None = None):
-    """The clips of ``data.source``: "synth" (`SynthSource`; task, base_seed, size_hint and the
-    scene options apply), a folder or a list file (`VideoFileSource`; root resolves a list's
-    relative paths; classes: a folder's class names to number its sub-folders by)."""
+    """The clips of ``data.source``: "synth" (`SynthSource`), a folder or a list file (`VideoFileSource`;
+    `root` resolves a list's relative paths; `classes` numbers a folder's sub-folders)."""
     if source == "synth":
         return SynthSource(num_frames, size, task, base_seed=base_seed, size_hint=size_hint,
                            background=background, distractors=distractors)
@@ -231,11 +217,8 @@ class SkipTracker:
 
 def load_batch(source, indices: list[int], rng: np.random.Generator, skips: SkipTracker,
                draw=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load clips `indices`, skipping undecodable ones; if every clip of the batch failed, keep
-    drawing replacements with ``draw()`` (a deterministic function of the step's generators).
-
-    Returns (pixel_values (B', 3, T, S, S), labels (B',)), 1 ≤ B' ≤ len(indices).
-    """
+    """Clips `indices` as (pixel_values (B', 3, T, S, S), labels (B',)), skipping undecodable ones; if
+    all fail, replacements from ``draw()`` (deterministic in the step's generators) until one loads."""
     clips, labels = [], []
     queue = list(indices)
     while queue or not clips:
