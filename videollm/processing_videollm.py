@@ -3,16 +3,9 @@
     video path ──read_video──► frames (T, H, W, 3) uint8 ──frames_to_tensor──► pixel_values (1, 3, T, S, S)
     conversation ──"<video>" → K placeholders (+ time line)──apply_chat_template──► text ──► input_ids
 
-Conversations come in the LLaVA-video layout (``{"from": "human"|"gpt", "value": …}``) or as chat
-messages (``{"role": "user"|"assistant", "content": …}``); ``<video>`` marks where the clip goes in a
-user turn (at most once per conversation). K is `VideoLLMConfig.num_video_tokens`, so the number of
-placeholders always equals the number of projected features.
-
-Training labels (`build_training_example`) are -100 everywhere except the tokens of each assistant
-answer and the end-of-turn token that closes it; the spans are found on the rendered text (each
-assistant turn starts where the template's generation prompt for the preceding turns ends) and
-mapped to tokens through the tokenizer's offsets, so it works for any template that renders a
-conversation's prefix as a prefix of the whole.
+Conversations are LLaVA-video turns (``{"from", "value"}``) or chat messages (``{"role", "content"}``);
+``<video>`` marks where the clip goes in a user turn (at most once). K is
+`VideoLLMConfig.num_video_tokens`, so placeholders always match the projected features.
 """
 
 from __future__ import annotations
@@ -44,7 +37,7 @@ class VideoInputs:
     timestamps: list[float]  # (T,) seconds
     duration: float | None  # seconds, None when unknown (raw frames)
     frames: object | None = field(default=None, repr=False)  # (T, H, W, 3) uint8, for galleries
-    decode_seconds: float = 0.0  # reading the file (when `load_video` read it) + resizing
+    decode_seconds: float = 0.0  # reading (when `load_video` read the file) + resizing
 
     @property
     def num_frames(self) -> int:
@@ -77,16 +70,11 @@ def time_line(timestamps: list[float], duration: float | None) -> str:
 class VideoLLMProcessor:
     """Turns (video, conversation) into ``input_ids``/``attention_mask``/``pixel_values``.
 
-    Args:
-        tokenizer: the LLM's tokenizer with ``<video>`` added (see `add_video_token`).
-        config: the model's `VideoLLMConfig` (token arithmetic, patch size, default image size).
-        num_frames: frames sampled uniformly from a video. image_size: square side S the frames are
-            resized/cropped to (default: the encoder's ``img_size``). use_time_line: add the
-            "The video lasts …" line after the video tokens. mean/std: normalisation (CLIP's).
-        system_prompt: the system turn put first when a conversation has none; None leaves it to
-            the chat template (SmolLM2's adds a ~20-token default), "" gives an empty system turn —
-            every prompt is shorter, which on a CPU is training time. Saved with the processor, so
-            training, eval and chat render prompts alike.
+    tokenizer: the LLM's, with ``<video>`` added. config: the model's `VideoLLMConfig`.
+    num_frames: sampled uniformly. image_size: square side S (default: the encoder's ``img_size``).
+    use_time_line: add "The video lasts …" after the video tokens. mean/std: normalisation (CLIP's).
+    system_prompt: the system turn put first when a conversation has none; None leaves it to the chat
+        template (SmolLM2's adds a ~20-token default), "" gives an empty one (shorter prompts).
     """
 
     def __init__(self, tokenizer, config: VideoLLMConfig, num_frames: int = 8, image_size: int | None = None,
@@ -107,13 +95,10 @@ class VideoLLMProcessor:
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
         self.system_prompt = system_prompt
 
-    # ---- video ----------------------------------------------------------------------------------
-
     def load_video(self, video, num_frames: int | None = None, start: float | None = None,
                    end: float | None = None) -> VideoInputs:
-        """A path (or bundled clip name; read here, ``num_frames`` uniformly), an already read
-        `VideoClip`, or uint8 frames (T, H, W, 3) → `VideoInputs` (a `VideoInputs` is returned
-        as is). Raises `VideoReadError` for an unreadable file."""
+        """A path or bundled clip name (read here), a `VideoClip`, or uint8 frames (T, H, W, 3) →
+        `VideoInputs` (returned as is). `VideoReadError` for an unreadable file."""
         if isinstance(video, VideoInputs):
             return video
         start_time = time.perf_counter()
@@ -137,15 +122,9 @@ class VideoLLMProcessor:
             text += "\n" + time_line(video.timestamps, video.duration)
         return text
 
-    # ---- text -----------------------------------------------------------------------------------
-
-    def _with_system(self, messages: list[dict]) -> list[dict]:
-        if self.system_prompt is None or any(m["role"] == "system" for m in messages[:1]):
-            return messages
-        return [{"role": "system", "content": self.system_prompt}] + messages
-
     def _expand(self, messages: list[dict], video: VideoInputs | None) -> list[dict]:
-        messages = self._with_system(messages)
+        if self.system_prompt is not None and not any(m["role"] == "system" for m in messages[:1]):
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
         count = sum(m["content"].count(VIDEO_TOKEN) for m in messages)
         if count > 1:
             raise UserError(f"the conversation has {count} {VIDEO_TOKEN} markers; one video per conversation")
@@ -173,10 +152,8 @@ class VideoLLMProcessor:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def __call__(self, conversation: list[dict], video=None, add_generation_prompt: bool = True) -> dict:
-        """The model's inputs for one conversation (a batch of one), ready for ``model(**inputs)``
-        and ``model.generate(**inputs)``: input_ids (1, L), attention_mask (1, L), pixel_values
-        (1, 3, T, S, S) or None. ``video`` as `load_video` takes it (decode once with `load_video`
-        and pass the `VideoInputs` to re-use a clip)."""
+        """Inputs for ``model(**inputs)`` / ``model.generate(**inputs)``: input_ids (1, L), attention_mask
+        (1, L), pixel_values (1, 3, T, S, S) or None. ``video`` as `load_video` takes it."""
         video = self.load_video(video) if video is not None else None
         text = self.render(conversation, video, add_generation_prompt)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, L)
@@ -184,10 +161,11 @@ class VideoLLMProcessor:
                 "pixel_values": video.pixel_values if video is not None else None}
 
     def build_training_example(self, conversation: list[dict], video=None, max_length: int | None = None) -> dict:
-        """input_ids and labels (lists of int) for one conversation; labels are -100 except on
-        assistant answers + their end-of-turn token. With a video, also pixel_values (1, 3, T, S, S).
-
-        max_length: truncate the tail; an error if that would cut into the video placeholders."""
+        """input_ids and labels (lists of int), labels -100 except on assistant answers + their
+        end-of-turn token; with a video, also pixel_values (1, 3, T, S, S). Each answer's span is
+        found on the rendered text (it starts where the template's generation prompt for the turns
+        before ends) and mapped to tokens by offsets, so any template that renders a prefix of the
+        conversation as a prefix of the whole works. max_length: truncate the tail (not the video)."""
         video = self.load_video(video) if video is not None else None
         messages = self._expand(to_messages(conversation), video)
         if not any(m["role"] == "assistant" for m in messages):
@@ -207,12 +185,10 @@ class VideoLLMProcessor:
             if start < 0:
                 raise ValueError(f"assistant turn {i} is not found verbatim in the rendered conversation")
             end = start + len(m["content"])
-            following = text[end:]
-            nxt = apply(messages[:i + 1], tokenize=False)
             # The end-of-turn token that closes this answer (e.g. <|im_end|>) is learned too.
-            close = following.find(eot) if eot else -1
-            if close >= 0 and end + close + len(eot) <= len(nxt):
-                end = end + close + len(eot)
+            close = text.find(eot, end) if eot else -1
+            if close >= 0 and close + len(eot) <= len(apply(messages[:i + 1], tokenize=False)):
+                end = close + len(eot)
             spans.append((start, end))
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -230,11 +206,6 @@ class VideoLLMProcessor:
         if video is not None:
             out["pixel_values"] = video.pixel_values
         return out
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    # ---- save / load ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
         return {"num_frames": self.num_frames, "image_size": self.image_size, "use_time_line": self.use_time_line,

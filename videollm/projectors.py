@@ -6,10 +6,6 @@
       → [cls] + frames                            (B, K, D)
       → linear_1 (+ stem_proj of the stem, max-pooled)  → act → linear_2      (B, K, D_llm)
       → "word_anchor" only: Σ_groups softmax(τ·cos(x, keys) ∪ {none}) · values + gate · x
-
-`VideoProjector` is the general one (transformers' LlavaNextVideo pooler + a 2-layer MLP);
-`WordAnchorProjector` adds the word anchor on top of it. Token counts follow the projector
-config's `num_tokens`, which the processor uses too.
 """
 
 from __future__ import annotations
@@ -36,9 +32,8 @@ class VideoProjector(nn.Module):
         self.linear_2 = nn.Linear(text_dim, text_dim)
 
     def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], reduce: str = "merge") -> torch.Tensor:
-        """hidden_states (B, 1 + T·h·w, D) spatial-first, grid (T, h, w) → (B, K, D) (D·s² wide with
-        ``spatial_merge="concat"``). ``reduce="max"``: each token's window is max-pooled instead
-        (the stem skip's readout)."""
+        """(B, 1 + T·h·w, D) → (B, K, D) (D·s² wide with "concat"); ``reduce="max"``: max-pool each
+        token's window instead (the stem skip's readout)."""
         cfg = self.config
         T, h, w = grid
         B, L, D = hidden_states.shape
@@ -75,8 +70,7 @@ class VideoProjector(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
                 stem_states: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states: the encoder's output (B, 1 + T·h·w, D); stem_states: its stem features,
-        same shape, needed with ``config.stem_skip``. → (B, K, D_llm)."""
+        """hidden_states, stem_states (with ``stem_skip``): (B, 1 + T·h·w, D) → (B, K, D_llm)."""
         x = self.linear_1(self.pool(hidden_states, grid))  # (B, K, D_llm)
         if self.config.stem_skip:
             if stem_states is None:
@@ -86,13 +80,11 @@ class VideoProjector(nn.Module):
 
 
 class WordAnchorProjector(VideoProjector):
-    """`VideoProjector`, then the word anchor (`anchor`): each token becomes a mixture of the LLM's
-    own input embeddings of the words it matches (e.g. "red" + "circle" + "left"), which the LLM
-    reads like those words, or near zero where it matches none; a gated copy of the MLP output
-    (gate 0 at the start) lets training pass on what the words do not name.
-
-    ``anchor_keys`` / ``anchor_values`` (n, D_llm), one row per word of ``config.words`` (groups
-    concatenated in order), are filled by `set_word_anchor` from the LLM and saved with the projector.
+    """`VideoProjector`, then the word anchor: each token becomes a mixture of the LLM's own input
+    embeddings of the words it matches ("red" + "circle" + "left"), which the LLM reads like those
+    words, or near zero where it matches none; a gated copy of the MLP output (gate 0 at the start)
+    passes on what the words do not name. ``anchor_keys`` / ``anchor_values`` (n, D_llm), one row
+    per word of ``config.words``, are filled by `set_word_anchor` and saved with the projector.
     """
 
     def __init__(self, config: WordAnchorProjectorConfig, vision_dim: int, text_dim: int):
@@ -105,8 +97,8 @@ class WordAnchorProjector(VideoProjector):
 
     @torch.no_grad()
     def set_word_anchor(self, word_embeddings: torch.Tensor, centre: torch.Tensor | None = None) -> None:
-        """word_embeddings (n, D_llm): the LLM's input embedding of each word of ``config.words``.
-        Keys are the rows minus ``centre`` (default: their mean), normalised; values are the rows."""
+        """word_embeddings (n, D_llm), one row per word. Keys: rows − centre (default: their mean),
+        normalised; values: the rows."""
         if tuple(word_embeddings.shape) != tuple(self.anchor_values.shape):
             raise ValueError(f"word_embeddings must be {tuple(self.anchor_values.shape)} (one row per anchor word); "
                              f"got {tuple(word_embeddings.shape)}")
@@ -116,19 +108,16 @@ class WordAnchorProjector(VideoProjector):
         self.anchor_values.copy_(rows)
 
     def anchor_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """τ·cos(token, anchor key) of each token (…, D_llm) and anchor word (…, n), in
-        ``config.words``' order: what `anchor` mixes the words by."""
+        """τ·cos(token, key): x (…, D_llm) → (…, n), words in ``config.words``' order."""
         return self.config.temperature * F.normalize(x, dim=-1) @ self.anchor_keys.to(x.dtype).T
 
     def word_scores(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
                     stem_states: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, K, n): `anchor_scores` of the tokens made from an encoder output, before the anchor
-        mixes the words by them (which words a video's tokens name, read without the LLM)."""
+        """(B, K, n): which words a video's tokens name, read without the LLM."""
         return self.anchor_scores(super().forward(hidden_states, grid, stem_states))
 
     def anchor(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: b})·values_g + gate·x,
-        b = ``config.none_logit``."""
+        """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: b})·values_g + gate·x."""
         scores = self.anchor_scores(x)  # (B, K, n)
         out = self.anchor_gate.to(x.dtype) * x
         start = 0
