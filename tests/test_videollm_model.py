@@ -293,17 +293,6 @@ def test_for_llm_carries_the_encoder_and_projector():
     assert new.projector_type == "word_anchor" and new.projector_config == old.projector_config
 
 
-def test_old_flat_projector_keys_still_load():
-    """Checkpoints saved before the projector had its own config kept its settings at the top level."""
-    old = VideoLLMConfig(vision_config=tiny_encoder_config(), spatial_pool=3, stem_skip=True,
-                         word_anchor=[["red"]], anchor_none_logit=4.0, projector_hidden_act="silu")
-    assert old.projector_type == "word_anchor"
-    assert (old.projector_config.spatial_pool, old.projector_config.stem_skip, old.projector_config.none_logit,
-            old.projector_config.hidden_act, old.projector_config.words) == (3, True, 4.0, "silu", [["red"]])
-    plain = VideoLLMConfig(vision_config=tiny_encoder_config(), spatial_pool=1, anchor_none_logit=3.0)
-    assert plain.projector_type == "mlp" and plain.projector_config.spatial_pool == 1
-
-
 def test_a_batch_mixing_text_only_and_video_examples_gives_each_its_own_logits():
     from videollm.data.instruct import collate
 
