@@ -1,6 +1,10 @@
-"""Error types shared by every layer, and how a command meets the user's terminal: `run_cli` turns
-a `UserError` into ``error: …`` and exit 2, any other exception into one line and exit 1 (the
-traceback with ``--verbose``); unless ``--verbose``, `quiet` keeps library chatter off the terminal.
+"""Error types shared by every layer, and how a command meets the user's terminal.
+
+`UserError` is what bad input raises: a message that names the file or record and says what to
+do. `run_cli` runs a subcommand: a `UserError` becomes a one-line ``error: …`` and exit status 2,
+any other exception a one-line ``error: <type>: <message>`` and exit status 1 (the traceback
+with ``--verbose``). Unless ``--verbose``, `quiet` keeps the libraries' warnings, info logs and
+progress bars off the terminal; our own logs and notices stay.
 """
 
 import logging
@@ -22,7 +26,8 @@ class VideoReadError(UserError):
     """A video that cannot be read: missing, empty, truncated, not a video, no decodable frames."""
 
     def __init__(self, path, reason: str):
-        self.path, self.reason = str(path), reason
+        self.path = str(path)
+        self.reason = reason
         super().__init__(f"cannot read video '{self.path}': {reason}")
 
 
@@ -31,7 +36,9 @@ def _errors_only(record: logging.LogRecord) -> bool:
 
 
 def quiet() -> None:
-    """Library warnings, info logs and progress bars off (errors still show), now and for later imports."""
+    """Library warnings, info logs and progress bars off; errors still show. Works whether or not
+    the libraries are imported yet (environment switches for later imports, their own switches
+    for earlier ones)."""
     warnings.simplefilter("ignore")  # our code logs instead of warning, so these are the libraries'
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -40,7 +47,9 @@ def quiet() -> None:
         logger.setLevel(logging.ERROR)
         if _errors_only not in logger.filters:  # DeepSpeed resets its level when it is imported
             logger.addFilter(_errors_only)
-    if (hf_logging := sys.modules.get("transformers.utils.logging")) is not None:  # imported with transformers
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     if "huggingface_hub" in sys.modules:
@@ -50,7 +59,9 @@ def quiet() -> None:
 
 
 def run_cli(main, argv=None) -> int:
-    """Run a subcommand's ``main(argv)`` for a user (see the module docstring), ``--verbose`` taken out."""
+    """Run a subcommand's ``main(argv)`` for a user: quiet unless ``--verbose`` is in argv (taken
+    out before main sees it); a `UserError` is ``error: …`` and exit 2, another exception one line
+    and exit 1 (with ``--verbose``, its traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = VERBOSE_FLAG in argv
     argv = [a for a in argv if a != VERBOSE_FLAG]
