@@ -1,17 +1,8 @@
-"""``videollm chat VIDEO ["question"]``: ask a question about a video, tokens streamed to stdout.
+"""``videollm chat VIDEO ["question"]``: ask about a video, the answer streamed to stdout; without a
+question an interactive multi-turn chat (``/reset``, ``/quit``); ``--no-video``: the LLM alone.
 
-Without a question: an interactive multi-turn chat (history kept; ``/reset`` clears it, ``/quit``
-or end of input leaves). ``--no-video`` talks to the LLM alone.
-
-This module is the one inference path; chat, the demo, eval and bench all answer through it:
-
-    video ──processor.load_video──► VideoInputs           read + resize, once per question (timed there)
-    (VideoInputs, conversation) ──processor──► input_ids, attention_mask, pixel_values
-    model.generate(**inputs, streamer=…)                  prefill: encoder + projector (timed in
-        get_video_features) and the prompt; then one token per step from the KV cache
-    streamer ──► text pieces (`generate_stream`)           first token and tokens/s timed here
-
-`continuation_logprobs` scores fixed replies (multiple-choice options) on the same inputs.
+The one inference path for chat, demo, eval and bench: the video is decoded once, the processor builds
+the inputs, ``model.generate(**inputs, streamer=…)`` answers; each cost is timed where it happens.
 """
 
 from __future__ import annotations
@@ -22,38 +13,29 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from transformers import TextIteratorStreamer
 
 from encoder.errors import run_cli
 from encoder.video_io import read_video
-from videollm.llm import default_cache_dir
 from videollm.modeling_videollm import load_videollm
 from videollm.processing_videollm import VideoInputs
 
 
 @dataclass
 class ChatTiming:
-    """What one answer cost. Filled in while `generate_stream` runs; complete when it ends.
-
-    A caller that decoded the clip for this answer itself (and passes the `VideoInputs`) puts that
-    cost in ``decode_seconds`` beforehand; it then counts in the first token and total times too.
-    """
+    """What one answer cost, filled in by `generate_stream` (a caller that decoded the clip sets decode_seconds)."""
 
     num_frames: int = 0
     video_tokens: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
-    decode_seconds: float = 0.0  # reading + resizing the video for this answer (0: a decoded clip re-used)
-    encode_seconds: float = 0.0  # encoder + projector, measured where they run (get_video_features)
-    time_to_first_token: float = 0.0  # from the start of the work for this answer to the first new token
+    decode_seconds: float = 0.0  # reading + resizing the video (0: a decoded clip re-used)
+    encode_seconds: float = 0.0  # encoder + projector (timed in get_video_features)
+    time_to_first_token: float = 0.0
     tokens_per_second: float = 0.0  # new tokens after the first / time after the first
     total_seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class _TimedStreamer(TextIteratorStreamer):
@@ -67,32 +49,22 @@ class _TimedStreamer(TextIteratorStreamer):
         super().put(value)
 
 
-def _as_conversation(conversation) -> list[dict]:
-    return [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
-
-
 def generate_stream(model, processor, video, conversation, *, timing: ChatTiming | None = None,
                     max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                    num_frames: int | None = None, start: float | None = None, end: float | None = None,
-                    min_new_tokens: int | None = None):
-    """Yield the answer to ``conversation`` as text pieces, streamed while ``model.generate`` runs.
-
-    video: a path, a bundled clip name, uint8 frames (T, H, W, 3), a `VideoInputs` (a clip decoded
-        before, e.g. re-used across turns), or None for text only.
-    conversation: chat messages or LLaVA-layout turns ending with the user's question; a string is
-        one user turn. The video attaches to the ``<video>`` marker, or before the first user turn.
-    temperature 0 is greedy decoding. ``timing`` (a `ChatTiming`) is filled in as it goes.
-    min_new_tokens: suppress end-of-sequence before that many tokens (benchmarks).
-    """
+                    num_frames: int | None = None, min_new_tokens: int | None = None):
+    """Yield the answer as text pieces while ``model.generate`` runs. video: what `processor.load_video`
+    takes, or None. conversation: turns ending with the user's question, or a string (one user turn).
+    temperature 0 is greedy. min_new_tokens: no end-of-sequence before that many tokens (benchmarks)."""
     timing = timing if timing is not None else ChatTiming()
     t0 = time.perf_counter()
     decoded_before = timing.decode_seconds if isinstance(video, VideoInputs) else 0.0
     clip = None
     if video is not None:
-        clip = processor.load_video(video, num_frames=num_frames, start=start, end=end)
+        clip = processor.load_video(video, num_frames=num_frames)
         timing.decode_seconds = decoded_before or (0.0 if clip is video else clip.decode_seconds)
-        timing.num_frames, timing.video_tokens = clip.num_frames, processor.num_video_tokens(clip)
-    inputs = processor(_as_conversation(conversation), video=clip)
+        T, H, W = clip.pixel_values.shape[2:]  # (1, 3, T, S, S)
+        timing.num_frames, timing.video_tokens = T, processor.config.num_video_tokens(T, H, W)
+    inputs = processor(conversation, video=clip)
     timing.prompt_tokens = inputs["input_ids"].shape[1]
 
     streamer = _TimedStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -133,16 +105,11 @@ def generate_stream(model, processor, video, conversation, *, timing: ChatTiming
 
 
 def continuation_logprobs(model, processor, video, conversation, continuations: list[str]) -> list[tuple[float, bool]]:
-    """How likely the model finds each of ``continuations`` as the start of its reply to
-    ``conversation``: per continuation, (sum of its tokens' log-probabilities, whether greedy
-    decoding would produce exactly those tokens). The inputs are those `generate_stream` gives
-    ``model.generate``; the video is read and encoded, and the context run, once.
-
-    A continuation is tokenised on its own, without leading whitespace (the reply starts right
-    after the template's assistant prefix).
-    """
+    """Per continuation (e.g. an option), as the start of the reply to ``conversation``: (sum of its
+    tokens' log-probabilities, whether greedy decoding gives exactly those tokens). Same inputs as
+    `generate_stream`; the context runs once. A continuation is tokenised alone, leading space stripped."""
     clip = processor.load_video(video) if video is not None else None
-    inputs = processor(_as_conversation(conversation), video=clip)  # ends with the assistant prefix
+    inputs = processor(conversation, video=clip)  # ends with the assistant prefix
     with torch.inference_mode():
         # The context runs once; each continuation runs on its KV cache, cropped back after it.
         out = model(**inputs, use_cache=True, logits_to_keep=1)
@@ -178,8 +145,7 @@ def parse_args(argv):
     p.add_argument("--time-line", action=argparse.BooleanOptionalAction, default=True,
                    help="tell the model the video length and frame timestamps (default on)")
     p.add_argument("--timing", action="store_true", help="print timing as JSON on stderr after each answer")
-    p.add_argument("--cache-dir", default=None,
-                   help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/videomap-llm/llm)")
+    p.add_argument("--cache-dir", help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/videomap-llm/llm)")
     args = p.parse_args(argv)
     if args.no_video:
         if args.question is not None:
@@ -192,52 +158,41 @@ def parse_args(argv):
     return args
 
 
-def _answer(model, processor, clip, conversation, args, timing: ChatTiming, out) -> str:
-    pieces = []
-    for piece in generate_stream(model, processor, clip, conversation, timing=timing,
-                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p):
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    out.flush()
-    if args.timing:
-        print(json.dumps(timing.to_dict()), file=sys.stderr)
-    return "".join(pieces)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    read, read_seconds = None, 0.0
-    if args.video is not None:
-        # Read first (the one decode of this video): a bad file fails in a second, before the model loads.
-        t0 = time.perf_counter()
+    read, t0 = None, time.perf_counter()
+    if args.video is not None:  # the one read of this video: a bad file fails before the model loads
         read = read_video(args.video, args.frames, start=args.start, end=args.end)
-        read_seconds = time.perf_counter() - t0
-    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    read_seconds = time.perf_counter() - t0
     model, processor = load_videollm(args.model, num_frames=args.frames, use_time_line=args.time_line,
-                                     cache_dir=cache_dir)
+                                     cache_dir=args.cache_dir)
     clip = processor.load_video(read) if read is not None else None  # resized once, re-used by every turn
-    decode_cost = read_seconds + clip.decode_seconds if clip is not None else 0.0
+    decode_cost = read_seconds + clip.decode_seconds if clip is not None else 0.0  # the first answer's
 
-    def timing() -> ChatTiming:  # the first answer carries the decode
+    def answer(conversation) -> str:
         nonlocal decode_cost
-        t, decode_cost = ChatTiming(decode_seconds=decode_cost), 0.0
-        return t
+        timing, decode_cost = ChatTiming(decode_seconds=decode_cost), 0.0
+        pieces = []
+        for piece in generate_stream(model, processor, clip, conversation, timing=timing,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        if args.timing:
+            print(json.dumps(asdict(timing)), file=sys.stderr)
+        return "".join(pieces)
 
     if args.question is not None:
-        _answer(model, processor, clip, [{"role": "user", "content": args.question}], args, timing(), sys.stdout)
+        answer([{"role": "user", "content": args.question}])
         return 0
-
     interactive = sys.stdin.isatty()
     history: list[dict] = []
     while True:
         try:
-            line = input("you> " if interactive else "")
+            line = input("you> " if interactive else "").strip()
         except EOFError:
             break
-        line = line.strip()
         if not line:
             continue
         if line in ("/quit", "/exit"):
@@ -249,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         history.append({"role": "user", "content": line})
         if interactive:
             sys.stdout.write("assistant> ")
-        answer = _answer(model, processor, clip, history, args, timing(), sys.stdout)
-        history.append({"role": "assistant", "content": answer})
+        history.append({"role": "assistant", "content": answer(history)})
     return 0
 
 

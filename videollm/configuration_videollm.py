@@ -1,9 +1,7 @@
 """Configuration of `VideoLLMForCausalLM`: a video encoder config, a causal-LM config, a projector config.
 
-The projector is chosen by name (``projector_type``): "mlp" (`VideoProjectorConfig`, transformers'
-LlavaNextVideo pooler + a 2-layer MLP) or "word_anchor" (`WordAnchorProjectorConfig`). Token
-arithmetic lives on the projector config, so the processor can expand ``<video>`` to exactly the
-number of features the projector will produce without building it::
+The projector config, chosen by ``projector_type``, holds the token arithmetic, so the processor can
+expand ``<video>`` to exactly as many placeholders as the projector makes features::
 
     encoder grid (T, h, w)          h = H / P, w = W / P
     spatial pooling per frame   →   k tokens per frame:  ceil(h / s) · ceil(w / s)   (spatial_pool = s)
@@ -36,8 +34,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check(rules) -> None:
-    """rules: (ok, message) pairs; the first failed one is raised."""
+def _check(rules) -> None:  # (ok, message) pairs
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
@@ -47,16 +44,13 @@ def _check(rules) -> None:
 class VideoProjectorConfig:
     """The general projector ("mlp"): encoder tokens → pooled → 2-layer MLP → LLM width.
 
-    spatial_pool: s×s average pooling of each frame's patch grid (ceil mode). 1 keeps every patch.
-    tokens_per_frame: instead, adaptive average pooling of each frame to this many tokens (a square).
-    spatial_merge: "avg" (mean of the window) or "concat": the window's patches side by side (D·s²
-        wide, ragged edge zero-padded), as Qwen2-VL's patch merger and InternVL's pixel shuffle do,
-        so a token keeps which patch showed what. Not with tokens_per_frame or use_cls_token.
-    max_video_tokens: frame-token budget; above it frames are average-pooled in time. None: none.
-    use_cls_token: prepend the encoder's cls token (one extra token).
-    stem_skip: also read the encoder's stem features (``stem_states``), max-pooled over each token's
-        window, through a linear layer of its own added to the first layer's output, so what the
-        stem tells apart reaches the tokens even where the blocks lose it.
+    spatial_pool: s×s average pooling per frame (ceil mode); tokens_per_frame: adaptive pooling instead.
+    spatial_merge "concat": a window's patches side by side (D·s² wide), as Qwen2-VL's patch merger and
+        InternVL's pixel shuffle do, so a token keeps which patch showed what.
+    max_video_tokens: frame-token budget; above it frames are average-pooled in time.
+    stem_skip: the encoder's stem features (``stem_states``), max-pooled per token, through a linear
+        layer of their own into the first layer's output: what the stem tells apart reaches the tokens
+        even where the blocks lose it.
     """
 
     projector_type = "mlp"
@@ -85,9 +79,6 @@ class VideoProjectorConfig:
             (isinstance(self.stem_skip, bool), f"stem_skip must be true or false; got {self.stem_skip!r}"),
         ])
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     # ---- token arithmetic (shared by the projector and the processor) -----------------------
 
     def tokens_per_frame_for(self, h: int, w: int) -> tuple[int, int]:
@@ -115,14 +106,9 @@ class VideoProjectorConfig:
 
 @dataclass
 class WordAnchorProjectorConfig(VideoProjectorConfig):
-    """The word-anchor projector ("word_anchor"): the general projector, then each token becomes,
-    per group of ``words``, a softmax-weighted sum of the LLM's input embeddings of the group's
-    words (plus an implicit "none" at ``none_logit``), plus a gated copy of the MLP's output.
-
-    words: groups of words (e.g. the colours, the shapes, the motions).
-    temperature: τ of the scores, τ·cos(token, centred word embedding).
-    none_logit: b, each group's "none" logit. With b > 0 a word needs τ·cos > b to take much of a
-        token's mass, so tokens that match every word a little carry almost none.
+    """The word-anchor projector ("word_anchor", `WordAnchorProjector`). words: groups of words (colours,
+    shapes, …). temperature: τ in τ·cos(token, centred word embedding). none_logit: each group's "none"
+    logit b; with b > 0 a word needs τ·cos > b to take much of a token, so weak matches carry almost none.
     """
 
     projector_type = "word_anchor"
@@ -153,7 +139,7 @@ PROJECTOR_CONFIGS = {c.projector_type: c for c in (VideoProjectorConfig, WordAnc
 def make_projector_config(projector_type: str = "mlp", settings=None) -> VideoProjectorConfig:
     """A projector config from its type name and a dict of settings (unknown keys are an error)."""
     if isinstance(settings, VideoProjectorConfig):
-        settings = settings.to_dict()
+        settings = asdict(settings)
     if projector_type not in PROJECTOR_CONFIGS:
         raise ValueError(f"unknown projector type {projector_type!r}; choose one of {', '.join(PROJECTOR_CONFIGS)}")
     cls = PROJECTOR_CONFIGS[projector_type]
@@ -166,7 +152,6 @@ def make_projector_config(projector_type: str = "mlp", settings=None) -> VideoPr
 
 
 def _sub_config(value, default_type: str, name: str) -> PretrainedConfig:
-    """A config object from None (the default type), a dict with ``model_type``, or a config."""
     if isinstance(value, PretrainedConfig):
         return value
     if value is not None and not isinstance(value, dict):
@@ -178,15 +163,11 @@ def _sub_config(value, default_type: str, name: str) -> PretrainedConfig:
 class VideoLLMConfig(PretrainedConfig):
     """Configuration of `VideoLLMForCausalLM`.
 
-    Args:
-        vision_config: the video encoder (`VideoMAPConfig`, `ViTVideoConfig`, or a dict with their
-            ``model_type``); default: the VideoMAP ``nano`` preset.
-        text_config: any Hugging Face causal-LM config (or a dict with ``model_type``); default Llama.
-        projector_type, projector_config: "mlp" or "word_anchor", and that type's settings (a dict
-            or the config object; default: its defaults).
-        video_token_id: id of ``<video>``; placeholders with this id are replaced by video features.
-        base_llm: where the LLM came from ("smollm2", a Hub id or a path). A checkpoint whose LLM is
-            the base (plus, maybe, a LoRA adapter) stores only this reference and loads the base from it.
+    vision_config: `VideoMAPConfig` / `ViTVideoConfig` (or a dict with ``model_type``; default VideoMAP).
+    text_config: any Hugging Face causal-LM config (or a dict with ``model_type``; default Llama).
+    projector_type, projector_config: "mlp" or "word_anchor", and that type's settings.
+    base_llm: where the LLM came from ("smollm2", a Hub id or a path); a checkpoint whose LLM is the
+        base (+ maybe a LoRA adapter) stores only this reference.
     """
 
     model_type = "videomap_llm"
@@ -222,20 +203,13 @@ class VideoLLMConfig(PretrainedConfig):
                 getattr(self, key)._attn_implementation_internal = attn
 
     def to_dict(self) -> dict:
-        # A sub-config's `_name_or_path` is a path on the machine that built the model (the encoder's
-        # run directory, the LLM's cache), meaningless where it is loaded next; `base_llm` is the reference.
+        # A sub-config's `_name_or_path` is a path on the machine that built it; `base_llm` is the reference.
         out = super().to_dict()
         for key in ("vision_config", "text_config"):
             if isinstance(out.get(key), dict):
                 out[key].pop("_name_or_path", None)
-        out["projector_config"] = self.projector_config.to_dict()
+        out["projector_config"] = asdict(self.projector_config)
         return out
-
-    def for_llm(self, text_config, video_token_id: int | None, base_llm: str | None) -> "VideoLLMConfig":
-        """This config's encoder and projector on another (or a freshly loaded) LLM."""
-        return type(self)(vision_config=self.vision_config, text_config=text_config,
-                          projector_type=self.projector_type, projector_config=self.projector_config.to_dict(),
-                          video_token_id=video_token_id, base_llm=base_llm)
 
     def frame_grid(self, height: int, width: int) -> tuple[int, int]:
         """(h, w): the patch grid of one frame of height × width pixels."""

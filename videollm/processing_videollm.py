@@ -3,9 +3,8 @@
     video path ──read_video──► frames (T, H, W, 3) uint8 ──frames_to_tensor──► pixel_values (1, 3, T, S, S)
     conversation ──"<video>" → K placeholders (+ time line)──apply_chat_template──► text ──► input_ids
 
-Conversations are LLaVA-video turns (``{"from", "value"}``) or chat messages (``{"role", "content"}``);
-``<video>`` marks where the clip goes in a user turn (at most once). K is
-`VideoLLMConfig.num_video_tokens`, so placeholders always match the projected features.
+Turns are LLaVA-video (``{"from", "value"}``) or chat messages (``{"role", "content"}``); ``<video>``
+marks where the clip goes in a user turn (at most once).
 """
 
 from __future__ import annotations
@@ -30,22 +29,18 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 @dataclass
-class VideoInputs:
-    """One decoded clip ready for the model."""
-
+class VideoInputs:  # one decoded clip ready for the model
     pixel_values: torch.Tensor  # (1, 3, T, S, S) float
     timestamps: list[float]  # (T,) seconds
     duration: float | None  # seconds, None when unknown (raw frames)
     frames: object | None = field(default=None, repr=False)  # (T, H, W, 3) uint8, for galleries
     decode_seconds: float = 0.0  # reading (when `load_video` read the file) + resizing
 
-    @property
-    def num_frames(self) -> int:
-        return self.pixel_values.shape[2]
 
-
-def to_messages(conversation: list[dict]) -> list[dict]:
-    """LLaVA layout or chat messages → ``[{"role", "content"}]``; names the bad turn otherwise."""
+def to_messages(conversation: list[dict] | str) -> list[dict]:
+    """LLaVA layout or chat messages (a string: one user turn) → ``[{"role", "content"}]``."""
+    if isinstance(conversation, str):
+        conversation = [{"role": "user", "content": conversation}]
     messages = []
     for i, turn in enumerate(conversation):
         if not isinstance(turn, dict):
@@ -70,11 +65,9 @@ def time_line(timestamps: list[float], duration: float | None) -> str:
 class VideoLLMProcessor:
     """Turns (video, conversation) into ``input_ids``/``attention_mask``/``pixel_values``.
 
-    tokenizer: the LLM's, with ``<video>`` added. config: the model's `VideoLLMConfig`.
-    num_frames: sampled uniformly. image_size: square side S (default: the encoder's ``img_size``).
-    use_time_line: add "The video lasts …" after the video tokens. mean/std: normalisation (CLIP's).
-    system_prompt: the system turn put first when a conversation has none; None leaves it to the chat
-        template (SmolLM2's adds a ~20-token default), "" gives an empty one (shorter prompts).
+    image_size: square side S (default: the encoder's). use_time_line: "The video lasts …" after the
+    video tokens. system_prompt: put first when a conversation has none; None leaves it to the chat
+    template (SmolLM2's adds a ~20-token default), "" gives an empty one (shorter prompts).
     """
 
     def __init__(self, tokenizer, config: VideoLLMConfig, num_frames: int = 8, image_size: int | None = None,
@@ -84,9 +77,7 @@ class VideoLLMProcessor:
                              "or call add_video_token(llm, tokenizer)")
         if num_frames < 1:
             raise UserError(f"num_frames must be >= 1; got {num_frames}")
-        self.tokenizer = tokenizer
-        self.config = config
-        self.num_frames = num_frames
+        self.tokenizer, self.config, self.num_frames = tokenizer, config, num_frames
         self.image_size = image_size or config.vision_config.img_size
         config.frame_grid(self.image_size, self.image_size)  # validates against the patch size
         self.use_time_line = use_time_line
@@ -111,17 +102,6 @@ class VideoLLMProcessor:
         pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std).unsqueeze(0)  # (1, 3, T, S, S)
         return VideoInputs(pixel_values, list(timestamps), duration, frames, time.perf_counter() - start_time)
 
-    def num_video_tokens(self, video: VideoInputs) -> int:
-        _, _, T, H, W = video.pixel_values.shape
-        return self.config.num_video_tokens(T, H, W)
-
-    def video_text(self, video: VideoInputs) -> str:
-        """What ``<video>`` is replaced by: K placeholders, then the optional time line."""
-        text = VIDEO_TOKEN * self.num_video_tokens(video)
-        if self.use_time_line:
-            text += "\n" + time_line(video.timestamps, video.duration)
-        return text
-
     def _expand(self, messages: list[dict], video: VideoInputs | None) -> list[dict]:
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages[:1]):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
@@ -133,6 +113,9 @@ class VideoLLMProcessor:
                 raise UserError(f"the conversation has a {VIDEO_TOKEN} marker but no video was given")
             return messages
         messages = [dict(m) for m in messages]
+        # K placeholders for pixel_values (1, 3, T, S, S), then the optional time line
+        video_text = VIDEO_TOKEN * self.config.num_video_tokens(*video.pixel_values.shape[2:]) + (
+            "\n" + time_line(video.timestamps, video.duration) if self.use_time_line else "")
         if count == 0:  # no marker: the video goes before the first user text
             first_user = next((m for m in messages if m["role"] == "user"), None)
             if first_user is None:
@@ -142,7 +125,7 @@ class VideoLLMProcessor:
             if VIDEO_TOKEN in m["content"]:
                 if m["role"] != "user":
                     raise UserError(f"{VIDEO_TOKEN} must be in a user turn, not a {m['role']} turn")
-                m["content"] = m["content"].replace(VIDEO_TOKEN, self.video_text(video))
+                m["content"] = m["content"].replace(VIDEO_TOKEN, video_text)
         return messages
 
     def render(self, conversation: list[dict], video: VideoInputs | None = None,
@@ -161,11 +144,10 @@ class VideoLLMProcessor:
                 "pixel_values": video.pixel_values if video is not None else None}
 
     def build_training_example(self, conversation: list[dict], video=None, max_length: int | None = None) -> dict:
-        """input_ids and labels (lists of int), labels -100 except on assistant answers + their
-        end-of-turn token; with a video, also pixel_values (1, 3, T, S, S). Each answer's span is
-        found on the rendered text (it starts where the template's generation prompt for the turns
-        before ends) and mapped to tokens by offsets, so any template that renders a prefix of the
-        conversation as a prefix of the whole works. max_length: truncate the tail (not the video)."""
+        """input_ids, labels (-100 except on assistant answers + their end-of-turn token) and, with a
+        video, pixel_values (1, 3, T, S, S). An answer's span starts where the template's generation
+        prompt for the turns before ends, so any template that renders a conversation's prefix as a
+        prefix of the whole works. max_length: truncate the tail (not the video)."""
         video = self.load_video(video) if video is not None else None
         messages = self._expand(to_messages(conversation), video)
         if not any(m["role"] == "assistant" for m in messages):
@@ -192,20 +174,16 @@ class VideoLLMProcessor:
             spans.append((start, end))
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for j, (a, b) in enumerate(offsets):
-            if b > a and any(s <= a and b <= e for s, e in spans):
-                labels[j] = input_ids[j]
+        labels = [t if b > a and any(s <= a and b <= e for s, e in spans) else IGNORE_INDEX
+                  for t, (a, b) in zip(input_ids, offsets)]
         if max_length is not None and len(input_ids) > max_length:
             placeholders = input_ids.count(self.video_token_id)
             input_ids, labels = input_ids[:max_length], labels[:max_length]
             if input_ids.count(self.video_token_id) != placeholders:
                 raise UserError(f"max_length={max_length} would cut the video's {placeholders} tokens; "
                                 "raise it or use fewer frames")
-        out = {"input_ids": input_ids, "labels": labels}
-        if video is not None:
-            out["pixel_values"] = video.pixel_values
-        return out
+        return {"input_ids": input_ids, "labels": labels} | (
+            {"pixel_values": video.pixel_values} if video is not None else {})
 
     def to_dict(self) -> dict:
         return {"num_frames": self.num_frames, "image_size": self.image_size, "use_time_line": self.use_time_line,
