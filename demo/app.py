@@ -1,17 +1,7 @@
 """``videollm demo``: chat with a video in the browser (Gradio Blocks).
 
-    video (upload or example) ──processor.load_video(N frames)──► VideoInputs ──► gallery (frames + timestamps)
-                                                                       │
-    question + history ──videollm.chat.generate_stream──► text pieces ──► chatbot (the answer grows as it streams)
-                                                                       └─► info line (ChatTiming)
-
-The model is loaded once and shared by every session; a queue with one concurrency group
-("model") caps how many answers run at once, the chat and the ``/answer`` API together. Each
-session keeps its own history and its decoded clip (re-used across turns while the video and the
-frame count stay the same). A bad video is answered in the chat with what is wrong; the app keeps
-serving. `build_app` is separate from `main` so tests can build the app around a tiny model.
-
-API for programs (``gradio_client``)::
+One shared model; a queue concurrency group ("model") caps the answers running at once, chat and API
+together. Each session keeps its history and decoded clip. API (``gradio_client``)::
 
     Client(url).predict(handle_file("clip.mp4"), "What happens?", 8, api_name="/answer")  # → str
 """
@@ -41,21 +31,11 @@ if TYPE_CHECKING:  # gradio is imported when the app is built, so `videollm demo
 logger = logging.getLogger(__name__)
 
 MIN_FRAMES, MAX_FRAMES = 8, 256
-API_MAX_FRAMES = MAX_FRAMES
-THUMBNAIL_SIDE = 192  # the gallery shows thumbnails; 256 full-size frames would be slow to send
-CONCURRENCY_ID = "model"
-
-NO_VIDEO = "Please upload a video or pick an example first."
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure helpers (no gradio)
-# ---------------------------------------------------------------------------------------------
+THUMBNAIL_SIDE = 192  # 256 full-size frames would be slow to send
 
 
 def error_text(err: BaseException) -> str:
-    """What the chat shows for a failed answer. Uploaded files live under a long temp path, so a
-    `VideoReadError` names just the file."""
+    """What the chat shows for a failed answer (an upload's long temp path shortened to its name)."""
     if isinstance(err, VideoReadError):
         return f"⚠️ cannot read video '{Path(err.path).name}': {err.reason}. Try another file."
     if isinstance(err, UserError):
@@ -64,7 +44,6 @@ def error_text(err: BaseException) -> str:
 
 
 def info_text(timing) -> str:
-    """One line per answer from a `videollm.chat.ChatTiming`."""
     return (f"{timing.num_frames} frames · {timing.video_tokens} video tokens · "
             f"decode {timing.decode_seconds:.2f} s · encode {timing.encode_seconds:.2f} s · "
             f"first token {timing.time_to_first_token:.2f} s · {timing.tokens_per_second:.1f} tokens/s · "
@@ -72,50 +51,27 @@ def info_text(timing) -> str:
 
 
 def thumbnails(frames, timestamps: list[float], side: int = THUMBNAIL_SIDE) -> list[tuple]:
-    """Gallery items ``(image (h, w, 3) uint8, "#1 · 1.2 s")`` from frames (T, H, W, 3), each frame
-    shrunk to fit ``side``."""
-    items = []
-    for i, (frame, t) in enumerate(zip(frames, timestamps)):  # frame (H, W, 3)
-        image = Image.fromarray(frame)
+    """Gallery items ``(image (h, w, 3) uint8, "#1 · 1.2 s")`` from frames (T, H, W, 3)."""
+    images = [Image.fromarray(frame) for frame in frames]  # frame (H, W, 3)
+    for image in images:
         image.thumbnail((side, side))
-        items.append((np.asarray(image), f"#{i + 1} · {t:.1f} s"))
-    return items
+    return [(np.asarray(im), f"#{i + 1} · {t:.1f} s") for i, (im, t) in enumerate(zip(images, timestamps))]
 
 
-def check_frames(num_frames, low: int = 1, high: int = API_MAX_FRAMES) -> int:
+def check_frames(num_frames) -> int:
     try:
-        n = int(num_frames)
+        if int(num_frames) == num_frames and 1 <= num_frames <= MAX_FRAMES:
+            return int(num_frames)
     except (TypeError, ValueError):
-        raise UserError(f"number of frames must be an integer; got {num_frames!r}") from None
-    if not low <= n <= high or n != num_frames:
-        raise UserError(f"number of frames must be an integer in {low}..{high}; got {num_frames!r}")
-    return n
-
-
-# ---------------------------------------------------------------------------------------------
-# The app
-# ---------------------------------------------------------------------------------------------
+        pass
+    raise UserError(f"number of frames must be an integer in 1..{MAX_FRAMES}; got {num_frames!r}")
 
 
 def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES, max_new_tokens: int = 128,
               concurrency: int = 2, queue_size: int = 64, title: str = "VideoMAP-LLM") -> gr.Blocks:
-    """The demo around an already-loaded (model, processor).
-
-    examples: `demo.examples.Example` rows (video path + question) shown under the video.
-    default_frames / max_new_tokens: initial slider values. concurrency: answers generated at once
-    (chat and API share the limit); queue_size: requests waiting beyond that before new ones are
-    turned away.
-    """
+    """The demo around a loaded (model, processor). default_frames / max_new_tokens: initial slider
+    values; concurrency: answers generated at once; queue_size: requests waiting beyond that."""
     import gradio as gr
-
-    def load_clip(path: str, num_frames: int, cache: dict | None):
-        """(clip, cache, decoded now?): the decoded clip for (path, num_frames), re-used from the
-        session cache when unchanged."""
-        key = (path, num_frames)
-        if cache and cache.get("key") == key:
-            return cache["clip"], cache, False
-        clip = processor.load_video(path, num_frames=num_frames)  # VideoInputs; VideoReadError if bad
-        return clip, {"key": key, "clip": clip}, True
 
     def respond(video, question, chat, history, cache, num_frames, temperature, top_p, new_tokens):
         """Chat turn: yields (chatbot, question box, gallery, info, chat, history, cache)."""
@@ -127,15 +83,19 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
         chat.append({"role": "user", "content": question})
         yield chat, "", gr.skip(), "", chat, history, cache  # echo the question before decoding
         if not video:
-            chat.append({"role": "assistant", "content": NO_VIDEO})
+            chat.append({"role": "assistant", "content": "Please upload a video or pick an example first."})
             yield chat, "", gr.skip(), "", chat, history, cache
             return
+        key = (video, int(num_frames))
+        decoded = not (cache and cache.get("key") == key)  # else the session's clip is re-used
         try:
-            clip, cache, decoded = load_clip(video, int(num_frames), cache)
+            if decoded:
+                cache = {"key": key, "clip": processor.load_video(video, num_frames=key[1])}
         except UserError as err:
             chat.append({"role": "assistant", "content": error_text(err)})
             yield chat, "", [], "", chat, history, None
             return
+        clip = cache["clip"]
         yield chat, "", thumbnails(clip.frames, clip.timestamps), "", chat, history, cache
 
         conversation = history + [{"role": "user", "content": question}]
@@ -161,8 +121,7 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
         yield chat, gr.skip(), gr.skip(), info_text(timing), chat, history, cache
 
     def answer_api(video_file, question, num_frames) -> str:
-        """Stateless: one question about one video, the whole answer as text. Errors are raised
-        as `gr.Error`, which gradio_client turns into an exception carrying the message."""
+        """Stateless: one question about one video → the whole answer; errors as `gr.Error`."""
         try:
             if not video_file:
                 raise UserError("no video file was given")
@@ -173,13 +132,6 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
                                            temperature=0.0))
         except UserError as err:
             raise gr.Error(error_text(err).removeprefix("⚠️ "), print_exception=False) from None
-
-    def clear():
-        return [], "", [], "", [], [], None
-
-    def new_video():
-        # A conversation is about one video: a new one starts afresh (the decoded-clip cache too).
-        return [], [], "", [], [], None
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nAsk questions about a video. The answer streams in as it is generated.")
@@ -215,24 +167,22 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
                     inputs=[video, question, chat_state, history_state, clip_state, frames, temperature, top_p,
                             new_tokens],
                     outputs=[chatbot, question, gallery, info, chat_state, history_state, clip_state],
-                    concurrency_limit=concurrency, concurrency_id=CONCURRENCY_ID, api_visibility="private")
+                    concurrency_limit=concurrency, concurrency_id="model", api_visibility="private")
         turns = [question.submit(**turn), send.click(**turn)]
         # Clearing stops an answer still streaming, or it would refill the chat.
         cleared = [chatbot, question, gallery, info, chat_state, history_state, clip_state]
-        clear_btn.click(clear, outputs=cleared, queue=False, api_visibility="private", cancels=turns)
-        chatbot.clear(clear, outputs=cleared, queue=False, api_visibility="private",  # its own trash icon
-                      cancels=turns)
-        video.change(new_video, outputs=[chatbot, gallery, info, chat_state, history_state, clip_state],
-                     queue=False, api_visibility="private")
+        for clearing in (clear_btn.click, chatbot.clear):  # the button and the chatbot's trash icon
+            clearing(lambda: ([], "", [], "", [], [], None), outputs=cleared, queue=False, api_visibility="private",
+                     cancels=turns)
+        # A conversation is about one video: a new one starts afresh (an example's question is kept).
+        video.change(lambda: ([], [], "", [], [], None), queue=False, api_visibility="private",
+                     outputs=[chatbot, gallery, info, chat_state, history_state, clip_state])
 
         # The stateless API: hidden components, no UI.
-        api_video = gr.File(visible=False, file_types=None)
-        api_question = gr.Textbox(visible=False)
-        api_frames = gr.Number(value=default_frames, precision=0, visible=False)
-        api_answer = gr.Textbox(visible=False)
-        api_button = gr.Button(visible=False)
-        api_button.click(answer_api, inputs=[api_video, api_question, api_frames], outputs=api_answer,
-                         api_name="answer", concurrency_limit=concurrency, concurrency_id=CONCURRENCY_ID)
+        api_inputs = [gr.File(visible=False, file_types=None), gr.Textbox(visible=False),
+                      gr.Number(value=default_frames, precision=0, visible=False)]
+        gr.Button(visible=False).click(answer_api, inputs=api_inputs, outputs=gr.Textbox(visible=False),
+                                       api_name="answer", concurrency_limit=concurrency, concurrency_id="model")
     app.queue(max_size=queue_size, default_concurrency_limit=concurrency)
     app.allowed_example_paths = sorted({str(Path(e.path).resolve().parent) for e in examples})
     return app
@@ -245,19 +195,13 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, 
         server_name=host, server_port=port, share=share, max_file_size=max_file_size,
         allowed_paths=getattr(app, "allowed_example_paths", []), prevent_thread_lock=True,
         quiet=True, ssr_mode=False, show_error=True, footer_links=["api"])
-    print(f"VideoMAP-LLM demo running on {local_url}" + (f" (public: {share_url})" if share_url else ""),
-          flush=True)
+    print(f"VideoMAP-LLM demo running on {local_url}" + (f" (public: {share_url})" if share_url else ""), flush=True)
     if block:
         try:
             app.block_thread()
         finally:
             app.close()
     return local_url, share_url
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
 
 
 def check_port(host: str, port: int) -> None:
@@ -283,16 +227,14 @@ def parse_args(argv):
                    help=f"initial frame count, {MIN_FRAMES}..{MAX_FRAMES} (default {MIN_FRAMES})")
     p.add_argument("--max-new-tokens", type=int, default=128, help="initial answer length limit (default 128)")
     p.add_argument("--no-examples", action="store_true", help="do not list example clips")
-    p.add_argument("--cache-dir", default=None,
-                   help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/videomap-llm/llm); the "
-                        "synthetic example clips go to its sibling 'demo_examples'")
+    p.add_argument("--cache-dir", help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/videomap-llm/llm); "
+                   "the synthetic example clips go to its sibling 'demo_examples'")
     args = p.parse_args(argv)
-    if args.concurrency < 1:
-        p.error("--concurrency must be >= 1")
-    if not MIN_FRAMES <= args.frames <= MAX_FRAMES:
-        p.error(f"--frames must be in {MIN_FRAMES}..{MAX_FRAMES}")
-    if not 1 <= args.port <= 65535:
-        p.error("--port must be in 1..65535")
+    for ok, message in ((args.concurrency >= 1, "--concurrency must be >= 1"),
+                        (MIN_FRAMES <= args.frames <= MAX_FRAMES, f"--frames must be in {MIN_FRAMES}..{MAX_FRAMES}"),
+                        (1 <= args.port <= 65535, "--port must be in 1..65535")):
+        if not ok:
+            p.error(message)
     return args
 
 

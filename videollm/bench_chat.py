@@ -1,6 +1,5 @@
-"""``videollm bench chat``: one JSON line with the cost of answering about a video on this machine —
-time to first token, tokens/s, decode and encode time, peak RSS — for a saved VideoLLM (default:
-the shipped model) on the bundled 32-frame "bigbuckbunny" clip by default."""
+"""``videollm bench chat``: one JSON line with the cost of answering about a video on this machine
+(time to first token, tokens/s, decode and encode time, peak RSS) for a saved VideoLLM."""
 
 from __future__ import annotations
 
@@ -9,13 +8,11 @@ import json
 import platform
 import resource
 import sys
-from pathlib import Path
 
 import torch
 
 from encoder.errors import run_cli
 from videollm.chat import ChatTiming, generate_stream
-from videollm.llm import default_cache_dir
 from videollm.modeling_videollm import DEFAULT_ALIAS, load_videollm
 
 
@@ -38,7 +35,6 @@ def peak_rss_mb() -> float:
 
 
 def model_label(model, processor) -> dict:
-    """What was measured: the LLM, the encoder, the projector and the frame size of the loaded model."""
     vision = model.config.vision_config
     return {"llm": model.config.base_llm or model.config.text_config.model_type, "lora": model.has_lora,
             "encoder": f"{vision.model_type} (D={vision.embed_dim})", "projector": model.config.projector_type,
@@ -47,36 +43,26 @@ def model_label(model, processor) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    model, processor = load_videollm(args.model, num_frames=args.frames, cache_dir=cache_dir)
+    model, processor = load_videollm(args.model, num_frames=args.frames, cache_dir=args.cache_dir)
 
-    def answer(max_new_tokens):
+    def answer(max_new_tokens) -> ChatTiming:
         timing = ChatTiming()
-        text = "".join(generate_stream(model, processor, args.video, args.question, timing=timing,
-                                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                       num_frames=args.frames))
-        return timing, text
+        for _ in generate_stream(model, processor, args.video, args.question, timing=timing, num_frames=args.frames,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens):
+            pass
+        return timing
 
     if args.warmup:
         answer(2)
-    timing, _ = answer(args.max_new_tokens)
-    record = {
-        "bench": "chat",
-        "model": str(args.model),
-        **model_label(model, processor),
-        "video": args.video,
-        "frames": timing.num_frames,
-        "video_tokens": timing.video_tokens,
-        "prompt_tokens": timing.prompt_tokens,
-        "new_tokens": timing.new_tokens,
-        "decode_s": round(timing.decode_seconds, 3),
-        "encode_s": round(timing.encode_seconds, 3),
-        "time_to_first_token_s": round(timing.time_to_first_token, 3),
-        "tokens_per_s": round(timing.tokens_per_second, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+    timing = answer(args.max_new_tokens)
+    print(json.dumps({
+        "bench": "chat", "model": str(args.model), **model_label(model, processor), "video": args.video,
+        "frames": timing.num_frames, "video_tokens": timing.video_tokens, "prompt_tokens": timing.prompt_tokens,
+        "new_tokens": timing.new_tokens, "decode_s": round(timing.decode_seconds, 3),
+        "encode_s": round(timing.encode_seconds, 3), "time_to_first_token_s": round(timing.time_to_first_token, 3),
+        "tokens_per_s": round(timing.tokens_per_second, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
         "threads": torch.get_num_threads(),
-    }
-    print(json.dumps(record))
+    }))
     return 0
 
 

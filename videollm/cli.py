@@ -1,8 +1,6 @@
-"""The `videollm` console script.
-
-The one place that knows every package. A subcommand's module is imported only when that
-subcommand runs, so ``videollm --help`` answers without loading torch. Each subcommand module has
-``main(argv) -> int`` and is also runnable as ``python -m <module>``.
+"""The `videollm` console script: the one place that knows every package. A subcommand's module
+is imported only when it runs (``videollm --help`` does not load torch); each has ``main(argv) -> int``
+and also runs as ``python -m <module>``.
 """
 
 from __future__ import annotations
@@ -36,18 +34,9 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 
 
 def _usage() -> str:
-    lines = ["usage: videollm [--verbose] COMMAND [ARGS…]   (videollm COMMAND --help for details)", "",
-             "--verbose: show library warnings, progress bars and tracebacks (quiet by default)", "", "commands:"]
-    for words, _, text in COMMANDS:
-        lines.append(f"  {' '.join(words):<16} {text}")
-    return "\n".join(lines)
-
-
-def _lookup(argv: list[str]):
-    for words, module, _ in sorted(COMMANDS, key=lambda c: -len(c[0])):
-        if tuple(argv[: len(words)]) == words:
-            return words, module
-    return None, None
+    return "\n".join(["usage: videollm [--verbose] COMMAND [ARGS…]   (videollm COMMAND --help for details)", "",
+                      "--verbose: show library warnings, progress bars and tracebacks (quiet by default)", "",
+                      "commands:", *(f"  {' '.join(words):<16} {text}" for words, _, text in COMMANDS)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    words, module = _lookup(argv)
+    words, module = next(((w, m) for w, m, _ in sorted(COMMANDS, key=lambda c: -len(c[0]))
+                          if tuple(argv[:len(w)]) == w), (None, None))
     if module is None:
         group = [c for c in COMMANDS if c[0][0] == argv[0]]
         hint = f"; '{argv[0]}' takes one of: {', '.join(c[0][1] for c in group)}" if group else ""
