@@ -61,7 +61,7 @@ def test_num_video_tokens_matches_projector():
     assert cfg.num_video_tokens(8, 224, 224) == 2 * 49 + 1  # 7×7 per frame, budget keeps 2 frames
     model, _ = tiny_videollm(spatial_pool=1, max_video_tokens=5, use_cls_token=True)
     x = torch.randn(1, 3, 6, 32, 32)
-    assert model.get_video_features(x).shape == (1, model.num_video_tokens(6, 32, 32), 32)  # 1 + 1·4
+    assert model.get_video_features(x).shape == (1, model.config.num_video_tokens(6, 32, 32), 32)  # 1 + 1·4
     with pytest.raises(ValueError, match="tokens_per_frame"):
         VideoLLMConfig(projector_config={"tokens_per_frame": 3})
 
@@ -71,7 +71,7 @@ def test_forward_loss_and_mismatch():
     conv = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A dog."}]
     ex = proc.build_training_example(conv, video=video_frames())
     ids = torch.tensor([ex["input_ids"]])
-    assert (ids == model.config.video_token_id).sum() == model.num_video_tokens(2, 32, 32) == 8
+    assert (ids == model.config.video_token_id).sum() == model.config.num_video_tokens(2, 32, 32) == 8
     out = model(input_ids=ids, pixel_values=ex["pixel_values"], labels=torch.tensor([ex["labels"]]))
     assert torch.isfinite(out.loss) and out.logits.shape[:2] == ids.shape
     out.loss.backward()
@@ -278,19 +278,6 @@ def test_system_prompt_replaces_the_template_default():
     assert empty.tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]) \
         == "Hello<|im_end|>"
     assert empty.to_dict()["system_prompt"] == ""
-
-
-def test_for_llm_carries_the_encoder_and_projector():
-    projector = {"spatial_pool": 2, "spatial_merge": "concat", "max_video_tokens": 77, "hidden_act": "silu",
-                 "stem_skip": True, "words": [["red", "blue"], ["star"]], "temperature": 9.0}
-    old = VideoLLMConfig(vision_config=tiny_encoder_config(), text_config=tiny_llm().config, video_token_id=5,
-                         base_llm="old", projector_type="word_anchor", projector_config=projector)
-    text = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                       vocab_size=300)
-    new = old.for_llm(text, video_token_id=299, base_llm="new")
-    assert new.text_config is text and new.video_token_id == 299 and new.base_llm == "new"
-    assert new.vision_config.to_dict() == old.vision_config.to_dict()
-    assert new.projector_type == "word_anchor" and new.projector_config == old.projector_config
 
 
 def test_a_batch_mixing_text_only_and_video_examples_gives_each_its_own_logits():
