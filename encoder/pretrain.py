@@ -377,7 +377,10 @@ class VideoMAPPretrainer(nn.Module):
         return self._teacher[0]
 
 
-def build_pretrainer(encoder: nn.Module, *, teacher: str | Path | None = None, **kwargs) -> VideoMAPPretrainer:
+def build_pretrainer(encoder: nn.Module, *, teacher: str | Path | None = None, teacher_size: int | None = None,
+                     **kwargs) -> VideoMAPPretrainer:
     """The one place a recipe's objective options become a module (the teacher built by name:
-    ``efficientnet_lite0`` or a CLIP/SigLIP id or path, `encoder.teacher.build_teacher`)."""
-    return VideoMAPPretrainer(encoder, teacher=build_teacher(str(teacher) if teacher else None), **kwargs)
+    ``efficientnet_lite0`` or a CLIP/SigLIP id or path, `encoder.teacher.build_teacher`, at input
+    side ``teacher_size`` px when given)."""
+    size = {"image_size": teacher_size} if teacher_size else {}
+    return VideoMAPPretrainer(encoder, teacher=build_teacher(str(teacher) if teacher else None, **size), **kwargs)

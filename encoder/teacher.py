@@ -192,11 +192,12 @@ class CLIPTeacher(Teacher):
         finally:
             hf_logging.set_verbosity(verbosity)
         tower = getattr(model, "vision_model", model)
-        return cls(tower, projection, model.config.image_size, str(name_or_path), **kwargs)
+        kwargs.setdefault("image_size", model.config.image_size)  # another size interpolates the position table
+        return cls(tower, projection, name=str(name_or_path), **kwargs)
 
     def _frame_features(self, images: torch.Tensor) -> torch.Tensor:
         x = ((images - self.own_mean) / self.own_std).to(next(self.vision_model.parameters()).dtype)
-        out = self.vision_model(pixel_values=x)
+        out = self.vision_model(pixel_values=x, interpolate_pos_encoding=True)
         tokens = self.vision_model.post_layernorm(out.last_hidden_state[:, 1:])  # (B·T, n, Dc), cls dropped
         if self.projection is not None:
             tokens = self.projection(tokens)  # (B·T, n, F)
@@ -232,18 +233,18 @@ class TeacherCache:
         digest = hashlib.sha1(clip_key.encode()).hexdigest()[:20]
         return self.dir / f"{digest}.safetensors"
 
-    def features(self, clip_key: str, frame_ids: list[int], pixel_values: torch.Tensor,
+    def features(self, clip_keys: list[str], frame_ids: list[int], pixel_values: torch.Tensor,
                  grid_hw: tuple[int, int]) -> torch.Tensor:
-        """Targets (T, h·w, F) of one clip: pixel_values (1, 3, T, H, W) holds frames ``frame_ids``."""
-        path = self._path(clip_key)
-        stored = load_file(str(path)) if path.is_file() else {}
+        """Targets (B, T, h·w, F) of B clips: pixel_values (B, 3, T, H, W) holds frames ``frame_ids`` of
+        the clips ``clip_keys``. The teacher runs once, on the clips that miss a frame."""
         keys = [f"{grid_hw[0]}x{grid_hw[1]}/{i}" for i in frame_ids]
-        missing = [t for t, k in enumerate(keys) if k not in stored]
+        stored = [load_file(str(self._path(c))) if self._path(c).is_file() else {} for c in clip_keys]
+        missing = [b for b, s in enumerate(stored) if any(k not in s for k in keys)]
+        self.misses += len(missing)
+        self.hits += len(clip_keys) - len(missing)
         if missing:
-            self.misses += 1
-            feats = self.teacher(pixel_values[:, :, missing], grid_hw)[0]  # (T_missing, h·w, F)
-            stored.update({keys[t]: f.half().contiguous() for t, f in zip(missing, feats)})
-            atomic_write_bytes(path, save(stored))
-        else:
-            self.hits += 1
-        return torch.stack([stored[k].float() for k in keys])  # (T, h·w, F)
+            feats = self.teacher(pixel_values[missing], grid_hw)  # (B_missing, T, h·w, F)
+            for b, f in zip(missing, feats):
+                stored[b].update({k: x.half().contiguous() for k, x in zip(keys, f)})
+                atomic_write_bytes(self._path(clip_keys[b]), save(stored[b]))
+        return torch.stack([torch.stack([s[k].float() for k in keys]) for s in stored])  # (B, T, h·w, F)

@@ -91,26 +91,28 @@ def test_features_at_the_student_grid(teacher):
 def test_cache_hit_equals_a_fresh_computation(teacher, tmp_path):
     clip = clip_of(sklearn_photo("china.jpg"), frames=2, size=64)
     cache = TeacherCache(tmp_path, teacher)
-    first = cache.features("synth:seed=1", [0, 5], clip, (4, 4))
+    first = cache.features(["synth:seed=1"], [0, 5], clip, (4, 4))[0]
     assert (cache.misses, cache.hits) == (1, 0)
-    again = TeacherCache(tmp_path, teacher).features("synth:seed=1", [0, 5], clip, (4, 4))  # from disk
+    again = TeacherCache(tmp_path, teacher).features(["synth:seed=1"], [0, 5], clip, (4, 4))[0]  # from disk
     assert torch.allclose(first, again) and first.shape == (2, 16, 1280)
     fresh = teacher(clip, (4, 4))[0]
     assert torch.allclose(again, fresh, atol=2e-3)  # stored in fp16
     # a new frame of the same clip is computed and added; the stored ones are read
     more = TeacherCache(tmp_path, teacher)
-    out = more.features("synth:seed=1", [5, 7], clip, (4, 4))
+    out = more.features(["synth:seed=1"], [5, 7], clip, (4, 4))[0]
     assert more.misses == 1 and torch.allclose(out[0], first[1])
 
 
 def test_cache_misses_when_the_transform_changes(teacher, tmp_path):
     clip = clip_of(sklearn_photo("china.jpg"), frames=1, size=64)
-    TeacherCache(tmp_path, teacher).features("c", [0], clip, (4, 4))
+    TeacherCache(tmp_path, teacher).features(["c"], [0], clip, (4, 4))
     other = EfficientNetTeacher(image_size=128)
     assert other.transform_id != teacher.transform_id
     cache = TeacherCache(tmp_path, other)
-    cache.features("c", [0], clip, (4, 4))
-    assert cache.misses == 1
+    batch = torch.cat([clip, clip.flip(-1)])  # a second clip, mirrored
+    assert cache.features(["c", "d"], [0], batch, (4, 4)).shape == (2, 1, 16, 1280)
+    assert (cache.misses, cache.hits) == (2, 0)
+    assert (cache.features(["d", "c"], [0], batch.flip(0), (4, 4)).shape, cache.hits) == ((2, 1, 16, 1280), 2)
 
 
 def test_build_teacher_by_name(teacher):
@@ -140,9 +142,32 @@ def test_pretraining_with_the_embedded_teacher_and_cached_targets(teacher):
 
 
 def test_the_pretrain_recipe_runs_with_the_embedded_teacher(tmp_path):
-    """The semantic half of the objective through the real command: both feature terms are logged."""
-    out = tmp_path / "run"
-    assert cli(["pretrain", "--config", "training/configs/pretrain_smoke.yaml", "objective.teacher=efficientnet_lite0",
-                "steps=1", f"output_dir={out}"]) == 0
-    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert record["next_feat"] > 0 and record["masked_feat"] > 0 and (out / "encoder" / "config.json").is_file()
+    """The semantic half of the objective through the real command: both feature terms are logged;
+    with a cache folder, a second run over the same clips reads every target from it and gets the
+    losses of the first."""
+    args = ["pretrain", "--config", "training/configs/pretrain_smoke.yaml", "objective.teacher=efficientnet_lite0",
+            "objective.teacher_size=64", f"objective.teacher_cache={tmp_path / 'cache'}", "steps=2"]
+    records = []
+    for run in ("a", "b"):
+        assert cli([*args, f"output_dir={tmp_path / run}"]) == 0
+        records.append([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()][-1])
+    a, b = records
+    assert a["next_feat"] > 0 and a["masked_feat"] > 0 and (tmp_path / "a" / "encoder" / "config.json").is_file()
+    assert a["teacher_cache_misses"] > 0 and b["teacher_cache_misses"] == 0 and b["teacher_cache_hits"] == 16
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_a_clip_teacher_by_path(tmp_path):
+    """The full-scale option: a (tiny, random) CLIP vision tower saved locally, at its own size and
+    at another (position table interpolated); unit features at the student's grid, no classes."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=24)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
+    clip = clip_of(sklearn_photo("flower.jpg"), frames=2, size=32)
+    for size, grid in ((None, (4, 4)), (64, (2, 2))):
+        t = build_teacher(str(tmp_path / "clip"), **({"image_size": size} if size else {}))
+        feats = t(clip, grid)
+        assert t.feature_dim == 24 and t.probs(clip) is None and feats.shape == (1, 2, grid[0] * grid[1], 24)
+        assert torch.allclose(feats.norm(dim=-1), torch.ones(1, 2, grid[0] * grid[1]), atol=1e-5)

@@ -23,6 +23,7 @@ import torch
 from encoder.build import build_encoder
 from encoder.errors import run_cli
 from encoder.pretrain import build_pretrainer
+from encoder.teacher import TeacherCache
 from training.config import config_from_argv
 from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, VideoDataConfig,
                              print_summary, run)
@@ -45,6 +46,8 @@ class ObjectiveConfig:
     pixel_weight: float = 1.0
     teacher: str | None = None  # efficientnet_lite0 (embedded), a CLIP/SigLIP id or path; null = pixels only
     teacher_weight: float = 1.0
+    teacher_size: int | None = None  # the teacher's input side in px; null = its own (224 for EfficientNet-Lite0)
+    teacher_cache: str | None = None  # a folder: targets computed once per clip (synthetic data); null = every step
     masking: str = "frame"  # frame (random per frame, the same count in each) | tube (the same positions in every frame)
     frame_causal: bool = True  # videomap: the encoder runs frame-causally, so frame t+1 is unseen when predicted
 
@@ -79,11 +82,13 @@ def build_model(cfg: PretrainConfig):
     """The pretrainer (encoder + decoder + heads [+ frozen teacher])."""
     encoder = build_encoder(cfg.encoder, num_frames=cfg.data.num_frames, img_size=cfg.data.size, **cfg.encoder_config)
     options = dataclasses.asdict(cfg.objective)  # the objective's keys are build_pretrainer's arguments
+    options.pop("teacher_cache")
     return build_pretrainer(encoder, objective=options.pop("name"), **options)
 
 
-def sample_batch(source, batch_size: int, keys: tuple[int, ...], skips: SkipTracker) -> torch.Tensor:
-    """The micro-batch of `keys` = (seed, step, micro, process): a pure function of the keys."""
+def sample_batch(source, batch_size: int, keys: tuple[int, ...], skips: SkipTracker) -> tuple[torch.Tensor, list]:
+    """The micro-batch of `keys` = (seed, step, micro, process), a pure function of the keys:
+    (pixels, the source's indices of the clips; shorter than the batch when some failed to decode)."""
     g, rng = step_rng(*keys)
     n = len(source)
     if n:
@@ -94,7 +99,7 @@ def sample_batch(source, batch_size: int, keys: tuple[int, ...], skips: SkipTrac
         extra = iter(range(batch_size, 10 ** 9))
         draw = lambda: step_seed(*keys, next(extra)) % (2 ** 62)
     pixels, _ = load_batch(source, indices, rng, skips, draw=draw)
-    return pixels  # (B', 3, T, S, S)
+    return pixels, indices  # (B', 3, T, S, S)
 
 
 class Pretrain(Recipe):
@@ -104,18 +109,28 @@ class Pretrain(Recipe):
     def setup(self, engine: Engine):
         self.source = self.cfg.data.open(size_hint=self.cfg.data.synth_pool)
         self.skips = SkipTracker(self.cfg.data.max_skipped)
-        return build_model(self.cfg)
+        model = build_model(self.cfg)
+        self.cache = None
+        if self.cfg.objective.teacher_cache and model.teacher is not None and hasattr(self.source, "clip_key"):
+            self.cache = TeacherCache(self.cfg.objective.teacher_cache, model.teacher)
+        return model
 
     def loss(self, model, step: int, micro: int) -> Micro:
         model.train()
         keys = (self.cfg.seed, step, micro, self.engine.rank)
-        pixels = sample_batch(self.source, self.cfg.batch_size, keys, self.skips).to(self.engine.device)
+        pixels, indices = sample_batch(self.source, self.cfg.batch_size, keys, self.skips)
+        feats = None
+        if self.cache is not None and len(indices) == pixels.shape[0]:
+            grid = (pixels.shape[-2] // model.patch_size, pixels.shape[-1] // model.patch_size)
+            feats = self.cache.features([self.source.clip_key(i) for i in indices], list(range(pixels.shape[2])),
+                                        pixels, grid)
         mask_gen, _ = step_rng(*keys, 1)
-        result = model(pixels, generator=mask_gen)
+        result = model(pixels.to(self.engine.device), generator=mask_gen, teacher_features=feats)
         return Micro(result.loss, {k: float(v) for k, v in result.terms.items()}, samples=pixels.shape[0])
 
     def status(self) -> dict:
-        return {"skipped": self.skips.events, "skipped_files": len(self.skips.bad)}
+        cache = {"teacher_cache_hits": self.cache.hits, "teacher_cache_misses": self.cache.misses} if self.cache else {}
+        return {"skipped": self.skips.events, "skipped_files": len(self.skips.bad), **cache}
 
     def save_final(self, model, directory: Path) -> None:
         model.encoder.save_pretrained(directory)

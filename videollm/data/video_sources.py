@@ -146,6 +146,11 @@ class SynthSource:
     def describe(self, i: int) -> str:
         return f"synthetic clip seed {self.base_seed + i}"
 
+    def clip_key(self, i: int) -> str:
+        """What names item i's pixels (for `encoder.teacher.TeacherCache`)."""
+        seed = self.base_seed + int(i)
+        return f"synth:{self.task}:{self.num_frames}x{self.size}:{sorted(self.spec_kw(seed).items())}:{seed}"
+
     def spec_kw(self, seed: int) -> dict:
         kw = {}
         if self.background is not None:
