@@ -66,20 +66,23 @@ def test_bad_encoder_is_a_user_error(tmp_path, capsys):
     assert rc == 2 and "nor an encoder directory" in capsys.readouterr().err
 
 
-def test_ablation_table_from_rows():
-    """The bench's aggregation (mean ± std per arm) and markdown, on known numbers."""
-    from training.ablation import BUDGETS, summarize, to_markdown
+def test_ablation_summary_and_comparisons_from_rows():
+    """The bench's aggregation (mean ± std per arm and label fraction, per-seed runs kept), its
+    pooled-std comparison and markdown, on known numbers."""
+    from training.ablation import BUDGETS, compare, summarize, to_markdown
 
-    runs = [{"arm": arm, "seed": s, "pretrain_loss": None if arm == "scratch" else 1.0,
-             "finetune_top1": acc, "finetune_top5": 1.0, "linear_top1": acc / 2}
+    runs = [{"arm": arm, "seed": s, "fraction": 0.1, "finetune_top1": acc, "linear_top1": acc / 2}
             for arm, accs in (("videomap", (0.5, 0.7)), ("scratch", (0.2, 0.2))) for s, acc in enumerate(accs)]
     summary = summarize(runs)
-    assert summary["videomap"]["finetune_top1"]["mean"] == pytest.approx(0.6)
-    assert summary["videomap"]["finetune_top1"]["std"] == pytest.approx(0.1414, abs=1e-3)
-    assert summary["scratch"]["finetune_top1"]["std"] == 0.0 and summary["scratch"]["pretrain_loss"] is None
-    md = to_markdown({"task": "motion", "num_classes": 8, "seeds": [0, 1], "budget": BUDGETS["smoke"],
-                      "summary": summary, "seconds": 60})
-    assert "| videomap | hybrid 2:1 | VideoMAP | 60.0 ± 14.1 | 30.0 ± 7.1 | 1.000 |" in md
+    ft = summary["videomap"]["10%"]["finetune_top1"]
+    assert ft["mean"] == pytest.approx(0.6) and ft["std"] == pytest.approx(0.1414, abs=1e-3) and ft["n"] == 2
+    assert [r["seed"] for r in summary["videomap"]["10%"]["runs"]] == [0, 1]
+    diff = compare(summary, "videomap", "scratch")["finetune_top1"]
+    assert diff["points"] == pytest.approx(40.0) and diff["in_pooled_stds"] == pytest.approx(40 / 10, rel=1e-2)
+    md = to_markdown({"seeds": [0, 1], "budget": BUDGETS["smoke"], "summary": summary, "seconds": 60,
+                      "comparisons": {"videomap-scratch": compare(summary, "videomap", "scratch")}})
+    assert "| videomap | — | 60.0 ± 14.1 (n=2) | — | — | 30.0 ± 7.1 (n=2) | — |" in md
+    assert "videomap − scratch: finetune +40.0 (4.0 σ)" in md
 
 
 def test_scene_options_and_time_pool(tmp_path, capsys):
@@ -112,18 +115,6 @@ def test_scene_options_and_time_pool(tmp_path, capsys):
     rc = cli(["classify", "--config", str(REPO / "training/configs/classify_synth_motion.yaml"), *TINY,
               "data.background=sky", f"output_dir={tmp_path / 'bad'}"])
     assert rc == 2 and "data.background" in capsys.readouterr().err
-
-
-def test_ablation_levers_override_the_budget():
-    from encoder.errors import UserError
-    from training.ablation import BUDGETS, resolve_budget
-
-    b = resolve_budget("smoke", {"size": 48, "patch_size": 8, "background": "plain", "distractors": 0,
-                                 "feature_pool": "time", "finetune_epochs": None})
-    assert b["size"] == 48 and b["background"] == "plain" and b["distractors"] == 0 and b["feature_pool"] == "time"
-    assert b["finetune_epochs"] == BUDGETS["smoke"]["finetune_epochs"] and BUDGETS["smoke"]["size"] == 32
-    with pytest.raises(UserError):
-        resolve_budget("smoke", {"size": 36})
 
 
 def test_classify_a_class_folder_tree_saves_the_classifier_and_resumes_exactly(tmp_path, capsys):

@@ -178,10 +178,33 @@ def to_markdown(result: dict) -> str:
                  for k in ("finetune_top1", "linear_top1") for f in fr]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "At 10 % labels (difference of means in points; pooled stds):", ""]
-    for (a, c), d in zip(CLAIMS, result["comparisons"].values()):
-        lines += [f"- {a} − {c}: " + "; ".join(f"{k.split('_')[0]} {v['points']:+.1f} ({v['in_pooled_stds']} σ)"
+    for name, d in result["comparisons"].items():
+        lines += [f"- {name.replace('-', ' − ')}: " + "; ".join(f"{k.split('_')[0]} {v['points']:+.1f} ({v['in_pooled_stds']} σ)"
                                                 for k, v in d.items())]
     return "\n".join(lines + ["", f"Total time: {result['seconds'] / 60:.1f} min.", ""])
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Top-1 (mean ± std over seeds) against the label fraction, one line per arm; fine-tune | probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key in zip(axes, ("finetune_top1", "linear_top1")):
+        for arm, per in summary.items():
+            fs = [f for f in FRACTIONS if f"{round(100 * f)}%" in per]
+            stats = [per[f"{round(100 * f)}%"][key] for f in fs]
+            ax.errorbar([100 * f for f in fs], [100 * s["mean"] for s in stats], [100 * s["std"] for s in stats],
+                        marker="o", capsize=3, label=arm)
+        ax.set(xscale="log", xlabel="labelled clips (% of 2000)", title={"finetune_top1": "fine-tune", "linear_top1": "linear probe"}[key])
+        ax.axhline(12.5, color="gray", lw=0.5)
+    axes[0].set_ylabel("test top-1 (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write(out: Path, runs: list[dict], budget: str, seeds: int, t0: float) -> dict:
@@ -192,6 +215,7 @@ def write(out: Path, runs: list[dict], budget: str, seeds: int, t0: float) -> di
               "seconds": round(time.time() - t0, 1)}
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     (out / "ablation.md").write_text(to_markdown(result))
+    plot(summary, out / "ablation.png")
     return result
 
 
