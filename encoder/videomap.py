@@ -16,7 +16,8 @@ and ``out_proj``; the forward and backward directions each have their own causal
 ``x_proj``, ``dt_proj``, ``A_log`` and ``D``; the backward direction scans the sequence from the
 last token to the first (an anti-causal conv and a reversed scan, which equal VideoMamba's
 flip → scan → flip without the flipped copies); the two are gated by SiLU(z) and averaged. The
-scan itself is `encoder.scan.selective_scan` (mamba-ssm's ``selective_scan_fn`` semantics).
+direction is `encoder.scan.selective_ssm` (conv → Δ, B, C → scan; on CPU fused, with a backward
+that recomputes what it needs instead of keeping per-step tensors).
 
 Block layout (``attn_every``; ``depth_mamba`` Mamba blocks in all hybrid cases)::
 
@@ -52,7 +53,7 @@ from encoder.layers import (
     frame_causal_mask,
     init_video_weights,
 )
-from encoder.scan import causal_conv1d, selective_scan
+from encoder.scan import selective_ssm, weight_times
 
 PRESETS: dict[str, dict] = {
     "nano": dict(embed_dim=128, depth_mamba=8, num_heads=4),
@@ -210,14 +211,6 @@ class VideoMAPConfig(PretrainedConfig):
         return types
 
 
-def weight_times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A Linear's weight applied along dim 1 of x: (O, I) @ (B, I, L) -> (B, O, L).
-
-    As a batched matmul over a broadcast weight, so x is neither transposed nor copied, and the
-    backward keeps x itself (``weight @ x`` would fold x into a (B·L, I) copy and keep that)."""
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
-
-
 class SelectiveSSM(nn.Module):
     """One direction of the B-Mamba mixer: causal conv → SiLU → input-dependent (Δ, B, C) → scan.
 
@@ -234,7 +227,7 @@ class SelectiveSSM(nn.Module):
         super().__init__()
         self.d_state = d_state
         self.dt_rank = dt_rank
-        # Padding is applied by causal_conv1d, so the module itself only holds the weights.
+        # Padding is applied in the scan's conv, so the module itself only holds the weights.
         self.conv1d = nn.Conv1d(d_inner, d_inner, kernel_size=d_conv, groups=d_inner, bias=True)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
@@ -244,19 +237,11 @@ class SelectiveSSM(nn.Module):
         self.D._no_weight_decay = True
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, reverse: bool = False) -> torch.Tensor:
-        # causal-conv1d's CUDA kernel when available; weight (E, 1, K) -> (E, K)
-        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-                          reverse=reverse)  # (B, E, L)
-        x_dbl = weight_times(self.x_proj.weight, x)  # (R + 2S, E) @ (B, E, L) -> (B, R + 2S, L)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)  # (B, R, L), (B, S, L) ×2
-        # dt_proj's bias is applied inside the scan (delta_bias), as Mamba does.
-        delta = weight_times(self.dt_proj.weight, dt)  # (E, R) @ (B, R, L) -> (B, E, L)
-        A = -torch.exp(self.A_log.float())  # (E, S)
-        return selective_scan(
-            x, delta, A, B, C,  # B, C: (B, S, L) views of x_dbl; the kernels read strides
-            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            reverse=reverse,
-        )  # (B, E, L)
+        # dt_proj's bias is applied inside the scan (delta_bias), as Mamba does. On CPU the fused
+        # `selective_ssm` recomputes the conv output and Δ in its backward instead of keeping them.
+        return selective_ssm(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
+                             self.dt_proj.weight, -torch.exp(self.A_log.float()), D=self.D.float(), z=z,
+                             delta_bias=self.dt_proj.bias.float(), delta_softplus=True, reverse=reverse)  # (B, E, L)
 
 
 class BiMambaMixer(nn.Module):
