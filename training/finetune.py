@@ -131,18 +131,6 @@ class FinetuneConfig(RecipeConfig):
                 raise UserError("quant=4bit with ZeRO-3 is not supported; use zero2.json or no DeepSpeed")
 
 
-def projector_settings(cfg: FinetuneConfig) -> dict | None:
-    """What `build_videollm` is told about the projector: the projector keys for a new model;
-    with init_from, only a word anchor to add (when asked for and the saved model has none)."""
-    anchor = {"type": "word_anchor", "words": [list(WORD_GROUPS[g]) for g in cfg.word_anchor],
-              "none_logit": cfg.anchor_none_logit} if cfg.word_anchor else {}
-    if cfg.init_from is not None:
-        saved = VideoLLMConfig.from_pretrained(resolve_model_dir(cfg.init_from))
-        return anchor if anchor and saved.projector_type != "word_anchor" else None
-    return {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
-            "stem_skip": cfg.stem_skip, "max_video_tokens": cfg.max_video_tokens, **anchor}
-
-
 def build_model(cfg: FinetuneConfig):
     """(model, processor) through `build_videollm`, with what `cfg.stage` trains trainable (+ LoRA)."""
     quantization_config = None
@@ -154,7 +142,16 @@ def build_model(cfg: FinetuneConfig):
         quantization_config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
-    projector = projector_settings(cfg)
+    # The projector keys for a new model; with init_from, only a word anchor to add (when asked for
+    # and the saved model has none).
+    anchor = {"type": "word_anchor", "words": [list(WORD_GROUPS[g]) for g in cfg.word_anchor],
+              "none_logit": cfg.anchor_none_logit} if cfg.word_anchor else {}
+    if cfg.init_from is None:
+        projector = {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
+                     "stem_skip": cfg.stem_skip, "max_video_tokens": cfg.max_video_tokens, **anchor}
+    else:
+        saved = VideoLLMConfig.from_pretrained(resolve_model_dir(cfg.init_from))
+        projector = anchor if anchor and saved.projector_type != "word_anchor" else None
     model, processor = build_videollm(
         cfg.llm, cfg.encoder, init_from=cfg.init_from, num_frames=cfg.data.num_frames, image_size=cfg.data.size,
         projector=projector, use_time_line=cfg.data.time_line, system_prompt=cfg.data.system_prompt,

@@ -61,6 +61,8 @@ COLOR_WORDS = tuple(COLORS)
 SHAPE_WORDS = tuple(SHAPES)
 MOTION_WORDS = tuple(d for d in DIRECTIONS if "-" not in d) + tuple(w for ws in _MOTION_TO_WORDS.values() for w in ws)
 WORDS = COLOR_WORDS + SHAPE_WORDS + MOTION_WORDS
+WORD_GROUPS = {"colors": COLOR_WORDS, "shapes": SHAPE_WORDS, "motions": MOTION_WORDS}
+GROUPS = tuple(WORD_GROUPS.values())
 
 
 @dataclass
@@ -124,19 +126,11 @@ def clip_words(spec) -> set[str]:
     """The words of a `SynthSpec`: every object's colours (also those it turns into), shape, motion."""
     words = set()
     for obj in spec.objects:
-        words.add(obj.color)
-        words.update(new for _, new in obj.color_changes)
-        words.add(obj.shape)
-        if spec.task != "needle":
-            words.update(_MOTION_TO_WORDS.get(obj.motion, tuple(obj.motion.split("-"))))
+        words.update(object_words(obj, 0, spec.task == "needle"), [obj.color], (new for _, new in obj.color_changes))
     unknown = words - set(WORDS)
     if unknown:
         raise ValueError(f"no grounding word for {sorted(unknown)}; extend training.ground.WORDS")
     return words
-
-
-GROUPS = (COLOR_WORDS, SHAPE_WORDS, MOTION_WORDS)
-WORD_GROUPS = {"colors": COLOR_WORDS, "shapes": SHAPE_WORDS, "motions": MOTION_WORDS}
 
 
 def group_loss(scores: torch.Tensor, word_sets: list[set[str]]) -> torch.Tensor:
@@ -457,27 +451,22 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     return {f"stem_acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
 
 
-def build_model(cfg: GroundConfig):
-    """(VideoLLM with an "mlp" projector, its LLM frozen; processor; `WordScorer` of the LLM's words)."""
-    projector = {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
-                 "stem_skip": cfg.stem_skip}
-    model, processor = build_videollm(cfg.llm, cfg.encoder, num_frames=cfg.data.num_frames, image_size=cfg.data.size,
-                                      projector=projector, cache_dir=cfg.llm_cache_dir, seed=cfg.seed)
-    model.requires_grad_(False)
-    model.vision_tower.requires_grad_(True)
-    model.projector.requires_grad_(True)
-    emb = model.get_input_embeddings().weight.detach()
-    scorer = WordScorer(word_embeddings(emb, processor.tokenizer), float(emb.norm(dim=-1).mean()), cfg.temperature)
-    return model, processor, scorer
-
-
 class Ground(Recipe):
     name = "ground"
 
     def setup(self, engine: Engine):
         cfg = self.cfg
-        model, self.processor, self.scorer = build_model(cfg)
-        self.scorer.to(engine.device)
+        projector = {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
+                     "stem_skip": cfg.stem_skip}
+        model, self.processor = build_videollm(cfg.llm, cfg.encoder, num_frames=cfg.data.num_frames,
+                                               image_size=cfg.data.size, projector=projector,
+                                               cache_dir=cfg.llm_cache_dir, seed=cfg.seed)
+        model.requires_grad_(False)  # the LLM stays frozen
+        model.vision_tower.requires_grad_(True)
+        model.projector.requires_grad_(True)
+        emb = model.get_input_embeddings().weight.detach()
+        self.scorer = WordScorer(word_embeddings(emb, self.processor.tokenizer), float(emb.norm(dim=-1).mean()),
+                                 cfg.temperature).to(engine.device)
         self.source = ClipSource(cfg.data)
         patches = cfg.data.size // model.config.vision_config.patch_size
         self.cells = model.config.projector_config.tokens_per_frame_for(patches, patches)  # (kh, kw) tokens per frame

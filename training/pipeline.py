@@ -62,7 +62,6 @@ logger = logging.getLogger("training.pipeline")
 REPO = Path(__file__).resolve().parents[1]
 CARD_TEMPLATE = Path(__file__).with_name("model_card.md.tmpl")
 MAX_SHIP_BYTES = 30 * 1024 * 1024
-RUN_DIR, SHIP_DIR = "$OUT", "$SHIP"  # how the card and the shipped files name the run and ship folders
 
 
 @dataclass
@@ -165,11 +164,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _kv(overrides: dict[str, Any]) -> list[str]:
-    """{"optim.lr": 1e-3, "lora": {"r": 8}} → ["optim.lr=0.001", "lora.r=8"] (YAML-parsable values)."""
-    return [f"{k}={json.dumps(v)}" for k, v in _flatten(overrides).items()]
-
-
 def shown_command(cmd: list[str]) -> str:
     """The command as the log and the model card show it: ``python -m …``, quoted for a POSIX shell,
     so pasting it runs the same stage (an empty ``--system-prompt ""`` keeps its quotes)."""
@@ -187,18 +181,11 @@ def _run(cmd: list[str], log: list[str]) -> None:
                         "(finished stages are skipped)")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
 def check_data_spec(spec: DataSpec) -> None:
-    if spec.needle_haystack not in ("mixed", "real"):
-        raise UserError(f"data.needle_haystack must be 'mixed' or 'real'; got '{spec.needle_haystack}'")
-    if spec.records not in ("llava", "short"):
-        raise UserError(f"data.records must be 'llava' or 'short'; got '{spec.records}'")
-    if spec.mc_reply not in ("letter", "option"):
-        raise UserError(f"data.mc_reply must be 'letter' or 'option'; got '{spec.mc_reply}'")
+    for key, (a, b) in {"needle_haystack": ("mixed", "real"), "records": ("llava", "short"),
+                        "mc_reply": ("letter", "option")}.items():
+        if getattr(spec, key) not in (a, b):
+            raise UserError(f"data.{key} must be '{a}' or '{b}'; got '{getattr(spec, key)}'")
     if spec.mc_reply == "option" and spec.records != "short":
         raise UserError("data.mc_reply: 'option' needs data.records: 'short' (the 'llava' layout answers "
                         "with the letter, as the generator writes it)")
@@ -279,11 +266,6 @@ def write_stage2_mix(cfg: PipelineConfig, data: Path) -> None:
         path.write_text(text)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage configs and commands
-# ---------------------------------------------------------------------------------------------
-
-
 def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
     """The resolved config of each training stage (recipe YAML < the stage's overrides < the run's
     seed, paths and stage links), in the order they run."""
@@ -305,7 +287,9 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
         if name == "stage1" and "ground" in configs and "anchor_none_logit" not in _flatten(spec.overrides):
             # the anchor reads tokens with the "none" class grounding trained them with
             keys["anchor_none_logit"] = configs["ground"].none_logit
-        configs[name] = load_config(cls, REPO / spec.config, _kv(keys))
+        # {"optim.lr": 1e-3, "lora": {"r": 8}} → ["optim.lr=0.001", "lora.r=8"] (YAML-parsable values)
+        kv = [f"{k}={json.dumps(v)}" for k, v in _flatten(keys).items()]
+        configs[name] = load_config(cls, REPO / spec.config, kv)
     return configs
 
 
@@ -329,14 +313,11 @@ def stage_commands(cfg: PipelineConfig, out: Path, configs: dict[str, Any]) -> d
     return commands
 
 
-def stage_outputs(out: Path) -> dict[str, Path]:
-    return {"replay": out / "data" / "text_replay.json", "pretrain": out / "pretrain" / "DONE",
-            "ground": out / "ground" / "final", "stage1": out / "stage1" / "final", "stage2": out / "stage2" / "final"}
-
-
 def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> None:
     configs = stage_configs(cfg, out)
-    commands, outputs = stage_commands(cfg, out, configs), stage_outputs(out)
+    commands = stage_commands(cfg, out, configs)
+    outputs = {"replay": out / "data" / "text_replay.json", "pretrain": out / "pretrain" / "DONE",
+               **{name: out / name / "final" for name in ("ground", "stage1", "stage2")}}
     if uses_mix(cfg):
         write_stage2_mix(cfg, out / "data")
     for name, cmd in commands.items():
@@ -358,11 +339,6 @@ def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) 
                 raise UserError(f"pretraining finished without {out / 'pretrain' / 'encoder'}")
             outputs[name].write_text("ok\n")
         logger.info("%s done (%.0f s in total)", name, timings[name])
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
 
 
 EVAL_RESULTS = {"mc": "results.json", "mc_likelihood": "results.json", "niah": "niah.json",
@@ -453,11 +429,6 @@ def missed_targets(metrics: dict, targets: Targets) -> list[str]:
     return missed
 
 
-# ---------------------------------------------------------------------------------------------
-# Ship: curves, model card, files
-# ---------------------------------------------------------------------------------------------
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -493,12 +464,6 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _word_groups(words: list[list[str]]) -> str:
-    """The anchor's word groups by name where they are `training.ground.WORD_GROUPS`."""
-    names = {tuple(v): k for k, v in WORD_GROUPS.items()}
-    return ", ".join(names.get(tuple(g), "/".join(g)) for g in words)
-
-
 def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: str, commands: list[str],
                n_records: int) -> str:
     """MODEL_CARD.md: `CARD_TEMPLATE` filled from the shipped model's config.json (architecture),
@@ -511,8 +476,9 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
                           " (`motion_gap`)")
     projector_notes = ", which also reads the encoder's conv stem (`stem_skip`)" if proj.get("stem_skip") else ""
     if model_config.get("projector_type") == "word_anchor":
-        projector_notes += (f"; tokens anchored to the LLM's own word embeddings of {_word_groups(proj['words'])}"
-                            " (projector `word_anchor`)")
+        group_names = {tuple(v): k for k, v in WORD_GROUPS.items()}  # a group named where it is grounding's
+        groups = ", ".join(group_names.get(tuple(g), "/".join(g)) for g in proj["words"])
+        projector_notes += f"; tokens anchored to the LLM's own word embeddings of {groups} (projector `word_anchor`)"
         if proj.get("none_logit"):
             projector_notes += (f", with a \"none\" class at logit {proj['none_logit']:g} for tokens about no object"
                                 " (`none_logit`)")
@@ -577,15 +543,6 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
     return CARD_TEMPLATE.read_text(encoding="utf-8").format(**fields)
 
 
-def portable(text: str, out: Path, ship: Path) -> str:
-    """`text` with the paths of the machine that ran the pipeline replaced, for the repo: the run
-    directory by `RUN_DIR`, the checkout by ".", a shipping directory outside it by `SHIP_DIR`, the
-    home directory by "~"."""
-    for path, name in ((out, RUN_DIR), (REPO, "."), (ship, SHIP_DIR), (Path.home(), "~")):
-        text = text.replace(str(path), name)
-    return text
-
-
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -610,20 +567,20 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
         (tmp / "pipeline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         model_config = json.loads((tmp / "config.json").read_text())
         (tmp / "MODEL_CARD.md").write_text(model_card(model_config, metrics, cfg, command, log, n_records))
+        # The paths of the machine that ran the pipeline, replaced for the repo: the run folder by
+        # "$OUT", the checkout by ".", a ship folder outside it by "$SHIP", the home folder by "~".
         for f in tmp.rglob("*"):  # the tokenizer's vocabulary is data, never a path: left as it is
             if f.suffix in (".md", ".json", ".yaml", ".jinja") and f.name != "tokenizer.json":
-                f.write_text(portable(f.read_text(encoding="utf-8"), out, ship), encoding="utf-8")
+                text = f.read_text(encoding="utf-8")
+                for path, name in ((out, "$OUT"), (REPO, "."), (ship, "$SHIP"), (Path.home(), "~")):
+                    text = text.replace(str(path), name)
+                f.write_text(text, encoding="utf-8")
         size = dir_bytes(tmp)
         if size > MAX_SHIP_BYTES:
             raise UserError(f"shipped model would be {size / 2 ** 20:.1f} MB, over the {MAX_SHIP_BYTES / 2 ** 20:.0f} "
                             "MB cap; lower lora.r or the encoder size")
     logger.info("shipped %s (%.1f MB)", ship, dir_bytes(ship) / 2 ** 20)
     return ship
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
 
 
 def run(cfg: PipelineConfig, command: str) -> dict:
