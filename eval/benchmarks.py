@@ -113,19 +113,8 @@ def _data_dir(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def _letter_of(answer_text: str, candidates: list[str], where: str) -> str:
-    if answer_text in candidates:
-        return LETTERS[candidates.index(answer_text)]
-    raise UserError(f"{where}: answer {answer_text!r} is not one of the candidates {candidates}")
-
-
 def _record_error(where: str, err: Exception) -> UserError:
     return UserError(f"{where}: missing or bad field {err}; is this the benchmark's published layout?")
-
-
-# ---------------------------------------------------------------------------------------------
-# Video-MME
-# ---------------------------------------------------------------------------------------------
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -173,9 +162,11 @@ def load_videomme(data: str | Path, video_root: str | Path | None = None) -> lis
     return samples
 
 
-def _task_files(data, video_root, benchmark: str, what: str) -> tuple[list[Path], Path]:
+def _load_task_files(data, video_root, benchmark: str, what: str, fields) -> list[MCSample]:
     """MVBench / MLVU layout: one JSON per task under ``<root>/json/`` (or the folder or file
-    given), videos under ``<root>/video/`` unless `video_root` says otherwise."""
+    given), videos under ``<root>/video/`` unless `video_root` says otherwise. Records have video,
+    question, candidates and the answer's text; ``fields(task, row, videos folder)`` gives the
+    `MCSample` fields that differ between the two (video path, categories, …)."""
     data = Path(data)
     if data.is_file():
         files = [data]
@@ -186,42 +177,30 @@ def _task_files(data, video_root, benchmark: str, what: str) -> tuple[list[Path]
             raise UserError(f"{benchmark}: no {what} files under '{folder}'")
     base = _data_dir(data)
     root = Path(video_root) if video_root else (base if base.name != "json" else base.parent) / "video"
-    return files, root
-
-
-# ---------------------------------------------------------------------------------------------
-# MVBench
-# ---------------------------------------------------------------------------------------------
-
-
-def load_mvbench(data: str | Path, video_root: str | Path | None = None) -> list[MCSample]:
-    files, root = _task_files(data, video_root, "MVBench", "<task>.json")
     samples = []
     for file in files:
         task = file.stem
-        sub = MVBENCH_TASKS.get(task, "")
         for i, row in enumerate(_read_json(file)):
             where = f"{file} record {i}"
             try:
                 candidates = [str(c) for c in row["candidates"]]
-                samples.append(MCSample(
-                    id=f"{task}/{i}",
-                    question=str(row["question"]),
-                    options=candidates,
-                    answer=_letter_of(str(row["answer"]), candidates, where),
-                    categories={"task": task},
-                    video=str(root / sub / row["video"]),
-                    start=row.get("start"),
-                    end=row.get("end"),
-                ))
+                question, answer = str(row["question"]), str(row["answer"])
+                if answer not in candidates:
+                    raise UserError(f"{where}: answer {answer!r} is not one of the candidates {candidates}")
+                samples.append(MCSample(id=f"{task}/{i}", question=question, options=candidates,
+                                        answer=LETTERS[candidates.index(answer)], **fields(task, row, root)))
             except (KeyError, TypeError) as err:
                 raise _record_error(where, err) from None
     return samples
 
 
-# ---------------------------------------------------------------------------------------------
-# EgoSchema
-# ---------------------------------------------------------------------------------------------
+def load_mvbench(data: str | Path, video_root: str | Path | None = None) -> list[MCSample]:
+    return _load_task_files(data, video_root, "MVBench", "<task>.json", lambda task, row, root: {
+        "categories": {"task": task},
+        "video": str(root / MVBENCH_TASKS.get(task, "") / row["video"]),
+        "start": row.get("start"),
+        "end": row.get("end"),
+    })
 
 
 def load_egoschema(data: str | Path, video_root: str | Path | None = None) -> list[MCSample]:
@@ -250,36 +229,11 @@ def load_egoschema(data: str | Path, video_root: str | Path | None = None) -> li
     return samples
 
 
-# ---------------------------------------------------------------------------------------------
-# MLVU
-# ---------------------------------------------------------------------------------------------
-
-
 def load_mlvu(data: str | Path, video_root: str | Path | None = None) -> list[MCSample]:
-    files, root = _task_files(data, video_root, "MLVU", "<n>_<task>.json")
-    samples = []
-    for file in files:
-        task = file.stem  # e.g. "1_plotQA"
-        for i, row in enumerate(_read_json(file)):
-            where = f"{file} record {i}"
-            try:
-                candidates = [str(c) for c in row["candidates"]]
-                samples.append(MCSample(
-                    id=f"{task}/{i}",
-                    question=str(row["question"]),
-                    options=candidates,
-                    answer=_letter_of(str(row["answer"]), candidates, where),
-                    categories={"question_type": str(row.get("question_type") or task.split("_", 1)[-1])},
-                    video=str(root / task / row["video"]),
-                ))
-            except (KeyError, TypeError) as err:
-                raise _record_error(where, err) from None
-    return samples
-
-
-# ---------------------------------------------------------------------------------------------
-# LongVideoBench
-# ---------------------------------------------------------------------------------------------
+    return _load_task_files(data, video_root, "MLVU", "<n>_<task>.json", lambda task, row, root: {
+        "categories": {"question_type": str(row.get("question_type") or task.split("_", 1)[-1])},  # 1_plotQA: plotQA
+        "video": str(root / task / row["video"]),
+    })
 
 
 def load_longvideobench(data: str | Path, video_root: str | Path | None = None) -> list[MCSample]:
@@ -305,11 +259,6 @@ def load_longvideobench(data: str | Path, video_root: str | Path | None = None) 
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise _record_error(where, err) from None
     return samples
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic QA (videollm/data/synth.py)
-# ---------------------------------------------------------------------------------------------
 
 
 def load_synthqa(seed: int = 0, n: int = 50, num_frames: int = 16, size: int = 64) -> list[MCSample]:

@@ -108,19 +108,14 @@ def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: s
     pixel_values = torch.randn(1, 3, frames, size, size, device=device)  # (B, 3, T, S, S)
     tokens = 1 + frames * (size // model.config.patch_size) ** 2
 
-    def step():
-        if mode == "infer":
-            with torch.no_grad():
-                out = model(pixel_values)
-                if llm is not None:
-                    embeds = projector(out.last_hidden_state, tuple(out.grid))  # (1, K, D_llm)
-                    llm(inputs_embeds=embeds, use_cache=False)
-        else:
-            out = model(pixel_values)
+    def step(x):
+        with torch.set_grad_enabled(mode == "train"):
+            out = model(x)
             h = out.last_hidden_state
             if llm is not None:
                 embeds = projector(h, tuple(out.grid))  # (1, K, D_llm)
                 h = llm(inputs_embeds=embeds, use_cache=False).logits[:, -1]
+        if mode == "train":
             h.float().pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -128,17 +123,14 @@ def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: s
 
     # Warm-up on one frame: loads the scan kernel, initialises the thread pools and allocator, so
     # neither the timed runs nor the baseline include one-time costs.
-    full = pixel_values
-    pixel_values = full[:, :, :1]
-    step()
-    pixel_values = full
+    step(pixel_values[:, :, :1])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline = _current_rss_mb()
     times = []
     for _ in range(max_runs):
         t0 = time.perf_counter()
-        step()
+        step(pixel_values)
         times.append(time.perf_counter() - t0)
         if sum(times) > 20:  # slow points: one or two runs are enough
             break
@@ -163,7 +155,7 @@ def measure_in_subprocess(point: dict, time_limit: float) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit)
     except subprocess.TimeoutExpired:
-        return {**base, "status": "timeout", "time_s": "", "note": f"over the {time_limit:g} s limit"}
+        return {**base, "status": "timeout", "note": f"over the {time_limit:g} s limit"}
     if proc.returncode == 0:
         for line in reversed(proc.stdout.splitlines()):
             if line.startswith("{"):
@@ -189,16 +181,12 @@ def _key(row: dict) -> tuple:
             row.get("with_llm") or "")
 
 
-def series_name(row: dict) -> str:
-    """The encoder, with `` ckpt`` when it ran with activation checkpointing."""
-    return row["encoder"] + (" ckpt" if _ckpt(row) == "on" else "")
-
-
 def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """(series name, mode) -> its rows by frame count."""
+    """(series name, mode) -> its rows by frame count; the name is the encoder's, with `` ckpt``
+    when it ran with activation checkpointing."""
     out: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        out.setdefault((series_name(r), r["mode"]), []).append(r)
+        out.setdefault((r["encoder"] + (" ckpt" if _ckpt(r) == "on" else ""), r["mode"]), []).append(r)
     for v in out.values():
         v.sort(key=lambda r: int(r["frames"]))
     return out
@@ -240,9 +228,9 @@ def crossovers(rows: list[dict]) -> list[str]:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    cuda = any(r.get("cuda_peak_mb") not in ("", None) for r in rows)
     head = ("| encoder | mode | frames | tokens | status | time (s) | Δ peak RSS (MB) | baseline RSS (MB) |"
-            + (" CUDA peak (MB) |" if any(r.get("cuda_peak_mb") not in ("", None) for r in rows) else ""))
-    cuda = head.endswith("CUDA peak (MB) |")
+            + (" CUDA peak (MB) |" if cuda else ""))
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for (enc, mode), rs in _series(rows).items():
         for r in rs:
@@ -368,30 +356,25 @@ def main(argv: list[str] | None = None) -> int:
     if csv_path.is_file():  # reuse finished points; failed/skipped ones are measured again
         with csv_path.open() as f:
             rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
     done = {_key(r): r for r in rows}
-    new_file = not csv_path.is_file()
-    with csv_path.open("a", newline="") as f:
+    with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+        f.flush()
         for encoder, mode, ckpt in runs:
             stopped = None
             for n in frames:
                 point = {"encoder": encoder, "frames": n, "mode": mode, "size": args.size,
                          "with_llm": args.with_llm, "checkpointing": ckpt}
                 key = _key(point)
-                if key in done:
-                    row = done[key]
-                elif stopped:
-                    row = {**{k: "" for k in FIELDS}, **point, "with_llm": args.with_llm or "",
-                           "status": "skipped", "note": f"series stopped at {stopped}"}
-                else:
-                    row = measure_in_subprocess(point, args.time_limit)
-                if key not in done:
+                row = done.get(key)
+                if row is None:
+                    if stopped:
+                        row = {**{k: "" for k in FIELDS}, **point, "with_llm": args.with_llm or "",
+                               "status": "skipped", "note": f"series stopped at {stopped}"}
+                    else:
+                        row = measure_in_subprocess(point, args.time_limit)
                     writer.writerow({k: row.get(k, "") for k in FIELDS})
                     f.flush()
                     rows.append(row)

@@ -44,10 +44,6 @@ from videollm.chat import continuation_logprobs, generate_stream
 from videollm.data.prompts import LETTERS, format_mc
 from videollm.modeling_videollm import load_videollm
 
-SAMPLES_FILE = "samples.jsonl"
-RESULTS_FILE = "results.json"
-SUMMARY_FILE = "summary.md"
-
 SCORINGS = ("generate", "likelihood")
 
 AnswerFn = Callable[[np.ndarray, str], str]  # (frames, prompt) → reply
@@ -157,9 +153,7 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn | ScoreFn, out_dir: str 
            meta: dict | None = None, log=print, scoring: str = "generate") -> dict:
     """Answer every sample not yet in ``out_dir/samples.jsonl``, then write results and summary.
 
-    scoring "generate": ``answer_fn(frames, prompt) -> reply``, the letter read from the reply;
-    "likelihood": ``answer_fn(frames, question, options) -> scores``, the best-scored option is the
-    answer (its text is recorded as the reply, the scores as ``option_scores``).
+    scoring and what `answer_fn` is: see `answer_sample`.
     meta: extra fields for results.json (model, benchmark, …). Returns the results dict.
     A video that cannot be read is recorded with its error and scored wrong.
     """
@@ -167,7 +161,7 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn | ScoreFn, out_dir: str 
         raise UserError(f"scoring must be one of {SCORINGS}; got {scoring!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl = out_dir / SAMPLES_FILE
+    jsonl = out_dir / "samples.jsonl"
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise UserError("sample ids are not unique; resuming would be ambiguous")
@@ -184,16 +178,14 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn | ScoreFn, out_dir: str 
     start = time.perf_counter()
     with jsonl.open("a", encoding="utf-8") as f:
         for i, sample in enumerate(todo):
-            reply, pred, error, extra = "", None, None, {}
+            reply, pred, extra = "", None, {}
             try:
                 reply, pred, extra = answer_sample(answer_fn, load_frames(sample, num_frames), sample, scoring)
             except UserError as err:  # unreadable video: wrong, with the reason kept
-                error = str(err)
+                extra = {"error": str(err)}
             record = {"id": sample.id, "question": sample.question, "options": sample.options,
                       "answer": sample.answer, "reply": reply, "pred": pred, "correct": pred == sample.answer,
                       "categories": sample.categories, "scoring": scoring, **extra}
-            if error:
-                record["error"] = error
             f.write(json.dumps(record) + "\n")
             f.flush()
             records.append(record)
@@ -204,8 +196,8 @@ def run_qa(samples: list[MCSample], answer_fn: AnswerFn | ScoreFn, out_dir: str 
     order = {sid: k for k, sid in enumerate(ids)}
     records.sort(key=lambda r: order[r["id"]])
     results = {**(meta or {}), "frames": num_frames, "scoring": scoring, **score(records)}
-    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out_dir / SUMMARY_FILE).write_text(summary_markdown({"model": "?", "benchmark": "?", **results}) + "\n",
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "summary.md").write_text(summary_markdown({"model": "?", "benchmark": "?", **results}) + "\n",
                                         encoding="utf-8")
     return results
 
