@@ -41,7 +41,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -72,28 +72,16 @@ class Record:
     num_frames: int | None = None  # frames to sample from this video; None: the config's data.num_frames
 
     def to_json(self, video_root: Path | None = None) -> dict[str, Any]:
+        """The record as data-file JSON; its video relative to `video_root` when under it."""
         video = self.video
-        if video is not None and video_root is not None:
-            try:
-                video = video.relative_to(video_root)
-            except ValueError:
-                pass
-        out: dict[str, Any] = {"id": self.id}
-        if video is not None:
-            out["video"] = str(video)
-        out["conversations"] = self.conversations
-        if self.start is not None:
-            out["start"] = self.start
-        if self.end is not None:
-            out["end"] = self.end
-        if self.num_frames is not None:
-            out["num_frames"] = self.num_frames
-        return out
+        if video is not None and video_root is not None and video.is_relative_to(video_root):
+            video = video.relative_to(video_root)
+        out = {"id": self.id, "video": None if video is None else str(video), "conversations": self.conversations,
+               "start": self.start, "end": self.end, "num_frames": self.num_frames}
+        return {key: value for key, value in out.items() if value is not None}
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading and validating one file
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Reading and validating one file
 
 
 def read_raw(path: str | Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
@@ -114,8 +102,7 @@ def read_raw(path: str | Path) -> tuple[list[tuple[int, Any]], list[tuple[int, s
             if not text.lstrip().startswith("{"):
                 return [], [(0, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}")]
         else:
-            if isinstance(data, dict):  # a single record
-                data = [data]
+            data = [data] if isinstance(data, dict) else data  # a dict is a single record
             if not isinstance(data, list):
                 return [], [(0, f"expected a JSON list of records, got {type(data).__name__}")]
             return list(enumerate(data, 1)), []
@@ -140,16 +127,11 @@ def _turns(conversations: list) -> tuple[list[dict[str, str]] | None, str | None
         value = turn.get("value", turn.get("content"))
         if role is None:
             return None, f"turn {i} has no 'from' (or 'role') key"
-        if role in HUMAN_ROLES:
-            role = "human"
-        elif role in ASSISTANT_ROLES:
-            role = "gpt"
-        else:
-            return None, (f"turn {i} has role '{role}'; use one of "
-                          f"{', '.join(HUMAN_ROLES + ASSISTANT_ROLES)}")
+        if role not in HUMAN_ROLES + ASSISTANT_ROLES:
+            return None, f"turn {i} has role '{role}'; use one of {', '.join(HUMAN_ROLES + ASSISTANT_ROLES)}"
         if not isinstance(value, str):
             return None, f"turn {i} has no text ('value' or 'content' must be a string)"
-        out.append({"from": role, "value": value})
+        out.append({"from": "human" if role in HUMAN_ROLES else "gpt", "value": value})
     return out, None
 
 
@@ -243,44 +225,26 @@ def check_video(record: Record, *, decode: bool = False, num_frames: int = 4) ->
     return None
 
 
-def validate_records(items: Iterable[tuple[int, Any]], video_root: str | Path, *,
-                     check_files: bool = True, decode: bool = False, num_frames: int = 4,
-                     source: str = "") -> tuple[list[Record], list[tuple[int, str]]]:
-    """Validate raw ``(record_number, obj)`` pairs → ``(good records, [(record_number, problem)])``.
+def check_file(path: str | Path, video_root: str | Path | None = None, *, check_files: bool = True,
+               decode: bool = False, num_frames: int = 4) -> tuple[list[Record], list[tuple[int, str]]]:
+    """Read and validate one data file (see `read_raw`) → ``(good records, [(record_number, problem)])``.
 
     `check_files` checks each video exists; `decode` also decodes `num_frames` frames of it.
     """
-    records, problems = [], []
-    for number, obj in items:
-        record, errs = parse_record(obj, Path(video_root), number, source)
-        if record is not None and check_files:
-            problem = check_video(record, decode=decode, num_frames=num_frames)
-            if problem:
-                errs = [problem]
-                record = None
-        problems.extend((number, e) for e in errs)
-        if record is not None:
-            records.append(record)
-    return records, problems
-
-
-def check_file(path: str | Path, video_root: str | Path | None = None, *, check_files: bool = True,
-               decode: bool = False, num_frames: int = 4) -> tuple[list[Record], list[tuple[int, str]]]:
-    """Read and validate one data file (see `read_raw`, `validate_records`)."""
     path = Path(path)
     items, problems = read_raw(path)
     root = Path(video_root) if video_root is not None else path.parent
-    records, more = validate_records(items, root, check_files=check_files, decode=decode,
-                                     num_frames=num_frames, source=str(path))
-    return records, sorted(problems + more, key=lambda p: p[0])
-
-
-def format_problems(path: str | Path, problems: list[tuple[int, str]], limit: int = 20) -> str:
-    lines = [f"record {n}: {p}" if n else p for n, p in problems[:limit]]
-    if len(problems) > limit:
-        lines.append(f"… and {len(problems) - limit} more")
-    return (f"'{path}' has {len(problems)} problem(s); run `videollm data check {path}` "
-            f"for the full list:\n  " + "\n  ".join(lines))
+    records = []
+    for number, obj in items:
+        record, errs = parse_record(obj, root, number, str(path))
+        if record is not None and check_files:
+            problem = check_video(record, decode=decode, num_frames=num_frames)
+            if problem:
+                record, errs = None, [problem]
+        problems.extend((number, e) for e in errs)
+        if record is not None:
+            records.append(record)
+    return records, sorted(problems, key=lambda p: p[0])
 
 
 def load_instruct_file(path: str | Path, video_root: str | Path | None = None, *,
@@ -288,15 +252,17 @@ def load_instruct_file(path: str | Path, video_root: str | Path | None = None, *
     """All records of one file; any bad record is a `UserError` listing the problems."""
     records, problems = check_file(path, video_root, check_files=check_files)
     if problems:
-        raise UserError(format_problems(path, problems))
+        lines = [f"record {n}: {p}" if n else p for n, p in problems[:20]]
+        if len(problems) > 20:
+            lines.append(f"… and {len(problems) - 20} more")
+        raise UserError(f"'{path}' has {len(problems)} problem(s); run `videollm data check {path}` "
+                        "for the full list:\n  " + "\n  ".join(lines))
     if not records:
         raise UserError(f"data file '{path}' holds no records")
     return records
 
 
-# ---------------------------------------------------------------------------------------------
-# Data mix
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Data mix
 
 
 @dataclass
@@ -311,11 +277,6 @@ class MixEntry:
 class DataMix:
     datasets: list[MixEntry]
     seed: int = 0
-    path: Path | None = None
-
-    @property
-    def files(self) -> list[Path]:
-        return [d.path for d in self.datasets]
 
 
 def read_mix(path: str | Path) -> DataMix:
@@ -341,26 +302,21 @@ def read_mix(path: str | Path) -> DataMix:
         bad = sorted(set(d) - {"path", "video_root", "sampling", "samples"})
         if bad:
             raise UserError(f"{where}: unknown key(s) {', '.join(bad)}; valid: path, video_root, sampling, samples")
-        if d.get("sampling") is not None and d.get("samples") is not None:
+        sampling, samples, root = d.get("sampling"), d.get("samples"), d.get("video_root")
+        if sampling is not None and samples is not None:
             raise UserError(f"{where}: give 'sampling' or 'samples', not both")
-        sampling, samples = d.get("sampling"), d.get("samples")
         if sampling is not None and (isinstance(sampling, bool) or not isinstance(sampling, (int, float))
                                      or sampling <= 0):
             raise UserError(f"{where}: 'sampling' must be a number > 0 (a fraction or a repeat factor), "
                             f"got {sampling!r}")
         if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
             raise UserError(f"{where}: 'samples' must be a positive integer, got {samples!r}")
-        root = d.get("video_root")
-        entries.append(MixEntry(
-            path=(path.parent / d["path"]),
-            video_root=(path.parent / root) if root is not None else None,
-            sampling=float(sampling) if sampling is not None else None,
-            samples=samples,
-        ))
+        entries.append(MixEntry(path.parent / d["path"], None if root is None else path.parent / root,
+                                None if sampling is None else float(sampling), samples))
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"data mix '{path}': 'seed' must be an integer, got {seed!r}")
-    return DataMix(entries, seed, path)
+    return DataMix(entries, seed)
 
 
 def sample_records(records: list, *, sampling: float | None = None, samples: int | None = None,
@@ -403,9 +359,7 @@ def load_records(path: str | Path, video_root: str | Path | None = None, *, seed
     return load_instruct_file(path, video_root, check_files=check_files)
 
 
-# ---------------------------------------------------------------------------------------------
-# VideoChat2 importer
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- VideoChat2 importer
 
 
 def videochat2_to_llava(items: list, id_prefix: str = "videochat2") -> list[dict[str, Any]]:
@@ -430,10 +384,7 @@ def videochat2_to_llava(items: list, id_prefix: str = "videochat2") -> list[dict
                 prompt = f"{VIDEO_TAG}\n{prompt}" if prompt else VIDEO_TAG
             turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(qa["a"])}]
         record = {"id": str(item.get("id", f"{id_prefix}-{n}")), "video": item["video"], "conversations": turns}
-        for key in ("start", "end"):
-            if item.get(key) is not None:
-                record[key] = item[key]
-        out.append(record)
+        out.append(record | {key: item[key] for key in ("start", "end") if item.get(key) is not None})
     return out
 
 
@@ -455,9 +406,7 @@ def import_videochat2(in_path: str | Path, out_path: str | Path) -> int:
     return len(records)
 
 
-# ---------------------------------------------------------------------------------------------
-# Dataset and collate
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Dataset and collate
 
 
 class InstructDataset(torch.utils.data.Dataset):
@@ -475,9 +424,7 @@ class InstructDataset(torch.utils.data.Dataset):
                  *, max_bad_videos: int = 10):
         if not records:
             raise UserError("the instruction data set is empty")
-        self.records = records
-        self.encode = encode
-        self.max_bad_videos = max_bad_videos
+        self.records, self.encode, self.max_bad_videos = records, encode, max_bad_videos
         self.bad: set[str] = set()
 
     @property
@@ -510,7 +457,8 @@ class InstructDataset(torch.utils.data.Dataset):
         raise UserError("no record of the data set has a decodable video")
 
 
-def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int,
+            padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad ``input_ids`` (with `pad_token_id`), ``labels`` (with -100) and build ``attention_mask``;
     stack the ``pixel_values`` of the examples that have a video → (B_v, 3, T, H, W), in batch
     order (the model fills each row's ``<video>`` placeholders in that order), or None when none

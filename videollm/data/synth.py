@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 
 from encoder.errors import UserError
+from encoder.files import atomic_write_text
 from encoder.video_io import write_video
 from videollm.data.prompts import CAPTION_PROMPT, LETTERS, format_mc
 
@@ -100,9 +100,7 @@ _GROW, _SHRINK, _BOUNCES = 1.7, 0.5, 2
 _TRAVEL = (0.18, 0.3)
 
 
-# ---------------------------------------------------------------------------------------------
-# Spec: what to render
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Spec: what to render
 
 
 @dataclass
@@ -130,11 +128,7 @@ class SynthObject:
         return f"the {self.color} {self.shape}"
 
     def color_at(self, t: int) -> str:
-        color = self.color
-        for frame, new in self.color_changes:
-            if frame <= t:
-                color = new
-        return color
+        return next((new for frame, new in reversed(self.color_changes) if frame <= t), self.color)
 
     def visible(self, t: int) -> bool:
         return self.appear <= t and (self.disappear is None or t < self.disappear)
@@ -200,14 +194,10 @@ def _extent(motion: str, travel: float, radius: float) -> tuple[float, float, fl
         return min(0, dx), max(0, dx), min(0, dy), max(0, dy), radius
     if motion == "bounce":
         return 0.0, 0.0, -travel, 0.0, radius
-    if motion == "grow":
-        return 0.0, 0.0, 0.0, 0.0, radius * _GROW
-    return 0.0, 0.0, 0.0, 0.0, radius
+    return 0.0, 0.0, 0.0, 0.0, radius * (_GROW if motion == "grow" else 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Rendering (numpy only)
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Rendering (numpy only)
 
 
 def _sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -233,8 +223,7 @@ def _sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
         rho = np.sqrt(dx * dx + dy * dy)
         phi = np.arctan2(dx, -dy)  # 0 straight up
         tip = np.abs((phi * (5 / (2 * np.pi)) + 0.5) % 1.0 - 0.5) * 2  # 0 at a point, 1 between
-        outline = r * (1.3 - 0.75 * tip)
-        return (rho - outline) * 0.8
+        return (rho - r * (1.3 - 0.75 * tip)) * 0.8
     raise ValueError(f"unknown shape '{shape}'; choose one of {SHAPES}")
 
 
@@ -243,8 +232,7 @@ def _background(name: str, size: int, bg_seed: int) -> np.ndarray:
     if name not in BACKGROUNDS:
         raise ValueError(f"unknown background '{name}'; choose one of {tuple(BACKGROUNDS)}")
     pattern, base = BACKGROUNDS[name]
-    bg = np.empty((size, size, 3), np.float32)
-    bg[:] = base
+    bg = np.full((size, size, 3), base, np.float32)
     if pattern == "noise":
         noise = np.random.default_rng(bg_seed).normal(0.0, 14.0, (size, size, 1))
         bg += noise.astype(np.float32)
@@ -290,10 +278,7 @@ def _frame_list(spec: SynthSpec, frames) -> list[int]:
 
 def render(spec: SynthSpec, frames=None) -> np.ndarray:
     """Draw `spec`: uint8 (T, H, W, 3) with H = W = spec.size, or only the frames listed in
-    ``frames`` (len(frames), H, W, 3). Edges are anti-aliased (1 px ramp).
-
-    The cost is linear in frames and small in pixels.
-    """
+    ``frames`` (len(frames), H, W, 3). Edges are anti-aliased (1 px ramp)."""
     frames = _frame_list(spec, frames)
     S = spec.size
     out = np.empty((len(frames), S, S, 3), np.float32)
@@ -341,11 +326,6 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)  # (T, height, width, 3)
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling specs
-# ---------------------------------------------------------------------------------------------
-
-
 def square_frames(frames: np.ndarray, size: int) -> np.ndarray:
     """The centre square of uint8 (T, h, w, 3) frames, resized to (T, size, size, 3): how real clips
     become haystack frames (V-NIAH, the pipeline's needle clips, grounding)."""
@@ -354,6 +334,9 @@ def square_frames(frames: np.ndarray, size: int) -> np.ndarray:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     return resize_frames(frames[:, top:top + side, left:left + side], size, size)
+
+
+# --------------------------------------------------------------------------- Sampling specs
 
 
 def check_clip_args(num_frames: int, size: int, task: str) -> None:
@@ -369,11 +352,6 @@ def check_clip_args(num_frames: int, size: int, task: str) -> None:
 
 def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi)) if hi > lo else float((lo + hi) / 2)
-
-
-def _new_color(rng: np.random.Generator, avoid) -> str:
-    choices = [c for c in COLORS if c not in set(avoid)]
-    return str(rng.choice(choices))
 
 
 def sample_spec(
@@ -458,9 +436,9 @@ def _sample_order(rng, spec: SynthSpec, label: int | None) -> None:
         x = _uniform(rng, r + 1, S / 2 - r - 1) if side == "left" else _uniform(rng, S / 2 + r + 1, S - 1 - r)
         y = _uniform(rng, r + 1, S - 1 - r)
         objects.append(SynthObject(shape, color, size_name, x, y))
-    avoid = [c for _, c in looks]
+    new_colors = [c for c in COLORS if c not in {color for _, color in looks}]
     kinds = [str(rng.choice(("flash", "pop"))) for _ in objects]
-    flashes = [_new_color(rng, avoid) for _ in objects]
+    flashes = [str(rng.choice(new_colors)) for _ in objects]
     # Two non-overlapping events after frame 0: [first, first + d) then [second, second + d).
     first = int(rng.integers(1, T - 2 * duration + 1))
     second = int(rng.integers(first + duration, T - duration + 1))
@@ -502,15 +480,13 @@ def _sample_count(rng, spec: SynthSpec, label: int | None) -> None:
             if last - obj.appear >= 2:
                 obj.color_changes = [(int(rng.integers(obj.appear + 1, last)), "")]
         spec.objects.append(obj)
-    avoid = [o.color for o in spec.objects]
+    new_colors = [c for c in COLORS if c not in {o.color for o in spec.objects}]
     for obj in spec.objects:  # new colours never collide with another object's name
         if obj.color_changes:
-            obj.color_changes = [(obj.color_changes[0][0], _new_color(rng, avoid))]
+            obj.color_changes = [(obj.color_changes[0][0], str(rng.choice(new_colors)))]
 
 
-# ---------------------------------------------------------------------------------------------
-# Ground truth: label, caption, QA
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Ground truth: label, caption, QA
 
 
 def event_frame(obj: SynthObject) -> int | None:
@@ -580,53 +556,36 @@ def _open(category: str, question: str, answer: str) -> dict:
     return {"type": "open", "category": category, "question": question, "answer": answer}
 
 
-def _mc(rng, category: str, question: str, answer: str, pool) -> dict:
-    """4 shuffled options: the answer and 3 distinct distractors from `pool`."""
+def _both(rng, category: str, question: str, answer: str, pool) -> list[dict]:
+    """The open question and its multiple-choice form, whose 4 shuffled options are the answer and
+    3 distinct distractors from `pool`."""
     others = sorted({str(p) for p in pool} - {answer})
     if len(others) < 3:
         raise ValueError(f"need 3 distractors for '{answer}', pool has {others}")
-    picks = [others[i] for i in rng.choice(len(others), size=3, replace=False)]
-    options = [answer] + picks
+    options = [answer] + [others[i] for i in rng.choice(len(others), size=3, replace=False)]
     options = [options[i] for i in rng.permutation(4)]
-    letter = LETTERS[options.index(answer)]
-    return {"type": "mc", "category": category, "question": question, "answer": answer,
-            "options": options, "answer_letter": letter}
-
-
-def _both(rng, category: str, question: str, answer: str, pool) -> list[dict]:
-    return [_open(category, question, answer), _mc(rng, category, question, answer, pool)]
-
-
-def _absent_names(rng, spec: SynthSpec, k: int) -> list[str]:
-    """k names ("the red circle") of objects that are not in the clip, for distractors."""
-    present = {o.name() for o in spec.objects}
-    names = sorted(f"the {c} {s}" for c in COLORS for s in SHAPES if f"the {c} {s}" not in present)
-    return [names[i] for i in rng.choice(len(names), size=k, replace=False)]
+    open_q = _open(category, question, answer)
+    return [open_q, {**open_q, "type": "mc", "options": options, "answer_letter": LETTERS[options.index(answer)]}]
 
 
 def qa_of(spec: SynthSpec, rng: np.random.Generator, fps: float = DEFAULT_FPS) -> list[dict]:
     """Open and multiple-choice questions with answers, from the spec alone."""
     qa: list[dict] = []
-    count_pool = [str(i) for i in range(1, 7)]
-    n = len(spec.objects)
-    count = _both(rng, "count", "How many objects appear in the video?", str(n), count_pool)
+    count = _both(rng, "count", "How many objects appear in the video?", str(len(spec.objects)), range(1, 7))
     if spec.task == "motion":
         main = spec.objects[0]
         qa += _both(rng, "color", "What colour is the moving object?", main.color, COLORS)
         qa += _both(rng, "shape", "What shape is the moving object?", main.shape, SHAPES)
         qa += _both(rng, "motion", "Which direction does the moving object move?", main.motion, DIRECTIONS)
-        qa += count
-        return qa
+        return qa + count
     if spec.task == "needle":
         obj = spec.objects[0]
-        qa += _both(rng, "needle", "What shape appeared briefly in the video?", obj.shape, SHAPES)
-        qa += _both(rng, "needle", "What colour was the shape that appeared briefly in the video?",
-                    obj.color, COLORS)
-        return qa
+        return (_both(rng, "needle", "What shape appeared briefly in the video?", obj.shape, SHAPES)
+                + _both(rng, "needle", "What colour was the shape that appeared briefly in the video?",
+                        obj.color, COLORS))
     for obj in spec.objects:
-        start = " at the start" if obj.color_changes else ""
-        when = " when it first appears" if obj.appear and not obj.color_changes else ""
-        qa += _both(rng, "color", f"What colour is the {obj.shape}{start or when}?", obj.color, COLORS)
+        when = " at the start" if obj.color_changes else " when it first appears" if obj.appear else ""
+        qa += _both(rng, "color", f"What colour is the {obj.shape}{when}?", obj.color, COLORS)
         qa += _both(rng, "shape", f"What shape is the {obj.color} object?", obj.shape, SHAPES)
         qa += _both(rng, "motion", f"How does {obj.name()} move?", _MOTION_PHRASES[obj.motion],
                     _MOTION_PHRASES.values())
@@ -637,30 +596,27 @@ def qa_of(spec: SynthSpec, rng: np.random.Generator, fps: float = DEFAULT_FPS) -
         if obj.appear:
             qa.append(_open("event", f"When does {obj.name()} appear?", f"at {_seconds(obj.appear, fps)}"))
         if obj.disappear is not None:
-            qa.append(_open("event", f"When does {obj.name()} disappear?",
-                            f"at {_seconds(obj.disappear, fps)}"))
+            qa.append(_open("event", f"When does {obj.name()} disappear?", f"at {_seconds(obj.disappear, fps)}"))
     qa += count
     if spec.task == "order":
-        left, right = sorted(spec.objects[:2], key=lambda o: o.x)
+        left, right = pair = sorted(spec.objects[:2], key=lambda o: o.x)
         first = left if event_frame(left) < event_frame(right) else right
-        a, b = (left, right) if rng.random() < 0.5 else (right, left)
-        question = (f"Which object changes first (it flashes another colour or appears briefly), "
-                    f"{a.name()} or {b.name()}?")
-        qa += _both(rng, "order", question, first.name(), [a.name(), b.name()] + _absent_names(rng, spec, 2))
+        ask = "Which object changes first (it flashes another colour or appears briefly), {} or {}?"
     else:
         by_appear = sorted(spec.objects, key=lambda o: o.appear)
         pairs = [(p, q) for i, p in enumerate(by_appear) for q in by_appear[i + 1:] if p.appear < q.appear]
-        if pairs:
-            p, q = pairs[int(rng.integers(len(pairs)))]
-            a, b = (p, q) if rng.random() < 0.5 else (q, p)
-            question = f"Which appears first, {a.name()} or {b.name()}?"
-            qa += _both(rng, "order", question, p.name(), [a.name(), b.name()] + _absent_names(rng, spec, 2))
-    return qa
+        if not pairs:
+            return qa
+        pair = pairs[int(rng.integers(len(pairs)))]
+        first, ask = pair[0], "Which appears first, {} or {}?"
+    a, b = pair if rng.random() < 0.5 else pair[::-1]
+    present = {o.name() for o in spec.objects}
+    absent = sorted(f"the {c} {s}" for c in COLORS for s in SHAPES if f"the {c} {s}" not in present)
+    options = [a.name(), b.name()] + [absent[i] for i in rng.choice(len(absent), size=2, replace=False)]
+    return qa + _both(rng, "order", ask.format(a.name(), b.name()), first.name(), options)
 
 
-# ---------------------------------------------------------------------------------------------
-# Clips, needles, datasets
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Clips, needles, datasets
 
 
 def make_clip(
@@ -795,6 +751,9 @@ def short_conversations(caption: str, qa: list[dict], rng: np.random.Generator, 
     return {name: _llava_turns(group) for name, group in groups.items()}
 
 
+_DATASET_FILES = {"index": "index.csv", "annotations": "annotations.jsonl", "instruct": "instruct.json"}
+
+
 def write_synth_dataset(out_dir, n: int, seed: int = 0, num_frames: int = 16, size: int = 64,
                         task: str = "motion", fps: float = DEFAULT_FPS) -> dict:
     """Write n clips (seeds ``seed … seed + n - 1``) to `out_dir` through the real encoder.
@@ -825,24 +784,17 @@ def write_synth_dataset(out_dir, n: int, seed: int = 0, num_frames: int = 16, si
                         "qa": clip.qa, "spec": asdict(clip.spec)})
         instruct += [{"id": f"{clip_id}_{kind}", "video": rel, "conversations": turns}
                      for kind, turns in conversations(clip).items()]
-    files = {"index": "index.csv", "annotations": "annotations.jsonl", "instruct": "instruct.json"}
+    texts = ("".join(index_lines), "".join(json.dumps(r) + "\n" for r in records), json.dumps(instruct, indent=1))
     # instruct.json last and every file atomically: recipes take its presence to mean "complete".
-    _write_atomic(out / files["index"], "".join(index_lines))
-    _write_atomic(out / files["annotations"], "".join(json.dumps(r) + "\n" for r in records))
-    _write_atomic(out / files["instruct"], json.dumps(instruct, indent=1))
+    for name, text in zip(_DATASET_FILES.values(), texts):
+        atomic_write_text(out / name, text)
     return {"n": int(n), "out": str(out), "task": task, "num_classes": NUM_CLASSES[task],
-            "files": {**files, "videos": "videos/"}}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+            "files": {**_DATASET_FILES, "videos": "videos/"}}
 
 
 def clear_synth_dataset(out_dir) -> None:
     """Remove what `write_synth_dataset` writes in `out_dir` (and nothing else)."""
     out = Path(out_dir)
     shutil.rmtree(out / "videos", ignore_errors=True)
-    for name in ("index.csv", "annotations.jsonl", "instruct.json"):
+    for name in _DATASET_FILES.values():
         (out / name).unlink(missing_ok=True)
