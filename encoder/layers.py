@@ -28,9 +28,8 @@ class VideoEncoderOutput(ModelOutput):
     grid: (T, h, w), the token grid of the input before masking (h = H/P, w = W/P).
     hidden_states: with ``output_hidden_states=True``, the input of every block plus the output of
         the last one (before the final norm), each (B, 1 + T·N_visible, D).
-    stem_states: the stem's features, patch embedding + positions (the first block's input),
-        (B, 1 + T·N_visible, D); always returned (it costs no compute), for readers of the stem such
-        as the projector's ``stem_skip``.
+    stem_states: (B, 1 + T·N_visible, D), patch embedding + positions (the first block's input);
+        always returned (it costs nothing), e.g. for the projector's ``stem_skip``.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -90,12 +89,9 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`.
-
-    ``attn_mask`` follows SDPA: a bool tensor where True means "may attend", or a float tensor added
-    to the scores; it must broadcast to (B, nh, L, L). (Note the opposite sense of a token mask,
-    where True means "dropped".)
-    """
+    """Multi-head self-attention through `F.scaled_dot_product_attention`. ``attn_mask`` follows
+    SDPA: bool with True = "may attend" (the opposite sense of a token mask, where True = dropped),
+    or a float tensor added to the scores; it must broadcast to (B, nh, L, L)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -137,20 +133,19 @@ class PatchEmbed3D(nn.Module):
     temporal tubelets), so the token count per frame is N = (H/P)·(W/P) for any frame count.
 
     ``stem="linear"``: one ``Conv3d(C, D, kernel=(1, P, P), stride=(1, P, P))``, as ViT and VideoMAP.
-    ``stem="conv"``: a convolutional stem (Xiao et al. 2021, "Early convolutions help transformers
-    see better"): 3×3 stride-2 convolutions with GELU halve the frame log2(P) − 1 times, widening
-    C → D/2^(k-1) … → D/2, and a (1, 2, 2) stride-2 ``proj`` ends at the same grid and width as
-    the linear patchify. Small shapes that straddle patch borders survive it; a linear 16×16
-    patchify of 64 px frames trained briefly tells them apart no better than chance. P must be a
-    power of two ≥ 2.
+    ``stem="conv"`` (Xiao et al. 2021, "Early convolutions help transformers see better"): 3×3
+    stride-2 convolutions with GELU halve the frame log2(P) − 1 times, widening C → D/2^(k-1) … →
+    D/2, and a (1, 2, 2) stride-2 ``proj`` ends at the linear patchify's grid and width. Small shapes
+    straddling patch borders survive it; a linear 16×16 patchify of 64 px frames trained briefly
+    tells them apart no better than chance. P must be a power of two ≥ 2.
 
     ``motion_gap`` = g > 0 adds a motion stem: a second stem of the same kind reads each frame's
     difference from the frame g before it, ``x_t − x_{max(t−g, 0)}`` (zero for the first g
-    frames), and its patch features are added to the frame's. A small object that moves a pixel or
-    two between frames leaves a signed rim in the difference, bright where it arrives and dark
-    where it left, which a convolution reads the direction off in one frame; the blocks alone, from
-    16 px patch tokens, learn the direction slowly if at all. Only earlier frames enter, so frame-
-    wise autoregressive pretraining (frame t predicted from frames ≤ t) stays causal.
+    frames), and its patch features are added to the frame's. A small object moving a pixel or two
+    leaves a signed rim in the difference (bright where it arrives, dark where it left) that a
+    convolution reads the direction off in one frame; the blocks alone, from 16 px patch tokens,
+    learn it slowly if at all. Only earlier frames enter, so frame-wise autoregressive pretraining
+    stays causal.
     """
 
     def __init__(self, in_chans: int, dim: int, patch_size: int, stem: str = "linear", motion_gap: int = 0):
@@ -174,12 +169,11 @@ class PatchEmbed3D(nn.Module):
         return proj(x)
 
     def appearance_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The appearance stem's patch features of each frame: (B, C, T, H, W) → (B, D, T, h, w)."""
+        """(B, C, T, H, W) → (B, D, T, h, w)."""
         return self._embed(pixel_values, self.stem, self.proj)
 
     def motion_features(self, frame_difference: torch.Tensor) -> torch.Tensor:
-        """The motion stem's patch features of frame differences (``x_t − x_{t−g}``):
-        (B, C, T, H, W) → (B, D, T, h, w). Only with ``motion_gap`` > 0."""
+        """Frame differences ``x_t − x_{t−g}`` (B, C, T, H, W) → (B, D, T, h, w)."""
         if not self.motion_gap:
             raise ValueError("this patch embedding has no motion stem (motion_gap=0)")
         return self._embed(frame_difference, self.motion_stem, self.motion_proj)
@@ -190,8 +184,8 @@ class PatchEmbed3D(nn.Module):
         B, _, T, H, W = pixel_values.shape
         P = self.patch_size
         if H % P or W % P:
-            raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {P}; "
-                             f"resize or crop the frames to a multiple of {P} (e.g. {max(P, H // P * P)}x{max(P, W // P * P)})")
+            raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {P}; resize or crop the "
+                             f"frames to a multiple of {P} (e.g. {max(P, H // P * P)}x{max(P, W // P * P)})")
         x = self.appearance_features(pixel_values)  # (B, D, T, h, w)
         if self.motion_gap:
             g = self.motion_gap
@@ -205,7 +199,8 @@ class PatchEmbed3D(nn.Module):
 def _patch_stem(in_chans: int, dim: int, patch_size: int, stem: str) -> tuple[nn.Module | None, nn.Module]:
     """(stem, proj) of `PatchEmbed3D`: stem None and a P×P patchify, or the convolutional stem."""
     if stem == "linear":
-        return None, nn.Conv3d(in_chans, dim, kernel_size=(1, patch_size, patch_size), stride=(1, patch_size, patch_size))
+        kernel = (1, patch_size, patch_size)
+        return None, nn.Conv3d(in_chans, dim, kernel_size=kernel, stride=kernel)
     if stem != "conv":
         raise ValueError(f"patch_stem must be 'linear' or 'conv'; got {stem!r}")
     n = patch_size.bit_length() - 1
@@ -220,32 +215,29 @@ def _patch_stem(in_chans: int, dim: int, patch_size: int, stem: str) -> tuple[nn
 
 
 def interpolate_spatial_pos(table: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
-    """Resize a (1, 1 + h0·w0, D) table of [cls, patch positions] to (1, 1 + h·w, D).
+    """Resize a (1, c + h0·w0, D) table of [c leading entries (the cls token's, or none), patch
+    positions] to (1, c + h·w, D); ``table`` itself when the size already matches.
 
-    The cls entry is kept; the patch entries are treated as an h0×w0 image with D channels and
-    resized with 2-D bicubic interpolation (as ViT/DeiT do for fine-tuning at another resolution).
-    Returns ``table`` itself when the size already matches.
+    The leading entries are kept; the patch entries are treated as an h0×w0 image with D channels
+    and resized by 2-D bicubic interpolation (as ViT/DeiT do for fine-tuning at another resolution).
     """
     if tuple(src_hw) == tuple(dst_hw):
         return table
     (h0, w0), (h, w) = src_hw, dst_hw
     D = table.shape[-1]
-    cls, patches = table[:, :1], table[:, 1:]  # (1, 1, D), (1, h0·w0, D)
-    patches = patches.reshape(1, h0, w0, D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
+    c = table.shape[1] - h0 * w0
+    patches = table[:, c:].reshape(1, h0, w0, D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
     patches = F.interpolate(patches.float(), size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
     patches = patches.permute(0, 2, 3, 1).reshape(1, h * w, D).to(table.dtype)  # (1, h·w, D)
-    return torch.cat([cls, patches], dim=1)  # (1, 1 + h·w, D)
+    return torch.cat([table[:, :c], patches], dim=1)  # (1, c + h·w, D)
 
 
 def interpolate_temporal_pos(table: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Resize a (1, T0, D) frame-position table to (1, T, D) by 1-D linear interpolation.
-
-    Returns ``table`` itself when T == T0.
-    """
+    """Resize a (1, T0, D) frame-position table to (1, T, D) by 1-D linear interpolation (``table``
+    itself when T == T0)."""
     if table.shape[1] == num_frames:
         return table
-    x = table.transpose(1, 2)  # (1, D, T0)
-    x = F.interpolate(x.float(), size=num_frames, mode="linear", align_corners=False)  # (1, D, T)
+    x = F.interpolate(table.transpose(1, 2).float(), size=num_frames, mode="linear", align_corners=False)  # (1, D, T)
     return x.transpose(1, 2).to(table.dtype)  # (1, T, D)
 
 
@@ -293,9 +285,8 @@ class VideoEmbeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_hw[0] * self.grid_hw[1], dim))
         self.temporal_pos_embed = nn.Parameter(torch.zeros(1, num_frames, dim))
-        self.cls_token._no_weight_decay = True
-        self.pos_embed._no_weight_decay = True
-        self.temporal_pos_embed._no_weight_decay = True
+        for name in self.no_weight_decay_params:
+            getattr(self, name)._no_weight_decay = True
 
     def forward(self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None):
         """Returns cls (B, 1, D), patches (B, T, N_visible, D), grid (T, h, w)."""
@@ -311,18 +302,13 @@ class VideoEmbeddings(nn.Module):
 
 def drop_path_schedule(rate: float, n: int) -> list[float]:
     """Linearly increasing drop-path probabilities, 0 for the first block and ``rate`` for the last."""
-    if n <= 1:
-        return [0.0] * n
-    return [rate * i / (n - 1) for i in range(n)]
+    return [rate * i / max(n - 1, 1) for i in range(n)]
 
 
 def init_video_weights(module: nn.Module, std: float) -> None:
-    """Init shared by both encoders, called by `PreTrainedModel` on every module (children first).
-
-    Linear and patch-embedding weights and the cls/position tables: truncated normal(0, std);
-    biases 0; norm scales 1. The guarded `transformers.initialization` functions leave tensors that
-    were loaded from a checkpoint untouched.
-    """
+    """Both encoders' `_init_weights`: Linear/Conv3d weights and the cls/position tables truncated
+    normal(0, std), biases 0, norm scales 1. The guarded `transformers.initialization` functions leave
+    tensors loaded from a checkpoint untouched."""
     if isinstance(module, (nn.Linear, nn.Conv3d)):
         init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
@@ -334,30 +320,22 @@ def init_video_weights(module: nn.Module, std: float) -> None:
             init.trunc_normal_(table, std=std)
 
 
-def tag_no_weight_decay(model: nn.Module) -> set[str]:
-    """(Re)set ``_no_weight_decay = True`` on the parameters each module lists in its
-    ``no_weight_decay_params`` and return their names.
-
-    Modules tag their parameters when built; loading a checkpoint with ``from_pretrained`` creates
-    new Parameter objects without the tag, so the models call this again after loading.
-    """
-    for module in model.modules():
-        for name in getattr(module, "no_weight_decay_params", ()):
-            getattr(module, name)._no_weight_decay = True
-    return {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
-
-
 class NoWeightDecayTagsMixin:
-    """For the encoders' `PreTrainedModel`s: `no_weight_decay()` names the tagged parameters, and
-    `from_pretrained` re-tags them (loading replaces the Parameter objects, and with them the tags)."""
+    """For the encoders' `PreTrainedModel`s. Modules tag (``_no_weight_decay = True``) the parameters
+    they list in ``no_weight_decay_params`` when built; loading with ``from_pretrained`` creates new
+    Parameter objects without the tag, so it re-tags them."""
 
     def no_weight_decay(self) -> set[str]:
-        return tag_no_weight_decay(self)
+        """(Re)tag the listed parameters and return the names of all tagged ones."""
+        for module in self.modules():
+            for name in getattr(module, "no_weight_decay_params", ()):
+                getattr(module, name)._no_weight_decay = True
+        return {name for name, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
-        tag_no_weight_decay(model)
+        model.no_weight_decay()
         return model
 
 

@@ -15,15 +15,14 @@ Objectives (``objective=``):
 - ``"videomap"`` (default). The decoder's attention is **block-causal by frame** (``order="frame"``:
   a token of frame t sees frames ≤ t; the paper's frame-by-frame strategy) or token-causal
   (``order="token"``). **(our reading)** of the paper's targets, two terms each weighted by config:
-  (a) *next-frame*: the decoder outputs at frame t predict all tokens of frame t+1 (at the same
-  spatial position); (b) *masked reconstruction* (MAP): the masked tokens of frame t are predicted
-  at their own positions. Each term has a pixel part (MAE's per-patch normalised pixels, MSE) and,
-  with a teacher, a semantic part (the teacher's per-frame features at the student's grid,
-  L2-normalised, loss 2 − 2·cos as in UMT; `encoder.teacher`).
-  The encoder runs frame-causally too (``frame_causal``, `encoder.layers.frame_causal_mask`): a
-  bidirectional encoder would carry frame t+1 into frame t's outputs, and the next-frame term
-  would be solved by copying. ``masking="tube"`` keeps a masked token from being read off the same
-  place in an earlier frame.
+  (a) *next-frame*: the decoder outputs at frame t predict all tokens of frame t+1 at the same
+  positions; (b) *masked reconstruction* (MAP): the masked tokens of frame t at their own positions.
+  Each term has a pixel part (MAE's per-patch normalised pixels, MSE) and, with a teacher, a
+  semantic part (the teacher's per-frame features at the student's grid, L2-normalised, loss
+  2 − 2·cos as in UMT; `encoder.teacher`). The encoder runs frame-causally too (``frame_causal``):
+  a bidirectional encoder would carry frame t+1 into frame t's outputs, and copying would solve the
+  next-frame term. ``masking="tube"`` keeps a masked token from being read off the same place in an
+  earlier frame.
 - ``"mae"``: non-causal decoder, masked-reconstruction of pixels only (VideoMAE with frame-wise
   random masking instead of tubes).
 - ``"umt"``: no decoder; the visible encoder tokens are aligned with the teacher's features at
@@ -43,17 +42,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoder.errors import UserError
-from encoder.layers import AttentionBlock, RMSNorm, interpolate_temporal_pos
+from encoder.layers import (AttentionBlock, RMSNorm, frame_causal_mask, interpolate_spatial_pos,
+                            interpolate_temporal_pos)
 from encoder.teacher import Teacher, build_teacher
 
 OBJECTIVES = ("videomap", "mae", "umt")
 ORDERS = ("frame", "token")
 MASKINGS = ("frame", "tube")
-
-
-# ---------------------------------------------------------------------------------------------
-# Small pure functions (each is tested on its own)
-# ---------------------------------------------------------------------------------------------
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -86,11 +81,9 @@ def sample_mask_ratio(generator: torch.Generator | None = None, low: float = 0.3
 
 def random_masking(batch: int, frames: int, tokens: int, ratio: float,
                    generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Per-frame random masking with the same number of masked tokens in every frame.
-
-    Returns token_mask: bool (B, T, N), True = masked (removed before the encoder), like MAE's
-    ``mask: 0 is keep, 1 is remove``. ``round(ratio·N)`` tokens per frame, at least one kept.
-    """
+    """Per-frame random masking: token_mask bool (B, T, N), True = masked (removed before the
+    encoder), like MAE's ``mask: 0 is keep, 1 is remove``; ``round(ratio·N)`` tokens in every frame,
+    at least one kept."""
     n_mask = min(tokens - 1, max(0, round(ratio * tokens)))
     noise = torch.rand(batch, frames, tokens, generator=generator)  # (B, T, N)
     rank = noise.argsort(dim=-1).argsort(dim=-1)  # (B, T, N): each token's rank within its frame
@@ -108,17 +101,16 @@ def tube_masking(batch: int, frames: int, tokens: int, ratio: float,
 def decoder_attn_mask(frames: int, tokens: int, order: str | None, device=None) -> torch.Tensor | None:
     """The decoder's attention mask over the T·N grid tokens (SDPA sense: True = may attend).
 
-    ``"frame"``: block-causal, query in frame t attends keys in frames ≤ t. ``"token"``: causal in
-    the spatial-first token order. ``None``: no mask (MAE). Returns (T·N, T·N) bool or None.
+    ``"frame"``: block-causal, query in frame t attends keys in frames ≤ t (the encoder's
+    `frame_causal_mask` without its cls token). ``"token"``: causal in the spatial-first token order.
+    ``None``: no mask (MAE). Returns (T·N, T·N) bool or None.
     """
     if order is None:
         return None
-    L = frames * tokens
     if order == "frame":
-        frame_of = torch.arange(frames, device=device).repeat_interleave(tokens)  # (L,)
-        return frame_of[None, :] <= frame_of[:, None]  # (L, L): [query, key]
+        return frame_causal_mask(frames, tokens, device)[1:, 1:]  # (L, L): [query, key]
     if order == "token":
-        return torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        return torch.ones(frames * tokens, frames * tokens, dtype=torch.bool, device=device).tril()
     raise ValueError(f"order must be one of {ORDERS} or None; got {order!r}")
 
 
@@ -131,28 +123,22 @@ def norm_pix_target(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def pixel_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE per token averaged over tokens (only where ``weight`` is 1 if given). (…, K) → scalar."""
-    per_token = (pred - target).pow(2).mean(dim=-1)  # (…)
-    if weight is None:
-        return per_token.mean()
-    weight = weight.to(per_token.dtype)
-    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+    return _token_mean((pred - target).pow(2).mean(dim=-1), weight)
 
 
 def feature_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """UMT's 2 − 2·cos(pred, target) per token, averaged (over ``weight`` = 1 if given).
-
-    ``target`` is expected L2-normalised; ``pred`` is normalised here. (…, F) → scalar.
-    """
+    """UMT's 2 − 2·cos(pred, target) per token, averaged (over ``weight`` = 1 if given); ``target``
+    is expected L2-normalised, ``pred`` is normalised here. (…, F) → scalar."""
     per_token = 2.0 - 2.0 * (F.normalize(pred.float(), dim=-1) * target.float()).sum(dim=-1)  # (…)
+    return _token_mean(per_token, weight)
+
+
+def _token_mean(per_token: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean of per-token losses (…), over the tokens where ``weight`` is 1 if given."""
     if weight is None:
         return per_token.mean()
     weight = weight.to(per_token.dtype)
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoder
-# ---------------------------------------------------------------------------------------------
 
 
 class MaskedAutoregressiveDecoder(nn.Module):
@@ -179,14 +165,6 @@ class MaskedAutoregressiveDecoder(nn.Module):
             nn.init.trunc_normal_(p, std=0.02)
             p._no_weight_decay = True
 
-    def _spatial_pos(self, hw: tuple[int, int]) -> torch.Tensor:
-        if tuple(hw) == self.grid_hw:
-            return self.pos_embed
-        (h0, w0), (h, w) = self.grid_hw, hw
-        table = self.pos_embed.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)  # (1, E, h0, w0)
-        table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)  # (1, E, h, w)
-        return table.flatten(2).transpose(1, 2)  # (1, h·w, E)
-
     def forward(self, visible: torch.Tensor, token_mask: torch.Tensor, grid: tuple[int, int, int],
                 attn_mask: torch.Tensor | None) -> torch.Tensor:
         T, h, w = grid
@@ -196,16 +174,12 @@ class MaskedAutoregressiveDecoder(nn.Module):
         full = self.mask_token.expand(B, T, N, E).to(x.dtype).clone()  # (B, T, N, E)
         # Boolean indexing walks (B, T, N) row-major, the order the encoder dropped tokens in.
         full[~token_mask] = x.reshape(-1, E)
-        full = full + self._spatial_pos((h, w))[:, None] + interpolate_temporal_pos(self.temporal_pos_embed, T)[:, :, None]
+        pos = interpolate_spatial_pos(self.pos_embed, self.grid_hw, (h, w))  # (1, h·w, E)
+        full = full + pos[:, None] + interpolate_temporal_pos(self.temporal_pos_embed, T)[:, :, None]
         z = full.reshape(B, T * N, E)  # (B, T·N, E), spatial-first like the encoder
         for block in self.blocks:
             z = block(z, attn_mask=attn_mask)
         return self.norm(z).reshape(B, T, N, E)  # (B, T, N, E)
-
-
-# ---------------------------------------------------------------------------------------------
-# The pretraining model
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -222,16 +196,13 @@ class VideoMAPPretrainer(nn.Module):
     Args (plain values; the recipe's config reaches this class through `build_pretrainer`):
         encoder: a `VideoMAPModel` (or `ViTVideoModel`): ``forward(pixel_values, token_mask)``.
         objective: "videomap" | "mae" | "umt".  order: "frame" | "token" (videomap only).
-        mask_ratio: fixed ratio, or None to sample one per step from a normal truncated to
-            [0.3, 0.7].
+        mask_ratio: fixed ratio, or None to sample one per step from a normal truncated to [0.3, 0.7].
         decoder_dim, decoder_depth, decoder_heads: the decoder (not built for "umt").
         norm_pix: MAE's per-patch normalised pixel targets.
         next_weight, masked_weight: weights of term (a) next-frame and (b) masked reconstruction.
         pixel_weight, teacher_weight: weights of the pixel and the teacher-feature parts.
-        teacher: a frozen `encoder.teacher.Teacher` (EfficientNet-Lite0 by default, or CLIP/SigLIP),
-            or None (pixels only).
-        masking: "frame" (random per frame, the same count in each) or "tube" (the same positions
-            in every frame: `tube_masking`).
+        teacher: a frozen `encoder.teacher.Teacher` (EfficientNet-Lite0, CLIP or SigLIP), or None.
+        masking: "frame" (random per frame, the same count in each) or "tube" (`tube_masking`).
         frame_causal: run the encoder frame-causally for the videomap objective (its outputs at
             frame t see frames ≤ t only), so the next-frame term predicts a frame the encoder has
             not seen. False reproduces the earlier reading (a bidirectional encoder; copying).
@@ -243,12 +214,10 @@ class VideoMAPPretrainer(nn.Module):
                  masked_weight: float = 1.0, pixel_weight: float = 1.0, teacher_weight: float = 1.0,
                  teacher: Teacher | None = None, masking: str = "frame", frame_causal: bool = True):
         super().__init__()
-        if masking not in MASKINGS:
-            raise UserError(f"masking must be one of {', '.join(MASKINGS)}; got {masking!r}")
-        if objective not in OBJECTIVES:
-            raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
-        if order not in ORDERS:
-            raise UserError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+        for name, value, choices in (("masking", masking, MASKINGS), ("objective", objective, OBJECTIVES),
+                                     ("order", order, ORDERS)):
+            if value not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
         if objective == "umt" and teacher is None:
             raise UserError("objective 'umt' aligns encoder tokens with teacher features; set a teacher "
                             "(efficientnet_lite0, or a CLIP/SigLIP id or local path)")
@@ -270,7 +239,6 @@ class VideoMAPPretrainer(nn.Module):
         # Held outside the module tree on purpose: the frozen teacher is not trained, not saved in
         # checkpoints (it is reloaded from its id/path) and not handed to the optimizer.
         self._teacher = (teacher,)
-        grid_hw = (cfg.img_size // cfg.patch_size,) * 2
         pix_dim = cfg.patch_size ** 2 * cfg.in_chans
         feat_dim = teacher.feature_dim if teacher is not None else 0
         D = cfg.embed_dim
@@ -279,6 +247,7 @@ class VideoMAPPretrainer(nn.Module):
             self.decoder = None
             self.heads["visible_feat"] = nn.Linear(D, feat_dim)
         else:
+            grid_hw = (cfg.img_size // cfg.patch_size,) * 2
             self.decoder = MaskedAutoregressiveDecoder(D, grid_hw, cfg.num_frames, decoder_dim,
                                                        decoder_depth, decoder_heads)
             # Separate heads: the output at (t, n) predicts both (t+1, n) and, when masked, (t, n).
@@ -286,17 +255,12 @@ class VideoMAPPretrainer(nn.Module):
                 self.heads[f"{term}_pix"] = nn.Linear(decoder_dim, pix_dim)
                 if self.teacher_weight > 0:
                     self.heads[f"{term}_feat"] = nn.Linear(decoder_dim, feat_dim)
-        for head in self.heads.values():
-            nn.init.xavier_uniform_(head.weight)
-            nn.init.zeros_(head.bias)
-        if self.decoder is not None:
-            for m in self.decoder.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-
-    # MAE's structure -------------------------------------------------------------------------
+        # Heads first, then the decoder's linears: the order of the xavier draws is the recorded one.
+        for m in (*self.heads.values(), *(self.decoder.modules() if self.decoder is not None else ())):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def random_masking(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """token_mask (B, T, N), True = masked, same count per frame (see `random_masking`)."""

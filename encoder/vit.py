@@ -10,9 +10,8 @@ Two attention layouts (``ViTVideoConfig.attention``):
   the output has the same layout as joint mode: (B, 1 + T·N, D), patches spatial-first. Frames never
   exchange information, except through that average.
 
-Both modes use the position scheme of VideoMAP (spatial table for cls + N shared by frames, plus a
-temporal table added per frame, both interpolated to the input's grid), RMSNorm pre-norm blocks
-and stochastic depth, so a comparison isolates the token mixer.
+Both modes use VideoMAP's position tables, RMSNorm pre-norm blocks and stochastic depth, so a
+comparison isolates the token mixer.
 
 Presets: `PRESETS`, with their parameter counts (224 px, 8 frames, patch 16) in `PRESET_PARAMS`.
 """
@@ -23,17 +22,8 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from encoder.layers import (
-    AttentionBlock,
-    NoWeightDecayTagsMixin,
-    RMSNorm,
-    VideoEmbeddings,
-    VideoEncoderOutput,
-    check_int,
-    drop_path_schedule,
-    frame_causal_mask,
-    init_video_weights,
-)
+from encoder.layers import (AttentionBlock, NoWeightDecayTagsMixin, RMSNorm, VideoEmbeddings, VideoEncoderOutput,
+                            check_int, drop_path_schedule, frame_causal_mask, init_video_weights)
 
 PRESETS: dict[str, dict] = {
     "nano": dict(embed_dim=128, depth=10, num_heads=4),
@@ -78,21 +68,19 @@ class ViTVideoConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
-        for name, value, minimum in (("img_size", img_size, 1), ("patch_size", patch_size, 1),
-                                     ("num_frames", num_frames, 1), ("in_chans", in_chans, 1),
-                                     ("embed_dim", embed_dim, 1), ("depth", depth, 1),
-                                     ("num_heads", num_heads, 1)):
-            check_int(name, value, minimum)
+        for name, value in (("img_size", img_size), ("patch_size", patch_size), ("num_frames", num_frames),
+                            ("in_chans", in_chans), ("embed_dim", embed_dim), ("depth", depth),
+                            ("num_heads", num_heads)):
+            check_int(name, value, 1)
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        if attention not in ("joint", "frame"):
-            raise ValueError(f"attention must be 'joint' or 'frame'; got {attention!r}")
+        for name, value, choices in (("attention", attention, ("joint", "frame")), ("pool", pool, ("cls", "mean"))):
+            if value not in choices:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, choices))}; got {value!r}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate}")
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean'; got {pool!r}")
         if mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0; got {mlp_ratio}")
         self.img_size = img_size
@@ -163,13 +151,11 @@ class ViTVideoModel(ViTVideoPreTrainedModel):
         stem = self._to_video_layout(h, B, T)  # (B, 1 + T·N_vis, D)
         causal = frame_causal and self.config.attention == "joint"
         attn_mask = frame_causal_mask(T, Nv, device=h.device) if causal else None  # (L, L)
-        hidden_states = []
+        hidden_states = [stem]  # each block's input, then the last block's output
         for block in self.blocks:
+            h = block(h, attn_mask=attn_mask)
             if output_hidden_states:
                 hidden_states.append(self._to_video_layout(h, B, T))
-            h = block(h, attn_mask=attn_mask)
-        if output_hidden_states:
-            hidden_states.append(self._to_video_layout(h, B, T))
         h = self._to_video_layout(self.norm(h), B, T)  # (B, 1 + T·N_vis, D)
         pooled = h[:, 0] if self.config.pool == "cls" else h[:, 1:].mean(dim=1)  # (B, D)
         return VideoEncoderOutput(last_hidden_state=h, pooler_output=pooled, grid=grid, stem_states=stem,

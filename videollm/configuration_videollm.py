@@ -79,8 +79,6 @@ class VideoProjectorConfig:
             (isinstance(self.stem_skip, bool), f"stem_skip must be true or false; got {self.stem_skip!r}"),
         ])
 
-    # ---- token arithmetic (shared by the projector and the processor) -----------------------
-
     def tokens_per_frame_for(self, h: int, w: int) -> tuple[int, int]:
         """(kh, kw): the pooled grid of one frame whose patch grid is (h, w)."""
         if self.tokens_per_frame is not None:
@@ -138,17 +136,16 @@ PROJECTOR_CONFIGS = {c.projector_type: c for c in (VideoProjectorConfig, WordAnc
 
 def make_projector_config(projector_type: str = "mlp", settings=None) -> VideoProjectorConfig:
     """A projector config from its type name and a dict of settings (unknown keys are an error)."""
-    if isinstance(settings, VideoProjectorConfig):
-        settings = asdict(settings)
+    settings = asdict(settings) if isinstance(settings, VideoProjectorConfig) else dict(settings or {})
     if projector_type not in PROJECTOR_CONFIGS:
         raise ValueError(f"unknown projector type {projector_type!r}; choose one of {', '.join(PROJECTOR_CONFIGS)}")
     cls = PROJECTOR_CONFIGS[projector_type]
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(settings or {}) - known)
+    unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown {projector_type!r} projector setting(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(known))}")
-    return cls(**(settings or {}))
+    return cls(**settings)
 
 
 def _sub_config(value, default_type: str, name: str) -> PretrainedConfig:

@@ -23,11 +23,8 @@ import numpy as np
 from encoder.video_io import SAMPLE_CLIPS, read_video, write_video
 from videollm.data.synth import DEFAULT_FPS, TASKS, SynthClip, make_clip, make_needle, resize_frames, square_frames
 
-# Frames read from each bundled real clip before segments are cut from it.
-REAL_CLIP_FRAMES = 64
 
-
-def real_clips(size: int, num_frames: int = REAL_CLIP_FRAMES) -> list[np.ndarray]:
+def real_clips(size: int, num_frames: int = 64) -> list[np.ndarray]:
     """The bundled real clips (`encoder.video_io.SAMPLE_CLIPS`), each sampled uniformly to
     `num_frames` frames, centre square resized to `size`: a list of uint8 (num_frames, S, S, 3)."""
     return [square_frames(read_video(name, num_frames).frames, size) for name in SAMPLE_CLIPS]
@@ -58,18 +55,15 @@ def segment_haystack(rng: np.random.Generator, num_frames: int, real: list[np.nd
     lo, hi = lengths
     parts, total = [], 0
     while total < num_frames:
-        if source_first:
-            src = real[int(rng.integers(len(real)))]
-            k = int(rng.integers(lo, hi + 1))
+        src = real[int(rng.integers(len(real)))] if source_first else None
+        k = int(rng.integers(lo, hi + 1))
+        if synthetic is not None and rng.random() >= 0.5:
+            parts.append(synthetic(rng, k, len(parts)))
         else:
-            k = int(rng.integers(lo, hi + 1))
-            if synthetic is not None and rng.random() >= 0.5:
-                parts.append(synthetic(rng, k, len(parts)))
-                total += len(parts[-1])
-                continue
-            src = real[int(rng.integers(len(real)))]
-        a = int(rng.integers(0, len(src) - min(k, len(src)) + 1))
-        parts.append(src[a:a + k])
+            if src is None:
+                src = real[int(rng.integers(len(real)))]
+            a = int(rng.integers(0, len(src) - min(k, len(src)) + 1))
+            parts.append(src[a:a + k])
         total += len(parts[-1])
     return np.concatenate(parts)[:num_frames]
 
