@@ -39,8 +39,10 @@ ARMS = {
     "mae": ("mae", False, "hybrid"),
     "umt": ("umt", True, "hybrid"),  # visible tokens aligned with the teacher's features
     "scratch": (None, False, "hybrid"),
-    "videomap_mamba": ("videomap", True, 0),  # pure Mamba
-    "videomap_attention": ("videomap", True, 1),  # pure attention
+    # The architecture arms use the VideoMAP target that won on the validation clips (pixels: 36.3 / 43.7 %
+    # fine-tune / probe at 10 % labels, against 18.3 / 10.3 % with the teacher; docs/ablation.md).
+    "videomap_pixels_mamba": ("videomap", False, 0),  # pure Mamba
+    "videomap_pixels_attention": ("videomap", False, 1),  # pure attention
 }
 FRACTIONS = (0.01, 0.1, 1.0)
 TEST_SEED = 3_000_000
@@ -159,8 +161,10 @@ def compare(summary: dict, arm: str, base: str, fraction: str = "10%") -> dict:
     return out
 
 
-CLAIMS = (("videomap", "scratch"), ("videomap", "mae"), ("videomap", "umt"), ("videomap", "videomap_mamba"),
-          ("videomap", "videomap_pixels"), ("videomap_pixels", "scratch"), ("videomap", "videomap_attention"))
+CLAIMS = (("videomap", "scratch"), ("videomap_pixels", "scratch"), ("videomap_pixels", "mae"),
+          ("videomap_pixels", "umt"), ("videomap_pixels", "videomap_pixels_mamba"),
+          ("videomap_pixels", "videomap_pixels_attention"), ("videomap", "videomap_pixels"), ("videomap", "mae"),
+          ("videomap", "umt"))
 
 
 def to_markdown(result: dict) -> str:
