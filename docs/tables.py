@@ -82,6 +82,25 @@ def ablation_seeds() -> str:
                  for a in arms])
 
 
+def pretraining_ablation() -> str:
+    s = load("pretraining_ablation.json")["summary"]
+    fr = ["1%", "10%", "100%"]
+
+    def cell(e: dict | None) -> str:
+        return "—" if e is None else f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}" + ("" if e["n"] == 3 else f" (n={e['n']})")
+
+    return rows(["arm", *[f"fine-tune {f}" for f in fr], *[f"probe {f}" for f in fr]],
+                [[arm, *[cell(per.get(f, {}).get(k)) for k in ("finetune_top1", "linear_top1") for f in fr]]
+                 for arm, per in s.items()])
+
+
+def pretraining_comparisons() -> str:
+    c = load("pretraining_ablation.json")["comparisons"]
+    return rows(["at 10 % labels", "fine-tune: points (pooled σ)", "probe: points (pooled σ)"],
+                [[name.replace("-", " − "), *[f"{d[k]['points']:+.1f} ({d[k]['in_pooled_stds']:+.2f} σ)"
+                                               for k in ("finetune_top1", "linear_top1")]] for name, d in c.items()])
+
+
 # ---------------------------------------------------------------------------------------------
 # docs/profile_cpu.json
 
@@ -135,8 +154,8 @@ def niah_long() -> str:
                 ["---:", "---:", "---", *["---:"] * len(depth_heads), "---:"])
 
 
-TABLES = {f.__name__: f for f in (ablation_old, ablation_pilots, ablation_result, ablation_seeds, profile_encoders,
-                                  profile_with_llm, niah_long)}
+TABLES = {f.__name__: f for f in (ablation_old, ablation_pilots, ablation_result, ablation_seeds, pretraining_ablation,
+                                  pretraining_comparisons, profile_encoders, profile_with_llm, niah_long)}
 
 
 def render(text: str, page: str = "") -> str:

@@ -2,7 +2,7 @@
 
     videollm bench ablation --out runs/ablation [--seeds 3] [--budget default|smoke] [--jobs 2]
 
-Seven encoders (`ARMS`) of one shrunk nano-family architecture are pretrained on the same budget
+Eight encoders (`ARMS`) of one shrunk nano-family architecture are pretrained on the same budget
 (an unlabelled pool of synthetic clips), then fine-tuned and linear-probed on 1 %, 10 % and 100 %
 of the labels of the 8-way synthetic ``motion`` task, per seed, and tested on clips of seeds
 3,000,000+ (settings were chosen on seeds 2,000,000+, docs/ablation_pilot.json). ``--out`` gets
