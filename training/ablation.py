@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from encoder.errors import UserError, run_cli
+from encoder.files import atomic_write_text
 from encoder.teacher import DEFAULT_TEACHER
 from training.classify import ClassifyConfig
 from training.classify import train as classify
@@ -98,7 +99,7 @@ def pretrain_arm(arm: str, seed: int, b: dict, threads: int, run_dir: Path, cach
     t0 = time.time()
     summary = {"loss": pretrain(cfg).get("loss"), "seconds": round(time.time() - t0, 1),
                "clips_seen": steps * b["pretrain_batch"]}
-    done.write_text(json.dumps(summary))
+    atomic_write_text(done, json.dumps(summary))
     return summary
 
 
@@ -222,8 +223,8 @@ def write(out: Path, runs: list[dict], budget: str, seeds: int, t0: float) -> di
               "budget": BUDGETS[budget], "test_seed": TEST_SEED, "summary": summary,
               "comparisons": {f"{a}-{c}": compare(summary, a, c) for a, c in CLAIMS},
               "seconds": round(time.time() - t0, 1)}
-    (out / "ablation.json").write_text(json.dumps(result, indent=1))
-    (out / "ablation.md").write_text(to_markdown(result))
+    atomic_write_text(out / "ablation.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "ablation.md", to_markdown(result))
     plot(summary, out / "ablation.png")
     return result
 
