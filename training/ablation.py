@@ -37,15 +37,14 @@ from training.pretrain import train as pretrain
 # attn_every or "hybrid")
 ARMS = {
     "videomap": ("videomap", 1.0, "hybrid"),  # pixels + teacher features of future frames (the paper's)
-    # The teacher's weight chosen on the validation clips after weight 1 hurt (66.7 / 32.3 % fine-tune /
-    # probe at 10 % labels against 18.3 / 10.3 %; docs/ablation_validation.json).
+    # The teacher's weight chosen on the validation clips after weight 1 hurt (docs/ablation_validation.json).
     "videomap_tw01": ("videomap", 0.1, "hybrid"),
     "videomap_pixels": ("videomap", 0, "hybrid"),
     "mae": ("mae", 0, "hybrid"),
     "umt": ("umt", 1.0, "hybrid"),  # visible tokens aligned with the teacher's features
     "scratch": (None, 0, "hybrid"),
-    # The architecture arms use the VideoMAP target that won on the validation clips (pixels: 36.3 / 43.7 %
-    # fine-tune / probe at 10 % labels, against 18.3 / 10.3 % with the teacher; docs/ablation.md).
+    # The architecture arms use the VideoMAP target that won on the validation clips (pixels against the
+    # teacher at weight 1; docs/ablation_validation.json).
     "videomap_pixels_mamba": ("videomap", 0, 0),  # pure Mamba
     "videomap_pixels_attention": ("videomap", 0, 1),  # pure attention
 }
