@@ -30,8 +30,18 @@ def _errors_only(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR
 
 
+_quiet = False
+
+
+def is_quiet() -> bool:
+    """Whether `quiet` ran in this process (so worker processes a command starts can do the same)."""
+    return _quiet
+
+
 def quiet() -> None:
     """Library warnings, info logs and progress bars off (errors still show), now and for later imports."""
+    global _quiet
+    _quiet = True
     warnings.simplefilter("ignore")  # our code logs instead of warning, so these are the libraries'
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

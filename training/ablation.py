@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from encoder.errors import UserError, run_cli
+from encoder.errors import UserError, is_quiet, quiet, run_cli
 from encoder.files import atomic_write_text
 from encoder.teacher import DEFAULT_TEACHER
 from training.classify import ClassifyConfig
@@ -234,7 +234,8 @@ def run(out: Path, seeds: int, budget: str, threads: int, jobs: int = 1, arms: l
     t0, runs = time.time(), []
     tasks = [(arm, seed, FRACTIONS[:-1]) for seed in range(seeds) for arm in arms or ARMS]
     tasks += [(arm, seed, FRACTIONS[-1:]) for seed in range(seeds) for arm in arms or ARMS]
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=quiet if is_quiet() else None) as pool:  # workers as quiet as this command
         futures = [pool.submit(run_arm, out, arm, seed, budget, threads, fr) for arm, seed, fr in tasks]
         for future in as_completed(futures):
             runs += future.result()
