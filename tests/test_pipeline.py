@@ -159,6 +159,32 @@ def test_model_card_reads_the_model_config_and_the_metrics():
     assert "| the same questions scored by option likelihood (no letter to produce) | 60.0% |" in card()
 
 
+def test_encoder_gain_grounds_an_untrained_encoder_too(tmp_path):
+    """encoder_gain: after grounding, the same grounding from the untrained encoder (the pretrained
+    one's architecture), and grounding's held-out accuracies of both with the gain; --until stops
+    there (no stage 1, no eval)."""
+    out = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "default_model_smoke.yaml"), "--out", str(out), "--until", "ground_scratch",
+            "encoder_gain=true", "data.text_replay=0", "ground.overrides.stem_steps=0"]
+    assert main(argv) == 0
+    configs = stage_configs(load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml", ["encoder_gain=true"]), out)
+    assert configs["ground_scratch"].encoder == str(out / "scratch" / "encoder")
+    assert {k: v for k, v in vars(configs["ground_scratch"]).items() if k not in ("encoder", "output_dir")} == \
+        {k: v for k, v in vars(configs["ground"]).items() if k not in ("encoder", "output_dir")}
+    scratch = load_file(out / "scratch" / "encoder" / "model.safetensors")
+    trained = load_file(out / "pretrain" / "encoder" / "model.safetensors")
+    assert scratch.keys() == trained.keys() and any(not torch.equal(scratch[k], trained[k]) for k in scratch)
+    gain = json.loads((out / "encoder_gain.json").read_text())
+    assert "acc_shape" in gain and all(0 <= g["pretrained"] <= 1 and 0 <= g["scratch"] <= 1 for g in gain.values())
+    assert all(g["gain"] == round(100 * (g["pretrained"] - g["scratch"]), 1) for g in gain.values())
+    assert (out / "ground_scratch" / "final" / "config.json").is_file() and not (out / "stage1").exists()
+    with pytest.raises(UserError, match="encoder_gain compares two groundings"):
+        stage_configs(load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml",
+                                  ["encoder_gain=true", "ground=null"]), out)
+    with pytest.raises(UserError, match="--until eval: this pipeline's stages are"):
+        main([*argv, "--until", "eval"])
+
+
 @pytest.mark.slow
 def test_pipeline_smoke_end_to_end(tmp_path):
     out, ship = tmp_path / "run", tmp_path / "ship"

@@ -157,6 +157,26 @@ def test_the_pretrain_recipe_runs_with_the_embedded_teacher(tmp_path):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+def test_the_cache_serves_clips_read_from_video_files(tmp_path):
+    """A folder of videos has no synthetic seeds: its clips are keyed by their pixels, so a second run
+    over the same (whole-video) clips reads every target from the cache."""
+    from encoder.video_io import write_video
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        write_video(tmp_path / "videos" / f"v{k}.mp4", rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8))
+    args = ["pretrain", "--config", "training/configs/pretrain_smoke.yaml", f"data.source={tmp_path / 'videos'}",
+            "objective.teacher=efficientnet_lite0", "objective.teacher_size=32",
+            f"objective.teacher_cache={tmp_path / 'cache'}", "steps=1"]
+    records = []
+    for run in ("a", "b"):
+        assert cli([*args, f"output_dir={tmp_path / run}"]) == 0
+        records.append([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()][-1])
+    a, b = records
+    assert a["teacher_cache_misses"] > 0
+    assert b["teacher_cache_misses"] == 0 and b["teacher_cache_hits"] == 8
+
+
 def test_a_clip_teacher_by_path(tmp_path):
     """The full-scale option: a (tiny, random) CLIP vision tower saved locally, at its own size and
     at another (position table interpolated); unit features at the student's grid, no classes."""

@@ -17,6 +17,9 @@ its recipe's YAML with this file's overrides and the run's paths, every key writ
                  stage 2 reads it with the instruction set through ``data/stage2_mix.yaml``.
 2. ``pretrain``  `training.pretrain` → ``pretrain/encoder``.
    ``ground``    (optional) `training.ground` → ``ground/final``, which stage 1 starts from.
+   ``ground_scratch`` (``encoder_gain``) the same grounding from the untrained encoder (the
+                 pretrained one's architecture and seed, ``scratch/encoder``) → ``ground_scratch/final``;
+                 ``encoder_gain`` in the metrics: grounding's held-out accuracies of both and the gain.
 3. ``stage1``    `training.finetune` stage 1 (alignment) → ``stage1/final``.
 4. ``stage2``    `training.finetune` stage 2 (LoRA) → ``stage2/final``.
 5. ``eval``      held-out multiple-choice QA (`eval.qa`, synthqa), V-NIAH (`eval.niah`), open-ended
@@ -45,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from accelerate.utils import set_seed
 
 from encoder.errors import UserError, run_cli
 from encoder.files import atomic_dir, atomic_write_text
@@ -52,7 +56,7 @@ from encoder.video_io import SAMPLE_CLIPS, sample_clip_path
 from training.config import load_config, save_config, to_dict
 from training.finetune import FinetuneConfig
 from training.ground import WORD_GROUPS, GroundConfig
-from training.pretrain import PretrainConfig
+from training.pretrain import PretrainConfig, build_model
 from videollm.data.haystack import write_needle_clips
 from videollm.data.synth import TASKS, conversations, short_conversations, write_synth_dataset
 from videollm.data.text_replay import TEXT_CHECKS
@@ -143,11 +147,14 @@ class PipelineConfig:
     stage1: StageSpec = field(default_factory=lambda: StageSpec("training/configs/finetune_stage1.yaml"))
     stage2: StageSpec = field(default_factory=lambda: StageSpec("training/configs/finetune_stage2.yaml"))
     eval: EvalSpec = field(default_factory=EvalSpec)
+    # Also ground an untrained encoder the same way: what pretraining pays on grounding's held-out
+    # accuracies (metrics `encoder_gain`). Needs `ground`.
+    encoder_gain: bool = False
 
 
 # The training stages: their recipe module and config class, in the order they run.
 RECIPES = {"pretrain": ("training.pretrain", PretrainConfig), "ground": ("training.ground", GroundConfig),
-           "stage1": ("training.finetune", FinetuneConfig), "stage2": ("training.finetune", FinetuneConfig)}
+           "ground_scratch": ("training.ground", GroundConfig), "stage1": ("training.finetune", FinetuneConfig), "stage2": ("training.finetune", FinetuneConfig)}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -278,12 +285,19 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict[str, Any]:
                       "data.source": str(data / ("stage2_mix.yaml" if uses_mix(cfg) else "instruct.json"))}}
     if cfg.ground is not None:
         run["stage1"]["init_from"] = str(out / "ground" / "final")
+    if cfg.encoder_gain:
+        if cfg.ground is None:
+            raise UserError("encoder_gain compares two groundings: it needs a `ground` stage")
+        run["ground_scratch"] = {**run["ground"], "encoder": str(out / "scratch" / "encoder")}
     configs = {}
     for name, (_, cls) in RECIPES.items():
-        spec = getattr(cfg, name)
-        if spec is None:
+        spec = getattr(cfg, name.removesuffix("_scratch"), None)
+        if spec is None or name not in run:
             continue
         keys = {**spec.overrides, **run[name], "seed": cfg.seed, "output_dir": str(out / name), "resume": True}
+        given = _flatten(spec.overrides)
+        if name == "pretrain" and given.get("objective.teacher") and "objective.teacher_cache" not in given:
+            keys["objective.teacher_cache"] = str(out / "teacher_cache")  # the teacher's targets computed once
         if name == "stage1" and "ground" in configs and "anchor_none_logit" not in _flatten(spec.overrides):
             # the anchor reads tokens with the "none" class grounding trained them with
             keys["anchor_none_logit"] = configs["ground"].none_logit
@@ -313,14 +327,26 @@ def stage_commands(cfg: PipelineConfig, out: Path, configs: dict[str, Any]) -> d
     return commands
 
 
-def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) -> None:
+def write_scratch_encoder(pretrain: PretrainConfig, directory: Path) -> None:
+    """The encoder pretraining starts from (its architecture, seeded as the run seeds it), untrained."""
+    set_seed(pretrain.seed)
+    with atomic_dir(directory) as tmp:
+        build_model(pretrain).encoder.save_pretrained(tmp)
+
+
+def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str], until: str | None = None) -> None:
+    """The training stages in order, each skipped when its output exists; `until`: stop after that one."""
     configs = stage_configs(cfg, out)
     commands = stage_commands(cfg, out, configs)
+    if until is not None and until not in commands:
+        raise UserError(f"--until {until}: this pipeline's stages are {', '.join(commands)}")
     outputs = {"replay": out / "data" / "text_replay.json", "pretrain": out / "pretrain" / "DONE",
-               **{name: out / name / "final" for name in ("ground", "stage1", "stage2")}}
+               **{name: out / name / "final" for name in ("ground", "ground_scratch", "stage1", "stage2")}}
     if uses_mix(cfg):
         write_stage2_mix(cfg, out / "data")
     for name, cmd in commands.items():
+        if name == "ground_scratch" and not (out / "scratch" / "encoder").is_dir():
+            write_scratch_encoder(configs["pretrain"], out / "scratch" / "encoder")
         if name in configs and (not outputs[name].exists() or not config_path(out, name).is_file()):
             config_path(out, name).parent.mkdir(parents=True, exist_ok=True)
             save_config(configs[name], config_path(out, name))  # a finished stage keeps the one it ran with
@@ -339,6 +365,23 @@ def run_training(cfg: PipelineConfig, out: Path, timings: dict, log: list[str]) 
                 raise UserError(f"pretraining finished without {out / 'pretrain' / 'encoder'}")
             outputs[name].write_text("ok\n")
         logger.info("%s done (%.0f s in total)", name, timings[name])
+        if name == until:
+            return
+
+
+def encoder_gain(out: Path) -> dict[str, dict[str, float]] | None:
+    """Grounding's held-out accuracies (its last evaluation) from the pretrained and the untrained
+    encoder, and the gain in points: {metric: {pretrained, scratch, gain}}; None without both runs."""
+    last = {}
+    for name in ("ground", "ground_scratch"):
+        path = out / name / "metrics.jsonl"
+        records = [r for r in _read_jsonl(path) if any(k.startswith("acc_") for k in r)] if path.is_file() else []
+        if not records:
+            return None
+        last[name] = records[-1]
+    a, b = last["ground"], last["ground_scratch"]
+    return {k: {"pretrained": a[k], "scratch": b[k], "gain": round(100 * (a[k] - b[k]), 1)}
+            for k in a if k.startswith("acc_") and k in b}
 
 
 EVAL_RESULTS = {"mc": "results.json", "mc_likelihood": "results.json", "niah": "niah.json",
@@ -583,7 +626,7 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
     return ship
 
 
-def run(cfg: PipelineConfig, command: str) -> dict:
+def run(cfg: PipelineConfig, command: str, until: str | None = None) -> dict:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # The C++ scan kernel is JIT-built into TORCH_EXTENSIONS_DIR; a private one per run builds it
@@ -598,8 +641,15 @@ def run(cfg: PipelineConfig, command: str) -> dict:
         stage_data(cfg, out)
         timings["data"] = round(time.perf_counter() - t0, 1)
         _write_json(timings_path, timings)
-    run_training(cfg, out, timings, log)
+    run_training(cfg, out, timings, log, until)
+    gain = encoder_gain(out) if cfg.encoder_gain else None
+    if gain:
+        _write_json(out / "encoder_gain.json", gain)
+    if until is not None:
+        return {"out": str(out), "until": until, "timings_s": timings, **({"encoder_gain": gain} if gain else {})}
     metrics = stage_eval(cfg, out, timings, log)
+    if gain:
+        metrics["encoder_gain"] = gain
     _write_json(timings_path, timings)
     missed = missed_targets(metrics, cfg.targets)
     summary = {"out": str(out), "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
@@ -621,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(REPO / "training" / "configs" / "default_model.yaml"))
     p.add_argument("--out", help="run directory (overrides `out`)")
     p.add_argument("--ship", help="where the final model goes (overrides `ship`; 'none' = do not ship)")
+    p.add_argument("--until", metavar="STAGE", help="stop after this training stage (e.g. ground); no eval, no ship")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. stage2.overrides.steps=10")
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
@@ -632,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         extra.append("ship=null" if args.ship.lower() == "none" else f"ship={args.ship}")
     cfg = load_config(PipelineConfig, args.config, extra)
     command = shlex.join(["python", "-m", "training.pipeline"] + (argv if argv is not None else sys.argv[1:]))
-    print(json.dumps(run(cfg, command)))
+    print(json.dumps(run(cfg, command, args.until)))
     return 0
 
 

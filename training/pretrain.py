@@ -13,6 +13,7 @@ to ``output_dir/encoder`` (`save_pretrained`: ``VideoMAPModel.from_pretrained`` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class ObjectiveConfig:
     teacher: str | None = None  # efficientnet_lite0 (embedded), a CLIP/SigLIP id or path; null = pixels only
     teacher_weight: float = 1.0
     teacher_size: int | None = None  # the teacher's input side in px; null = its own (224 for EfficientNet-Lite0)
-    teacher_cache: str | None = None  # a folder: targets computed once per clip (synthetic data); null = every step
+    teacher_cache: str | None = None  # a folder: targets computed once per clip (and frames); null = every step
     masking: str = "frame"  # frame (random per frame, the same count in each) | tube (the same positions in every frame)
     frame_causal: bool = True  # videomap: the encoder runs frame-causally, so frame t+1 is unseen when predicted
 
@@ -111,7 +112,7 @@ class Pretrain(Recipe):
         self.skips = SkipTracker(self.cfg.data.max_skipped)
         model = build_model(self.cfg)
         self.cache = None
-        if self.cfg.objective.teacher_cache and model.teacher is not None and hasattr(self.source, "clip_key"):
+        if self.cfg.objective.teacher_cache and model.teacher is not None:
             self.cache = TeacherCache(self.cfg.objective.teacher_cache, model.teacher)
         return model
 
@@ -122,11 +123,18 @@ class Pretrain(Recipe):
         feats = None
         if self.cache is not None and len(indices) == pixels.shape[0]:
             grid = (pixels.shape[-2] // model.patch_size, pixels.shape[-1] // model.patch_size)
-            feats = self.cache.features([self.source.clip_key(i) for i in indices], list(range(pixels.shape[2])),
-                                        pixels, grid)
+            feats = self.cache.features([self.clip_key(i, clip) for i, clip in zip(indices, pixels)],
+                                        list(range(pixels.shape[2])), pixels, grid)
         mask_gen, _ = step_rng(*keys, 1)
         result = model(pixels.to(self.engine.device), generator=mask_gen, teacher_features=feats)
         return Micro(result.loss, {k: float(v) for k, v in result.terms.items()}, samples=pixels.shape[0])
+
+    def clip_key(self, index, clip: torch.Tensor) -> str:
+        """The cache key of a loaded clip: its seed and render settings for a synthetic source; else what
+        its pixels are (a video file's clip is a random segment, so its path alone does not name it)."""
+        if hasattr(self.source, "clip_key"):
+            return self.source.clip_key(index)
+        return f"pixels:{tuple(clip.shape)}:{hashlib.sha1(clip.numpy().tobytes()).hexdigest()}"
 
     def status(self) -> dict:
         cache = {"teacher_cache_hits": self.cache.hits, "teacher_cache_misses": self.cache.misses} if self.cache else {}
