@@ -134,7 +134,9 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
             raise gr.Error(error_text(err).removeprefix("⚠️ "), print_exception=False) from None
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
-        gr.Markdown(f"# {title}\nAsk questions about a video. The answer streams in as it is generated.")
+        scope = getattr(model.config, "scope", None)
+        gr.Markdown(f"# {title}\n" + (f"**This model:** {scope}\n\n" if scope else "")
+                    + "Ask questions about a video. The answer streams in as it is generated.", elem_id="header")
         chat_state = gr.State([])  # what the chatbot shows (errors included)
         history_state = gr.State([])  # what the model sees: user/assistant turns only
         clip_state = gr.State(None)  # {"key": (path, frames), "clip": VideoInputs}

@@ -102,6 +102,25 @@ def client(served):
     return Client(served, verbose=False)
 
 
+def test_the_header_says_what_the_model_knows(tiny_model):
+    """The header states the model's `scope` (what it was trained on, what it can and cannot
+    recognise) when its config has one, and nothing made up when it has none."""
+    from demo.app import build_app
+
+    model, processor = tiny_model
+
+    def header() -> str:
+        app = build_app(model, processor)
+        return next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "header").value
+
+    assert "This model" not in header()
+    model.config.scope = "Knows red circles only; load another model with --model DIR."
+    try:
+        assert "**This model:** Knows red circles only; load another model with --model DIR." in header()
+    finally:
+        model.config.scope = None
+
+
 def test_answer_api_concurrent(client):
     clip = handle_file(str(sample_clip_path("bikes")))
     jobs = [client.submit(clip, f"What happens in the video? ({i})", 8, api_name="/answer") for i in range(5)]

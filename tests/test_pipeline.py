@@ -151,6 +151,11 @@ def test_model_card_reads_the_model_config_and_the_metrics():
     line = next(x for x in card().splitlines() if x.startswith("- projector:"))
     assert '"none"' not in line and "word_anchor" in line
     assert "motion stem" in next(x for x in card().splitlines() if x.startswith("- encoder:"))
+    # what the model knows (the config's `scope`, set from the pipeline's `scope`), under its own heading
+    assert f"## What it knows\n\n{cfg.scope}\n" in card() and "real-world objects" in cfg.scope
+    assert model_config["scope"] == cfg.scope  # the shipped config says what the pipeline file says
+    del model_config["scope"]
+    assert "## What it knows\n\nNot stated.\n" in card()
     assert "cmd1\ncmd2" in card() and "- stage2: 12.5" in card() and "(10 records)" in card()
     assert "| multiple-choice QA, held-out synthqa seed 1001 (n=200) | 50.0% | ≥ 80% |" in card()
     # likelihood rows only when eval scored by likelihood (eval.likelihood)

@@ -147,6 +147,9 @@ class PipelineConfig:
     stage1: StageSpec = field(default_factory=lambda: StageSpec("training/configs/finetune_stage1.yaml"))
     stage2: StageSpec = field(default_factory=lambda: StageSpec("training/configs/finetune_stage2.yaml"))
     eval: EvalSpec = field(default_factory=EvalSpec)
+    # What the shipped model was trained on and can and cannot recognise (its config's `scope`: the
+    # chat and the demo show it; the model card's "What it knows").
+    scope: str | None = None
     # Also ground an untrained encoder the same way: what pretraining pays on grounding's held-out
     # accuracies (metrics `encoder_gain`). Needs `ground`.
     encoder_gain: bool = False
@@ -580,7 +583,7 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
         "open_per_category": ", ".join(f"{k} {_pct(v)}" for k, v in metrics["open_per_category"].items()),
         "mc_likelihood_per_category": (" MC by option likelihood per category: "
                                        + ", ".join(f"{k} {_pct(v)}" for k, v in mc_lik.items()) + ".") if mc_lik else "",
-        "text_reply": metrics["text_reply"],
+        "text_reply": metrics["text_reply"], "scope": model_config.get("scope") or "Not stated.",
         "timings": "\n".join(f"- {k}: {v}" for k, v in metrics.get("timings_s", {}).items()),
     }
     return CARD_TEMPLATE.read_text(encoding="utf-8").format(**fields)
@@ -609,6 +612,9 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
         _write_json(tmp / "metrics.json", metrics)
         (tmp / "pipeline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         model_config = json.loads((tmp / "config.json").read_text())
+        if cfg.scope:
+            model_config["scope"] = cfg.scope  # written as transformers writes a config
+            (tmp / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         (tmp / "MODEL_CARD.md").write_text(model_card(model_config, metrics, cfg, command, log, n_records))
         # The paths of the machine that ran the pipeline, replaced for the repo: the run folder by
         # "$OUT", the checkout by ".", a ship folder outside it by "$SHIP", the home folder by "~".

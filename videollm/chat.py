@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     read_seconds = time.perf_counter() - t0
     model, processor = load_videollm(args.model, num_frames=args.frames, use_time_line=args.time_line,
                                      cache_dir=args.cache_dir)
+    if getattr(model.config, "scope", None):  # what this model can see, once, apart from the answers
+        print(f"note: {model.config.scope}", file=sys.stderr, flush=True)
     clip = processor.load_video(read) if read is not None else None  # resized once, re-used by every turn
     decode_cost = read_seconds + clip.decode_seconds if clip is not None else 0.0  # the first answer's
 

@@ -165,6 +165,8 @@ class VideoLLMConfig(PretrainedConfig):
     projector_type, projector_config: "mlp" or "word_anchor", and that type's settings.
     base_llm: where the LLM came from ("smollm2", a Hub id or a path); a checkpoint whose LLM is the
         base (+ maybe a LoRA adapter) stores only this reference.
+    scope: what the model was trained on and can and cannot recognise, in a sentence or two for its
+        users (the chat and the demo show it); None: not stated.
     """
 
     model_type = "videomap_llm"
@@ -175,7 +177,7 @@ class VideoLLMConfig(PretrainedConfig):
 
     def __init__(self, vision_config=None, text_config=None, projector_type: str = "mlp",
                  projector_config: dict | VideoProjectorConfig | None = None, video_token_id: int | None = None,
-                 base_llm: str | None = None, **kwargs):
+                 base_llm: str | None = None, scope: str | None = None, **kwargs):
         self.vision_config = _sub_config(vision_config, "videomap", "vision_config")
         self.text_config = _sub_config(text_config, "llama", "text_config")
         if not hasattr(self.vision_config, "patch_size") or not hasattr(self.vision_config, "embed_dim"):
@@ -188,6 +190,7 @@ class VideoLLMConfig(PretrainedConfig):
                              f"{self.text_config.vocab_size}); resize the embeddings after adding {VIDEO_TOKEN}")
         self.video_token_id = video_token_id
         self.base_llm = base_llm
+        self.scope = scope
         # The LLM decides tying (SmolLM2 ties lm_head to the embeddings; it lives inside the LLM).
         kwargs.setdefault("tie_word_embeddings", False)
         # The base __init__ pushes its (unset) attention implementation down into the sub-configs,
