@@ -30,6 +30,8 @@ class VideoEncoderOutput(ModelOutput):
         the last one (before the final norm), each (B, 1 + T·N_visible, D).
     stem_states: (B, 1 + T·N_visible, D), patch embedding + positions (the first block's input);
         always returned (it costs nothing), e.g. for the projector's ``stem_skip``.
+    concept_logits: (B, 1 + T·N_visible, C) with a concept stem (`encoder.concepts`): the concepts
+        each token carries. concept_probs: (B, T, C), the concepts that went in (the classifier's).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -37,6 +39,8 @@ class VideoEncoderOutput(ModelOutput):
     grid: tuple[int, int, int] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     stem_states: torch.FloatTensor | None = None
+    concept_logits: torch.FloatTensor | None = None
+    concept_probs: torch.FloatTensor | None = None
 
 
 class RMSNorm(nn.Module):

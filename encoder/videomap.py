@@ -37,6 +37,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -53,6 +54,7 @@ from encoder.layers import (
     frame_causal_mask,
     init_video_weights,
 )
+from encoder.concepts import ConceptStem
 from encoder.scan import selective_ssm, weight_times
 
 PRESETS: dict[str, dict] = {
@@ -92,6 +94,10 @@ class VideoMAPConfig(PretrainedConfig):
             ending at the same grid; see `encoder.layers.PatchEmbed3D`).
         motion_gap: g > 0 adds a motion stem that reads each frame minus the frame g before it
             (`encoder.layers.PatchEmbed3D`); 0 = none.
+        concept_frames: m > 0 adds the concept stem (`encoder.concepts`): m frames per clip go through a
+            frozen ImageNet classifier at ``concept_size`` px and each frame's tokens get the code of
+            what it shows (weight ``concept_scale``); the outputs carry ``concept_logits``. Frames then
+            come at ``concept_size`` px and the patch stems see them resized to ``img_size``. 0 = none.
         frame_causal: the default of ``forward(frame_causal=…)``: the outputs of frame t see frames
             ≤ t only (see `frame_causal_mask`). Frame-wise autoregressive pretraining needs it: with
             a bidirectional encoder the outputs of frame t already carry frame t+1, and predicting
@@ -130,6 +136,9 @@ class VideoMAPConfig(PretrainedConfig):
         patch_stem: str = "linear",
         motion_gap: int = 0,
         frame_causal: bool = False,
+        concept_frames: int = 0,
+        concept_size: int = 128,
+        concept_scale: float = 5.0,
         **kwargs,
     ):
         for name, value, minimum in (("img_size", img_size, 1), ("patch_size", patch_size, 1),
@@ -157,6 +166,11 @@ class VideoMAPConfig(PretrainedConfig):
         if patch_stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
             raise ValueError(f"patch_stem='conv' needs a patch_size that is a power of two >= 2; got {patch_size}")
         check_int("motion_gap", motion_gap, 0)
+        check_int("concept_frames", concept_frames, 0)
+        check_int("concept_size", concept_size, 32)
+        if not concept_scale > 0:
+            raise ValueError(f"concept_scale must be > 0; got {concept_scale!r}")
+        self.concept_frames, self.concept_size, self.concept_scale = concept_frames, concept_size, float(concept_scale)
         if not isinstance(frame_causal, bool):
             raise ValueError(f"frame_causal must be true or false; got {frame_causal!r}")
         self.frame_causal = frame_causal
@@ -312,6 +326,11 @@ class VideoMAPPreTrainedModel(NoWeightDecayTagsMixin, PreTrainedModel):
         cfg = self.config
         if isinstance(module, SelectiveSSM):
             self._init_ssm(module)
+        elif isinstance(module, ConceptStem):  # after its Linears' generic init: identity, seeded codes
+            init.copy_(module.codes, module.initial_codes())
+            for layer in (module.gain, module.readout):
+                init.eye_(layer.weight)
+                init.zeros_(layer.bias)
         elif isinstance(module, BiMambaMixer):
             # Mamba's rescaled pre-norm residual init: shrink the residual write by 1/sqrt(#blocks).
             init.trunc_normal_(module.out_proj.weight, std=cfg.initializer_range / math.sqrt(len(cfg.block_types)))
@@ -358,16 +377,31 @@ class VideoMAPModel(VideoMAPPreTrainedModel):
                                              qkv_bias=config.qkv_bias, norm_eps=config.norm_eps))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(D, config.norm_eps)
+        self.concepts = ConceptStem(D, frames=config.concept_frames, size=config.concept_size,
+                                    scale=config.concept_scale) if config.concept_frames else None
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None,
-                output_hidden_states: bool = False, frame_causal: bool | None = None) -> VideoEncoderOutput:
+                output_hidden_states: bool = False, frame_causal: bool | None = None,
+                concept_probs: torch.Tensor | None = None) -> VideoEncoderOutput:
         """pixel_values: (B, C, T, H, W) float; token_mask: optional bool (B, T, N), True = dropped
         before the blocks (same count in every frame). frame_causal (default: the config's): the
-        outputs of frame t see frames ≤ t only."""
+        outputs of frame t see frames ≤ t only. concept_probs (B, T, 1000), with the concept stem:
+        the concepts given instead of classifying the frames."""
         causal = self.config.frame_causal if frame_causal is None else frame_causal
         pixel_values = pixel_values.to(self.embeddings.patch_embed.proj.weight.dtype)
+        concept_add = None
+        if self.concepts is not None:
+            concept_add, concept_probs = self.concepts(pixel_values, concept_probs)  # (B, T, 1, D), (B, T, C)
+            S = self.config.img_size
+            if pixel_values.shape[-2:] != (S, S):  # the patch stems see the frames at their own size
+                B_, C_, T_ = pixel_values.shape[:3]
+                frames = pixel_values.transpose(1, 2).reshape(B_ * T_, C_, *pixel_values.shape[-2:])
+                frames = F.interpolate(frames, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+                pixel_values = frames.reshape(B_, T_, C_, S, S).transpose(1, 2)
         cls, x, grid = self.embeddings(pixel_values, token_mask)  # (B, 1, D), (B, T, N_vis, D)
+        if concept_add is not None:
+            x = x + concept_add.to(x.dtype)
         B, T, Nv, D = x.shape
         h = stem = torch.cat([cls, x.reshape(B, T * Nv, D)], dim=1)  # (B, 1 + T·N_vis, D), spatial-first
         attn_mask = frame_causal_mask(T, Nv, device=h.device) if causal else None  # (L, L)
@@ -383,8 +417,10 @@ class VideoMAPModel(VideoMAPPreTrainedModel):
             hidden_states.append(h)
         h = self.norm(h)
         pooled = h[:, 0] if self.config.pool == "cls" else h[:, 1:].mean(dim=1)  # (B, D)
+        concept_logits = self.concepts.logits(h) if self.concepts is not None else None  # (B, 1 + T·N_vis, C)
         return VideoEncoderOutput(last_hidden_state=h, pooler_output=pooled, grid=grid, stem_states=stem,
-                                  hidden_states=tuple(hidden_states) if output_hidden_states else None)
+                                  hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                                  concept_logits=concept_logits, concept_probs=concept_probs)
 
 
 AutoConfig.register("videomap", VideoMAPConfig, exist_ok=True)

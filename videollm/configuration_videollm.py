@@ -107,6 +107,8 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
     """The word-anchor projector ("word_anchor", `WordAnchorProjector`). words: groups of words (colours,
     shapes, …). temperature: τ in τ·cos(token, centred word embedding). none_logit: each group's "none"
     logit b; with b > 0 a word needs τ·cos > b to take much of a token, so weak matches carry almost none.
+    concepts: the words of the encoder's concept stem, in its class order (e.g. the 1000 ImageNet
+    lemmas); each token also becomes the mix of their embeddings its concept logits give. [] = none.
     """
 
     projector_type = "word_anchor"
@@ -114,6 +116,7 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
     words: list[list[str]] = field(default_factory=list)
     temperature: float = 15.0
     none_logit: float = 0.0
+    concepts: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,7 +130,9 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
             (_is_number(self.none_logit) and math.isfinite(self.none_logit),
              f"none_logit must be a finite number; got {self.none_logit!r}"),
         ])
-        self.words = [list(g) for g in w]
+        _check([(isinstance(self.concepts, (list, tuple)) and all(isinstance(x, str) and x for x in self.concepts),
+                 f"concepts must be a list of words; got {self.concepts!r}")])
+        self.words, self.concepts = [list(g) for g in w], list(self.concepts)
         self.temperature, self.none_logit = float(self.temperature), float(self.none_logit)
 
 

@@ -117,7 +117,8 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
         """pixel_values (B, 3, T, H, W) → (B, K, D_llm), timed in ``video_encode_seconds``."""
         start = time.perf_counter()
         out = self.vision_tower(pixel_values)  # last_hidden_state (B, 1 + T·h·w, D)
-        features = self.projector(out.last_hidden_state, tuple(out.grid), out.stem_states)  # (B, K, D_llm)
+        features = self.projector(out.last_hidden_state, tuple(out.grid), out.stem_states,
+                                  concept_logits=out.concept_logits)  # (B, K, D_llm)
         self.video_encode_seconds = time.perf_counter() - start
         return features
 
@@ -395,7 +396,8 @@ def _change_projector(model: VideoLLMForCausalLM, tokenizer, projector_type: str
         raise UserError(f"the saved projector's weights do not fit the projector settings {settings}: "
                         f"{str(err).splitlines()[-1].strip()}") from None
     model.projector = new
-    lacking = sorted("projector." + k for k in set(missing) - {"anchor_keys", "anchor_values", "anchor_gate"})
+    lacking = sorted("projector." + k for k in set(missing) - {"anchor_keys", "anchor_values", "anchor_gate",
+                                                                "concept_values"})
     if lacking:
         raise UserError(f"the projector settings {settings} need weights the saved projector lacks: {lacking[:4]}")
     if missing and isinstance(new, WordAnchorProjector):
@@ -406,6 +408,9 @@ def _fill_word_anchor(model: VideoLLMForCausalLM, tokenizer) -> None:
     words = [w for group in model.config.projector_config.words for w in group]
     rows = word_embedding_rows(model.get_input_embeddings().weight, tokenizer, words)  # (n, D_llm)
     model.projector.set_word_anchor(rows)  # keys centred over the anchored words
+    if model.config.projector_config.concepts:
+        model.projector.set_concept_anchor(word_embedding_rows(model.get_input_embeddings().weight, tokenizer,
+                                                               model.config.projector_config.concepts))
 
 
 def _generation_config(language_model, tokenizer) -> GenerationConfig:

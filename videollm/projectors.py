@@ -6,6 +6,7 @@
       → [cls] + frames                            (B, K, D)
       → linear_1 (+ stem_proj of the stem, max-pooled)  → act → linear_2      (B, K, D_llm)
       → "word_anchor" only: Σ_groups softmax(τ·cos(x, keys) ∪ {none}) · values + gate · x
+                            [+ softmax(the encoder's concept logits, pooled alike ∪ {none}) · concept values]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class VideoProjector(nn.Module):
 
     def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], reduce: str = "merge") -> torch.Tensor:
         """(B, 1 + T·h·w, D) → (B, K, D) (D·s² wide with "concat"); ``reduce="max"``: max-pool each
-        token's window instead (the stem skip's readout)."""
+        token's window instead (the stem skip's readout); ``"mean"``: average it even with "concat"."""
         cfg = self.config
         T, h, w = grid
         B, L, D = hidden_states.shape
@@ -47,7 +48,7 @@ class VideoProjector(nn.Module):
             x = F.adaptive_max_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
         elif cfg.tokens_per_frame is not None:
             x = F.adaptive_avg_pool2d(x, (kh, kw))  # (B·T, D, kh, kw)
-        elif cfg.spatial_pool > 1 and cfg.spatial_merge == "concat":
+        elif cfg.spatial_pool > 1 and cfg.spatial_merge == "concat" and reduce != "mean":
             s = cfg.spatial_pool
             x = F.pad(x, (0, kw * s - w, 0, kh * s - h))  # zeros on a ragged right/bottom edge
             x = F.pixel_unshuffle(x, s)  # (B·T, D·s², kh, kw): each window's patches side by side
@@ -69,8 +70,9 @@ class VideoProjector(nn.Module):
         return x
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
-                stem_states: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states, stem_states (with ``stem_skip``): (B, 1 + T·h·w, D) → (B, K, D_llm)."""
+                stem_states: torch.Tensor | None = None, concept_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states, stem_states (with ``stem_skip``): (B, 1 + T·h·w, D) → (B, K, D_llm).
+        concept_logits: the encoder's (a concept stem's); the word anchor reads them, the MLP does not."""
         x = self.linear_1(self.pool(hidden_states, grid))  # (B, K, D_llm)
         if self.config.stem_skip:
             if stem_states is None:
@@ -85,6 +87,10 @@ class WordAnchorProjector(VideoProjector):
     words, or near zero where it matches none; a gated copy of the MLP output (gate 0 at the start)
     passes on what the words do not name. ``anchor_keys`` / ``anchor_values`` (n, D_llm), one row
     per word of ``config.words``, are filled by `set_word_anchor` and saved with the projector.
+
+    With ``config.concepts`` (the words of an encoder's concept stem, `encoder.concepts`), each token
+    also becomes the mix of those words' embeddings (``concept_values``) that the encoder's concept
+    logits give it, pooled like the token, with the same "none" logit: what the frame shows in words.
     """
 
     def __init__(self, config: WordAnchorProjectorConfig, vision_dim: int, text_dim: int):
@@ -94,6 +100,9 @@ class WordAnchorProjector(VideoProjector):
         self.register_buffer("anchor_keys", like.new_zeros(n, text_dim))
         self.register_buffer("anchor_values", like.new_zeros(n, text_dim))
         self.anchor_gate = nn.Parameter(like.new_zeros(()))
+        # a model without concepts has no such weights (None is not saved)
+        self.register_buffer("concept_values", like.new_zeros(len(config.concepts), text_dim) if config.concepts
+                             else None)
 
     @torch.no_grad()
     def set_word_anchor(self, word_embeddings: torch.Tensor, centre: torch.Tensor | None = None) -> None:
@@ -106,6 +115,22 @@ class WordAnchorProjector(VideoProjector):
         centre = rows.mean(0) if centre is None else centre.detach().float()
         self.anchor_keys.copy_(F.normalize(rows - centre, dim=-1))
         self.anchor_values.copy_(rows)
+
+    @torch.no_grad()
+    def set_concept_anchor(self, word_embeddings: torch.Tensor) -> None:
+        """word_embeddings (C, D_llm): one row per word of ``config.concepts``."""
+        if self.concept_values is None or tuple(word_embeddings.shape) != tuple(self.concept_values.shape):
+            raise ValueError(f"concept word embeddings must be one row per word of config.concepts "
+                             f"({len(self.config.concepts)}); "
+                             f"got {tuple(word_embeddings.shape)}")
+        self.concept_values.copy_(word_embeddings.detach().float())
+
+    def concept_weights(self, concept_logits: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, 1 + T·h·w, C) encoder concept logits → (B, K, C) each video token's concept weights
+        (softmax with the "none" class, whose share is left out)."""
+        s = self.pool(concept_logits, grid, reduce="mean")  # (B, K, C)
+        none = s.new_full((*s.shape[:-1], 1), self.config.none_logit)
+        return torch.softmax(torch.cat([s, none], dim=-1), dim=-1)[..., :-1]
 
     def anchor_scores(self, x: torch.Tensor) -> torch.Tensor:
         """τ·cos(token, key): x (…, D_llm) → (…, n), words in ``config.words``' order."""
@@ -130,8 +155,14 @@ class WordAnchorProjector(VideoProjector):
         return out
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
-                stem_states: torch.Tensor | None = None) -> torch.Tensor:
-        return self.anchor(super().forward(hidden_states, grid, stem_states))
+                stem_states: torch.Tensor | None = None, concept_logits: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.anchor(super().forward(hidden_states, grid, stem_states))
+        if self.config.concepts:
+            if concept_logits is None:
+                raise ValueError("this projector anchors concepts: it needs the encoder's concept_logits "
+                                 "(an encoder with a concept stem, config.concept_frames > 0)")
+            out = out + self.concept_weights(concept_logits, grid) @ self.concept_values.to(out.dtype)
+        return out
 
 
 PROJECTORS = {"mlp": VideoProjector, "word_anchor": WordAnchorProjector}

@@ -1,0 +1,151 @@
+"""The concept stem (`encoder.concepts`): real-world concepts carried through VideoMAP's tokens, and
+the word anchor that turns them into the LLM's own words (`WordAnchorProjector.concepts`)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoder.concepts import (ConceptStem, classify_frames, concept_frame_ids, nearest_concept_frame,
+                              random_concepts)
+from encoder.teacher import imagenet_class_names
+from encoder.transforms import frames_to_tensor
+from encoder.videomap import VideoMAPConfig, VideoMAPModel
+from videollm.configuration_videollm import WordAnchorProjectorConfig
+from videollm.projectors import WordAnchorProjector
+
+
+def sklearn_photo(name: str) -> np.ndarray:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        pytest.skip("scikit-learn's sample photos are not installed (make setup installs them)")
+    return np.asarray(Image.open(Path(spec.submodule_search_locations[0]) / "datasets" / "images" / name)
+                      .convert("RGB"))
+
+
+def tiny_encoder(concept_frames=2, **kw) -> VideoMAPModel:
+    torch.manual_seed(0)
+    cfg = VideoMAPConfig(img_size=32, patch_size=8, num_frames=4, embed_dim=32, depth_mamba=2, attn_every=2,
+                         num_heads=2, concept_frames=concept_frames, concept_size=64, **kw)
+    return VideoMAPModel(cfg).eval()
+
+
+def test_concept_frames_are_evenly_spaced_and_each_frame_takes_its_nearest():
+    assert concept_frame_ids(16, 4).tolist() == [0, 5, 10, 15]
+    assert concept_frame_ids(3, 4).tolist() == [0, 1, 2]  # fewer frames than concept frames: all of them
+    assert nearest_concept_frame(8, 2).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_the_classifier_names_a_real_photo():
+    """The frozen ImageNet classifier inside the stem reads the encoder's own input normalisation."""
+    clip = frames_to_tensor(np.stack([sklearn_photo("flower.jpg")] * 3), 224)[None]  # (1, 3, 3, 224, 224)
+    probs = classify_frames(clip, frames=2, size=224)
+    assert probs.shape == (1, 2, 1000) and torch.allclose(probs.sum(-1), torch.ones(1, 2), atol=1e-4)
+    names = imagenet_class_names()
+    assert "daisy" in {names[i] for i in probs[0, 0].topk(3).indices}
+
+
+def test_random_concepts_are_seeded_distributions():
+    a = random_concepts(3, 4, torch.Generator().manual_seed(1))
+    b = random_concepts(3, 4, torch.Generator().manual_seed(1))
+    assert a.shape == (3, 4, 1000) and torch.equal(a, b)
+    assert torch.allclose(a.sum(-1), torch.ones(3, 4), atol=1e-5) and (a[:, 0] == a[:, 1]).all()
+    assert (a.max(-1).values > 0.05).all()  # some class stands out in every clip
+
+
+def test_the_stem_starts_as_a_pass_through_and_keeps_the_classifier_out_of_the_weights(tmp_path):
+    enc = tiny_encoder()
+    stem = enc.concepts
+    assert torch.equal(stem.gain.weight, torch.eye(32)) and torch.equal(stem.readout.weight, torch.eye(32))
+    assert torch.allclose(stem.codes.norm(dim=-1), torch.ones(1000))
+    assert not [k for k in enc.state_dict() if k.startswith("concepts.") and k.split(".")[1] not in
+                ("codes", "gain", "readout")]  # no classifier weights saved with the model
+    # a code read straight back names its class
+    assert torch.equal(stem.logits(stem.codes[[3, 777]]).argmax(-1), torch.tensor([3, 777]))
+    enc.save_pretrained(tmp_path)
+    again = VideoMAPModel.from_pretrained(tmp_path).eval()
+    x = torch.randn(1, 3, 4, 64, 64)
+    assert torch.allclose(again(x).concept_logits, enc(x).concept_logits, atol=1e-5)
+
+
+def test_concepts_enter_the_frames_they_belong_to():
+    """Frames at concept size: the patch path sees them at img_size; given concepts skip the
+    classifier; changing the concepts of the second half of the clip changes what the patch tokens of
+    those frames get, not the first half's."""
+    enc = tiny_encoder(concept_frames=2)
+    x = torch.randn(1, 3, 4, 64, 64)
+    probs = torch.full((1, 4, 1000), 1e-4)
+    probs[..., 7] = 1.0
+    out = enc(x, concept_probs=probs, output_hidden_states=True)
+    assert out.grid == (4, 4, 4) and out.last_hidden_state.shape == (1, 1 + 4 * 16, 32)
+    assert out.concept_logits.shape == (1, 65, 1000) and torch.equal(out.concept_probs, probs)
+    changed = probs.clone()
+    changed[:, 2:, 7], changed[:, 2:, 9] = 1e-4, 1.0
+    first = enc(x, concept_probs=changed, output_hidden_states=True).hidden_states[0]  # the blocks' input
+    diff = (first - out.hidden_states[0]).abs().sum(-1)[0, 1:].reshape(4, 16)
+    assert (diff[:2] == 0).all() and (diff[2:] > 0).all()
+    without = enc(x)  # the classifier's concepts, one per concept frame
+    assert without.concept_probs.shape == (1, 4, 1000)
+    assert torch.equal(without.concept_probs[:, 0], without.concept_probs[:, 1])
+
+
+def test_a_video_without_the_stem_is_unchanged():
+    enc = tiny_encoder(concept_frames=0)
+    out = enc(torch.randn(1, 3, 4, 32, 32))
+    assert enc.concepts is None and out.concept_logits is None and out.concept_probs is None
+
+
+def test_the_word_anchor_turns_concepts_into_their_words():
+    """A token whose concept logits favour class c becomes ≈ the embedding of c's word; flat logits
+    (nothing recognised) add almost nothing; a concept projector without concept logits says why."""
+    words = ["tench", "goldfish", "shark"]
+    cfg = WordAnchorProjectorConfig(spatial_pool=1, words=[["red", "blue"]], concepts=words, none_logit=4.0)
+    proj = WordAnchorProjector(cfg, vision_dim=8, text_dim=6)
+    values = torch.randn(3, 6)
+    proj.set_concept_anchor(values)
+    grid = (1, 1, 2)
+    hidden = torch.zeros(1, 3, 8)
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [15.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # cls, token 1, token 2
+    w = proj.concept_weights(logits, grid)
+    assert w.shape == (1, 2, 3) and w[0, 0, 0] > 0.99 and w[0, 1].sum() < 0.2
+    out = proj(hidden, grid, concept_logits=logits) - proj(hidden, grid, concept_logits=torch.full_like(logits, -50))
+    assert torch.allclose(out[0, 0], values[0], atol=0.02)
+    with pytest.raises(ValueError, match="needs the encoder's concept_logits"):
+        proj(hidden, grid)
+    with pytest.raises(ValueError, match="concepts must be a list of words"):
+        WordAnchorProjectorConfig(words=[["red"]], concepts=[""])
+
+
+def test_a_videollm_with_concepts_saves_and_loads(tmp_path):
+    """The word anchor's concept words are the classifier's class names, filled from the LLM's
+    embeddings; the model round-trips through save/load with the same video features."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from videollm.modeling_videollm import build_videollm, load_videollm, save_videollm
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "red", "blue", "cat", "cup"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, vocab_size=16, bos_token_id=1, eos_token_id=2,
+                                       pad_token_id=2))
+    enc = tiny_encoder()
+    model, processor = build_videollm((llm, tok), enc, num_frames=4, image_size=64, projector={
+        "type": "word_anchor", "words": [["red", "blue"]], "concepts": ["cat", "cup"] * 500})
+    emb = model.get_input_embeddings().weight
+    assert torch.allclose(model.projector.concept_values[0], emb[vocab["cat"]])
+    x = torch.randn(1, 3, 4, 64, 64)
+    feats = model.get_video_features(x)
+    assert feats.shape == (1, 4 * 4, 16)
+    save_videollm(model, processor, tmp_path)
+    again, _ = load_videollm(tmp_path, num_frames=4)
+    assert again.config.projector_config.concepts[:2] == ["cat", "cup"]
+    assert torch.allclose(again.get_video_features(x), feats, atol=1e-5)
