@@ -61,3 +61,18 @@ def build_encoder(name: str, *, num_frames: int | None = None, img_size: int | N
                         f"videomap-<preset>, vit-<preset>[-frame]) nor an encoder directory (config.json, as "
                         "pretraining writes to <run>/encoder)")
     return AutoModel.from_pretrained(str(path), **({"dtype": dtype} if dtype is not None else {}))
+
+
+def add_concept_stem(encoder: nn.Module, frames: int = 4, size: int = 128) -> nn.Module:
+    """The VideoMAP `encoder` with a concept stem (`encoder.concepts`) of `frames` frames at `size` px
+    added, its own weights kept (the stem starts as a pass-through); unchanged if it has one."""
+    if not isinstance(encoder, VideoMAPModel):
+        raise UserError(f"a concept stem needs a VideoMAP encoder; got {type(encoder).__name__}")
+    if encoder.concepts is not None:
+        return encoder
+    config = VideoMAPConfig(**{**encoder.config.to_dict(), "concept_frames": frames, "concept_size": size})
+    model = VideoMAPModel(config).to(next(encoder.parameters()).dtype)
+    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("concepts.") for k in missing):
+        raise RuntimeError(f"adding a concept stem moved weights: missing {missing}, unexpected {unexpected}")
+    return model

@@ -230,3 +230,31 @@ def test_concat_merge_reaches_stage_one(tmp_path):
     assert torch.equal(model.projector.linear_1.weight, state["projector.linear_1.weight"])
     with pytest.raises(UserError, match="spatial_merge"):
         GroundConfig(spatial_merge="sum").validate()
+
+
+def test_grounding_with_concepts_adds_a_stem_and_reaches_stage_one(tmp_path):
+    """concepts: the encoder gets a concept stem, real camera clips join the batch, every kind of clip
+    has a concept loss and the evaluation reads concepts; stage 1's word anchor then carries the
+    stem's class names, and the processor feeds frames at the stem's size."""
+    cfg = GroundConfig(output_dir=str(tmp_path / "g"), encoder="nano", steps=2, batch_size=4, eval_clips=2,
+                       save_every=2, log_every=1, concepts=True, concept_frames=2, concept_size=64,
+                       data=GroundData(num_frames=8, size=32, haystack_frames=8, needle_fraction=0.25,
+                                       real_fraction=0.5))
+    last = train(cfg)
+    assert {"ce_concept_short", "ce_concept_needle", "ce_concept_real"} <= set(last)
+    assert 0.0 <= last["acc_concept_top1"] <= 1.0 and 0.0 <= last["concept_none_synthetic"] <= 1.0
+    final = tmp_path / "g" / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["vision_config"]["concept_frames"] == 2 and config["vision_config"]["concept_size"] == 64
+    assert "vision_tower.concepts.codes" in load_file(str(final / "model.safetensors"))
+
+    from training.finetune import FinetuneConfig, build_model
+
+    ft = FinetuneConfig(stage=1, init_from=str(final), word_anchor=["colors", "shapes"])
+    ft.data.size, ft.data.num_frames = 64, 8
+    model, processor = build_model(ft)
+    assert model.config.projector_config.concepts[281] == "tabby" and len(model.config.projector_config.concepts) == 1000
+    assert processor.image_size == 64
+    assert model.get_video_features(torch.randn(1, 3, 8, 64, 64)).shape == (1, 8, model.config.text_config.hidden_size)
+    with pytest.raises(UserError, match="needle_fraction \\+ data.real_fraction"):
+        GroundConfig(concepts=True, data=GroundData(needle_fraction=0.6, real_fraction=0.6)).validate()

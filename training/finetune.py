@@ -33,6 +33,7 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from encoder.errors import UserError, run_cli
+from encoder.teacher import imagenet_class_names
 from training.config import check, config_from_argv, in_range, one_of
 from training.ground import WORD_GROUPS, WORDS, word_embeddings
 from training.recipe import Engine, Micro, OptimConfig, Recipe, RecipeConfig, param_groups, print_summary, run
@@ -152,6 +153,8 @@ def build_model(cfg: FinetuneConfig):
     else:
         saved = VideoLLMConfig.from_pretrained(resolve_model_dir(cfg.init_from))
         projector = anchor if anchor and saved.projector_type != "word_anchor" else None
+        if projector and getattr(saved.vision_config, "concept_frames", 0):
+            projector["concepts"] = imagenet_class_names()  # the words of the encoder's concept stem
     model, processor = build_videollm(
         cfg.llm, cfg.encoder, init_from=cfg.init_from, num_frames=cfg.data.num_frames, image_size=cfg.data.size,
         projector=projector, use_time_line=cfg.data.time_line, system_prompt=cfg.data.system_prompt,

@@ -22,6 +22,14 @@ kind lie close together (every colour near "colour") and the difference is what 
 apart; ē (the mean norm of the LLM's embedding rows) keeps tokens at the scale of words. ``objective:
 mil`` is a per-clip multiple-instance loss instead (each word of the clip scored by its best token).
 
+Real-world concepts (``concepts: true``): the encoder gets a concept stem (`encoder.concepts`) if it has
+none, and every token also learns the concepts of its frame, read in the stem's code space: a real
+frame's = the stem's classifier's top 5 (the rest "none"), a synthetic frame's = "none". For
+``data.real_fraction`` of a batch the clips are camera moves over our training split of real sources
+(`videollm.data.real.TRAIN`), ``random_concepts`` of them with made-up concept mixtures
+(`encoder.concepts.random_concepts`): what carries the pass-through to every class. Frames then come
+at the stem's ``concept_size`` px.
+
 Clips come from seeds (step, index), so a resumed run sees the same ones: the three synthetic tasks
 and, for ``needle_fraction`` of a batch, ``haystack_frames`` bundled real frames with a one-frame
 needle shape. ``stem_steps`` > 0 first warms up the patch stem alone (`warm_stem`, ``stem.json``).
@@ -42,12 +50,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from encoder.build import add_concept_stem, build_encoder
+from encoder.concepts import classify_frames, nearest_concept_frame, random_concepts
 from encoder.errors import UserError, run_cli
 from encoder.transforms import frames_to_tensor
 from training.config import check, config_from_argv, in_range, one_of
 from training.recipe import Engine, Micro, OptimConfig, Recipe, RecipeConfig, lr_schedule, param_groups, run
 from videollm.configuration_videollm import SPATIAL_MERGES
 from videollm.data.haystack import insert_needle, real_clips, segment_haystack
+from videollm.data.real import TRAIN as REAL_TRAIN
+from videollm.data.real import camera_clip, load_source
 from videollm.data.synth import (COLORS, DIRECTIONS, SHAPES, TASKS, make_clip, make_needle, render, sample_spec,
                                  trajectory, visible_coverage)
 from videollm.modeling_videollm import build_videollm, save_videollm, word_embedding_rows
@@ -71,6 +83,7 @@ class GroundData:
     size: int = 64  # frame side in px
     needle_fraction: float = 0.25  # share of each batch that is a real-video haystack with a needle
     haystack_frames: int = 64
+    real_fraction: float = 0.0  # with concepts: share of each batch that is a camera clip of a real source
 
 
 @dataclass
@@ -106,12 +119,21 @@ class GroundConfig(RecipeConfig):
     stem_lr: float = 1.0e-3
     stem_shape_first: float = 0.0  # share of the warm-up steps that train shape alone before colour joins
     eval_clips: int = 48
+    concepts: bool = False  # ground real-world concepts too (see the module docstring)
+    concept_frames: int = 4  # a stem added here: frames per clip its classifier reads …
+    concept_size: int = 128  # … at this side (px); the clips are fed at it
+    random_concepts: float = 0.5  # share of the real clips given made-up concept mixtures
+    concept_weight: float = 1.0
     data: GroundData = field(default_factory=GroundData)
     optim: GroundOptim = field(default_factory=GroundOptim)
 
     def validate(self) -> None:
         super().validate()
-        check(self, {"data.needle_fraction": in_range(0, 1), "stem_steps": in_range(0), "stem_batch": in_range(1),
+        if self.data.needle_fraction + self.data.real_fraction > 1:
+            raise UserError("data.needle_fraction + data.real_fraction must be at most 1")
+        check(self, {"data.needle_fraction": in_range(0, 1), "data.real_fraction": in_range(0, 1),
+                     "random_concepts": in_range(0, 1), "concept_frames": in_range(1), "concept_size": in_range(32),
+                     "stem_steps": in_range(0), "stem_batch": in_range(1),
                      "stem_shape_first": in_range(0, 1), "spatial_merge": one_of(*SPATIAL_MERGES),
                      "objective": one_of("dense", "mil"), "data.haystack_frames": in_range(2),
                      "none_logit": in_range()})
@@ -223,9 +245,17 @@ class ClipSource:
     """Seeded clips: ``short`` (a synthetic task) and ``needle`` (a real-video haystack, a one-frame needle),
     each (frames uint8 (T, S, S, 3), words, the `SynthClip` drawn, the video frame where it starts)."""
 
-    def __init__(self, data: GroundData):
+    def __init__(self, data: GroundData, feed_size: int | None = None):
+        """feed_size: the side clips are fed to the model at (default: data.size, the side they are drawn at)."""
         self.data = data
         self.real = real_clips(data.size)
+        self.feed_size = feed_size or data.size
+
+    def camera(self, seed: int):
+        """A camera move over one of the training real sources (no object, no words)."""
+        rng = np.random.default_rng([seed, 4])
+        name = REAL_TRAIN[int(rng.integers(len(REAL_TRAIN)))]
+        return camera_clip(load_source(name), self.data.num_frames, rng, self.feed_size), set(), None, 0
 
     def short(self, seed: int):
         clip = make_clip(seed, self.data.num_frames, self.data.size, self._task(seed))
@@ -280,6 +310,55 @@ class WordScorer(torch.nn.Module):
         return self.token_scores(z).amax(dim=1), self.norm_penalty(z)  # (B, W), ()
 
 
+def no_targets(num_frames: int, cells: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_targets` of a clip with no object: every token is background."""
+    k = num_frames * cells[0] * cells[1]
+    return torch.zeros(k, len(WORDS)), torch.zeros(k, dtype=torch.int8)
+
+
+def concept_targets(probs: torch.Tensor, synthetic: bool, per_frame: int) -> torch.Tensor:
+    """(B, T, C) the frames' concepts → (B, T·k, C + 1) token targets: the top 5 and the rest as the
+    last class, "none"; a synthetic clip's tokens: "none"."""
+    q = probs.new_zeros(*probs.shape[:-1], probs.shape[-1] + 1)
+    if synthetic:
+        q[..., -1] = 1
+    else:
+        v, i = probs.topk(5, -1)
+        q.scatter_(-1, i, v)
+        q[..., -1] = (1 - v.sum(-1)).clamp(min=0)
+    return q.repeat_interleave(per_frame, dim=1)
+
+
+def concept_loss(projector, out, synthetic: bool, none_logit: float) -> torch.Tensor:
+    """Soft cross-entropy of each video token's concepts (the pooled concept logits and "none") against
+    `concept_targets` of the concepts that went into the encoder."""
+    s = projector.pool(out.concept_logits, tuple(out.grid), reduce="mean")  # (B, K, C)
+    s = torch.cat([s, s.new_full((*s.shape[:-1], 1), none_logit)], -1)
+    q = concept_targets(out.concept_probs.to(s.dtype), synthetic, s.shape[1] // out.concept_probs.shape[1])
+    return -(q * s.log_softmax(-1)).sum(-1).mean()
+
+
+@torch.no_grad()
+def evaluate_concepts(model, source: ClipSource, seeds: list[int], none_logit: float) -> dict[str, float]:
+    """On camera clips of the training real sources: does a clip's strongest concept agree with the
+    classifier's top 1 (``concept_top1``)? On synthetic clips: the share of tokens where "none" wins
+    (``concept_none_synthetic``)."""
+    model.eval()
+    hits, silent = [], []
+    for s in seeds[: max(1, len(seeds) // 2)]:
+        for kind in ("camera", "short"):
+            frames = getattr(source, kind)(s)[0]
+            _, out = model.encode_video(_pixels([frames], source.feed_size))
+            w = model.projector.pool(out.concept_logits, tuple(out.grid), reduce="mean")[0]  # (K, C)
+            p = torch.cat([w, w.new_full((w.shape[0], 1), none_logit)], -1).softmax(-1)
+            if kind == "camera":
+                hits.append(bool(p[:, :-1].mean(0).argmax() == out.concept_probs[0].mean(0).argmax()))
+            else:
+                silent.append(float((p[:, -1] >= p[:, :-1].max(-1).values).float().mean()))
+    model.train()
+    return {"acc_concept_top1": round(float(np.mean(hits)), 4), "concept_none_synthetic": round(float(np.mean(silent)), 4)}
+
+
 def _pixels(frames: list[np.ndarray], size: int) -> torch.Tensor:
     return torch.stack([frames_to_tensor(f, size) for f in frames])  # (B, 3, T, S, S)
 
@@ -302,7 +381,7 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
         else:
             frames, _, clip, _ = source.needle(s)
         obj = clip.spec.objects[0]
-        scores = scorer.token_scores(model.get_video_features(_pixels([frames], size)))[0]  # (K, W)
+        scores = scorer.token_scores(model.get_video_features(_pixels([frames], source.feed_size)))[0]  # (K, W)
         tok = scores.amax(dim=0)  # (W,): the clip's best token for each word
 
         def best(words):
@@ -318,7 +397,7 @@ def evaluate(model, scorer: WordScorer, source: ClipSource, seeds: list[int], si
             hits["motion_token"] += _token_hits(scores, targets, about, MOTION_WORDS)
             if obj.motion in MOTION_WORDS:
                 hits["direction_token"] += _token_hits(scores, targets, about, plain)
-    hits.update(binding(model, scorer, seeds, source.data.num_frames, size, cells))
+    hits.update(binding(model, scorer, seeds, source.data.num_frames, size, cells, source.feed_size))
     model.train()
     return {f"acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
 
@@ -333,7 +412,7 @@ def _token_hits(scores: torch.Tensor, targets: torch.Tensor, about: torch.Tensor
 
 @torch.no_grad()
 def binding(model, scorer: WordScorer, seeds: list[int], frames: int, size: int,
-            cells: tuple[int, int]) -> dict[str, list[bool]]:
+            cells: tuple[int, int], feed_size: int | None = None) -> dict[str, list[bool]]:
     """Can one attribute be read where another is ("what colour is the star?")? On ``count`` clips,
     per object: the token scoring its shape highest, read for its colour in that frame
     (``bind_color``) and its motion (``bind_motion``); the one scoring its colour highest, read for
@@ -342,7 +421,7 @@ def binding(model, scorer: WordScorer, seeds: list[int], frames: int, size: int,
     per_frame = cells[0] * cells[1]
     for s in seeds:
         clip = make_clip(s + 1, frames, size, "count")
-        tok = scorer.token_scores(model.get_video_features(_pixels([clip.frames], size)))[0]  # (K, W)
+        tok = scorer.token_scores(model.get_video_features(_pixels([clip.frames], feed_size or size)))[0]  # (K, W)
 
         def read(k, words):
             return words[int(tok[k, [WORDS.index(w) for w in words]].argmax())]
@@ -458,8 +537,13 @@ class Ground(Recipe):
         cfg = self.cfg
         projector = {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
                      "stem_skip": cfg.stem_skip}
-        model, self.processor = build_videollm(cfg.llm, cfg.encoder, num_frames=cfg.data.num_frames,
-                                               image_size=cfg.data.size, projector=projector,
+        encoder = cfg.encoder
+        if cfg.concepts:
+            encoder = add_concept_stem(build_encoder(cfg.encoder, num_frames=cfg.data.num_frames, img_size=cfg.data.size),
+                                       cfg.concept_frames, cfg.concept_size)
+        self.size = encoder.config.concept_size if cfg.concepts else cfg.data.size  # the side clips are fed at
+        model, self.processor = build_videollm(cfg.llm, encoder, num_frames=cfg.data.num_frames,
+                                               image_size=self.size, projector=projector,
                                                cache_dir=cfg.llm_cache_dir, seed=cfg.seed)
         model.requires_grad_(False)  # the LLM stays frozen
         model.vision_tower.requires_grad_(True)
@@ -467,7 +551,7 @@ class Ground(Recipe):
         emb = model.get_input_embeddings().weight.detach()
         self.scorer = WordScorer(word_embeddings(emb, self.processor.tokenizer), float(emb.norm(dim=-1).mean()),
                                  cfg.temperature).to(engine.device)
-        self.source = ClipSource(cfg.data)
+        self.source = ClipSource(cfg.data, self.size)
         patches = cfg.data.size // model.config.vision_config.patch_size
         self.cells = model.config.projector_config.tokens_per_frame_for(patches, patches)  # (kh, kw) tokens per frame
         model.train()
@@ -490,20 +574,36 @@ class Ground(Recipe):
     def loss(self, model, step: int, micro: int) -> Micro:
         cfg = self.cfg
         n_needle = round(cfg.batch_size * cfg.data.needle_fraction)
+        n_real = round(cfg.batch_size * cfg.data.real_fraction) if cfg.concepts else 0
+        n_short = cfg.batch_size - n_needle - n_real
         seeds = batch_seeds(cfg.seed, step - 1, cfg.batch_size, micro)
         device = self.engine.device
         loss = torch.zeros((), device=device)
         parts = {}
-        for kind, group, make in (("short", seeds[:cfg.batch_size - n_needle], self.source.short),
-                                  ("needle", seeds[cfg.batch_size - n_needle:], self.source.needle)):
+        for kind, group, make in (("short", seeds[:n_short], self.source.short),
+                                  ("needle", seeds[n_short:n_short + n_needle], self.source.needle),
+                                  ("real", seeds[n_short + n_needle:], self.source.camera)):
             if not group:
                 continue
             clips = [make(s) for s in group]
-            z = model.get_video_features(_pixels([c[0] for c in clips], cfg.data.size).to(device))  # (b, K, D_llm)
+            given = None
+            if kind == "real" and cfg.random_concepts:  # made-up concepts for some: the pass-through for every class
+                g = torch.Generator().manual_seed(int(group[0]))
+                made_up = torch.rand(len(group), generator=g) < cfg.random_concepts
+                if made_up.any():
+                    given = classify_frames(_pixels([c[0] for c in clips], self.size), cfg.concept_frames, self.size)
+                    given = given.index_select(1, nearest_concept_frame(len(clips[0][0]), cfg.concept_frames))
+                    given[made_up] = random_concepts(int(made_up.sum()), len(clips[0][0]), g)
+            z, out = model.encode_video(_pixels([c[0] for c in clips], self.size).to(device),
+                                        None if given is None else given.to(device))  # (b, K, D_llm)
+            if cfg.concepts:
+                ce_concept = concept_loss(self.engine.unwrap(model).projector, out, kind == "short", cfg.none_logit)
+                loss = loss + cfg.concept_weight * ce_concept * len(group) / cfg.batch_size
+                parts[f"ce_concept_{kind}"] = float(ce_concept.detach())
             tok, norm_pen = self.scorer.token_scores(z), self.scorer.norm_penalty(z)  # (b, K, W), ()
             if cfg.objective == "dense":
                 targets, about = zip(*(token_targets(c[2].spec, c[3], len(c[0]), self.cells, cfg.min_cover)
-                                       for c in clips))
+                                       if c[2] is not None else no_targets(len(c[0]), self.cells) for c in clips))
                 if z.shape[1] != targets[0].shape[0]:
                     raise UserError(f"dense grounding needs one video token per frame and cell; the projector gave "
                                     f"{z.shape[1]} for {len(clips[0][0])} frames of {self.cells} cells (temporal pooling?)")
@@ -519,8 +619,11 @@ class Ground(Recipe):
         return Micro(loss, parts, samples=cfg.batch_size)
 
     def evaluate(self, model, step: int) -> dict:
-        return evaluate(model, self.scorer, self.source, eval_seeds(self.cfg.seed, self.cfg.eval_clips),
-                        self.cfg.data.size, self.cells, self.cfg.min_cover)
+        seeds = eval_seeds(self.cfg.seed, self.cfg.eval_clips)
+        metrics = evaluate(model, self.scorer, self.source, seeds, self.cfg.data.size, self.cells, self.cfg.min_cover)
+        if self.cfg.concepts:
+            metrics.update(evaluate_concepts(model, self.source, seeds, self.cfg.none_logit))
+        return metrics
 
     def save_final(self, model, directory: Path) -> None:
         save_videollm(model, self.processor, directory)

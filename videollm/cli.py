@@ -30,6 +30,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "scan"), "encoder.bench_scan", "time the selective scan: reference vs fast path (JSON)"),
     (("bench", "chat"), "videollm.bench_chat", "time to first token, tokens/s and peak memory of a chat (JSON)"),
     (("bench", "ablation"), "training.ablation", "pretraining ablation on the synthetic time-dependent task"),
+    (("bench", "concepts"), "training.concept_design", "which design carries real-world concepts to unseen footage"),
 ]
 
 

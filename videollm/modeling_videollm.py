@@ -115,12 +115,18 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, T, H, W) → (B, K, D_llm), timed in ``video_encode_seconds``."""
+        return self.encode_video(pixel_values)[0]
+
+    def encode_video(self, pixel_values: torch.Tensor, concept_probs: torch.Tensor | None = None):
+        """(video features (B, K, D_llm), the encoder's output). concept_probs (B, T, C): an encoder with
+        a concept stem takes these concepts instead of classifying the frames."""
         start = time.perf_counter()
-        out = self.vision_tower(pixel_values)  # last_hidden_state (B, 1 + T·h·w, D)
+        given = {} if concept_probs is None else {"concept_probs": concept_probs}
+        out = self.vision_tower(pixel_values, **given)  # last_hidden_state (B, 1 + T·h·w, D)
         features = self.projector(out.last_hidden_state, tuple(out.grid), out.stem_states,
-                                  concept_logits=out.concept_logits)  # (B, K, D_llm)
+                                  concept_logits=getattr(out, "concept_logits", None))  # (B, K, D_llm)
         self.video_encode_seconds = time.perf_counter() - start
-        return features
+        return features, out
 
     def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.FloatTensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
