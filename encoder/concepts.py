@@ -133,9 +133,13 @@ class ConceptStem(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, probs: torch.Tensor | None = None):
         """→ (what to add to each frame's patch tokens (B, T, 1, D), the probabilities used (B, T, C)).
-        probs: (B, T, C) given instead of classifying the frames."""
+        probs: (B, T, C) given instead of classifying the frames; a clip whose rows are NaN is classified."""
         if probs is None:
             probs = self.probs(pixel_values)
+        elif probs.isnan().any():
+            todo = probs.isnan().flatten(1).any(1)  # (B,)
+            probs = probs.clone()
+            probs[todo] = self.probs(pixel_values[todo]).to(probs.dtype)
         code = probs.to(self.codes.dtype) @ self.codes  # (B, T, D)
         return self.scale * self.gain(code)[:, :, None], probs
 

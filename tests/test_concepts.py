@@ -149,3 +149,49 @@ def test_a_videollm_with_concepts_saves_and_loads(tmp_path):
     again, _ = load_videollm(tmp_path, num_frames=4)
     assert again.config.projector_config.concepts[:2] == ["cat", "cup"]
     assert torch.allclose(again.get_video_features(x), feats, atol=1e-5)
+
+
+def test_given_concepts_with_nan_rows_classify_only_those_clips():
+    enc = tiny_encoder(concept_frames=2)
+    x = torch.randn(2, 3, 4, 64, 64)
+    given = torch.full((2, 4, 1000), float("nan"))
+    given[0] = 1e-4
+    given[0, :, 5] = 1.0
+    out = enc(x, concept_probs=given)
+    assert torch.equal(out.concept_probs[0], given[0])
+    assert torch.allclose(out.concept_probs[1], enc(x[1:]).concept_probs[0], atol=1e-6)
+
+
+def test_records_can_give_made_up_concepts_and_a_batch_carries_them():
+    """A record's ``concepts`` ({class name: share}) are checked, become (T, C) probabilities through
+    the model's class names (the rest spread evenly), and the collated batch has NaN rows (their
+    frames' own concepts) for the other videos."""
+    from encoder.errors import UserError
+    from training.finetune import make_encode
+    from videollm.data.instruct import collate, parse_record
+
+    turns = [{"from": "human", "value": "<video>\nWhat is it?"}, {"from": "gpt", "value": "A tabby."}]
+    record, problems = parse_record({"video": "a.mp4", "conversations": turns, "concepts": {"tabby": 0.8}},
+                                    Path("."), 1, "f.json")
+    assert not problems and record.concepts == {"tabby": 0.8}
+    for bad in ({"tabby": 1.5}, {"": 0.5}, {}, ["tabby"]):
+        _, problems = parse_record({"video": "a.mp4", "conversations": turns, "concepts": bad}, Path("."), 1, "f.json")
+        assert problems and "'concepts' must map class names" in problems[0]
+
+    class Processor:  # what make_encode needs of a VideoLLMProcessor
+        def load_video(self, path, **kw):
+            return "clip"
+
+        def build_training_example(self, conversations, video, max_length):
+            return {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "pixel_values": torch.zeros(1, 3, 4, 8, 8)}
+
+    names = imagenet_class_names()
+    ex = make_encode(Processor(), 64, names)(record)
+    assert ex["concept_probs"].shape == (4, 1000) and torch.allclose(ex["concept_probs"].sum(-1), torch.ones(4))
+    assert int(ex["concept_probs"][0].argmax()) == names.index("tabby") and ex["concept_probs"][0, 281] > 0.8
+    with pytest.raises(UserError, match="f.json:1.*no concept stem"):
+        make_encode(Processor(), 64, None)(record)
+    plain = {k: v for k, v in ex.items() if k != "concept_probs"}
+    batch = collate([ex, plain, {"input_ids": torch.tensor([1]), "labels": torch.tensor([1])}], pad_token_id=0)
+    assert batch["concept_probs"].shape == (2, 4, 1000) and batch["concept_probs"][1].isnan().all()
+    assert "concept_probs" not in collate([plain], pad_token_id=0)

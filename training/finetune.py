@@ -165,6 +165,7 @@ def build_model(cfg: FinetuneConfig):
         idx = [WORDS.index(w) for g in cfg.word_anchor for w in WORD_GROUPS[g]]
         model.projector.set_word_anchor(rows[idx], centre=rows.mean(0))
 
+    model.config.scope = None  # what a model started from knows is not what this training makes of it
     model.requires_grad_(False)
     if cfg.gradient_checkpointing and cfg.quant != "4bit":  # 4-bit: prepare_model_for_kbit_training does it
         model.gradient_checkpointing_enable()
@@ -207,9 +208,11 @@ def frozen_linears_to(llm: torch.nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
-def make_encode(processor, max_length: int):
+def make_encode(processor, max_length: int, concept_words: list[str] | None = None):
     """The `InstructDataset` hook: record → model inputs, through the same `VideoLLMProcessor`
-    that chat and eval use, so training prompts look exactly like inference prompts."""
+    that chat and eval use, so training prompts look exactly like inference prompts. concept_words:
+    the model's concept classes, by which a record's made-up ``concepts`` are read."""
+    index = {w: i for i, w in reversed(list(enumerate(concept_words or [])))}  # a repeated name: its first class
 
     def encode(record):
         video = None if record.video is None else processor.load_video(
@@ -224,6 +227,17 @@ def make_encode(processor, max_length: int):
         out = {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"])}
         if video is not None:
             out["pixel_values"] = ex["pixel_values"][0]  # (3, T, S, S)
+        if record.concepts:
+            unknown = [k for k in record.concepts if k not in index]
+            if unknown:
+                raise UserError(f"record {record.source}: 'concepts' names {unknown[:3]}, which "
+                                + ("are not classes of this model's concept stem" if index else
+                                   "this model cannot take: it has no concept stem"))
+            C = len(concept_words)
+            probs = torch.full((C,), (1 - sum(record.concepts.values())) / C)
+            for name, share in record.concepts.items():
+                probs[index[name]] += share
+            out["concept_probs"] = probs.expand(out["pixel_values"].shape[1], -1).contiguous()  # (T, C)
         return out
 
     return encode
@@ -318,7 +332,8 @@ class Finetune(Recipe):
         n_total = sum(p.numel() for p in model.parameters())
         logger.info("stage %d: %d trainable / %d parameters (%.2f%%)", cfg.stage, self.n_train, n_total,
                     100 * self.n_train / n_total)
-        encode = make_encode(self.processor, cfg.data.max_length)
+        encode = make_encode(self.processor, cfg.data.max_length,
+                             getattr(model.config.projector_config, "concepts", None))
         self.train_ds = InstructDataset(train_records, encode, max_bad_videos=cfg.data.max_bad_videos)
         self.eval_ds = InstructDataset(eval_records, encode, max_bad_videos=cfg.data.max_bad_videos) \
             if eval_records else None

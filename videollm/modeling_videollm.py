@@ -132,9 +132,11 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
                 attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
                 past_key_values=None, inputs_embeds: torch.FloatTensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> VideoLLMOutput:
+                logits_to_keep: int | torch.Tensor = 0, concept_probs: torch.Tensor | None = None,
+                **kwargs) -> VideoLLMOutput:
         """input_ids (B, L) with K ``<video>`` placeholders per video; pixel_values (B_v, 3, T, H, W);
-        labels (B, L) with -100 where no loss is taken (the LLM shifts them)."""
+        labels (B, L) with -100 where no loss is taken (the LLM shifts them). concept_probs (B_v, T, C):
+        concepts given to a concept stem instead of what the frames show (NaN rows: classified)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and input_ids is None:
@@ -146,7 +148,8 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
             # Placeholders look up a valid row; their embeddings are replaced below.
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(mask, 0))  # (B, L, D_llm)
             if pixel_values is not None:
-                video_features = self.get_video_features(pixel_values.to(inputs_embeds.device))
+                video_features = self.encode_video(pixel_values.to(inputs_embeds.device), None if concept_probs is None
+                                                   else concept_probs.to(inputs_embeds.device))[0]
                 video_features = video_features.to(inputs_embeds.device, inputs_embeds.dtype)  # (B_v, K, D_llm)
             n_tokens = int(mask.sum())
             n_features = 0 if video_features is None else video_features.shape[0] * video_features.shape[1]

@@ -70,6 +70,9 @@ class Record:
     end: float | None = None
     source: str = ""  # "file:record" for error messages
     num_frames: int | None = None  # frames to sample from this video; None: the config's data.num_frames
+    # Made-up concepts for a model with a concept stem, {class name: share}, instead of what the frames
+    # show (training the reading of class names no real clip shows); None: the frames' own.
+    concepts: dict[str, float] | None = None
 
     def to_json(self, video_root: Path | None = None) -> dict[str, Any]:
         """The record as data-file JSON; its video relative to `video_root` when under it."""
@@ -77,7 +80,7 @@ class Record:
         if video is not None and video_root is not None and video.is_relative_to(video_root):
             video = video.relative_to(video_root)
         out = {"id": self.id, "video": None if video is None else str(video), "conversations": self.conversations,
-               "start": self.start, "end": self.end, "num_frames": self.num_frames}
+               "start": self.start, "end": self.end, "num_frames": self.num_frames, "concepts": self.concepts}
         return {key: value for key, value in out.items() if value is not None}
 
 
@@ -187,6 +190,14 @@ def parse_record(obj: Any, video_root: Path, number: int = 0,
                                    or num_frames < 1):
         problems.append(f"'num_frames' must be a positive integer (frames to sample from this video), "
                         f"got {num_frames!r}")
+    concepts = obj.get("concepts")
+    if concepts is not None and not (
+            isinstance(concepts, dict) and concepts and all(isinstance(k, str) and k for k in concepts)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in concepts.values())
+            and sum(concepts.values()) <= 1 + 1e-6):
+        problems.append(f"'concepts' must map class names to shares > 0 that sum to at most 1, got {concepts!r}")
+    elif concepts is not None and video is None:
+        problems.append("'concepts' belong to a video; a text-only record has none")
     if not problems:
         if start is not None and start < 0:
             problems.append(f"'start' must be >= 0, got {start}")
@@ -204,6 +215,7 @@ def parse_record(obj: Any, video_root: Path, number: int = 0,
         end=float(end) if end is not None else None,
         source=f"{source}:{number}",
         num_frames=num_frames,
+        concepts=None if concepts is None else {k: float(v) for k, v in concepts.items()},
     ), []
 
 
@@ -412,7 +424,7 @@ def import_videochat2(in_path: str | Path, out_path: str | Path) -> int:
 class InstructDataset(torch.utils.data.Dataset):
     """Records → model inputs through `encode(record)`, which decodes the record's video (start/end
     honoured) and tokenizes its conversation into ``{"input_ids": (L,), "labels": (L,),
-    "pixel_values": (3, T, H, W)}`` (no pixel_values for a text-only record; the recipe wraps
+    "pixel_values": (3, T, H, W)[, "concept_probs": (T, C)]}`` (no pixel_values for a text-only record; the recipe wraps
     `VideoLLMProcessor` in it).
     A video that fails to decode is logged, counted in ``bad_videos`` and replaced by the next
     good record with the same ``num_frames`` (so a batch grouped by frame count stays grouped);
@@ -463,8 +475,13 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int,
     stack the ``pixel_values`` of the examples that have a video → (B_v, 3, T, H, W), in batch
     order (the model fills each row's ``<video>`` placeholders in that order), or None when none
     has. All videos must have the same T (a `ValueError` otherwise: batch records by frame count,
-    as `training.finetune.epoch_batches` does)."""
+    as `training.finetune.epoch_batches` does). ``concept_probs`` (B_v, T, C) when an example gives
+    made-up concepts (a record's ``concepts``); the other videos' rows are NaN (their frames' own)."""
     videos = [torch.as_tensor(b["pixel_values"]) for b in batch if b.get("pixel_values") is not None]
+    given = [b.get("concept_probs") for b in batch if b.get("pixel_values") is not None]
+    shape = next((g.shape for g in given if g is not None), None)
+    concept_probs = None if shape is None else torch.stack(
+        [g if g is not None else torch.full(shape, float("nan")) for g in given])
     frames = [v.shape[1] for v in videos]
     if len(set(frames)) > 1:
         raise ValueError(f"a batch mixes videos of {', '.join(map(str, sorted(set(frames))))} frames "
@@ -481,7 +498,8 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int,
         labels[i, sl] = torch.as_tensor(b["labels"])
         attention_mask[i, sl] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "pixel_values": torch.stack(videos) if videos else None}
+            "pixel_values": torch.stack(videos) if videos else None,
+            **({"concept_probs": concept_probs} if concept_probs is not None else {})}
 
 
 def split_eval(records: list, fraction: float, seed: int, min_eval: int = 1) -> tuple[list, list]:
