@@ -195,3 +195,33 @@ def test_records_can_give_made_up_concepts_and_a_batch_carries_them():
     batch = collate([ex, plain, {"input_ids": torch.tensor([1]), "labels": torch.tensor([1])}], pad_token_id=0)
     assert batch["concept_probs"].shape == (2, 4, 1000) and batch["concept_probs"][1].isnan().all()
     assert "concept_probs" not in collate([plain], pad_token_id=0)
+
+
+def test_real_clip_records_name_the_subject_hedge_when_unsure_and_see_no_shapes(tmp_path):
+    """The pipeline's real-footage records: camera clips of the training sources (never the held-out
+    split), the subject named by the classifier or a hedge below the confidence line, shape questions
+    answered with "no shapes"; records with made-up concepts name (or hedge on) those."""
+    from encoder.video_io import read_video
+    from videollm.data.real import HEDGE, HELDOUT, NO_SHAPES, TRAIN, name_reply, write_real_clips
+
+    names = imagenet_class_names()
+    sure, unsure = np.zeros(1000), np.full(1000, 1e-3)
+    sure[281] = 0.9
+
+    calls = []
+
+    def classify(frames):
+        calls.append(frames.shape)
+        return sure if len(calls) % 2 else unsure
+
+    records = write_real_clips(tmp_path, 4, 0, num_frames=4, size=32, names=names, classify=classify, made_up=6)
+    real, made_up = records[:4], records[4:]
+    assert calls == [(4, 32, 32, 3)] * 4 and not set(HELDOUT) & set(TRAIN)
+    assert read_video(tmp_path / real[0]["video"], 4).frames.shape == (4, 32, 32, 3)
+    replies = [[t["value"] for t in r["conversations"][1::2]] for r in real]
+    assert [sorted(r) for r in replies] == [sorted([name_reply("tabby"), NO_SHAPES]), sorted([HEDGE, NO_SHAPES])] * 2
+    assert name_reply("espresso") == "It shows an espresso." and name_reply("tabby") == "It shows a tabby."
+    for r in made_up:
+        top = max(r["concepts"], key=r["concepts"].get)
+        expected = name_reply(top) if r["concepts"][top] >= 0.25 else HEDGE
+        assert r["conversations"][1]["value"] == expected and (tmp_path / r["video"]).is_file()

@@ -92,6 +92,22 @@ def test_stage2_mix_repeats_the_needles_and_the_text_replay(tmp_path):
     assert [r.id for r in load_records(tmp_path / "stage2_mix.yaml", check_files=False)] == ids
 
 
+def test_the_data_stage_writes_real_footage_records(tmp_path):
+    """data.real_clips / concept_records: camera clips of the real training sources, named by the
+    concept stem's classifier (or hedged), and made-up-concept records, in the instruction set."""
+    cfg = load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml",
+                      ["data.real_clips=2", "data.concept_records=2", "data.real_size=64"])
+    stage_data(cfg, tmp_path)
+    records = load_records(tmp_path / "data" / "instruct.json")
+    real = [r for r in records if r.id.startswith("real_")]
+    made_up = [r for r in records if r.id.startswith("concepts_")]
+    assert len(real) == 2 and len(made_up) == 2 and all(r.concepts for r in made_up)
+    assert all(any(t["value"] == "I don't see any shapes in this video." for t in r.conversations) for r in real)
+    with pytest.raises(UserError, match="concept_records .* need data.real_clips"):
+        stage_data(load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml", ["data.concept_records=2"]),
+                   tmp_path / "other")
+
+
 def test_needle_repeat_below_one_is_refused(tmp_path):
     cfg = load_config(PipelineConfig, CONFIGS / "default_model_smoke.yaml")
     cfg.data.needle_repeat = 0.5

@@ -50,14 +50,18 @@ import numpy as np
 import yaml
 from accelerate.utils import set_seed
 
+from encoder.concepts import classify_frames
 from encoder.errors import UserError, run_cli
 from encoder.files import atomic_dir, atomic_write_text
+from encoder.teacher import imagenet_class_names
+from encoder.transforms import frames_to_tensor
 from encoder.video_io import SAMPLE_CLIPS, sample_clip_path
 from training.config import load_config, save_config, to_dict
 from training.finetune import FinetuneConfig
 from training.ground import WORD_GROUPS, GroundConfig
 from training.pretrain import PretrainConfig, build_model
 from videollm.data.haystack import write_needle_clips
+from videollm.data.real import write_real_clips
 from videollm.data.synth import TASKS, conversations, short_conversations, write_synth_dataset
 from videollm.data.text_replay import TEXT_CHECKS
 
@@ -100,6 +104,14 @@ class DataSpec:
     # Stage 2 sees each needle record this many times (≥ 1; the extra copies through
     # ``data/needle.json`` in its mix): they alone teach finding one frame among many.
     needle_repeat: float = 1.0
+    # Real footage (a model with a concept stem): camera clips of our training split of real sources
+    # (`videollm.data.real.write_real_clips`) at `real_size` px, asked what they show (the concept
+    # stem's classifier names it, or the reply hedges below `real_confident`) and about shapes (none);
+    # `concept_records` more over those clips with made-up concepts of random classes.
+    real_clips: int = 0
+    real_size: int = 128
+    real_confident: float = 0.25
+    concept_records: int = 0
 
 
 @dataclass
@@ -205,6 +217,10 @@ def check_data_spec(spec: DataSpec) -> None:
     if not spec.needle_repeat >= 1:
         raise UserError(f"data.needle_repeat must be a number ≥ 1 (how many times stage 2 sees each needle "
                         f"record); got {spec.needle_repeat}")
+    if spec.concept_records and not spec.real_clips:
+        raise UserError("data.concept_records give made-up concepts over the real clips: they need data.real_clips")
+    if not 0 < spec.real_confident <= 1:
+        raise UserError(f"data.real_confident must be in (0, 1]; got {spec.real_confident}")
 
 
 def stage_data(cfg: PipelineConfig, out: Path) -> Path:
@@ -245,6 +261,14 @@ def stage_data(cfg: PipelineConfig, out: Path) -> Path:
                                   haystack_frames=spec.haystack_frames, needle_span=spec.needle_span,
                                   real_only=spec.needle_haystack == "real", conversations_of=needle_conversations,
                                   num_frames=spec.needle_num_frames, fps=spec.fps)
+    if spec.real_clips:
+        def classify(frames: np.ndarray) -> np.ndarray:  # (T, S, S, 3) → the clip's mean concepts (C,)
+            pixels = frames_to_tensor(frames, spec.real_size)[None]
+            return classify_frames(pixels, 4, spec.real_size)[0].mean(0).numpy()
+
+        records += write_real_clips(data, spec.real_clips, cfg.seed, num_frames=spec.clip_frames,
+                                    size=spec.real_size, names=imagenet_class_names(), classify=classify,
+                                    confident=spec.real_confident, made_up=spec.concept_records, fps=spec.fps)
     pretrain_lines += [str(sample_clip_path(name)) for name in SAMPLE_CLIPS] * spec.real_repeats
     (data / "pretrain_list.csv").write_text("".join(line + "\n" for line in pretrain_lines))
     order = np.random.default_rng(cfg.seed).permutation(len(records))

@@ -69,3 +69,69 @@ def camera_clip(frames: np.ndarray, num_frames: int, rng: np.random.Generator, s
         crop = Image.fromarray(frame[int(y):int(y + s), int(x):int(x + s)]).resize((size, size), Image.BILINEAR)
         out[k] = np.asarray(crop)[:, ::-1] if mirror else np.asarray(crop)
     return out
+
+
+# What a user asks about a video's subject, and what the model should not invent on real footage.
+WHAT_QUESTIONS = ("What is in this video?", "What does the video show?", "What do you see?", "What is this?",
+                  "Describe the video.")
+SHAPE_QUESTIONS = ("What color is the shape?", "Which shape moves?", "How many shapes are there?",
+                   "Which way does the shape move?")
+HEDGE = "I can't make out what this is."
+NO_SHAPES = "I don't see any shapes in this video."
+
+
+def name_reply(name: str) -> str:
+    """The answer naming a concept: "It shows a tabby." / "It shows an espresso." """
+    return f"It shows {'an' if name[0].lower() in 'aeiou' else 'a'} {name}."
+
+
+def subject_reply(probs: np.ndarray, names: list[str], confident: float) -> str:
+    """The clip's concepts (C,) → its name when the strongest holds at least `confident`, else the hedge."""
+    top = int(np.argmax(probs))
+    return name_reply(names[top]) if probs[top] >= confident else HEDGE
+
+
+def write_real_clips(out_dir: str | Path, n: int, seed: int, *, num_frames: int, size: int, names: list[str],
+                     classify, confident: float = 0.25, made_up: int = 0, fps: float = 8.0) -> list[dict]:
+    """n camera clips of the `TRAIN` sources ``real/videos/{i:06d}.mp4`` under `out_dir` and their
+    records: a question about what the clip shows, answered with the name of its strongest concept
+    (`classify(frames) → (C,)` probabilities, the model's own classifier) or the hedge when it is
+    weaker than `confident`, and a question about shapes answered `NO_SHAPES` (real footage has none);
+    then `made_up` records over the same clips that give made-up concepts (the record's ``concepts``)
+    of random classes, answered the same way. Returns the records."""
+    from encoder.video_io import write_video
+
+    out = Path(out_dir)
+    (out / "real" / "videos").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(int(n)):
+        rng = np.random.default_rng([seed, 13, i])
+        frames = camera_clip(load_source(TRAIN[i % len(TRAIN)]), num_frames, rng, size)
+        rel = f"real/videos/{i:06d}.mp4"
+        write_video(out / rel, frames, fps=fps)
+        probs = np.asarray(classify(frames), dtype=np.float64)
+        turns = [{"from": "human", "value": "<video>\n" + WHAT_QUESTIONS[int(rng.integers(len(WHAT_QUESTIONS)))]},
+                 {"from": "gpt", "value": subject_reply(probs, names, confident)},
+                 {"from": "human", "value": SHAPE_QUESTIONS[int(rng.integers(len(SHAPE_QUESTIONS)))]},
+                 {"from": "gpt", "value": NO_SHAPES}]
+        if rng.random() < 0.5:  # the shape question first, half the time
+            turns = [{"from": "human", "value": "<video>\n" + turns[2]["value"]}, turns[3],
+                     {"from": "human", "value": turns[0]["value"].removeprefix("<video>\n")}, turns[1]]
+        records.append({"id": f"real_{seed}_{i}", "video": rel, "conversations": turns})
+    for j in range(int(made_up)):
+        rng = np.random.default_rng([seed, 17, j])
+        k = int(rng.integers(1, 3))
+        classes = rng.choice(len(names), k, replace=False)
+        shares = rng.dirichlet(np.ones(k)) * rng.uniform(0.3, 1.0)
+        concepts = {}
+        for c, share in zip(classes, shares):
+            concepts[names[c]] = round(concepts.get(names[c], 0.0) + float(share), 4)
+        probs = np.zeros(len(names))
+        for name, share in concepts.items():
+            probs[names.index(name)] = share
+        question = WHAT_QUESTIONS[int(rng.integers(len(WHAT_QUESTIONS)))]
+        records.append({"id": f"concepts_{seed}_{j}", "video": f"real/videos/{int(rng.integers(max(1, n))):06d}.mp4",
+                        "concepts": concepts,
+                        "conversations": [{"from": "human", "value": "<video>\n" + question},
+                                          {"from": "gpt", "value": subject_reply(probs, names, confident)}]})
+    return records
