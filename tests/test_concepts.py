@@ -225,3 +225,28 @@ def test_real_clip_records_name_the_subject_hedge_when_unsure_and_see_no_shapes(
         top = max(r["concepts"], key=r["concepts"].get)
         expected = name_reply(top) if r["concepts"][top] >= 0.25 else HEDGE
         assert r["conversations"][1]["value"] == expected and (tmp_path / r["video"]).is_file()
+
+
+def test_the_real_footage_check_reads_replies_as_a_user_would():
+    from eval.real_footage import names_subject, photo_clip, reference_subject, synthetic_words
+
+    assert synthetic_words("A red circle moves left on a gray background.") == ["red", "gray", "circle", "background"]
+    assert synthetic_words("Two squares.") == ["square"] and synthetic_words("It shows a tabby.") == []
+    assert names_subject("It shows a tabby cat.", ["cat"]) and names_subject("Cats!", ["cat"])
+    assert names_subject("A space shuttle.", ["space shuttle"]) and not names_subject("Space.", ["space shuttle"])
+    assert not names_subject("I can't make out what this is.", ["tabby", "cat"])
+    clip = photo_clip(sklearn_photo("flower.jpg"), 5, size=64)
+    assert clip.shape == (5, 64, 64, 3) and not np.array_equal(clip[0], clip[-1])  # a slow zoom
+    assert "daisy" in reference_subject(photo_clip(sklearn_photo("flower.jpg"), 4))
+
+
+@pytest.mark.slow
+def test_the_real_footage_check_runs_on_the_shipped_model(tmp_path):
+    """The command end to end on our held-out split (one clip per source)."""
+    import json
+
+    from eval.real_footage import main
+
+    assert main(["--clips", "1", "--frames", "8", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "real.json").read_text())
+    assert result["n"] == 2 and result["named_of"] == 2 and all(r["subject_words"] for r in result["samples"])

@@ -25,6 +25,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "check"), "videollm.data.check_cli", "validate an instruction-data file and name each bad record"),
     (("eval", "qa"), "eval.qa", "multiple-choice video QA (Video-MME, MVBench, EgoSchema, MLVU, LongVideoBench, synthqa)"),
     (("eval", "niah"), "eval.niah", "visual needle-in-a-haystack accuracy grid and heatmap"),
+    (("eval", "real"), "eval.real_footage", "real footage: is the subject named, a doubt said, no synthetic shape invented"),
     (("eval", "open"), "eval.open_ended", "open-ended colour/shape/motion answers, their blind baseline and the text-only checks"),
     (("profile", "memory"), "eval.profile_memory", "memory and time of VideoMAP vs ViT encoders across frame counts"),
     (("bench", "scan"), "encoder.bench_scan", "time the selective scan: reference vs fast path (JSON)"),
