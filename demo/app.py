@@ -50,12 +50,19 @@ def info_text(timing) -> str:
             f"{timing.new_tokens} tokens in {timing.total_seconds:.2f} s")
 
 
-def thumbnails(frames, timestamps: list[float], side: int = THUMBNAIL_SIDE) -> list[tuple]:
-    """Gallery items ``(image (h, w, 3) uint8, "#1 · 1.2 s")`` from frames (T, H, W, 3)."""
+def thumbnails(frames, timestamps: list[float], side: int = THUMBNAIL_SIDE, concepts=None) -> list[tuple]:
+    """Gallery items ``(image (h, w, 3) uint8, "#1 · 1.2 s")`` from frames (T, H, W, 3); with
+    `concepts` (per frame, [(word, weight), …]: `VideoLLMForCausalLM.video_concepts`) the caption adds
+    what the model's tokens say the frame shows ("#1 · 1.2 s · tabby 81%")."""
     images = [Image.fromarray(frame) for frame in frames]  # frame (H, W, 3)
     for image in images:
         image.thumbnail((side, side))
-    return [(np.asarray(im), f"#{i + 1} · {t:.1f} s") for i, (im, t) in enumerate(zip(images, timestamps))]
+    seen = [""] * len(images)
+    if concepts is not None and len(concepts) == len(images):
+        seen = [" · " + ", ".join(f"{w} {100 * p:.0f}%" for w, p in frame if p >= 0.05) if frame else ""
+                for frame in concepts]
+    return [(np.asarray(im), f"#{i + 1} · {t:.1f} s{s.rstrip(' ·')}")
+            for i, (im, t, s) in enumerate(zip(images, timestamps, seen))]
 
 
 def check_frames(num_frames) -> int:
@@ -90,13 +97,17 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
         decoded = not (cache and cache.get("key") == key)  # else the session's clip is re-used
         try:
             if decoded:
-                cache = {"key": key, "clip": processor.load_video(video, num_frames=key[1])}
+                loaded = processor.load_video(video, num_frames=key[1])
+                # the model's own top concepts per frame (a model with a concept stem)
+                concepts = model.video_concepts(loaded.pixel_values.to(model.device), k=2) \
+                    if hasattr(model, "video_concepts") else None
+                cache = {"key": key, "clip": loaded, "concepts": concepts and concepts[0]}
         except UserError as err:
             chat.append({"role": "assistant", "content": error_text(err)})
             yield chat, "", [], "", chat, history, None
             return
         clip = cache["clip"]
-        yield chat, "", thumbnails(clip.frames, clip.timestamps), "", chat, history, cache
+        yield chat, "", thumbnails(clip.frames, clip.timestamps, concepts=cache.get("concepts")), "", chat, history, cache
 
         conversation = history + [{"role": "user", "content": question}]
         # The answer that needed the clip decoded carries its cost; later turns re-use the clip.
@@ -135,6 +146,7 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         scope = getattr(model.config, "scope", None)
+        concept_model = bool(getattr(model.config.projector_config, "concepts", None))
         gr.Markdown(f"# {title}\n" + (f"**This model:** {scope}\n\n" if scope else "")
                     + "Ask questions about a video. The answer streams in as it is generated.", elem_id="header")
         chat_state = gr.State([])  # what the chatbot shows (errors included)
@@ -162,7 +174,9 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
                 with gr.Row():
                     clear_btn = gr.Button("Clear chat", elem_id="clear")
                 info = gr.Markdown("", elem_id="info")
-        gallery = gr.Gallery(label="Sampled frames (timestamp in the caption)", columns=8, height=260,
+        gallery = gr.Gallery(label="Sampled frames (timestamp in the caption"
+                             + ("; what the model sees in each, with its weight)" if concept_model else ")"),
+                             columns=8, height=260,
                              elem_id="gallery", interactive=False)
 
         turn = dict(fn=respond,

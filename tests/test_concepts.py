@@ -250,3 +250,39 @@ def test_the_real_footage_check_runs_on_the_shipped_model(tmp_path):
     assert main(["--clips", "1", "--frames", "8", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "real.json").read_text())
     assert result["n"] == 2 and result["named_of"] == 2 and all(r["subject_words"] for r in result["samples"])
+
+
+def test_the_model_tells_its_top_concepts_per_frame():
+    """video_concepts: per clip and frame the k strongest concept words (what the demo shows); the
+    frames whose concepts were given say them; a model without concepts returns None."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from videollm.modeling_videollm import build_videollm
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, vocab_size=300, bos_token_id=1, eos_token_id=2,
+                                       pad_token_id=2))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = imagenet_class_names()
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "red", "blue"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    model, _ = build_videollm((llm, tok), tiny_encoder(concept_frames=2), num_frames=4, image_size=64, projector={
+        "type": "word_anchor", "words": [["red", "blue"]], "concepts": names, "none_logit": -10.0})
+    enc = model.vision_tower
+    with torch.no_grad():  # a strong pass-through: the concept that goes in comes out
+        enc.concepts.scale = 50.0
+    probs = torch.full((1, 4, 1000), 1e-4)
+    probs[0, :2, 281], probs[0, 2:, 967] = 1.0, 1.0
+    real_forward = enc.forward
+    enc.forward = lambda x, **kw: real_forward(x, concept_probs=probs)
+    concepts = model.video_concepts(torch.randn(1, 3, 4, 64, 64), k=2)
+    assert len(concepts) == 1 and len(concepts[0]) == 4 and len(concepts[0][0]) == 2
+    assert [frame[0][0] for frame in concepts[0]] == ["tabby", "tabby", "espresso", "espresso"]
+    model.config.projector_config.concepts = []
+    assert model.video_concepts(torch.randn(1, 3, 4, 64, 64)) is None

@@ -102,6 +102,21 @@ def client(served):
     return Client(served, verbose=False)
 
 
+def test_gallery_captions_carry_the_models_own_concepts():
+    """A model with concepts shows, per sampled frame, what its tokens say the frame shows."""
+    import numpy as np
+
+    from demo.app import thumbnails
+
+    frames = np.zeros((2, 32, 32, 3), np.uint8)
+    plain = thumbnails(frames, [0.0, 0.5])
+    assert [c for _, c in plain] == ["#1 · 0.0 s", "#2 · 0.5 s"]
+    seen = thumbnails(frames, [0.0, 0.5], concepts=[[("tabby", 0.81), ("tiger cat", 0.02)], [("espresso", 0.6)]])
+    assert [c for _, c in seen] == ["#1 · 0.0 s · tabby 81%", "#2 · 0.5 s · espresso 60%"]
+    assert [c for _, c in thumbnails(frames, [0.0, 0.5], concepts=[[("tabby", 0.01)], []])] == \
+        ["#1 · 0.0 s", "#2 · 0.5 s"]  # nothing recognised: nothing claimed
+
+
 def test_the_header_says_what_the_model_knows(tiny_model):
     """The header states the model's `scope` (what it was trained on, what it can and cannot
     recognise) when its config has one, and nothing made up when it has none."""

@@ -117,6 +117,26 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
         """pixel_values (B, 3, T, H, W) → (B, K, D_llm), timed in ``video_encode_seconds``."""
         return self.encode_video(pixel_values)[0]
 
+    @torch.no_grad()
+    def video_concepts(self, pixel_values: torch.Tensor, k: int = 3) -> list[list[list[tuple[str, float]]]] | None:
+        """What the video tokens say they show, per clip and frame: the `k` concepts with the largest
+        word-anchor weight (averaged over the frame's tokens; "none" takes the rest). None for a model
+        without concepts."""
+        words = getattr(self.config.projector_config, "concepts", None)
+        if not words:
+            return None
+        _, out = self.encode_video(pixel_values)
+        w = self.projector.concept_weights(out.concept_logits, tuple(out.grid))  # (B, K, C)
+        if self.config.projector_config.use_cls_token:
+            w = w[:, 1:]
+        B, K, C = w.shape
+        kh, kw = self.projector.config.tokens_per_frame_for(*out.grid[1:])
+        frames = self.projector.config.pooled_frames(out.grid[0], kh * kw)
+        per_frame = w.reshape(B, frames, K // frames, C).mean(2)  # (B, T', C)
+        top = per_frame.topk(k, dim=-1)
+        return [[[(words[int(i)], round(float(v), 3)) for v, i in zip(vs, ids)] for vs, ids in zip(clip_v, clip_i)]
+                for clip_v, clip_i in zip(top.values, top.indices)]
+
     def encode_video(self, pixel_values: torch.Tensor, concept_probs: torch.Tensor | None = None):
         """(video features (B, K, D_llm), the encoder's output). concept_probs (B, T, C): an encoder with
         a concept stem takes these concepts instead of classifying the frames."""
