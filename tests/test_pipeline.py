@@ -172,6 +172,14 @@ def test_model_card_reads_the_model_config_and_the_metrics():
     assert model_config["scope"] == cfg.scope  # the shipped config says what the pipeline file says
     del model_config["scope"]
     assert "## What it knows\n\nNot stated.\n" in card()
+    assert "concept stem" not in card() and "real footage" not in card()
+    model_config["vision_config"].update(concept_frames=4, concept_size=128)
+    model_config["projector_config"]["concepts"] = ["tench"] * 1000
+    cfg.data.real_clips, cfg.data.concept_records = 300, 200
+    assert "a frozen ImageNet classifier (EfficientNet-Lite0) reads 4 frames per clip at 128 px" in card()
+    assert "the 1000 ImageNet class names its concept logits point at" in card()
+    assert "- real footage: 300 camera clips (128 px)" in card() and "200 records with made-up concepts" in card()
+    assert "held out: bikes, china.jpg" in card()
     assert "cmd1\ncmd2" in card() and "- stage2: 12.5" in card() and "(10 records)" in card()
     assert "| multiple-choice QA, held-out synthqa seed 1001 (n=200) | 50.0% | ≥ 80% |" in card()
     # likelihood rows only when eval scored by likelihood (eval.likelihood)

@@ -61,6 +61,8 @@ from training.finetune import FinetuneConfig
 from training.ground import WORD_GROUPS, GroundConfig
 from training.pretrain import PretrainConfig, build_model
 from videollm.data.haystack import write_needle_clips
+from videollm.data.real import HELDOUT as REAL_HELDOUT
+from videollm.data.real import TRAIN as REAL_TRAIN
 from videollm.data.real import write_real_clips
 from videollm.data.synth import TASKS, conversations, short_conversations, write_synth_dataset
 from videollm.data.text_replay import TEXT_CHECKS
@@ -544,11 +546,17 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
     if vision.get("motion_gap"):
         encoder_notes += (f" and a motion stem that reads each frame minus the frame {vision['motion_gap']} before it"
                           " (`motion_gap`)")
+    if vision.get("concept_frames"):
+        encoder_notes += (f", and a concept stem: a frozen ImageNet classifier (EfficientNet-Lite0) reads "
+                          f"{vision['concept_frames']} frames per clip at {vision['concept_size']} px and each frame's "
+                          "tokens carry the code of what it shows (`encoder.concepts`)")
     projector_notes = ", which also reads the encoder's conv stem (`stem_skip`)" if proj.get("stem_skip") else ""
     if model_config.get("projector_type") == "word_anchor":
         group_names = {tuple(v): k for k, v in WORD_GROUPS.items()}  # a group named where it is grounding's
         groups = ", ".join(group_names.get(tuple(g), "/".join(g)) for g in proj["words"])
         projector_notes += f"; tokens anchored to the LLM's own word embeddings of {groups} (projector `word_anchor`)"
+        if proj.get("concepts"):
+            projector_notes += f", and the {len(proj['concepts'])} ImageNet class names its concept logits point at"
         if proj.get("none_logit"):
             projector_notes += (f", with a \"none\" class at logit {proj['none_logit']:g} for tokens about no object"
                                 " (`none_logit`)")
@@ -595,13 +603,18 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
     replay = (f"- text replay (stage 2 only): {d.text_replay} text prompts (explanations, tips, lists, arithmetic, "
               "small talk; no capital, author or painter question) answered by smollm2 itself, greedy, "
               f"{d.text_replay_repeat:g}× each, in text-only batches\n") if d.text_replay else ""
+    real = (f"- real footage: {d.real_clips} camera clips ({d.real_size} px) of the training split of real sources "
+            f"({', '.join(REAL_TRAIN)}), asked what they show (the concept stem's classifier names it, or the reply "
+            f"hedges below {100 * d.real_confident:g}%) and about shapes (there are none)"
+            + (f"; {d.concept_records} records with made-up concepts of random classes" if d.concept_records else "")
+            + f"; held out: {', '.join(REAL_HELDOUT)}\n") if d.real_clips else ""
     mc_lik = metrics.get("mc_likelihood_per_category")
     fields = {
         "base_llm": model_config.get("base_llm", "smollm2"), "encoder_notes": encoder_notes,
         "projector_notes": projector_notes, "size": d.size, "clip_frames": d.clip_frames,
         "haystack_frames": d.haystack_frames, "command": command, "seed": cfg.seed, "commands": "\n".join(commands),
         "pretrain_clips": len(TASKS) * d.clips_per_task, "real_repeats": d.real_repeats, "n_records": n_records,
-        "records": records, "replay": replay, "qa_seed": e.qa_seed, "niah_seed": e.niah_seed,
+        "records": records, "replay": replay + real, "qa_seed": e.qa_seed, "niah_seed": e.niah_seed,
         "metric_rows": "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows),
         "mc_per_category": ", ".join(f"{k} {_pct(v)}" for k, v in metrics["mc_per_category"].items()),
         "open_per_category": ", ".join(f"{k} {_pct(v)}" for k, v in metrics["open_per_category"].items()),
