@@ -33,20 +33,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoder.efficientnet_lite import EfficientNetLite
+from encoder.teacher import EfficientNetTeacher
 from encoder.transforms import CLIP_MEAN, CLIP_STD
 
 NUM_CONCEPTS = 1000  # ImageNet-1k, `encoder.teacher.imagenet_class_names` order
 
 
 @functools.cache
-def _classifier(device: str) -> EfficientNetLite:
-    """The frozen EfficientNet-Lite0 (ImageNet weights from the package), one per process and device."""
-    from encoder.teacher import efficientnet_lite0_weights
-
-    net = EfficientNetLite()
-    net.load_state_dict(torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True))
-    return net.requires_grad_(False).eval().to(device)
+def _classifier(device: str) -> EfficientNetTeacher:
+    """The frozen EfficientNet-Lite0 (the embedded teacher: ImageNet weights from the package), one per
+    process and device."""
+    return EfficientNetTeacher().to(device)
 
 
 def concept_frame_ids(num_frames: int, frames: int) -> torch.Tensor:
@@ -73,7 +70,8 @@ def classify_frames(pixel_values: torch.Tensor, frames: int, size: int) -> torch
     x = (x * std + mean).clamp(0, 1)
     if (H, W) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=H > size)
-    logits = _classifier(str(x.device))((x * 255.0 - 127.0) / 128.0)  # TF-style input, as it was trained
+    teacher = _classifier(str(x.device))
+    logits = teacher.net(teacher.normalise(x))  # TF-style input, as it was trained
     return logits.float().softmax(-1).reshape(B, len(ids), -1)
 
 

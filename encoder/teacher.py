@@ -41,11 +41,16 @@ DEFAULT_TEACHER = "efficientnet_lite0"
 IMAGENET_CLASSES = Path(__file__).resolve().parent / "data" / "imagenet_classes.tsv"
 
 
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k classes in output order, each as its first lemma ("tabby", "espresso")."""
+def imagenet_lemmas() -> list[list[str]]:
+    """The 1000 ImageNet-1k classes in output order, each as its lemmas (["tabby", "tabby cat"])."""
     rows = [line.rstrip("\n").split("\t") for line in IMAGENET_CLASSES.read_text().splitlines()
             if line and not line.startswith("#")]
-    return [lemmas.split(",")[0].strip() for _, lemmas in rows]
+    return [[lemma.strip() for lemma in lemmas.split(",") if lemma.strip()] for _, lemmas in rows]
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k classes in output order, each as its first lemma ("tabby", "espresso")."""
+    return [lemmas[0] for lemmas in imagenet_lemmas()]
 
 
 def to_grid(fmap: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:

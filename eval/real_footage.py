@@ -28,7 +28,7 @@ from PIL import Image
 from encoder.concepts import classify_frames
 from encoder.errors import UserError, run_cli
 from encoder.files import atomic_write_text
-from encoder.teacher import IMAGENET_CLASSES
+from encoder.teacher import imagenet_lemmas
 from encoder.transforms import frames_to_tensor
 from encoder.video_io import read_video
 from videollm.chat import generate_stream
@@ -84,18 +84,11 @@ def read_input(path: Path, num_frames: int) -> np.ndarray:
     return read_video(path, num_frames).frames
 
 
-def imagenet_words() -> list[list[str]]:
-    """Each ImageNet class's lemmas ("tabby", "tabby cat")."""
-    rows = [line.split("\t")[1] for line in IMAGENET_CLASSES.read_text().splitlines()
-            if line and not line.startswith("#")]
-    return [[lemma.strip() for lemma in row.split(",") if lemma.strip()] for row in rows]
-
-
 def reference_subject(frames: np.ndarray, k: int = 5) -> list[str]:
     """What an ImageNet model can name in a clip: the lemmas of the classifier's top-k classes at
     224 px, read on 4 frames."""
     probs = classify_frames(frames_to_tensor(frames, 224)[None], 4, 224)[0].mean(0)
-    lemmas = imagenet_words()
+    lemmas = imagenet_lemmas()
     return [lemma for c in probs.topk(k).indices.tolist() for lemma in lemmas[c]]
 
 

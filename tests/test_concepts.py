@@ -1,13 +1,11 @@
 """The concept stem (`encoder.concepts`): real-world concepts carried through VideoMAP's tokens, and
 the word anchor that turns them into the LLM's own words (`WordAnchorProjector.concepts`)."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from encoder.concepts import (ConceptStem, classify_frames, concept_frame_ids, nearest_concept_frame,
                               random_concepts)
@@ -15,15 +13,8 @@ from encoder.teacher import imagenet_class_names
 from encoder.transforms import frames_to_tensor
 from encoder.videomap import VideoMAPConfig, VideoMAPModel
 from videollm.configuration_videollm import WordAnchorProjectorConfig
+from videollm.data.real import load_source
 from videollm.projectors import WordAnchorProjector
-
-
-def sklearn_photo(name: str) -> np.ndarray:
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None:
-        pytest.skip("scikit-learn's sample photos are not installed (make setup installs them)")
-    return np.asarray(Image.open(Path(spec.submodule_search_locations[0]) / "datasets" / "images" / name)
-                      .convert("RGB"))
 
 
 def tiny_encoder(concept_frames=2, **kw) -> VideoMAPModel:
@@ -41,7 +32,7 @@ def test_concept_frames_are_evenly_spaced_and_each_frame_takes_its_nearest():
 
 def test_the_classifier_names_a_real_photo():
     """The frozen ImageNet classifier inside the stem reads the encoder's own input normalisation."""
-    clip = frames_to_tensor(np.stack([sklearn_photo("flower.jpg")] * 3), 224)[None]  # (1, 3, 3, 224, 224)
+    clip = frames_to_tensor(np.stack([load_source("flower.jpg")[0]] * 3), 224)[None]  # (1, 3, 3, 224, 224)
     probs = classify_frames(clip, frames=2, size=224)
     assert probs.shape == (1, 2, 1000) and torch.allclose(probs.sum(-1), torch.ones(1, 2), atol=1e-4)
     names = imagenet_class_names()
@@ -235,9 +226,9 @@ def test_the_real_footage_check_reads_replies_as_a_user_would():
     assert names_subject("It shows a tabby cat.", ["cat"]) and names_subject("Cats!", ["cat"])
     assert names_subject("A space shuttle.", ["space shuttle"]) and not names_subject("Space.", ["space shuttle"])
     assert not names_subject("I can't make out what this is.", ["tabby", "cat"])
-    clip = photo_clip(sklearn_photo("flower.jpg"), 5, size=64)
+    clip = photo_clip(load_source("flower.jpg")[0], 5, size=64)
     assert clip.shape == (5, 64, 64, 3) and not np.array_equal(clip[0], clip[-1])  # a slow zoom
-    assert "daisy" in reference_subject(photo_clip(sklearn_photo("flower.jpg"), 4))
+    assert "daisy" in reference_subject(photo_clip(load_source("flower.jpg")[0], 4))
 
 
 @pytest.mark.slow

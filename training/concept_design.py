@@ -45,6 +45,7 @@ from encoder.files import atomic_write_text
 from encoder.teacher import imagenet_class_names
 from encoder.transforms import frames_to_tensor
 from encoder.videomap import VideoMAPConfig, VideoMAPModel
+from training.ground import concept_targets
 from videollm.data.real import HELDOUT, TRAIN, camera_clip, load_source
 from videollm.data.synth import make_clip
 from videollm.modeling_videollm import load_videollm, word_embedding_rows
@@ -99,16 +100,6 @@ def scores(arm: str, encoder, projector, keys, x: torch.Tensor, probs: torch.Ten
     return torch.cat([s, s.new_full((*s.shape[:-1], 1), NONE_LOGIT)], -1)
 
 
-def targets(probs: torch.Tensor, synthetic: torch.Tensor, per_frame: int) -> torch.Tensor:
-    """(B, T·k, 1001): the classifier's top 5 per frame, the rest as none; synthetic frames: none."""
-    v, i = probs.topk(5, -1)
-    q = torch.zeros(*probs.shape[:-1], 1001).scatter_(-1, i, v)
-    q[..., -1] = 1 - v.sum(-1)
-    q[synthetic] = 0
-    q[synthetic, :, -1] = 1
-    return q.repeat_interleave(per_frame, dim=1)
-
-
 def synthetic(rng: np.random.Generator, n: int) -> torch.Tensor:
     return torch.stack([frames_to_tensor(make_clip(int(rng.integers(1 << 30)), FRAMES, SIZE, "motion").frames,
                                          CONCEPT_SIZE) for _ in range(n)])
@@ -151,7 +142,7 @@ def run_arm(out: Path, arm: str, seed: int, steps: int, pools: dict) -> dict:
             if ARMS[arm][2] and rng.random() < ARMS[arm][2]:
                 probs[b] = random_concepts(1, FRAMES, gen)[0]
         s = scores(arm, encoder, projector, keys, x, probs)
-        loss = -(targets(probs, synth, s.shape[1] // FRAMES) * F.log_softmax(s, -1)).sum(-1).mean()
+        loss = -(concept_targets(probs, synth, s.shape[1] // FRAMES) * F.log_softmax(s, -1)).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -316,16 +316,15 @@ def no_targets(num_frames: int, cells: tuple[int, int]) -> tuple[torch.Tensor, t
     return torch.zeros(k, len(WORDS)), torch.zeros(k, dtype=torch.int8)
 
 
-def concept_targets(probs: torch.Tensor, synthetic: bool, per_frame: int) -> torch.Tensor:
+def concept_targets(probs: torch.Tensor, synthetic: torch.Tensor, per_frame: int) -> torch.Tensor:
     """(B, T, C) the frames' concepts → (B, T·k, C + 1) token targets: the top 5 and the rest as the
-    last class, "none"; a synthetic clip's tokens: "none"."""
+    last class, "none"; the tokens of a synthetic clip (`synthetic` (B,) bool): "none"."""
     q = probs.new_zeros(*probs.shape[:-1], probs.shape[-1] + 1)
-    if synthetic:
-        q[..., -1] = 1
-    else:
-        v, i = probs.topk(5, -1)
-        q.scatter_(-1, i, v)
-        q[..., -1] = (1 - v.sum(-1)).clamp(min=0)
+    v, i = probs.topk(5, -1)
+    q.scatter_(-1, i, v)
+    q[..., -1] = (1 - v.sum(-1)).clamp(min=0)
+    q[synthetic] = 0
+    q[synthetic, :, -1] = 1
     return q.repeat_interleave(per_frame, dim=1)
 
 
@@ -334,7 +333,8 @@ def concept_loss(projector, out, synthetic: bool, none_logit: float) -> torch.Te
     `concept_targets` of the concepts that went into the encoder."""
     s = projector.pool(out.concept_logits, tuple(out.grid), reduce="mean")  # (B, K, C)
     s = torch.cat([s, s.new_full((*s.shape[:-1], 1), none_logit)], -1)
-    q = concept_targets(out.concept_probs.to(s.dtype), synthetic, s.shape[1] // out.concept_probs.shape[1])
+    probs = out.concept_probs.to(s.dtype)
+    q = concept_targets(probs, torch.full(probs.shape[:1], synthetic, device=probs.device), s.shape[1] // probs.shape[1])
     return -(q * s.log_softmax(-1)).sum(-1).mean()
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from encoder.errors import UserError
-from encoder.video_io import read_video, sample_clip_path
+from encoder.video_io import read_video, sample_clip_path, write_video
 
 VIDEOS = ("bigbuckbunny", "bikes", "carphone_pristine", "carphone_distorted")
 PHOTOS = ("china.jpg", "flower.jpg")
@@ -99,8 +99,6 @@ def write_real_clips(out_dir: str | Path, n: int, seed: int, *, num_frames: int,
     weaker than `confident`, and a question about shapes answered `NO_SHAPES` (real footage has none);
     then `made_up` records over the same clips that give made-up concepts (the record's ``concepts``)
     of random classes, answered the same way. Returns the records."""
-    from encoder.video_io import write_video
-
     out = Path(out_dir)
     (out / "real" / "videos").mkdir(parents=True, exist_ok=True)
     records = []
