@@ -586,16 +586,16 @@ class Ground(Recipe):
             if not group:
                 continue
             clips = [make(s) for s in group]
+            pixels = _pixels([c[0] for c in clips], self.size)
             given = None
             if kind == "real" and cfg.random_concepts:  # made-up concepts for some: the pass-through for every class
                 g = torch.Generator().manual_seed(int(group[0]))
                 made_up = torch.rand(len(group), generator=g) < cfg.random_concepts
                 if made_up.any():
-                    given = classify_frames(_pixels([c[0] for c in clips], self.size), cfg.concept_frames, self.size)
+                    given = classify_frames(pixels, cfg.concept_frames, self.size)
                     given = given.index_select(1, nearest_concept_frame(len(clips[0][0]), cfg.concept_frames))
                     given[made_up] = random_concepts(int(made_up.sum()), len(clips[0][0]), g)
-            z, out = model.encode_video(_pixels([c[0] for c in clips], self.size).to(device),
-                                        None if given is None else given.to(device))  # (b, K, D_llm)
+            z, out = model.encode_video(pixels.to(device), None if given is None else given.to(device))  # (b, K, D_llm)
             if cfg.concepts:
                 ce_concept = concept_loss(self.engine.unwrap(model).projector, out, kind == "short", cfg.none_logit)
                 loss = loss + cfg.concept_weight * ce_concept * len(group) / cfg.batch_size
