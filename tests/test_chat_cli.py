@@ -37,7 +37,7 @@ def test_no_video_question_is_answered_by_smollm2_and_nothing_else_is_printed(ll
     from videollm.modeling_videollm import DEFAULT_WEIGHTS
 
     scope = json.loads((DEFAULT_WEIGHTS / "config.json").read_text())["scope"]
-    assert "real-world objects" in scope and r.stderr.splitlines() == [f"note: {scope}"]
+    assert "synthetic" in scope and "--model" in scope and r.stderr.splitlines() == [f"note: {scope}"]
     r = chat(["--verbose", "--no-video", "What is the capital of France?", "--max-new-tokens", "4"], llm_cache)
     assert r.returncode == 0 and "Loading weights" in r.stderr  # --verbose lets the libraries talk
 

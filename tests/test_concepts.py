@@ -136,6 +136,12 @@ def test_a_videollm_with_concepts_saves_and_loads(tmp_path):
     x = torch.randn(1, 3, 4, 64, 64)
     feats = model.get_video_features(x)
     assert feats.shape == (1, 4 * 4, 16)
+    # frames are fed at the stem's size by default and the patch stems see them at img_size, so the
+    # prompt holds as many <video> placeholders as the tokens the encoder gives at any input size
+    assert model.config.input_size == 64 and model.config.frame_grid(64, 64) == (4, 4) == model.config.frame_grid(96, 96)
+    assert model.config.num_video_tokens(4, 64, 64) == feats.shape[1]
+    inputs = processor([{"role": "user", "content": "<video> cat"}], video=np.zeros((4, 80, 80, 3), np.uint8))
+    assert inputs["pixel_values"].shape[-1] == 64 and int((inputs["input_ids"] == processor.video_token_id).sum()) == 16
     save_videollm(model, processor, tmp_path)
     again, _ = load_videollm(tmp_path, num_frames=4)
     assert again.config.projector_config.concepts[:2] == ["cat", "cup"]

@@ -216,9 +216,20 @@ class VideoLLMConfig(PretrainedConfig):
         out["projector_config"] = asdict(self.projector_config)
         return out
 
+    @property
+    def input_size(self) -> int:
+        """The side frames are fed at by default: the concept stem's (``concept_size``) when the encoder
+        has one, since its classifier reads them there, else the encoder's ``img_size``."""
+        vision = self.vision_config
+        return vision.concept_size if getattr(vision, "concept_frames", 0) else vision.img_size
+
     def frame_grid(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w): the patch grid of one frame of height × width pixels."""
+        """(h, w): the patch grid of one frame of height × width pixels. With a concept stem the patch
+        stems see every frame resized to ``img_size``, whatever the input's size."""
         P = self.vision_config.patch_size
+        if getattr(self.vision_config, "concept_frames", 0):
+            side = self.vision_config.img_size // P
+            return side, side
         if height % P or width % P:
             raise ValueError(f"frame size {height}x{width} must be a multiple of the patch size {P}")
         return height // P, width // P

@@ -65,7 +65,7 @@ def time_line(timestamps: list[float], duration: float | None) -> str:
 class VideoLLMProcessor:
     """Turns (video, conversation) into ``input_ids``/``attention_mask``/``pixel_values``.
 
-    image_size: square side S (default: the encoder's). use_time_line: "The video lasts …" after the
+    image_size: square side S (default: the encoder's, its concept stem's with one). use_time_line: "The video lasts …" after the
     video tokens. system_prompt: put first when a conversation has none; None leaves it to the chat
     template (SmolLM2's adds a ~20-token default), "" gives an empty one (shorter prompts).
     """
@@ -78,7 +78,7 @@ class VideoLLMProcessor:
         if num_frames < 1:
             raise UserError(f"num_frames must be >= 1; got {num_frames}")
         self.tokenizer, self.config, self.num_frames = tokenizer, config, num_frames
-        self.image_size = image_size or config.vision_config.img_size
+        self.image_size = image_size or config.input_size
         config.frame_grid(self.image_size, self.image_size)  # validates against the patch size
         self.use_time_line = use_time_line
         self.mean = tuple(mean or CLIP_MEAN)
