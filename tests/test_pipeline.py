@@ -139,6 +139,8 @@ def test_eval_commands_score_by_likelihood_only_when_asked(tmp_path):
     assert both["open_text"][2] == "eval.open_ended"
     cfg.eval.likelihood = False
     assert set(eval_commands(cfg, tmp_path / "model", tmp_path / "eval")) == {"mc", "niah", "open_text"}
+    cfg.data.real_clips = 8  # trained on real footage: our held-out real sources are evaluated too
+    assert set(eval_commands(cfg, tmp_path / "model", tmp_path / "eval")) == {"mc", "niah", "open_text", "real"}
 
 
 def test_missed_targets():
@@ -148,6 +150,12 @@ def test_missed_targets():
     bad = {**good, "niah_accuracy": {"64": 0.8, "256": 0.5}, "text_ok": False}
     assert len(missed_targets(bad, Targets())) == 2
     assert missed_targets(good, Targets(mc_accuracy=0.95)) == ["mc_accuracy 0.900 < 0.95"]
+    # honesty on our held-out real footage: no reply with synthetic-world words, and it must be measured
+    real = Targets(real_no_synthetic=True)
+    assert missed_targets(good, real) == ["real_no_synthetic needs the real-footage evaluation (data.real_clips > 0)"]
+    assert missed_targets({**good, "real_with_synthetic_words": 0, "real_n": 8}, real) == []
+    assert missed_targets({**good, "real_with_synthetic_words": 1, "real_n": 8}, real) == [
+        "1 of 8 held-out real clips got replies with synthetic-world words (eval.real_footage)"]
 
 
 def test_model_card_reads_the_model_config_and_the_metrics():
@@ -168,7 +176,7 @@ def test_model_card_reads_the_model_config_and_the_metrics():
     assert '"none"' not in line and "word_anchor" in line
     assert "motion stem" in next(x for x in card().splitlines() if x.startswith("- encoder:"))
     # what the model knows (the config's `scope`, set from the pipeline's `scope`), under its own heading
-    assert f"## What it knows\n\n{cfg.scope}\n" in card() and "real-world objects" in cfg.scope
+    assert f"## What it knows\n\n{cfg.scope}\n" in card() and "synthetic" in cfg.scope and "--model" in cfg.scope
     assert model_config["scope"] == cfg.scope  # the shipped config says what the pipeline file says
     del model_config["scope"]
     assert "## What it knows\n\nNot stated.\n" in card()

@@ -145,6 +145,7 @@ class Targets:
     open_accuracy: float = 0.70
     niah_accuracy: float = 0.70  # at every haystack length
     text_ok: bool = True  # the first text check (`TEXT_CHECKS`: "What is the capital of France?") is answered
+    real_no_synthetic: bool = False  # no reply on our held-out real footage names the synthetic world (needs data.real_clips)
 
 
 @dataclass
@@ -414,7 +415,7 @@ def encoder_gain(out: Path) -> dict[str, dict[str, float]] | None:
 
 
 EVAL_RESULTS = {"mc": "results.json", "mc_likelihood": "results.json", "niah": "niah.json",
-                "niah_likelihood": "niah.json", "open_text": "open_text.json"}
+                "niah_likelihood": "niah.json", "open_text": "open_text.json", "real": "real.json"}
 
 
 def eval_commands(cfg: PipelineConfig, model_dir: Path, ev: Path) -> dict[str, list[str]]:
@@ -436,8 +437,11 @@ def eval_commands(cfg: PipelineConfig, model_dir: Path, ev: Path) -> dict[str, l
     if e.likelihood:
         cmds |= {"mc_likelihood": mc("mc_likelihood", likelihood), "niah_likelihood": niah("niah_likelihood", likelihood)}
     cmds["open_text"] = py + ["eval.open_ended", "--model", str(model_dir), "--seed", str(e.qa_seed),
-                              "--n", str(e.open_n), "--frames", str(e.frames), "--size", str(cfg.data.size),
+                              "--n", str(e.open_n), "--frames", str(e.frames),
                               *generate, "--out", str(ev / "open_text")]
+    if cfg.data.real_clips:  # trained on real footage: our held-out real sources too
+        cmds["real"] = py + ["eval.real_footage", "--model", str(model_dir), "--frames", str(e.frames),
+                             "--out", str(ev / "real")]
     return cmds
 
 
@@ -461,6 +465,9 @@ def collect_metrics(runs: dict[str, dict]) -> dict:
         "text_ok": opn["text_ok"], "text_reply": opn["text_reply"],
         "text_accuracy": opn["text_accuracy"], "text_n": opn["text_n"], "text_base_accuracy": opn["text_base_accuracy"],
     }
+    if "real" in runs:
+        real = runs["real"]
+        metrics |= {f"real_{k}": real[k] for k in ("n", "with_synthetic_words", "named", "named_of", "hedged")}
     if "mc_likelihood" in runs:
         metrics |= {"mc_likelihood_accuracy": runs["mc_likelihood"]["accuracy"],
                     "mc_likelihood_per_category": per_category(runs["mc_likelihood"]),
@@ -498,6 +505,11 @@ def missed_targets(metrics: dict, targets: Targets) -> list[str]:
                for f, a in metrics["niah_accuracy"].items() if a < targets.niah_accuracy]
     if targets.text_ok and not metrics["text_ok"]:
         missed.append(f"text-only answer {metrics['text_reply']!r} does not mention {TEXT_CHECKS[0][1]!r}")
+    if targets.real_no_synthetic and "real_with_synthetic_words" not in metrics:
+        missed.append("real_no_synthetic needs the real-footage evaluation (data.real_clips > 0)")
+    elif targets.real_no_synthetic and metrics["real_with_synthetic_words"]:
+        missed.append(f"{metrics['real_with_synthetic_words']} of {metrics['real_n']} held-out real clips got "
+                      "replies with synthetic-world words (eval.real_footage)")
     return missed
 
 
@@ -584,6 +596,13 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
     if metrics.get("text_accuracy") is not None:
         rows.append((f"text only: {metrics['text_n']} held-out factual questions (capitals, authors, …)",
                      _pct(metrics["text_accuracy"]), f"the base LLM's {_pct(metrics.get('text_base_accuracy'))}"))
+    if "real_n" in metrics:  # `eval.real_footage` on our held-out real sources
+        n = metrics["real_n"]
+        rows += [(f"real footage held out ({', '.join(REAL_HELDOUT)}; {n} clips): replies with synthetic-world words",
+                  f"{metrics['real_with_synthetic_words']} of {n}", "0"),
+                 ("… subject named (an ImageNet top-5 word)", f"{metrics['real_named']} of {metrics['real_named_of']}",
+                  "reported"),
+                 ("… hedged in words", f"{metrics['real_hedged']} of {n}", "reported")]
 
     if d.records == "short":
         records = (f"per synthetic clip every question once, open or multiple-choice at random, {d.qa_turns} per "
