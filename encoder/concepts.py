@@ -34,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoder.teacher import EfficientNetTeacher
-from encoder.transforms import CLIP_MEAN, CLIP_STD
 
 NUM_CONCEPTS = 1000  # ImageNet-1k, `encoder.teacher.imagenet_class_names` order
 
@@ -64,13 +63,8 @@ def classify_frames(pixel_values: torch.Tensor, frames: int, size: int) -> torch
     probabilities at the concept frames, (B, M, C)."""
     B, _, T, H, W = pixel_values.shape
     ids = concept_frame_ids(T, frames).to(pixel_values.device)
-    x = pixel_values.index_select(2, ids).transpose(1, 2).reshape(-1, 3, H, W).float()  # (B·M, 3, H, W)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x * std + mean).clamp(0, 1)
-    if (H, W) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=H > size)
-    teacher = _classifier(str(x.device))
+    teacher = _classifier(str(pixel_values.device))
+    x = teacher.images(pixel_values.index_select(2, ids), size, antialias=H > size)  # (B·M, 3, S, S) in [0, 1]
     logits = teacher.net(teacher.normalise(x))  # TF-style input, as it was trained
     return logits.float().softmax(-1).reshape(B, len(ids), -1)
 

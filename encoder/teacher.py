@@ -90,20 +90,22 @@ class Teacher(nn.Module):
                 "std": [round(float(v), 6) for v in self.student_std.flatten()]}
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
-    def _images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) student-normalised → (B·T, 3, S, S) in [0, 1] at the teacher's size."""
+    def images(self, pixel_values: torch.Tensor, size: int | None = None, antialias: bool = False) -> torch.Tensor:
+        """(B, 3, T, H, W) student-normalised → (B·T, 3, S, S) in [0, 1] at side S = ``size`` (default:
+        the teacher's); ``antialias`` when shrinking."""
         B, C, T, H, W = pixel_values.shape
+        S = size or self.image_size
         x = pixel_values.transpose(1, 2).reshape(B * T, C, H, W).float()  # (B·T, 3, H, W)
         x = (x * self.student_std + self.student_mean).clamp(0, 1)
-        if (H, W) != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        if (H, W) != (S, S):
+            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=antialias)
         return x
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """(B, 3, T, H, W) → per-frame features at the student's grid (B, T, h·w, F), unit norm."""
         B, T = pixel_values.shape[0], pixel_values.shape[2]
-        fmap = self._frame_features(self._images(pixel_values))  # (B·T, F, s, s)
+        fmap = self._frame_features(self.images(pixel_values))  # (B·T, F, s, s)
         return to_grid(fmap, grid_hw).reshape(B, T, -1, fmap.shape[1])  # (B, T, h·w, F)
 
     @torch.no_grad()
@@ -112,7 +114,7 @@ class Teacher(nn.Module):
         if self.class_names is None:
             return None
         B, T = pixel_values.shape[0], pixel_values.shape[2]
-        logits = self._frame_logits(self._images(pixel_values))  # (B·T, C)
+        logits = self._frame_logits(self.images(pixel_values))  # (B·T, C)
         return logits.float().softmax(-1).reshape(B, T, -1)
 
     def _frame_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ def test_normalisation_is_tf_style(teacher):
     """Student-normalised input → [0, 1] → (x·255 − 127)/128, the range the weights were trained on."""
     x01 = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 1, 8, 8)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1)
-    images = teacher._images((x01 - mean) / std)  # (1, 3, 224, 224) in [0, 1]
+    images = teacher.images((x01 - mean) / std)  # (1, 3, 224, 224) in [0, 1]
     assert torch.allclose(images[0, :, 0, 0], torch.tensor([0.0, 0.5, 1.0]), atol=1e-5)
     tf = EfficientNetTeacher.normalise(images)[0, :, 0, 0]
     assert torch.allclose(tf, torch.tensor([-127 / 128, 0.5 / 128, 1.0]), atol=1e-4)
