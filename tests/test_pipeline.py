@@ -180,6 +180,10 @@ def test_model_card_reads_the_model_config_and_the_metrics():
     assert model_config["scope"] == cfg.scope  # the shipped config says what the pipeline file says
     del model_config["scope"]
     assert "## What it knows\n\nNot stated.\n" in card()
+    # the concept stem and the real footage are described when the model and the data have them
+    model_config["vision_config"]["concept_frames"] = 0
+    model_config["projector_config"].pop("concepts", None)
+    cfg.data.real_clips = cfg.data.concept_records = 0
     assert "concept stem" not in card() and "real footage" not in card()
     model_config["vision_config"].update(concept_frames=4, concept_size=128)
     model_config["projector_config"]["concepts"] = ["tench"] * 1000
