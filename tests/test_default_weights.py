@@ -38,7 +38,6 @@ def test_shipped_model_gives_its_recorded_answers(shipped):
     """The default loads as trained weights (not the random fallback) and replies to the first
     held-out open-ended questions and the text question exactly as the shipped evaluation recorded."""
     from eval.open_ended import open_samples
-    from videollm.chat import generate_stream
 
     import yaml
 
@@ -49,15 +48,11 @@ def test_shipped_model_gives_its_recorded_answers(shipped):
     run = yaml.safe_load((DEFAULT_WEIGHTS / "pipeline_config.yaml").read_text())
     samples = open_samples(run["eval"]["qa_seed"], len(recorded), run["eval"]["frames"], run["data"]["size"])
 
-    def ask(video, question, n):
-        return "".join(generate_stream(model, processor, video, [{"role": "user", "content": question}],
-                                       max_new_tokens=n, temperature=0.0)).strip()
-
-    replies = [ask(s["frames"], s["question"], run["eval"]["max_new_tokens"]) for s in samples]
+    replies = [_ask(model, processor, s["frames"], s["question"], run["eval"]["max_new_tokens"]) for s in samples]
     assert [s["question"] for s in samples] == [r["question"] for r in recorded]
     assert replies == [r["reply"] for r in recorded]
     assert sum(r["correct"] for r in recorded) >= 8
-    assert "Paris" in ask(None, "What is the capital of France?", 32)
+    assert "Paris" in _ask(model, processor, None, "What is the capital of France?", 32)
 
 
 def test_needle_readout_reads_the_needle_frame(shipped):

@@ -228,8 +228,7 @@ class VideoLLMConfig(PretrainedConfig):
         stems see every frame resized to ``img_size``, whatever the input's size."""
         P = self.vision_config.patch_size
         if getattr(self.vision_config, "concept_frames", 0):
-            side = self.vision_config.img_size // P
-            return side, side
+            height = width = self.vision_config.img_size
         if height % P or width % P:
             raise ValueError(f"frame size {height}x{width} must be a multiple of the patch size {P}")
         return height // P, width // P
