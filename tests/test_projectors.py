@@ -37,22 +37,22 @@ def test_word_anchor_turns_tokens_into_the_words_they_match():
     # A token pointing along "blue"'s key, at a high temperature, becomes "blue"'s own embedding in
     # the colour group; the gate starts closed, so nothing else of the token passes.
     x = keys[1].expand(1, 1, -1).clone()
-    out = proj.anchor(x)[0, 0]
+    out = proj.anchor(x)[0][0, 0]
     shape_part = out - rows[1]
     scores = 200.0 * keys[2:] @ F.normalize(x[0, 0], dim=-1)
     p = torch.softmax(torch.cat([scores, torch.zeros(1)]), 0)[:-1]
     assert torch.allclose(shape_part, p @ rows[2:], atol=1e-4)
     # A token orthogonal to every key is the mean of each group's words with "none" (1/(n+1) each).
     orth = torch.linalg.svd(keys, full_matrices=True).Vh[-1]
-    out = proj.anchor(orth.expand(1, 1, -1))[0, 0]
+    out = proj.anchor(orth.expand(1, 1, -1))[0][0, 0]
     assert torch.allclose(out, rows[:2].sum(0) / 3 + rows[2:].sum(0) / 4, atol=1e-4)
     with torch.no_grad():
         proj.anchor_gate.fill_(0.5)
-    assert torch.allclose(proj.anchor(orth.expand(1, 1, -1))[0, 0], out + 0.5 * orth, atol=1e-4)
+    assert torch.allclose(proj.anchor(orth.expand(1, 1, -1))[0][0, 0], out + 0.5 * orth, atol=1e-4)
     # forward = the general projector's output, anchored
     h = torch.randn(1, 1 + 2 * 2 * 2, 32)
     with torch.no_grad():
-        assert torch.equal(proj(h, (2, 2, 2)), proj.anchor(VideoProjector.forward(proj, h, (2, 2, 2))))
+        assert torch.equal(proj(h, (2, 2, 2)), proj.anchor(VideoProjector.forward(proj, h, (2, 2, 2)))[0])
 
 
 def test_none_logit_silences_weak_matches_and_keeps_strong_ones(tmp_path):
@@ -64,20 +64,20 @@ def test_none_logit_silences_weak_matches_and_keeps_strong_ones(tmp_path):
     strong = keys[1].expand(1, 1, -1).clone()  # along "blue"'s key: τ·cos(·, blue) = 15
     # A token that matches no word (every score 0) keeps 1 / (n + e^4) of each word, not 1 / (n + 1) …
     e4 = math.exp(4.0)
-    assert torch.allclose(proj.anchor(orth)[0, 0], rows[:2].sum(0) / (2 + e4) + rows[2:].sum(0) / (3 + e4), atol=1e-4)
+    assert torch.allclose(proj.anchor(orth)[0][0, 0], rows[:2].sum(0) / (2 + e4) + rows[2:].sum(0) / (3 + e4), atol=1e-4)
     # … while one that matches "blue" well stays "blue" in its group (softmax with "none" at 4).
     parts = []
     for group in (slice(0, 2), slice(2, 5)):
         scores = 15.0 * keys[group] @ keys[1]
         parts.append(torch.softmax(torch.cat([scores, torch.tensor([4.0])]), 0)[:-1])
     assert parts[0][1] > 0.99
-    after = proj.anchor(strong)
+    after = proj.anchor(strong)[0]
     assert torch.allclose(after[0, 0], parts[0] @ rows[:2] + parts[1] @ rows[2:], atol=1e-4)
-    assert not torch.allclose(after, plain.projector.anchor(strong))
+    assert not torch.allclose(after, plain.projector.anchor(strong)[0])
     save_videollm(model, proc, tmp_path / "m")
     loaded, _ = load_videollm(tmp_path / "m")
     assert loaded.config.projector_config.none_logit == 4.0
-    assert torch.allclose(loaded.projector.anchor(strong), after)
+    assert torch.allclose(loaded.projector.anchor(strong)[0], after)
 
 
 def test_word_anchor_saves_and_loads_with_the_projector(tmp_path):
@@ -109,6 +109,36 @@ def test_init_from_adds_an_anchor_to_a_saved_general_projector_and_keeps_its_wei
     assert float(proj.anchor_gate) == 0.0
     with pytest.raises(Exception, match="do not fit"):
         build_videollm(init_from=tmp_path / "plain", num_frames=2, projector={"spatial_merge": "concat", "spatial_pool": 2})
+
+
+def test_select_tokens_keeps_each_frames_most_named_tokens_in_raster_order(tmp_path):
+    model, proc, _ = _anchored(select_tokens=2)  # spatial_pool 1: every patch a token
+    proj = model.projector
+    with torch.no_grad():
+        proj.linear_2.bias.normal_()
+    inputs = proc([{"role": "user", "content": "<video>\nWhat?"}], video=video_frames())
+    pixels = inputs["pixel_values"]
+    out = model.vision_tower(pixels)
+    grid = tuple(out.grid)
+    with torch.no_grad():
+        full, named = proj.anchor(VideoProjector.forward(proj, out.last_hidden_state, grid, out.stem_states))
+        picked = proj(out.last_hidden_state, grid, out.stem_states)
+    T, k = grid[0], grid[1] * grid[2]
+    assert k > 2 and picked.shape == (1, T * 2, full.shape[-1])
+    assert picked.shape[1] == model.config.num_video_tokens(T, *pixels.shape[-2:]) == int(inputs["input_ids"].eq(
+        model.config.video_token_id).sum())
+    for t in range(T):
+        frame = named[0, t * k:(t + 1) * k].tolist()
+        top = sorted(sorted(range(k), key=lambda i: -frame[i])[:2])
+        assert torch.equal(picked[0, t * 2:(t + 1) * 2], full[0, [t * k + i for i in top]])
+    # The processor expands <video> to as many placeholders as the projector gives, so a forward runs,
+    # and the setting round-trips.
+    save_videollm(model, proc, tmp_path / "m")
+    loaded, _ = load_videollm(tmp_path / "m")
+    assert loaded.config.projector_config.select_tokens == 2
+    assert torch.equal(_logits(model, inputs), _logits(loaded, inputs))
+    with pytest.raises(ValueError, match="select_tokens"):
+        WordAnchorProjectorConfig(words=[["red"]], select_tokens=0)
 
 
 @pytest.mark.parametrize("bad", [[], [[]], [["red", ""]], "red", [["red"], "blue"]])

@@ -102,6 +102,7 @@ class FinetuneConfig(RecipeConfig):
     train_encoder: bool = False
     word_anchor: list[str] = field(default_factory=list)  # word groups to anchor the tokens in: colors, shapes, motions
     anchor_none_logit: float = 0.0  # the anchor's "none" logit (grounding's none_logit)
+    anchor_select: int | None = None  # the anchor keeps each frame's k tokens that name an object most (select_tokens)
     quant: str = "none"  # none | 4bit
     gradient_checkpointing: bool = False
     loss_logits_only: bool = False  # LM-head logits only at labelled positions (same loss, less compute)
@@ -146,7 +147,7 @@ def build_model(cfg: FinetuneConfig):
     # The projector keys for a new model; with init_from, only a word anchor to add (when asked for
     # and the saved model has none).
     anchor = {"type": "word_anchor", "words": [list(WORD_GROUPS[g]) for g in cfg.word_anchor],
-              "none_logit": cfg.anchor_none_logit} if cfg.word_anchor else {}
+              "none_logit": cfg.anchor_none_logit, "select_tokens": cfg.anchor_select} if cfg.word_anchor else {}
     if cfg.init_from is None:
         projector = {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
                      "stem_skip": cfg.stem_skip, "max_video_tokens": cfg.max_video_tokens, **anchor}
@@ -189,7 +190,9 @@ def build_model(cfg: FinetuneConfig):
         if cfg.precision == "bf16" and cfg.quant != "4bit":
             n = frozen_linears_to(model.language_model, torch.bfloat16)
             logger.info("stage 2: %d frozen linear layers of the LLM stored in bf16", n)
-    model.projector.requires_grad_(True)
+    # Stage 1 trains the projector; stage 2 as well unless its lr is 0, where it would only cost a backward pass
+    # (and its gradients would still count in the clipped norm).
+    model.projector.requires_grad_(cfg.stage == 1 or cfg.optim.projector_lr != 0)
     model.loss_logits_only = cfg.loss_logits_only
     return model, processor
 

@@ -6,8 +6,10 @@ expand ``<video>`` to exactly as many placeholders as the projector makes featur
     encoder grid (T, h, w)          h = H / P, w = W / P
     spatial pooling per frame   →   k tokens per frame:  ceil(h / s) · ceil(w / s)   (spatial_pool = s)
                                                           or tokens_per_frame        (adaptive, a square)
-    temporal pooling            →   T' = min(T, max_video_tokens // k)   (only when T·k exceeds the budget)
-    + 1 if use_cls_token        →   K = T'·k (+ 1)
+    salient tokens (word anchor) →  k' = min(k, select_tokens): the k' tokens of each frame that name
+                                    an object most, in raster order (all k without select_tokens)
+    temporal pooling            →   T' = min(T, max_video_tokens // k')  (only when T·k' exceeds the budget)
+    + 1 if use_cls_token        →   K = T'·k' (+ 1)
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ class VideoProjectorConfig:
         s = self.spatial_pool
         return math.ceil(h / s), math.ceil(w / s)
 
+    def kept_per_frame(self, k: int) -> int:
+        """How many of a frame's k pooled tokens reach the LLM (all of them here)."""
+        return k
+
     def pooled_frames(self, num_frames: int, k: int) -> int:
         """T': the frame count after temporal pooling to the ``max_video_tokens`` budget."""
         if self.max_video_tokens is None or num_frames * k <= self.max_video_tokens:
@@ -99,7 +105,8 @@ class VideoProjectorConfig:
     def num_tokens(self, num_frames: int, h: int, w: int) -> int:
         """K: the projector's output tokens for an encoder grid (num_frames, h, w)."""
         kh, kw = self.tokens_per_frame_for(h, w)
-        return self.pooled_frames(num_frames, kh * kw) * kh * kw + int(self.use_cls_token)
+        k = self.kept_per_frame(kh * kw)
+        return self.pooled_frames(num_frames, k) * k + int(self.use_cls_token)
 
 
 @dataclass
@@ -109,6 +116,10 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
     logit b; with b > 0 a word needs τ·cos > b to take much of a token, so weak matches carry almost none.
     concepts: the words of the encoder's concept stem, in its class order (e.g. the 1000 ImageNet
     lemmas); each token also becomes the mix of their embeddings its concept logits give. [] = none.
+    select_tokens: keep only this many tokens of each frame, those that name an object most (the
+        least "none" weight over the word groups), in raster order. With ``spatial_pool: 1`` each
+        object keeps a token of its own at the token cost of 2×2 pooling, where a pooled token mixes
+        the words of every object in its window ("red", "blue", "circle", "left", …: whose motion?).
     """
 
     projector_type = "word_anchor"
@@ -117,6 +128,10 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
     temperature: float = 15.0
     none_logit: float = 0.0
     concepts: list[str] = field(default_factory=list)
+    select_tokens: int | None = None
+
+    def kept_per_frame(self, k: int) -> int:
+        return k if self.select_tokens is None else min(k, self.select_tokens)
 
     def __post_init__(self):
         super().__post_init__()
@@ -129,6 +144,8 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
              f"temperature must be > 0; got {self.temperature!r}"),
             (_is_number(self.none_logit) and math.isfinite(self.none_logit),
              f"none_logit must be a finite number; got {self.none_logit!r}"),
+            (self.select_tokens is None or _is_int(self.select_tokens),
+             f"select_tokens must be an integer >= 1 or None; got {self.select_tokens!r}"),
         ])
         _check([(isinstance(self.concepts, (list, tuple)) and all(isinstance(x, str) and x for x in self.concepts),
                  f"concepts must be a list of words; got {self.concepts!r}")])

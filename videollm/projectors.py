@@ -7,6 +7,7 @@
       → linear_1 (+ stem_proj of the stem, max-pooled)  → act → linear_2      (B, K, D_llm)
       → "word_anchor" only: Σ_groups softmax(τ·cos(x, keys) ∪ {none}) · values + gate · x
                             [+ softmax(the encoder's concept logits, pooled alike ∪ {none}) · concept values]
+                            [→ select_tokens: each frame's k' tokens with the least "none" weight]  (B, T'·k', D_llm)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class VideoProjector(nn.Module):
             x = F.avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False)  # (B·T, D, kh, kw)
         k = kh * kw
         x = x.reshape(B, T, D, k).permute(0, 1, 3, 2)  # (B, T, k, D)
-        T_out = cfg.pooled_frames(T, k)
+        T_out = cfg.pooled_frames(T, cfg.kept_per_frame(k))  # the budget counts the tokens the LLM gets
         if T_out != T:
             # Average neighbouring frames (adaptive windows) so every frame still contributes.
             x = x.permute(0, 2, 3, 1).reshape(B, k * D, T)  # (B, k·D, T)
@@ -141,28 +142,48 @@ class WordAnchorProjector(VideoProjector):
         """(B, K, n): which words a video's tokens name, read without the LLM."""
         return self.anchor_scores(super().forward(hidden_states, grid, stem_states))
 
-    def anchor(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, K, D_llm) → Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: b})·values_g + gate·x."""
+    def anchor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, K, D_llm) → (Σ_groups softmax(τ·cos(x, keys_g) ∪ {none: b})·values_g + gate·x,
+        how much each token names an object (B, K): the word weight summed over groups, none left out)."""
         scores = self.anchor_scores(x)  # (B, K, n)
         out = self.anchor_gate.to(x.dtype) * x
+        named = x.new_zeros(x.shape[:-1])
         start = 0
         for group in self.config.words:
             s = scores[..., start:start + len(group)]  # (B, K, |g|)
             none = s.new_full((*s.shape[:-1], 1), self.config.none_logit)
             p = torch.softmax(torch.cat([s, none], dim=-1), dim=-1)[..., :-1]  # (B, K, |g|)
             out = out + p @ self.anchor_values[start:start + len(group)].to(x.dtype)
+            named = named + p.sum(-1)
             start += len(group)
-        return out
+        return out, named
+
+    def select(self, tokens: torch.Tensor, named: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """tokens (B, [1 +] T'·k, D), named (B, [1 +] T'·k) → (B, [1 +] T'·k', D): each frame's
+        ``select_tokens`` tokens that name an object most, in raster order (ties: the earlier one)."""
+        cfg = self.config
+        kh, kw = cfg.tokens_per_frame_for(*grid[1:])
+        k, kept = kh * kw, cfg.kept_per_frame(kh * kw)
+        if kept == k:
+            return tokens
+        cls = int(cfg.use_cls_token)
+        B, K, D = tokens.shape
+        frames = (K - cls) // k
+        order = torch.sort(-named[:, cls:].reshape(B, frames, k).float(), dim=-1, stable=True).indices
+        keep = order[..., :kept].sort(dim=-1).values  # (B, T', k'): raster order
+        keep = (keep + torch.arange(frames, device=keep.device)[:, None] * k).reshape(B, frames * kept) + cls
+        picked = tokens.gather(1, keep[..., None].expand(-1, -1, D))  # (B, T'·k', D)
+        return torch.cat([tokens[:, :cls], picked], dim=1)
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
                 stem_states: torch.Tensor | None = None, concept_logits: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.anchor(super().forward(hidden_states, grid, stem_states))
+        out, named = self.anchor(super().forward(hidden_states, grid, stem_states))
         if self.config.concepts:
             if concept_logits is None:
                 raise ValueError("this projector anchors concepts: it needs the encoder's concept_logits "
                                  "(an encoder with a concept stem, config.concept_frames > 0)")
             out = out + self.concept_weights(concept_logits, grid) @ self.concept_values.to(out.dtype)
-        return out
+        return self.select(out, named, grid) if self.config.select_tokens else out
 
 
 PROJECTORS = {"mlp": VideoProjector, "word_anchor": WordAnchorProjector}
