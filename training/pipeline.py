@@ -50,11 +50,10 @@ import numpy as np
 import yaml
 from accelerate.utils import set_seed
 
-from encoder.concepts import classify_frames
+from encoder.concepts import clip_concepts
 from encoder.errors import UserError, run_cli
 from encoder.files import atomic_dir, atomic_write_text
 from encoder.teacher import imagenet_class_names
-from encoder.transforms import frames_to_tensor
 from encoder.video_io import SAMPLE_CLIPS, sample_clip_path
 from training.config import load_config, save_config, to_dict
 from training.finetune import FinetuneConfig
@@ -265,12 +264,9 @@ def stage_data(cfg: PipelineConfig, out: Path) -> Path:
                                   real_only=spec.needle_haystack == "real", conversations_of=needle_conversations,
                                   num_frames=spec.needle_num_frames, fps=spec.fps)
     if spec.real_clips:
-        def classify(frames: np.ndarray) -> np.ndarray:  # (T, S, S, 3) → the clip's mean concepts (C,)
-            pixels = frames_to_tensor(frames, spec.real_size)[None]
-            return classify_frames(pixels, 4, spec.real_size)[0].mean(0).numpy()
-
         records += write_real_clips(data, spec.real_clips, cfg.seed, num_frames=spec.clip_frames,
-                                    size=spec.real_size, names=imagenet_class_names(), classify=classify,
+                                    size=spec.real_size, names=imagenet_class_names(),
+                                    classify=lambda frames: clip_concepts(frames, spec.real_size).numpy(),
                                     confident=spec.real_confident, made_up=spec.concept_records, fps=spec.fps)
     pretrain_lines += [str(sample_clip_path(name)) for name in SAMPLE_CLIPS] * spec.real_repeats
     (data / "pretrain_list.csv").write_text("".join(line + "\n" for line in pretrain_lines))
