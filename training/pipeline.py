@@ -558,6 +558,8 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
         encoder_notes += (f", and a concept stem: a frozen ImageNet classifier (EfficientNet-Lite0) reads "
                           f"{vision['concept_frames']} frames per clip at {vision['concept_size']} px and each frame's "
                           "tokens carry the code of what it shows (`encoder.concepts`)")
+    pool = int(proj.get("spatial_pool", 1))
+    pooling = f"{pool}×{pool} average pooling per frame" if pool > 1 else "a token per patch"
     projector_notes = ", which also reads the encoder's conv stem (`stem_skip`)" if proj.get("stem_skip") else ""
     if model_config.get("projector_type") == "word_anchor":
         group_names = {tuple(v): k for k, v in WORD_GROUPS.items()}  # a group named where it is grounding's
@@ -568,6 +570,9 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
         if proj.get("none_logit"):
             projector_notes += (f", with a \"none\" class at logit {proj['none_logit']:g} for tokens about no object"
                                 " (`none_logit`)")
+        if proj.get("select_tokens"):
+            projector_notes += (f"; of each frame's tokens the {proj['select_tokens']} that name an object most reach "
+                                "the LLM (`select_tokens`)")
     if all(_flatten(s.overrides).get("optim.projector_lr") == 0 for s in (cfg.stage1, cfg.stage2)):
         projector_notes += "; trained in grounding only (frozen in stages 1 and 2)"
 
@@ -626,7 +631,7 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
     mc_lik = metrics.get("mc_likelihood_per_category")
     fields = {
         "base_llm": model_config.get("base_llm", "smollm2"), "encoder_notes": encoder_notes,
-        "projector_notes": projector_notes, "size": d.size, "clip_frames": d.clip_frames,
+        "projector_notes": projector_notes, "pooling": pooling, "size": d.size, "clip_frames": d.clip_frames,
         "haystack_frames": d.haystack_frames, "command": command, "seed": cfg.seed, "commands": "\n".join(commands),
         "pretrain_clips": len(TASKS) * d.clips_per_task, "real_repeats": d.real_repeats, "n_records": n_records,
         "records": records, "replay": replay + real, "qa_seed": e.qa_seed, "niah_seed": e.niah_seed,
