@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoder.teacher import EfficientNetTeacher
+from encoder.transforms import frames_to_tensor
 
 NUM_CONCEPTS = 1000  # ImageNet-1k, `encoder.teacher.imagenet_class_names` order
 
@@ -67,6 +68,12 @@ def classify_frames(pixel_values: torch.Tensor, frames: int, size: int) -> torch
     x = teacher.images(pixel_values.index_select(2, ids), size, antialias=H > size)  # (B·M, 3, S, S) in [0, 1]
     logits = teacher.net(teacher.normalise(x))  # TF-style input, as it was trained
     return logits.float().softmax(-1).reshape(B, len(ids), -1)
+
+
+def clip_concepts(frames, size: int, frames_read: int = 4) -> torch.Tensor:
+    """uint8 (T, h, w, 3) frames → the clip's concepts (C,): the classifier's probabilities at
+    ``frames_read`` concept frames, read at ``size`` px, averaged."""
+    return classify_frames(frames_to_tensor(frames, size)[None], frames_read, size)[0].mean(0)
 
 
 def random_concepts(batch: int, num_frames: int, generator: torch.Generator | None = None,

@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from encoder.concepts import classify_frames
+from encoder.concepts import clip_concepts
 from encoder.errors import UserError, run_cli
 from encoder.files import atomic_write_text
 from encoder.teacher import imagenet_lemmas
-from encoder.transforms import frames_to_tensor
 from encoder.video_io import read_video
 from videollm.chat import generate_stream
 from videollm.data.real import HELDOUT, SHAPE_QUESTIONS, camera_clip, load_source
@@ -87,7 +86,7 @@ def read_input(path: Path, num_frames: int) -> np.ndarray:
 def reference_subject(frames: np.ndarray, k: int = 5) -> list[str]:
     """What an ImageNet model can name in a clip: the lemmas of the classifier's top-k classes at
     224 px, read on 4 frames."""
-    probs = classify_frames(frames_to_tensor(frames, 224)[None], 4, 224)[0].mean(0)
+    probs = clip_concepts(frames, 224)
     lemmas = imagenet_lemmas()
     return [lemma for c in probs.topk(k).indices.tolist() for lemma in lemmas[c]]
 

@@ -174,6 +174,13 @@ def test_model_card_reads_the_model_config_and_the_metrics():
     model_config["projector_config"]["none_logit"] = 0.0
     line = next(x for x in card().splitlines() if x.startswith("- projector:"))
     assert '"none"' not in line and "word_anchor" in line
+    # how tokens are made: 2×2 pooling, or a token per patch and the k that name an object most
+    model_config["projector_config"].update(spatial_pool=2, select_tokens=None)
+    line = next(x for x in card().splitlines() if x.startswith("- projector:"))
+    assert line.startswith("- projector: 2×2 average pooling per frame") and "select_tokens" not in line
+    model_config["projector_config"].update(spatial_pool=1, select_tokens=4)
+    line = next(x for x in card().splitlines() if x.startswith("- projector: a token per patch"))
+    assert "the 4 that name an object most reach the LLM (`select_tokens`)" in line
     assert "motion stem" in next(x for x in card().splitlines() if x.startswith("- encoder:"))
     # what the model knows (the config's `scope`, set from the pipeline's `scope`), under its own heading
     assert f"## What it knows\n\n{cfg.scope}\n" in card() and "synthetic" in cfg.scope and "--model" in cfg.scope

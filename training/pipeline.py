@@ -50,11 +50,10 @@ import numpy as np
 import yaml
 from accelerate.utils import set_seed
 
-from encoder.concepts import classify_frames
+from encoder.concepts import clip_concepts
 from encoder.errors import UserError, run_cli
 from encoder.files import atomic_dir, atomic_write_text
 from encoder.teacher import imagenet_class_names
-from encoder.transforms import frames_to_tensor
 from encoder.video_io import SAMPLE_CLIPS, sample_clip_path
 from training.config import load_config, save_config, to_dict
 from training.finetune import FinetuneConfig
@@ -265,12 +264,9 @@ def stage_data(cfg: PipelineConfig, out: Path) -> Path:
                                   real_only=spec.needle_haystack == "real", conversations_of=needle_conversations,
                                   num_frames=spec.needle_num_frames, fps=spec.fps)
     if spec.real_clips:
-        def classify(frames: np.ndarray) -> np.ndarray:  # (T, S, S, 3) → the clip's mean concepts (C,)
-            pixels = frames_to_tensor(frames, spec.real_size)[None]
-            return classify_frames(pixels, 4, spec.real_size)[0].mean(0).numpy()
-
         records += write_real_clips(data, spec.real_clips, cfg.seed, num_frames=spec.clip_frames,
-                                    size=spec.real_size, names=imagenet_class_names(), classify=classify,
+                                    size=spec.real_size, names=imagenet_class_names(),
+                                    classify=lambda frames: clip_concepts(frames, spec.real_size).numpy(),
                                     confident=spec.real_confident, made_up=spec.concept_records, fps=spec.fps)
     pretrain_lines += [str(sample_clip_path(name)) for name in SAMPLE_CLIPS] * spec.real_repeats
     (data / "pretrain_list.csv").write_text("".join(line + "\n" for line in pretrain_lines))
@@ -562,6 +558,8 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
         encoder_notes += (f", and a concept stem: a frozen ImageNet classifier (EfficientNet-Lite0) reads "
                           f"{vision['concept_frames']} frames per clip at {vision['concept_size']} px and each frame's "
                           "tokens carry the code of what it shows (`encoder.concepts`)")
+    pool = int(proj.get("spatial_pool", 1))
+    pooling = f"{pool}×{pool} average pooling per frame" if pool > 1 else "a token per patch"
     projector_notes = ", which also reads the encoder's conv stem (`stem_skip`)" if proj.get("stem_skip") else ""
     if model_config.get("projector_type") == "word_anchor":
         group_names = {tuple(v): k for k, v in WORD_GROUPS.items()}  # a group named where it is grounding's
@@ -572,6 +570,9 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
         if proj.get("none_logit"):
             projector_notes += (f", with a \"none\" class at logit {proj['none_logit']:g} for tokens about no object"
                                 " (`none_logit`)")
+        if proj.get("select_tokens"):
+            projector_notes += (f"; of each frame's tokens the {proj['select_tokens']} that name an object most reach "
+                                "the LLM (`select_tokens`)")
     if all(_flatten(s.overrides).get("optim.projector_lr") == 0 for s in (cfg.stage1, cfg.stage2)):
         projector_notes += "; trained in grounding only (frozen in stages 1 and 2)"
 
@@ -630,7 +631,7 @@ def model_card(model_config: dict, metrics: dict, cfg: PipelineConfig, command: 
     mc_lik = metrics.get("mc_likelihood_per_category")
     fields = {
         "base_llm": model_config.get("base_llm", "smollm2"), "encoder_notes": encoder_notes,
-        "projector_notes": projector_notes, "size": d.size, "clip_frames": d.clip_frames,
+        "projector_notes": projector_notes, "pooling": pooling, "size": d.size, "clip_frames": d.clip_frames,
         "haystack_frames": d.haystack_frames, "command": command, "seed": cfg.seed, "commands": "\n".join(commands),
         "pretrain_clips": len(TASKS) * d.clips_per_task, "real_repeats": d.real_repeats, "n_records": n_records,
         "records": records, "replay": replay + real, "qa_seed": e.qa_seed, "niah_seed": e.niah_seed,
