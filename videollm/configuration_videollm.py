@@ -94,7 +94,9 @@ class VideoProjectorConfig:
         return k
 
     def pooled_frames(self, num_frames: int, k: int) -> int:
-        """T': the frame count after temporal pooling to the ``max_video_tokens`` budget."""
+        """T': the frame count after temporal pooling to the ``max_video_tokens`` budget, for k pooled
+        tokens a frame (the budget counts those that reach the LLM, `kept_per_frame`)."""
+        k = self.kept_per_frame(k)
         if self.max_video_tokens is None or num_frames * k <= self.max_video_tokens:
             return num_frames
         if k > self.max_video_tokens:
@@ -105,8 +107,7 @@ class VideoProjectorConfig:
     def num_tokens(self, num_frames: int, h: int, w: int) -> int:
         """K: the projector's output tokens for an encoder grid (num_frames, h, w)."""
         kh, kw = self.tokens_per_frame_for(h, w)
-        k = self.kept_per_frame(kh * kw)
-        return self.pooled_frames(num_frames, k) * k + int(self.use_cls_token)
+        return self.pooled_frames(num_frames, kh * kw) * self.kept_per_frame(kh * kw) + int(self.use_cls_token)
 
 
 @dataclass

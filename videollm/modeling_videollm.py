@@ -131,7 +131,7 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
             w = w[:, 1:]
         B, K, C = w.shape
         kh, kw = self.projector.config.tokens_per_frame_for(*out.grid[1:])
-        frames = self.projector.config.pooled_frames(out.grid[0], self.projector.config.kept_per_frame(kh * kw))
+        frames = self.projector.config.pooled_frames(out.grid[0], kh * kw)
         per_frame = w.reshape(B, frames, K // frames, C).mean(2)  # (B, T', C)
         top = per_frame.topk(k, dim=-1)
         return [[[(words[int(i)], round(float(v), 3)) for v, i in zip(vs, ids)] for vs, ids in zip(clip_v, clip_i)]

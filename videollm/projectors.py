@@ -59,7 +59,7 @@ class VideoProjector(nn.Module):
             x = F.avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False)  # (B·T, D, kh, kw)
         k = kh * kw
         x = x.reshape(B, T, D, k).permute(0, 1, 3, 2)  # (B, T, k, D)
-        T_out = cfg.pooled_frames(T, cfg.kept_per_frame(k))  # the budget counts the tokens the LLM gets
+        T_out = cfg.pooled_frames(T, k)
         if T_out != T:
             # Average neighbouring frames (adaptive windows) so every frame still contributes.
             x = x.permute(0, 2, 3, 1).reshape(B, k * D, T)  # (B, k·D, T)
