@@ -222,10 +222,6 @@ def test_real_clip_records_name_the_subject_hedge_when_unsure_and_see_no_shapes(
         top = max(r["concepts"], key=r["concepts"].get)
         expected = name_reply(top) if r["concepts"][top] >= 0.25 else HEDGE
         assert r["conversations"][1]["value"] == expected and (tmp_path / r["video"]).is_file()
-    # Made-up concepts teach the hedge too: a good share of them are too weak to name.
-    many = write_real_clips(tmp_path / "many", 1, 0, num_frames=4, size=32, names=names, classify=classify, made_up=60)
-    hedged = sum(r["conversations"][1]["value"] == HEDGE for r in many[1:])
-    assert 12 <= hedged <= 36, hedged
 
 
 def test_the_real_footage_check_reads_replies_as_a_user_would():

@@ -190,9 +190,7 @@ def build_model(cfg: FinetuneConfig):
         if cfg.precision == "bf16" and cfg.quant != "4bit":
             n = frozen_linears_to(model.language_model, torch.bfloat16)
             logger.info("stage 2: %d frozen linear layers of the LLM stored in bf16", n)
-    # Stage 1 trains the projector; stage 2 as well unless its lr is 0, where it would only cost a backward pass
-    # (and its gradients would still count in the clipped norm).
-    model.projector.requires_grad_(cfg.stage == 1 or cfg.optim.projector_lr != 0)
+    model.projector.requires_grad_(True)
     model.loss_logits_only = cfg.loss_logits_only
     return model, processor
 

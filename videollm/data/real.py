@@ -98,8 +98,7 @@ def write_real_clips(out_dir: str | Path, n: int, seed: int, *, num_frames: int,
     (`classify(frames) → (C,)` probabilities, the model's own classifier) or the hedge when it is
     weaker than `confident`, and a question about shapes answered `NO_SHAPES` (real footage has none);
     then `made_up` records over the same clips that give made-up concepts (the record's ``concepts``)
-    of 1–3 random classes holding 10–100 % of the mass, answered the same way (about a quarter hedge).
-    Returns the records."""
+    of random classes, answered the same way. Returns the records."""
     out = Path(out_dir)
     (out / "real" / "videos").mkdir(parents=True, exist_ok=True)
     records = []
@@ -119,11 +118,9 @@ def write_real_clips(out_dir: str | Path, n: int, seed: int, *, num_frames: int,
         records.append({"id": f"real_{seed}_{i}", "video": rel, "conversations": turns})
     for j in range(int(made_up)):
         rng = np.random.default_rng([seed, 17, j])
-        k = int(rng.integers(1, 4))
+        k = int(rng.integers(1, 3))
         classes = rng.choice(len(names), k, replace=False)
-        # 10–100 % of the mass: about a quarter of them too weak to name, so the hedge is learnt from
-        # what the tokens say, not only from the few real clips the classifier is unsure of.
-        shares = rng.dirichlet(np.ones(k)) * rng.uniform(0.1, 1.0)
+        shares = rng.dirichlet(np.ones(k)) * rng.uniform(0.3, 1.0)
         concepts = {}
         for c, share in zip(classes, shares):
             concepts[names[c]] = round(concepts.get(names[c], 0.0) + float(share), 4)
