@@ -416,10 +416,14 @@ def bimamba_plan(frames: int | None, length: int):
     return [forward, (lambda t: t[..., :1], 1, True), (per_frame, 1, True)], combine
 
 
-def _bimamba_scan_inputs(norm, frames, h, norm_weight, in_proj_weight, params):
-    """norm → in_proj → x, z → each scan's (u, delta, B, C, z), as `bimamba_plan` cuts them."""
-    xn = h if norm is None else norm(h, norm_weight)
-    x, z = F.linear(xn, in_proj_weight).transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
+def _bimamba_xz(norm, h, norm_weight, in_proj_weight):
+    """norm → in_proj: (b, l, D) → xz (b, l, 2e)."""
+    return F.linear(h if norm is None else norm(h, norm_weight), in_proj_weight)
+
+
+def _bimamba_scan_inputs(frames, xz, params):
+    """Each scan's (u, delta, B, C, z) from xz (b, l, 2e), as `bimamba_plan` cuts them."""
+    x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
     scans, combine = bimamba_plan(frames, x.shape[-1])
     inputs = []
     for select, d, reverse in scans:
@@ -444,7 +448,8 @@ class _BiMambaCPU(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, norm, frames, h, norm_weight, in_proj_weight, out_proj_weight, *params):
         with torch.no_grad():
-            inputs, scans, combine = _bimamba_scan_inputs(norm, frames, h, norm_weight, in_proj_weight, params)
+            xz = _bimamba_xz(norm, h, norm_weight, in_proj_weight)
+            inputs, scans, combine = _bimamba_scan_inputs(frames, xz, params)
             outs, states = [], []
             for (u, delta, B, C, z), (_, d, reverse) in zip(inputs, scans):
                 A, D, bias = params[7 * d + 4:7 * d + 7]
@@ -452,9 +457,8 @@ class _BiMambaCPU(torch.autograd.Function):
                                           C.float().unsqueeze(1), D, z.float(), bias, True, reverse, True)
                 outs.append(out.to(u.dtype))
                 states.append(st)
-            y = combine(outs)  # (b, e, l)
-            ctx.y_dtype = y.dtype
-            result = weight_times(out_proj_weight, y).transpose(1, 2)  # (b, l, D)
+            del inputs, xz
+            result = weight_times(out_proj_weight, combine(outs)).transpose(1, 2)  # (b, l, D)
         ctx.norm, ctx.frames = norm, frames
         ctx.save_for_backward(h, norm_weight, in_proj_weight, out_proj_weight, *params, *states)
         return result
@@ -462,41 +466,61 @@ class _BiMambaCPU(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dresult):
+        # One scan at a time, so only one direction's recomputed inputs and gradients are alive at
+        # once: each scan's gradient is taken back to xz (accumulated), then once through in_proj and the norm.
         h, norm_weight, in_proj_weight, out_proj_weight, *rest = ctx.saved_tensors
         params, states = rest[:14], rest[14:]  # 7 per direction, then a tile-start state per scan
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[2:]  # h, norm weight, in_proj, out_proj, params
         leaves = [t.detach().requires_grad_(n) if t is not None else None
                   for t, n in zip((h, norm_weight, in_proj_weight, None, *params), needs)]
-        with torch.enable_grad():
-            inputs, scans, combine = _bimamba_scan_inputs(ctx.norm, ctx.frames, leaves[0], leaves[1], leaves[2],
-                                                          leaves[4:])
-        dresult = dresult.transpose(1, 2)  # (b, D, l)
-        dy = weight_times(out_proj_weight.t().to(dresult.dtype), dresult)  # (b, e, l)
         grads = [None] * len(leaves)
-        outputs, grad_outputs, outs = [], [], []
-        for (u, delta, B, C, z), (select, d, reverse), st in zip(inputs, scans, states):
-            A, D, bias = params[7 * d + 4:7 * d + 7]
+        front = [i for i in range(3) if needs[i]]  # gradients that need d(xz)
+        with torch.enable_grad():
+            xz = _bimamba_xz(ctx.norm, *leaves[:3])  # (b, l, 2e)
+        xz_leaf = xz.detach().requires_grad_(bool(front))
+        with torch.enable_grad():
+            x, z = xz_leaf.transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
+        scans, _ = bimamba_plan(ctx.frames, x.shape[-1])
+        dresult = dresult.transpose(1, 2)  # (b, D, l)
+        half_dy = 0.5 * weight_times(out_proj_weight.t().to(dresult.dtype), dresult)  # (b, e, l): each scan's share
+        dxz = None
+
+        def add(i, g):
+            if g is not None:
+                grads[i] = g if grads[i] is None else grads[i] + g
+
+        for (select, d, reverse), st in zip(scans, states):
+            conv_w, conv_b, x_proj_w, dt_proj_w, A, D, bias = leaves[4 + 7 * d:4 + 7 * d + 7]
+            with torch.enable_grad():
+                u, delta, B, C = ssm_scan_inputs(select(x), conv_w, conv_b, x_proj_w, dt_proj_w, A.shape[1], reverse,
+                                                 causal_conv1d_ref)
+                zi = select(z)
             du, ddelta, dA, dB, dC, dD, dz, dbias, out = _CPU_EXT.bwd(
-                u.detach().float(), delta.detach().float(), A, B.detach().float().unsqueeze(1),
-                C.detach().float().unsqueeze(1), D, z.detach().float(), bias, True, reverse, st,
-                select(0.5 * dy).float(), None, needs[3])
-            outs.append(out)
-            for i, g in ((4 + 7 * d + 4, dA), (4 + 7 * d + 5, dD), (4 + 7 * d + 6, dbias)):  # not in the graph
-                if needs[i] and g is not None:
-                    grads[i] = g if grads[i] is None else grads[i] + g
-            for t, g in ((u, du), (delta, ddelta), (B, dB.squeeze(1)), (C, dC.squeeze(1)), (z, dz)):
-                if t.requires_grad:
-                    outputs.append(t)
-                    grad_outputs.append(g.to(t.dtype))
-        if needs[3]:  # out_proj: dW = Σ_b dresult_b · y_bᵀ, y recomputed by the scans' backward
-            y = combine([o.to(ctx.y_dtype) for o in outs])  # (b, e, l)
-            grads[3] = torch.einsum("bdl,bel->de", dresult.to(y.dtype), y).to(out_proj_weight.dtype)
-        from_kernel = {4 + 7 * d + j for d in (0, 1) for j in (4, 5, 6)}  # A, D, delta_bias
-        wanted = [i for i in range(len(leaves)) if needs[i] and i != 3 and i not in from_kernel]
-        if wanted and outputs:
-            got = torch.autograd.grad(outputs, [leaves[i] for i in wanted], grad_outputs, allow_unused=True)
-            for i, g in zip(wanted, got):
-                grads[i] = g
+                u.detach().float(), delta.detach().float(), A.detach(), B.detach().float().unsqueeze(1),
+                C.detach().float().unsqueeze(1), D.detach(), zi.detach().float(), bias.detach(), True, reverse, st,
+                select(half_dy).float(), None, needs[3])
+            if needs[3]:  # out_proj: dW = Σ dresult · yᵀ over positions; y = this scan's out / 2 at its positions
+                add(3, 0.5 * torch.einsum("bdl,bel->de", select(dresult).float(), out).to(out_proj_weight.dtype))
+            for j, g in ((4, dA), (5, dD), (6, dbias)):  # A, D, delta_bias: from the kernel, not the graph
+                if needs[4 + 7 * d + j]:
+                    add(4 + 7 * d + j, g)
+            pairs = [(t, g) for t, g in ((u, du), (delta, ddelta), (B, dB.squeeze(1)), (C, dC.squeeze(1)), (zi, dz))
+                     if t.requires_grad]
+            targets = ([xz_leaf] if front else []) + [i for i in range(4 + 7 * d, 4 + 7 * d + 4) if needs[i]]
+            if pairs and targets:
+                got = torch.autograd.grad([t for t, _ in pairs], [leaves[i] if i is not xz_leaf else xz_leaf
+                                                                 for i in targets],
+                                          [g.to(t.dtype) for t, g in pairs], allow_unused=True)
+                for i, g in zip(targets, got):
+                    if i is xz_leaf:
+                        dxz = g if dxz is None else dxz + g
+                    else:
+                        add(i, g)
+            del u, delta, B, C, zi, du, ddelta, dz, out, pairs
+        if front and dxz is not None:
+            got = torch.autograd.grad(xz, [leaves[i] for i in front], dxz, allow_unused=True)
+            for i, g in zip(front, got):
+                add(i, g)
         return (None, None, *grads)
 
 
