@@ -136,6 +136,23 @@ def profile_with_llm() -> str:
                           "LLM tokens")
 
 
+def profile_lean_train() -> str:
+    """Training steps after the lean Mamba backward (docs/profile_lean_train.json), VideoMAP and the
+    joint ViT measured in the same run, next to VideoMAP before it (docs/profile_cpu.json)."""
+    new = {(r["encoder"], r["frames"]): r for r in load("profile_lean_train.json")["rows"]}
+    old = {r["frames"]: r for r in load("profile_cpu.json")["encoders"]["rows"]
+           if r["encoder"] == "videomap-tiny" and r["mode"] == "train"}
+    body = []
+    for f in sorted({f for _, f in new}):
+        vm, vit = new.get(("videomap-tiny", f)), new.get(("vit-tiny", f))
+        ratio = (f"{vm['delta_mb'] / vit['delta_mb']:.2f}" if vm and vit and vm["status"] == vit["status"] == "ok"
+                 else "")
+        body.append([str(f), f"{(vm or vit)['tokens']:,}" if (vm or vit).get("tokens") else "", _cell(old.get(f)),
+                     _cell(vm), _cell(vit), ratio])
+    return rows(["frames", "tokens", "VideoMAP-tiny before", "VideoMAP-tiny lean", "ViT-tiny joint",
+                 "VideoMAP / ViT memory"], body, ["---:", "---:", "---", "---", "---", "---:"])
+
+
 # ---------------------------------------------------------------------------------------------
 # docs/niah_long.json
 
@@ -155,7 +172,8 @@ def niah_long() -> str:
 
 
 TABLES = {f.__name__: f for f in (ablation_old, ablation_pilots, ablation_result, ablation_seeds, pretraining_ablation,
-                                  pretraining_comparisons, profile_encoders, profile_with_llm, niah_long)}
+                                  pretraining_comparisons, profile_encoders, profile_with_llm, profile_lean_train,
+                                  niah_long)}
 
 
 def render(text: str, page: str = "") -> str:

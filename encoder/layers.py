@@ -43,6 +43,13 @@ class VideoEncoderOutput(ModelOutput):
     concept_probs: torch.FloatTensor | None = None
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """`RMSNorm` as a function (the Mamba block's lean backward recomputes it): fp32 inside, x's dtype out."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale (no bias, no mean subtraction), computed in fp32."""
 
@@ -52,9 +59,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -21,6 +21,10 @@ One direction of a Mamba mixer around the scan (causal conv → SiLU → x_proj 
 the same three forms: `selective_ssm_ref` (the parts in sequence), `selective_ssm_cpu` (the same
 numbers on the kernel, with a backward that recomputes the conv output and Δ instead of keeping
 three (b, e, l) activations, as mamba-ssm's ``mamba_inner_fn``), and the dispatcher `selective_ssm`.
+
+The bidirectional mixer's core (the block's pre-norm → in_proj → both directions → average) is
+`bimamba`; a training step on the kernel keeps only the block's input and the scans' tile-start
+states for the backward (`_BiMambaCPU`), a quarter of what the directions alone keep with out_proj's input.
 """
 
 from __future__ import annotations
@@ -208,8 +212,8 @@ class _ScanCPU(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _CPU_EXT.bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, states, dout, dlast)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, _ = _CPU_EXT.bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ctx.reverse, states, dout, dlast, False)
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
 
 
@@ -276,7 +280,7 @@ def weight_times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
-def _ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, d_state, reverse, conv_fn):
+def ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, d_state, reverse, conv_fn):
     """The scan's inputs from the direction's input x (b, e, l): u = silu(conv(x)) (b, e, l),
     delta (b, e, l) before dt_proj's bias, and B, C (b, s, l), views of x_proj's output."""
     u = conv_fn(x, conv_weight, conv_bias, activation="silu", reverse=reverse)  # (b, e, l)
@@ -288,7 +292,7 @@ def _ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, d
 
 def _ssm_composed(scan_fn, conv_fn, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z,
                   delta_bias, delta_softplus, reverse):
-    u, delta, B, C = _ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A.shape[1],
+    u, delta, B, C = ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A.shape[1],
                                       reverse, conv_fn)
     return scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                    reverse=reverse)
@@ -329,7 +333,7 @@ class _SSMCPU(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, z, delta_bias,
                 softplus, reverse, save):
-        u, delta, B, C = _ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+        u, delta, B, C = ssm_scan_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                                           A.shape[1], reverse, causal_conv1d_ref)
         out, _, states = _CPU_EXT.fwd(u.float(), delta.float(), A, B.float().unsqueeze(1),
                                       C.float().unsqueeze(1), D, z, delta_bias, softplus, reverse, save)
@@ -347,11 +351,11 @@ class _SSMCPU(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(n) if t is not None else None
                   for t, n in zip((x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight), needs)]
         with torch.enable_grad():
-            u, delta, B, C = _ssm_scan_inputs(*leaves, A.shape[1], ctx.reverse, causal_conv1d_ref)
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _CPU_EXT.bwd(
+            u, delta, B, C = ssm_scan_inputs(*leaves, A.shape[1], ctx.reverse, causal_conv1d_ref)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, _ = _CPU_EXT.bwd(
             u.detach().float(), delta.detach().float(), A, B.detach().float().unsqueeze(1),
             C.detach().float().unsqueeze(1), D, z, delta_bias, ctx.softplus, ctx.reverse, states,
-            dout.float(), None)
+            dout.float(), None, False)
         grads = [None] * 5
         wanted = [i for i, n in enumerate(needs) if n]
         pairs = [(t, g.to(t.dtype)) for t, g in ((u, du), (delta, ddelta), (B, dB.squeeze(1)), (C, dC.squeeze(1)))
@@ -380,6 +384,170 @@ def selective_ssm_cpu(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
 
     return _SSMCPU.apply(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A.float(), f32(D), f32(z),
                          f32(delta_bias), bool(delta_softplus), bool(reverse), save)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bidirectional mixer's core: in_proj → both directions → average, lean on the kernel
+
+
+def bimamba_plan(frames: int | None, length: int):
+    """The scans of a bidirectional mixer over its in_proj halves x, z (b, e, l), and how their
+    outputs make y. Returns ``(scans, combine)``: ``scans`` is a list of ``(select, direction,
+    reverse)`` where ``select(t)`` cuts that scan's (b', e, l') input from a (b, e, l) tensor and
+    direction 0 is the forward one, 1 the backward one; ``combine(outs)`` → y (b, e, l), the
+    average of the two directions. ``frames`` T: the sequence is [cls, frame 1, …, frame T] (equal
+    frame lengths) and the backward direction restarts at every frame (the cls token alone), so no
+    output sees a later frame. Each ``select`` is a permutation of positions and ``combine`` puts
+    them back, so the gradient of a scan's output is ``select(dy) / 2``."""
+    forward = (lambda t: t, 0, False)
+    if frames is None:
+        return [forward, (lambda t: t, 1, True)], lambda outs: 0.5 * (outs[0] + outs[1])
+    n = (length - 1) // frames
+
+    def per_frame(t: torch.Tensor) -> torch.Tensor:  # (b, e, 1 + T·n) → (b·T, e, n)
+        b, e = t.shape[:2]
+        return t[..., 1:].reshape(b, e, frames, n).transpose(1, 2).reshape(b * frames, e, n)
+
+    def combine(outs: list[torch.Tensor]) -> torch.Tensor:
+        bt, e = outs[2].shape[:2]
+        back = outs[2].reshape(bt // frames, frames, e, n).transpose(1, 2).reshape(bt // frames, e, frames * n)
+        return 0.5 * (outs[0] + torch.cat([outs[1], back], dim=-1))
+
+    return [forward, (lambda t: t[..., :1], 1, True), (per_frame, 1, True)], combine
+
+
+def _bimamba_xz(norm, h, norm_weight, in_proj_weight):
+    """norm → in_proj: (b, l, D) → xz (b, l, 2e)."""
+    return F.linear(h if norm is None else norm(h, norm_weight), in_proj_weight)
+
+
+def _bimamba_scan_inputs(frames, xz, params):
+    """Each scan's (u, delta, B, C, z) from xz (b, l, 2e), as `bimamba_plan` cuts them."""
+    x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
+    scans, combine = bimamba_plan(frames, x.shape[-1])
+    inputs = []
+    for select, d, reverse in scans:
+        conv_w, conv_b, x_proj_w, dt_proj_w, A = params[7 * d:7 * d + 5]
+        u, delta, B, C = ssm_scan_inputs(select(x), conv_w, conv_b, x_proj_w, dt_proj_w, A.shape[1], reverse,
+                                         causal_conv1d_ref)
+        inputs.append((u, delta, B, C, select(z)))
+    return inputs, scans, combine
+
+
+class _BiMambaCPU(torch.autograd.Function):
+    """`bimamba` on the C++ kernel for a training step, keeping for the backward only the block's
+    input h, the kernel's tile-start states (one state per 64 steps) and the weights. The norm, the
+    in_proj output x, z (4·D a token), the conv output and Δ are recomputed in the backward (a norm,
+    one in_proj matmul and what `_SSMCPU` recomputes anyway), and the gated output y that out_proj
+    read (2·D a token) comes back from the scans' backward, which recomputes the states on its way;
+    the scans do not run again. ``params``: per direction (forward, backward) conv weight, conv
+    bias, x_proj weight, dt_proj weight, A, D, delta_bias, as `SelectiveSSM.parameters_for_scan`
+    gives them. Returns out_proj(y) (b, l, D)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, norm, frames, h, norm_weight, in_proj_weight, out_proj_weight, *params):
+        with torch.no_grad():
+            xz = _bimamba_xz(norm, h, norm_weight, in_proj_weight)
+            inputs, scans, combine = _bimamba_scan_inputs(frames, xz, params)
+            outs, states = [], []
+            for (u, delta, B, C, z), (_, d, reverse) in zip(inputs, scans):
+                A, D, bias = params[7 * d + 4:7 * d + 7]
+                out, _, st = _CPU_EXT.fwd(u.float(), delta.float(), A, B.float().unsqueeze(1),
+                                          C.float().unsqueeze(1), D, z.float(), bias, True, reverse, True)
+                outs.append(out.to(u.dtype))
+                states.append(st)
+            del inputs, xz
+            result = weight_times(out_proj_weight, combine(outs)).transpose(1, 2)  # (b, l, D)
+        ctx.norm, ctx.frames = norm, frames
+        ctx.save_for_backward(h, norm_weight, in_proj_weight, out_proj_weight, *params, *states)
+        return result
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dresult):
+        # One scan at a time, so only one direction's recomputed inputs and gradients are alive at
+        # once: each scan's gradient is taken back to xz (accumulated), then once through in_proj and the norm.
+        h, norm_weight, in_proj_weight, out_proj_weight, *rest = ctx.saved_tensors
+        params, states = rest[:14], rest[14:]  # 7 per direction, then a tile-start state per scan
+        needs = ctx.needs_input_grad[2:]  # h, norm weight, in_proj, out_proj, params
+        leaves = [t.detach().requires_grad_(n) if t is not None else None
+                  for t, n in zip((h, norm_weight, in_proj_weight, None, *params), needs)]
+        grads = [None] * len(leaves)
+        front = [i for i in range(3) if needs[i]]  # gradients that need d(xz)
+        with torch.enable_grad():
+            xz = _bimamba_xz(ctx.norm, *leaves[:3])  # (b, l, 2e)
+        xz_leaf = xz.detach().requires_grad_(bool(front))
+        with torch.enable_grad():
+            x, z = xz_leaf.transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
+        scans, _ = bimamba_plan(ctx.frames, x.shape[-1])
+        dresult = dresult.transpose(1, 2)  # (b, D, l)
+        half_dy = 0.5 * weight_times(out_proj_weight.t().to(dresult.dtype), dresult)  # (b, e, l): each scan's share
+        dxz = None
+
+        def add(i, g):
+            if g is not None:
+                grads[i] = g if grads[i] is None else grads[i] + g
+
+        for (select, d, reverse), st in zip(scans, states):
+            conv_w, conv_b, x_proj_w, dt_proj_w, A, D, bias = leaves[4 + 7 * d:4 + 7 * d + 7]
+            with torch.enable_grad():
+                u, delta, B, C = ssm_scan_inputs(select(x), conv_w, conv_b, x_proj_w, dt_proj_w, A.shape[1], reverse,
+                                                 causal_conv1d_ref)
+                zi = select(z)
+            du, ddelta, dA, dB, dC, dD, dz, dbias, out = _CPU_EXT.bwd(
+                u.detach().float(), delta.detach().float(), A.detach(), B.detach().float().unsqueeze(1),
+                C.detach().float().unsqueeze(1), D.detach(), zi.detach().float(), bias.detach(), True, reverse, st,
+                select(half_dy).float(), None, needs[3])
+            if needs[3]:  # out_proj: dW = Σ dresult · yᵀ over positions; y = this scan's out / 2 at its positions
+                add(3, 0.5 * torch.einsum("bdl,bel->de", select(dresult).float(), out).to(out_proj_weight.dtype))
+            for j, g in ((4, dA), (5, dD), (6, dbias)):  # A, D, delta_bias: from the kernel, not the graph
+                if needs[4 + 7 * d + j]:
+                    add(4 + 7 * d + j, g)
+            pairs = [(t, g) for t, g in ((u, du), (delta, ddelta), (B, dB.squeeze(1)), (C, dC.squeeze(1)), (zi, dz))
+                     if t.requires_grad]
+            targets = ([xz_leaf] if front else []) + [i for i in range(4 + 7 * d, 4 + 7 * d + 4) if needs[i]]
+            if pairs and targets:
+                got = torch.autograd.grad([t for t, _ in pairs], [leaves[i] if i is not xz_leaf else xz_leaf
+                                                                 for i in targets],
+                                          [g.to(t.dtype) for t, g in pairs], allow_unused=True)
+                for i, g in zip(targets, got):
+                    if i is xz_leaf:
+                        dxz = g if dxz is None else dxz + g
+                    else:
+                        add(i, g)
+            del u, delta, B, C, zi, du, ddelta, dz, out, pairs
+        if front and dxz is not None:
+            got = torch.autograd.grad(xz, [leaves[i] for i in front], dxz, allow_unused=True)
+            for i, g in zip(front, got):
+                add(i, g)
+        return (None, None, *grads)
+
+
+def bimamba(h, in_proj_weight, out_proj_weight, forward_params, backward_params, *, norm=None, norm_weight=None,
+            frames: int | None = None, lean: bool = True):
+    """The bidirectional Mamba mixer: x, z = in_proj(norm(h)); y = the average of the forward and
+    the backward direction (`selective_ssm` each, gated by silu(z)), cut as `bimamba_plan` says;
+    returns out_proj(y). h: (b, l, D) → (b, l, D). ``*_params``: each direction's (conv weight
+    (e, k), conv bias, x_proj weight, dt_proj weight, A, D, delta_bias); ``norm(h, norm_weight)``:
+    the block's pre-norm, applied here (None: h is normalised already). A training step on the CPU
+    kernel runs `_BiMambaCPU`, which keeps only h and the scans' tile-start states for the backward
+    (gradients equal to the parts' up to float rounding); otherwise, or with ``lean=False``, the
+    parts run in sequence."""
+    params = (*forward_params, *backward_params)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                                 (h, in_proj_weight, out_proj_weight, norm_weight, *params))
+    if lean and needs_grad and _pick_impl(h.device.type) is selective_scan_cpu:
+        return _BiMambaCPU.apply(norm, frames, h, norm_weight, in_proj_weight, out_proj_weight, *params)
+    xn = h if norm is None else norm(h, norm_weight)
+    x, z = F.linear(xn, in_proj_weight).transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
+    scans, combine = bimamba_plan(frames, x.shape[-1])
+    outs = []
+    for select, d, reverse in scans:
+        p = params[7 * d:7 * d + 7]
+        outs.append(selective_ssm(select(x), *p[:6], z=select(z), delta_bias=p[6], reverse=reverse))
+    # out_proj as W @ y keeps y in its layout (a Linear on y.transpose would copy it).
+    return weight_times(out_proj_weight, combine(outs)).transpose(1, 2)  # (b, l, D)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ and ``out_proj``; the forward and backward directions each have their own causal
 last token to the first (an anti-causal conv and a reversed scan, which equal VideoMamba's
 flip → scan → flip without the flipped copies); the two are gated by SiLU(z) and averaged. The
 direction is `encoder.scan.selective_ssm` (conv → Δ, B, C → scan; on CPU fused, with a backward
-that recomputes what it needs instead of keeping per-step tensors).
+that recomputes what it needs instead of keeping per-step tensors), and the block's norm, in_proj and
+both directions are `encoder.scan.bimamba`: a training step on CPU keeps the block's input, the
+gated output for out_proj and one state per 64 steps, and recomputes the rest in the backward.
 
 Block layout (``attn_every``; ``depth_mamba`` Mamba blocks in all hybrid cases)::
 
@@ -53,9 +55,10 @@ from encoder.layers import (
     drop_path_schedule,
     frame_causal_mask,
     init_video_weights,
+    rms_norm,
 )
 from encoder.concepts import ConceptStem
-from encoder.scan import selective_ssm, weight_times
+from encoder.scan import bimamba, selective_ssm
 
 PRESETS: dict[str, dict] = {
     "nano": dict(embed_dim=128, depth_mamba=8, num_heads=4),
@@ -102,6 +105,10 @@ class VideoMAPConfig(PretrainedConfig):
             ≤ t only (see `frame_causal_mask`). Frame-wise autoregressive pretraining needs it: with
             a bidirectional encoder the outputs of frame t already carry frame t+1, and predicting
             frame t+1 from them is copying.
+        lean_backward: a training step on the CPU kernel recomputes each Mamba block's norm and
+            in_proj in the backward instead of keeping them (`encoder.scan.bimamba`): about 40 % less
+            activation memory, gradients equal up to float rounding (false: the parts' backward, as
+            models trained before it; their recipes set it to rebuild bit for bit).
         norm_eps: RMSNorm epsilon. initializer_range: std of the truncated-normal init.
         gradient_checkpointing: pass True to build the model with activation checkpointing on
             (Hugging Face consumes this flag in ``post_init``); or call
@@ -139,6 +146,7 @@ class VideoMAPConfig(PretrainedConfig):
         concept_frames: int = 0,
         concept_size: int = 128,
         concept_scale: float = 5.0,
+        lean_backward: bool = True,
         **kwargs,
     ):
         for name, value, minimum in (("img_size", img_size, 1), ("patch_size", patch_size, 1),
@@ -174,6 +182,9 @@ class VideoMAPConfig(PretrainedConfig):
         if not isinstance(frame_causal, bool):
             raise ValueError(f"frame_causal must be true or false; got {frame_causal!r}")
         self.frame_causal = frame_causal
+        if not isinstance(lean_backward, bool):
+            raise ValueError(f"lean_backward must be true or false; got {lean_backward!r}")
+        self.lean_backward = lean_backward
         self.patch_stem = patch_stem
         self.motion_gap = motion_gap
         self.img_size = img_size
@@ -253,9 +264,14 @@ class SelectiveSSM(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, reverse: bool = False) -> torch.Tensor:
         # dt_proj's bias is applied inside the scan (delta_bias), as Mamba does. On CPU the fused
         # `selective_ssm` recomputes the conv output and Δ in its backward instead of keeping them.
-        return selective_ssm(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
-                             self.dt_proj.weight, -torch.exp(self.A_log.float()), D=self.D.float(), z=z,
-                             delta_bias=self.dt_proj.bias.float(), delta_softplus=True, reverse=reverse)  # (B, E, L)
+        conv_w, conv_b, x_proj_w, dt_proj_w, A, D, bias = self.parameters_for_scan()
+        return selective_ssm(x, conv_w, conv_b, x_proj_w, dt_proj_w, A, D=D, z=z, delta_bias=bias,
+                             delta_softplus=True, reverse=reverse)  # (B, E, L)
+
+    def parameters_for_scan(self) -> tuple[torch.Tensor, ...]:
+        """(conv weight (E, k), conv bias, x_proj weight, dt_proj weight, A = -exp(A_log), D, delta_bias)."""
+        return (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float())
 
 
 class BiMambaMixer(nn.Module):
@@ -269,46 +285,38 @@ class BiMambaMixer(nn.Module):
         self.ssm_bwd = SelectiveSSM(d_inner, d_state, d_conv, dt_rank)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, frames: int | None = None) -> torch.Tensor:
-        """frames: with T given, the sequence is [cls, frame 1, …, frame T] (equal frame lengths)
-        and the backward direction scans each frame on its own (and the cls token alone), so no
-        output sees a later frame; the forward direction is causal already."""
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L) view
-        x, z = xz.chunk(2, dim=1)  # (B, E, L) views
+    def forward(self, hidden_states: torch.Tensor, frames: int | None = None,
+                norm: RMSNorm | None = None, lean: bool = True) -> torch.Tensor:
+        """hidden_states (B, L, D): normalised, or the block's input with ``norm`` (the block's
+        pre-norm, then applied here, and a training step on the CPU kernel recomputes the norm and
+        in_proj in its backward instead of keeping them: `encoder.scan.bimamba`). frames: with T
+        given, the sequence is [cls, frame 1, …, frame T] (equal frame lengths) and the backward
+        direction scans each frame on its own (and the cls token alone), so no output sees a later
+        frame; the forward direction is causal already. lean=False: the parts' backward (see
+        `VideoMAPConfig.lean_backward`)."""
         # Gating is elementwise, so gating each direction inside its scan and averaging equals
         # gating the average; the scans apply it in their fused epilogue.
-        backward = self.ssm_bwd(x, z, reverse=True) if frames is None else self._backward_within_frames(x, z, frames)
-        y = 0.5 * (self.ssm_fwd(x, z) + backward)  # (B, E, L)
-        # out_proj as W @ y keeps y in its layout (a Linear on y.transpose would copy it).
-        return weight_times(self.out_proj.weight, y).transpose(1, 2)  # (B, L, D)
-
-    def _backward_within_frames(self, x: torch.Tensor, z: torch.Tensor, frames: int) -> torch.Tensor:
-        """The backward scan restarted at every frame boundary. x, z: (B, E, 1 + T·n) → (B, E, 1 + T·n)."""
-        B, E, L = x.shape
-        n = (L - 1) // frames
-
-        def per_frame(t: torch.Tensor) -> torch.Tensor:  # (B, E, T·n) → (B·T, E, n)
-            return t.reshape(B, E, frames, n).transpose(1, 2).reshape(B * frames, E, n)
-
-        cls = self.ssm_bwd(x[..., :1], z[..., :1], reverse=True)  # (B, E, 1)
-        y = self.ssm_bwd(per_frame(x[..., 1:]), per_frame(z[..., 1:]), reverse=True)  # (B·T, E, n)
-        y = y.reshape(B, frames, E, n).transpose(1, 2).reshape(B, E, frames * n)  # (B, E, T·n)
-        return torch.cat([cls, y], dim=-1)  # (B, E, 1 + T·n)
-
+        return bimamba(hidden_states, self.in_proj.weight, self.out_proj.weight, self.ssm_fwd.parameters_for_scan(),
+                       self.ssm_bwd.parameters_for_scan(), frames=frames,
+                       norm=None if norm is None else (lambda t, w: rms_norm(t, w, norm.eps)),
+                       norm_weight=None if norm is None else norm.weight, lean=lean)  # (B, L, D)
 
 
 class MambaBlock(GradientCheckpointingLayer):
-    """Pre-norm residual Mamba block: x + DropPath(BiMamba(RMSNorm(x)))."""
+    """Pre-norm residual Mamba block: x + DropPath(BiMamba(RMSNorm(x))). ``lean_backward``: see
+    `VideoMAPConfig` (the mixer applies the norm, so the lean backward can recompute it)."""
 
     def __init__(self, dim: int, d_state: int, d_conv: int, expand: int, dt_rank: int,
-                 drop_path: float = 0.0, norm_eps: float = 1e-5):
+                 drop_path: float = 0.0, norm_eps: float = 1e-5, lean_backward: bool = True):
         super().__init__()
         self.norm = RMSNorm(dim, norm_eps)
         self.mixer = BiMambaMixer(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
         self.drop_path = DropPath(drop_path)
+        self.lean_backward = lean_backward
 
     def forward(self, hidden_states: torch.Tensor, frames: int | None = None) -> torch.Tensor:
-        return hidden_states + self.drop_path(self.mixer(self.norm(hidden_states), frames))
+        return hidden_states + self.drop_path(self.mixer(hidden_states, frames, norm=self.norm,
+                                                         lean=self.lean_backward))
 
 
 class VideoMAPPreTrainedModel(NoWeightDecayTagsMixin, PreTrainedModel):
@@ -371,7 +379,8 @@ class VideoMAPModel(VideoMAPPreTrainedModel):
         for kind, p in zip(types, dpr):
             if kind == "mamba":
                 blocks.append(MambaBlock(D, config.d_state, config.d_conv, config.expand,
-                                         config.resolved_dt_rank, drop_path=p, norm_eps=config.norm_eps))
+                                         config.resolved_dt_rank, drop_path=p, norm_eps=config.norm_eps,
+                                         lean_backward=config.lean_backward))
             else:
                 blocks.append(AttentionBlock(D, config.num_heads, config.mlp_ratio, drop_path=p,
                                              qkv_bias=config.qkv_bias, norm_eps=config.norm_eps))

@@ -121,6 +121,8 @@ PRETRAIN = ["steps=2", "batch_size=2", "save_every=2", "data.num_frames=4", "dat
 FAST: dict[str, Fast] = {
     "videollm chat bigbuckbunny 'What happens in this video?' --frames 16":
         Fast("chat", _stdout, set={"--frames": "2"}, add=["--max-new-tokens", "4"]),
+    "videollm chat bikes 'What moves?' --frames auto --max-memory 8GB":
+        Fast("chat-frames-auto", _stdout, add=["--max-new-tokens", "4"]),
     "videollm chat bikes":
         Fast("chat-interactive", _stdout, add=CHAT, stdin="What colour is the object?\n/quit\n"),
     "videollm chat --no-video 'What is the capital of France?'":

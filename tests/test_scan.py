@@ -8,9 +8,11 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from encoder import scan
-from encoder.scan import (selective_scan, selective_scan_cpu, selective_scan_ref, selective_ssm, selective_ssm_cpu,
+from encoder.layers import rms_norm
+from encoder.scan import (bimamba, selective_scan, selective_scan_cpu, selective_scan_ref, selective_ssm, selective_ssm_cpu,
                           selective_ssm_ref)
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -83,6 +85,23 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return kept, out
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_cpu_kernel_backward_gives_back_the_forward_output_on_request(reverse):
+    # The lean mixer does not keep out_proj's input: the scans' backward recomputes the states and
+    # returns the forward's (gated) output on the way.
+    x = make(2, 40, 16, 130)
+    kernel = scan.load_cpu_kernel()
+    args = (x["u"], x["delta"], x["A"], x["B"].unsqueeze(1), x["C"].unsqueeze(1), x["D"], x["z"], x["delta_bias"],
+            True, reverse)
+    out, _, states = kernel.fwd(*args, True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = kernel.bwd(*args, states, dout, None, True)
+    torch.testing.assert_close(grads[8], out, rtol=1e-6, atol=1e-6)
+    assert kernel.bwd(*args, states, dout, None, False)[8] is None
+    for a, b in zip(grads[:8], kernel.bwd(*args, states, dout, None, False)[:8]):  # the gradients do not change
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_cpu_kernel_keeps_tile_start_states_not_every_state():
@@ -187,6 +206,107 @@ def test_fused_ssm_without_grad_and_on_partial_grads():
     w_ref = params["dt_proj_weight"].clone().requires_grad_(True)
     selective_ssm_ref(x, **{**params, "dt_proj_weight": w_ref}, z=z).sum().backward()
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bidirectional mixer's core (bimamba): norm → in_proj → both directions, lean backward
+
+
+def make_bimamba(b=2, dim=24, frames=3, n=10, seed=0):
+    """A block input h (b, 1 + frames·n, dim), the norm weight, in_proj and both directions' parameters."""
+    g = torch.Generator().manual_seed(seed)
+    e = 2 * dim
+    xz, fwd = make_ssm(b=1, e=e, l=4, seed=seed)
+    _, bwd = make_ssm(b=1, e=e, l=4, seed=seed + 1)
+    order = ("conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "delta_bias")
+    return dict(h=torch.randn(b, 1 + frames * n, dim, generator=g), norm_weight=1 + 0.1 * torch.randn(dim, generator=g),
+                in_proj=torch.randn(2 * e, dim, generator=g) * 0.2, out_proj=torch.randn(dim, e, generator=g) * 0.2), \
+        [fwd[k] for k in order] + [bwd[k] for k in order]
+
+
+def bimamba_reference(h, norm_weight, in_proj, out_proj, P, frames):
+    """The mixer written out from the reference parts, the backward direction restarted per frame by hand."""
+    x, z = (rms_norm(h, norm_weight) @ in_proj.T).transpose(1, 2).chunk(2, dim=1)
+    fwd, bwd = P[:7], P[7:]
+    y_fwd = selective_ssm_ref(x, *fwd[:6], z=z, delta_bias=fwd[6])
+    if frames is None:
+        y_bwd = selective_ssm_ref(x, *bwd[:6], z=z, delta_bias=bwd[6], reverse=True)
+    else:
+        n = (x.shape[-1] - 1) // frames
+        cuts = [slice(0, 1)] + [slice(1 + t * n, 1 + (t + 1) * n) for t in range(frames)]
+        y_bwd = torch.cat([selective_ssm_ref(x[..., c], *bwd[:6], z=z[..., c], delta_bias=bwd[6], reverse=True)
+                           for c in cuts], dim=-1)
+    return (0.5 * (y_fwd + y_bwd)).transpose(1, 2) @ out_proj.T
+
+
+@pytest.mark.parametrize("frames", [None, 3], ids=["whole", "per-frame"])
+def test_lean_mixer_matches_the_reference_forward_and_backward(frames):
+    # A training step on the kernel runs bimamba's lean autograd function (the backward recomputes
+    # the norm, in_proj, conv and Δ); the outputs and every gradient must be the reference's.
+    tensors, P = make_bimamba()
+    results = []
+    for lean in (False, True):
+        leaves = [t.clone().requires_grad_(True)
+                  for t in (tensors["h"], tensors["norm_weight"], tensors["in_proj"], tensors["out_proj"], *P)]
+        h, w, W, O, *p = leaves
+        y = (bimamba(h, W, O, p[:7], p[7:], norm=rms_norm, norm_weight=w, frames=frames) if lean
+             else bimamba_reference(h, w, W, O, p, frames))
+        if lean:
+            assert y.grad_fn.name().startswith("_BiMambaCPU")  # the lean path ran, not the parts
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        results.append((y.detach(), [t.grad for t in leaves]))
+    (y_ref, g_ref), (y, g) = results
+    torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL)
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert a is not None and b is not None, i
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=f"grad {i}")
+    with torch.no_grad():  # inference runs the parts on the kernel: the same numbers
+        y_inf = bimamba(tensors["h"], tensors["in_proj"], tensors["out_proj"], P[:7], P[7:], norm=rms_norm,
+                        norm_weight=tensors["norm_weight"], frames=frames)
+    torch.testing.assert_close(y_inf, y_ref, rtol=RTOL, atol=ATOL)
+
+
+def test_lean_mixer_keeps_only_the_block_input_and_tile_start_states():
+    # The fused directions alone keep the in_proj output x, z (2·e a token), the normalised input
+    # for in_proj and out_proj's input y (e a token); the lean mixer keeps none of it: the input h
+    # and one state per 64 steps per scan.
+    dim, frames, n = 32, 4, 255
+    tensors, P = make_bimamba(b=1, dim=dim, frames=frames, n=n)
+    leaves = [t.requires_grad_(True)
+              for t in (tensors["h"], tensors["norm_weight"], tensors["in_proj"], tensors["out_proj"], *P)]
+    given = {t.untyped_storage().data_ptr() for t in leaves}
+    h, w, W, O, *p = leaves
+    kept, _ = saved_bytes(lambda: bimamba(h, W, O, p[:7], p[7:], norm=rms_norm, norm_weight=w))
+    own = sum(v for k, v in kept.items() if k not in given)
+    e, s, l = 2 * dim, 16, 1 + frames * n
+    assert own <= 2 * 4 * e * s * (l // 64 + 1) + 2 * 4 * e * s  # two scans' tile-start states (+ A, D as cast)
+
+    def parts():
+        x, z = F.linear(rms_norm(h, w), W).transpose(1, 2).chunk(2, dim=1)
+        y = 0.5 * (selective_ssm_cpu(x, *p[:6], z=z, delta_bias=p[6])
+                   + selective_ssm_cpu(x, *p[7:13], z=z, delta_bias=p[13], reverse=True))
+        return scan.weight_times(O, y)
+    kept_parts, _ = saved_bytes(parts)
+    assert sum(v for k, v in kept_parts.items() if k not in given) >= 4 * (3 * e + dim) * l
+
+
+def test_lean_mixer_with_only_some_parameters_trained():
+    # A frozen input (the first block of a frozen stem) and only in_proj and the backward direction's
+    # dt_proj trained: the gradients that are asked for match, the others are not computed.
+    tensors, P = make_bimamba(b=1)
+    grads = []
+    for lean in (False, True):
+        W = tensors["in_proj"].clone().requires_grad_(True)
+        O = tensors["out_proj"].clone()
+        p = [t.clone() for t in P]
+        p[10].requires_grad_(True)  # backward direction's dt_proj weight
+        y = (bimamba(tensors["h"], W, O, p[:7], p[7:], norm=rms_norm, norm_weight=tensors["norm_weight"], frames=3)
+             if lean else bimamba_reference(tensors["h"], tensors["norm_weight"], W, O, p, 3))
+        y.square().sum().backward()
+        grads.append((W.grad, p[10].grad, [t.grad for i, t in enumerate(p) if i != 10] + [O.grad]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=RTOL, atol=ATOL)
+    assert all(g is None for g in grads[1][2])
 
 
 def test_fused_ssm_dispatch_and_shape_errors():

@@ -86,6 +86,7 @@ def test_attn_every_0_is_pure_mamba_and_1_is_pure_attention():
     (dict(dt_rank="big"), "dt_rank"),
     (dict(drop_path_rate=1.0), "drop_path_rate"),
     (dict(patch_stem="resnet"), "patch_stem"),
+    (dict(lean_backward="yes"), "lean_backward"),
     (dict(patch_stem="conv", patch_size=12, img_size=48), "power of two"),
 ])
 def test_config_rejects_bad_values_with_a_clear_message(bad, match):
@@ -400,6 +401,32 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads():
     assert grads_ckpt.keys() == grads_ref.keys() and len(grads_ref) == len(list(model.parameters()))
     for name in grads_ref:
         torch.testing.assert_close(grads_ckpt[name], grads_ref[name], msg=name)
+
+
+@pytest.mark.parametrize("frame_causal", [False, True], ids=["bidirectional", "frame-causal"])
+def test_lean_backward_gives_the_same_loss_and_grads_and_can_be_turned_off(frame_causal):
+    # lean_backward (the default) runs the Mamba blocks' norm, in_proj and scans as one function that
+    # recomputes the norm and in_proj in the backward; off, the parts' backward, as models trained
+    # before it. The forward is the same to the bit, the gradients to float rounding.
+    x = torch.randn(2, 3, 2, 32, 32)
+    runs = {}
+    for lean in (True, False):
+        torch.manual_seed(0)
+        model = tiny_model(drop_path_rate=0.3, frame_causal=frame_causal, lean_backward=lean).train()
+        seen = []
+        model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out.grad_fn))
+        runs[lean] = _loss_and_grads(model, x)
+        names, todo = set(), [seen[0]]
+        while todo:  # the first block's graph (and the embeddings' before it)
+            node = todo.pop()
+            names.add(node.name())
+            todo += [f for f, _ in node.next_functions if f is not None]
+        assert any("_BiMambaCPU" in n for n in names) == lean, names
+    (loss_lean, grads_lean), (loss_parts, grads_parts) = runs[True], runs[False]
+    assert torch.equal(loss_lean, loss_parts)
+    assert grads_lean.keys() == grads_parts.keys() and len(grads_parts) == len(list(model.parameters()))
+    for name in grads_parts:
+        torch.testing.assert_close(grads_lean[name], grads_parts[name], msg=name)
 
 
 def test_config_flag_turns_gradient_checkpointing_on():

@@ -670,8 +670,10 @@ def stage_ship(cfg: PipelineConfig, out: Path, ship: Path, command: str, log: li
         (tmp / "pipeline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         model_config = json.loads((tmp / "config.json").read_text())
         if cfg.scope:
-            model_config["scope"] = cfg.scope  # written as transformers writes a config
-            (tmp / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+            model_config["scope"] = cfg.scope
+        # The longest clip the evaluation checked: `--frames auto` goes no further.
+        model_config["max_frames"] = max([cfg.eval.frames, *cfg.eval.niah_frames])
+        (tmp / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")  # as transformers writes it
         (tmp / "MODEL_CARD.md").write_text(model_card(model_config, metrics, cfg, command, log, n_records))
         # The paths of the machine that ran the pipeline, replaced for the repo: the run folder by
         # "$OUT", the checkout by ".", a ship folder outside it by "$SHIP", the home folder by "~".

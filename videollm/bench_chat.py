@@ -13,13 +13,15 @@ import torch
 
 from encoder.errors import run_cli
 from videollm.chat import ChatTiming, generate_stream
+from videollm.frame_budget import add_arguments as add_frame_arguments
+from videollm.frame_budget import auto_frames, frame_cost
 from videollm.modeling_videollm import DEFAULT_ALIAS, load_videollm
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="videollm bench chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--video", default="bigbuckbunny", help="video file or bundled clip name")
-    p.add_argument("--frames", type=int, default=32)
+    add_frame_arguments(p, 32)
     p.add_argument("--model", default=DEFAULT_ALIAS, help="a saved VideoLLM directory (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--question", default="Describe the video.")
@@ -43,7 +45,12 @@ def model_label(model, processor) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    model, processor = load_videollm(args.model, num_frames=args.frames, cache_dir=args.cache_dir)
+    model, processor = load_videollm(args.model, num_frames=None if args.frames == "auto" else args.frames,
+                                     cache_dir=args.cache_dir)
+    budget = None
+    if args.frames == "auto":
+        args.frames, budget = auto_frames(model, processor, frame_cost(args.model), args.max_memory,
+                                          max_new_tokens=args.max_new_tokens, question=args.question)
 
     def answer(max_new_tokens) -> ChatTiming:
         timing = ChatTiming()
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": timing.new_tokens, "decode_s": round(timing.decode_seconds, 3),
         "encode_s": round(timing.encode_seconds, 3), "time_to_first_token_s": round(timing.time_to_first_token, 3),
         "tokens_per_s": round(timing.tokens_per_second, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), **({"frames_auto": budget} if budget else {}),
     }))
     return 0
 

@@ -19,6 +19,8 @@ from transformers import TextIteratorStreamer
 
 from encoder.errors import run_cli
 from encoder.video_io import read_video
+from videollm.frame_budget import add_arguments as add_frame_arguments
+from videollm.frame_budget import auto_frames, frame_cost
 from videollm.modeling_videollm import load_videollm
 from videollm.processing_videollm import VideoInputs
 
@@ -136,7 +138,7 @@ def parse_args(argv):
     p.add_argument("question", nargs="?", help="a question; omit it for an interactive chat")
     p.add_argument("--no-video", action="store_true", help="talk to the LLM alone (the positional is the question)")
     p.add_argument("--model", default="default", help="a saved VideoLLM directory, or 'default' (the shipped model)")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from the video (default 8)")
+    add_frame_arguments(p, 8)
     p.add_argument("--start", type=float, default=None, help="first second of the video to use")
     p.add_argument("--end", type=float, default=None, help="last second of the video to use")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -153,19 +155,29 @@ def parse_args(argv):
         args.question, args.video = args.video, None
     elif args.video is None:
         p.error("give a VIDEO (or --no-video)")
-    if args.frames < 1:
-        p.error("--frames must be >= 1")
+    if args.max_memory is not None and args.frames != "auto":
+        p.error("--max-memory goes with --frames auto")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    auto = args.frames == "auto" and args.video is not None
     read, t0 = None, time.perf_counter()
-    if args.video is not None:  # the one read of this video: a bad file fails before the model loads
+    if args.video is not None and not auto:  # the one read of this video: a bad file fails before the model loads
         read = read_video(args.video, args.frames, start=args.start, end=args.end)
     read_seconds = time.perf_counter() - t0
-    model, processor = load_videollm(args.model, num_frames=args.frames, use_time_line=args.time_line,
-                                     cache_dir=args.cache_dir)
+    model, processor = load_videollm(args.model, num_frames=None if args.frames == "auto" else args.frames,
+                                     use_time_line=args.time_line, cache_dir=args.cache_dir)
+    if auto:  # the most frames that fit the memory budget and the LLM's context
+        frames, why = auto_frames(model, processor, frame_cost(args.model), args.max_memory,
+                                  max_new_tokens=args.max_new_tokens)
+        limit = min(((why["by_memory"], f"{why['max_memory_mb']} MB of memory"), (why["by_context"], "the LLM's context"),
+                     (why["by_model"] or 10**9, "the longest clip the model was checked on")))[1]
+        print(f"note: --frames auto: {frames} frames ({limit})", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        read = read_video(args.video, frames, start=args.start, end=args.end)
+        read_seconds = time.perf_counter() - t0
     if getattr(model.config, "scope", None):  # what this model can see, once, apart from the answers
         print(f"note: {model.config.scope}", file=sys.stderr, flush=True)
     clip = processor.load_video(read) if read is not None else None  # resized once, re-used by every turn

@@ -190,6 +190,8 @@ class VideoLLMConfig(PretrainedConfig):
         base (+ maybe a LoRA adapter) stores only this reference.
     scope: what the model was trained on and can and cannot recognise, in a sentence or two for its
         users (the chat and the demo show it); None: not stated.
+    max_frames: the most frames the model was checked to read well (its longest evaluation);
+        ``--frames auto`` stays at or below it. None: not stated (the LLM's context is the limit).
     """
 
     model_type = "videomap_llm"
@@ -200,7 +202,7 @@ class VideoLLMConfig(PretrainedConfig):
 
     def __init__(self, vision_config=None, text_config=None, projector_type: str = "mlp",
                  projector_config: dict | VideoProjectorConfig | None = None, video_token_id: int | None = None,
-                 base_llm: str | None = None, scope: str | None = None, **kwargs):
+                 base_llm: str | None = None, scope: str | None = None, max_frames: int | None = None, **kwargs):
         self.vision_config = _sub_config(vision_config, "videomap", "vision_config")
         self.text_config = _sub_config(text_config, "llama", "text_config")
         if not hasattr(self.vision_config, "patch_size") or not hasattr(self.vision_config, "embed_dim"):
@@ -214,6 +216,9 @@ class VideoLLMConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.base_llm = base_llm
         self.scope = scope
+        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
+            raise ValueError(f"max_frames must be a positive integer or null; got {max_frames!r}")
+        self.max_frames = max_frames
         # The LLM decides tying (SmolLM2 ties lm_head to the embeddings; it lives inside the LLM).
         kwargs.setdefault("tie_word_embeddings", False)
         # The base __init__ pushes its (unset) attention implementation down into the sub-configs,

@@ -364,13 +364,14 @@ void for_each_thread(int64_t total, int64_t nthreads, const Fn& fn) {
 // Backward from the tile-start states the forward saved. dout (b, d, l) any layout; dlast
 // (b, d, n) is the gradient of the returned last state (undefined if unused). Returns du, ddelta
 // (u's layout), dA (d, n), dB, dC (b, g, n, l), dD (d), dz (z's layout), d(delta_bias) (d); the
-// last three are undefined when the input was not given.
+// last three are undefined when the input was not given. With `return_out`, also the forward's
+// out (u's layout), which the backward recomputes on the way (so a caller need not keep it).
 std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C,
                                  const c10::optional<at::Tensor>& D_, const c10::optional<at::Tensor>& z_,
                                  const c10::optional<at::Tensor>& bias_, bool softplus, bool reverse,
                                  const at::Tensor& states, const at::Tensor& dout,
-                                 const c10::optional<at::Tensor>& dlast_) {
+                                 const c10::optional<at::Tensor>& dlast_, bool return_out) {
   const at::Tensor D = D_.value_or(at::Tensor()), z = z_.value_or(at::Tensor()),
                    bias = bias_.value_or(at::Tensor()), dlast = dlast_.value_or(at::Tensor());
   const Dims s = check_inputs(u, delta, A, B, C, D, z, bias);
@@ -387,6 +388,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   const int64_t n = s.n, l = s.l, nblocks = s.nblocks(), nchunks = s.nchunks();
   auto du = at::empty_like(u), ddelta = at::empty_like(delta);
   auto dz = z.defined() ? at::empty_like(z) : at::Tensor();
+  auto out = return_out ? at::empty_like(u) : at::Tensor();
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
   // Per-thread accumulators: dA, dD, dbias sum over b; dB/dC over a group's channels.
   auto dA_parts = at::zeros({nthreads, s.d, n}, u.options());
@@ -394,9 +396,9 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   auto dbias_parts = at::zeros({nthreads, s.d}, u.options());
   auto dB_parts = at::zeros({nthreads, s.b, s.g, n, l}, u.options());
   auto dC_parts = at::zeros({nthreads, s.b, s.g, n, l}, u.options());
-  View3 gv(dout), duv(du), ddv(ddelta), dzv(dz);
+  View3 gv(dout), duv(du), ddv(ddelta), dzv(dz), ov(out);
   const View3 dlv(dlast);
-  for (View3* v : {&gv, &duv, &ddv, &dzv}) v->reversed(reverse, s.l);
+  for (View3* v : {&gv, &duv, &ddv, &dzv, &ov}) v->reversed(reverse, s.l);
   const vf* statesp = reinterpret_cast<const vf*>(states.data_ptr<float>());
   const int64_t part = s.b * s.g * n * l;
 
@@ -404,7 +406,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
     Tile tl(n);
     // buf[j]: state before step t0 + j of the tile; decay[j]: exp(Δ·A) of that step.
     std::vector<vf> buf((kChunk + 1) * n), decay(kChunk * n), g(n), dAacc(n);
-    std::vector<vf> go(kChunk), du_t(kChunk), ddt_t(kChunk), dz_t(kChunk);
+    std::vector<vf> go(kChunk), du_t(kChunk), ddt_t(kChunk), dz_t(kChunk), out_t(kChunk);
     // pb/pc: one step's per-state products, padded to whole vectors (zeros past n); dBt/dCt: the
     // tile's lane sums, (step, n) as vectors, added to the group's dB/dC at the end of the tile.
     const int64_t nw = (n + W - 1) / W;
@@ -470,6 +472,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
           }
           ddt += dub * ut;
           if (in.o.has_z) dz_t[t] = go[t] * y * sig_z * (1.0f + tl.z[t] * (1.0f - sig_z));
+          out_t[t] = in.o.has_z ? y * silu_z : y;
           dDacc += dy * ut;
           du_t[t] = dub * dt + dy * Dv;
           if (in.o.softplus) ddt *= tl.sig[t];
@@ -487,6 +490,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
         store_tile(const_cast<float*>(ddv.at(bk.bi, bk.d0)), ddt_t.data(), ddv.sd, ddv.sl, t0, T, bk.wn);
         if (in.o.has_z)
           store_tile(const_cast<float*>(dzv.at(bk.bi, bk.d0)), dz_t.data(), dzv.sd, dzv.sl, t0, T, bk.wn);
+        if (return_out) store_tile(const_cast<float*>(ov.at(bk.bi, bk.d0)), out_t.data(), ov.sd, ov.sl, t0, T, bk.wn);
       }
       for (int64_t w = 0; w < bk.wn; ++w) {
         for (int64_t k = 0; k < n; ++k) dAp[(bk.d0 + w) * n + k] += dAacc[k][w];
@@ -503,7 +507,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   }
   return {du, ddelta, dA_parts.sum(0), dB, dC,
           D.defined() ? dD_parts.sum(0) : at::Tensor(), dz,
-          bias.defined() ? dbias_parts.sum(0) : at::Tensor()};
+          bias.defined() ? dbias_parts.sum(0) : at::Tensor(), out};
 }
 
 }  // namespace
