@@ -22,9 +22,9 @@ the same three forms: `selective_ssm_ref` (the parts in sequence), `selective_ss
 numbers on the kernel, with a backward that recomputes the conv output and Δ instead of keeping
 three (b, e, l) activations, as mamba-ssm's ``mamba_inner_fn``), and the dispatcher `selective_ssm`.
 
-The bidirectional mixer's core (the block's pre-norm → in_proj → both directions → average) is
+The bidirectional mixer (the block's pre-norm → in_proj → both directions → average → out_proj) is
 `bimamba`; a training step on the kernel keeps only the block's input and the scans' tile-start
-states for the backward (`_BiMambaCPU`), a quarter of what the directions alone keep with out_proj's input.
+states for the backward (`_BiMambaCPU`) and recomputes the rest there.
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def selective_ssm_cpu(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, 
 
 
 # ---------------------------------------------------------------------------------------------
-# The bidirectional mixer's core: in_proj → both directions → average, lean on the kernel
+# The bidirectional mixer: in_proj → both directions → average → out_proj, lean on the kernel
 
 
 def bimamba_plan(frames: int | None, length: int):
@@ -506,16 +506,14 @@ class _BiMambaCPU(torch.autograd.Function):
                     add(4 + 7 * d + j, g)
             pairs = [(t, g) for t, g in ((u, du), (delta, ddelta), (B, dB.squeeze(1)), (C, dC.squeeze(1)), (zi, dz))
                      if t.requires_grad]
-            targets = ([xz_leaf] if front else []) + [i for i in range(4 + 7 * d, 4 + 7 * d + 4) if needs[i]]
-            if pairs and targets:
-                got = torch.autograd.grad([t for t, _ in pairs], [leaves[i] if i is not xz_leaf else xz_leaf
-                                                                 for i in targets],
-                                          [g.to(t.dtype) for t, g in pairs], allow_unused=True)
-                for i, g in zip(targets, got):
-                    if i is xz_leaf:
-                        dxz = g if dxz is None else dxz + g
-                    else:
-                        add(i, g)
+            wanted = [i for i in range(4 + 7 * d, 4 + 7 * d + 4) if needs[i]]  # conv, x_proj, dt_proj
+            if pairs and (front or wanted):
+                got = list(torch.autograd.grad([t for t, _ in pairs], [xz_leaf] * bool(front) + [leaves[i] for i in wanted],
+                                               [g.to(t.dtype) for t, g in pairs], allow_unused=True))
+                if front and got[0] is not None:
+                    dxz = got[0] if dxz is None else dxz + got[0]
+                for i, g in zip(wanted, got[bool(front):]):
+                    add(i, g)
             del u, delta, B, C, zi, du, ddelta, dz, out, pairs
         if front and dxz is not None:
             got = torch.autograd.grad(xz, [leaves[i] for i in front], dxz, allow_unused=True)
@@ -539,8 +537,7 @@ def bimamba(h, in_proj_weight, out_proj_weight, forward_params, backward_params,
                                                  (h, in_proj_weight, out_proj_weight, norm_weight, *params))
     if lean and needs_grad and _pick_impl(h.device.type) is selective_scan_cpu:
         return _BiMambaCPU.apply(norm, frames, h, norm_weight, in_proj_weight, out_proj_weight, *params)
-    xn = h if norm is None else norm(h, norm_weight)
-    x, z = F.linear(xn, in_proj_weight).transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
+    x, z = _bimamba_xz(norm, h, norm_weight, in_proj_weight).transpose(1, 2).chunk(2, dim=1)  # (b, e, l) views
     scans, combine = bimamba_plan(frames, x.shape[-1])
     outs = []
     for select, d, reverse in scans:

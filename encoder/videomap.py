@@ -17,9 +17,9 @@ and ``out_proj``; the forward and backward directions each have their own causal
 last token to the first (an anti-causal conv and a reversed scan, which equal VideoMamba's
 flip → scan → flip without the flipped copies); the two are gated by SiLU(z) and averaged. The
 direction is `encoder.scan.selective_ssm` (conv → Δ, B, C → scan; on CPU fused, with a backward
-that recomputes what it needs instead of keeping per-step tensors), and the block's norm, in_proj and
-both directions are `encoder.scan.bimamba`: a training step on CPU keeps the block's input, the
-gated output for out_proj and one state per 64 steps, and recomputes the rest in the backward.
+that recomputes what it needs instead of keeping per-step tensors), and the block's norm, in_proj,
+both directions and out_proj are `encoder.scan.bimamba`: a training step on CPU keeps the block's
+input and one state per 64 steps, and recomputes the rest in the backward.
 
 Block layout (``attn_every``; ``depth_mamba`` Mamba blocks in all hybrid cases)::
 
@@ -105,10 +105,11 @@ class VideoMAPConfig(PretrainedConfig):
             ≤ t only (see `frame_causal_mask`). Frame-wise autoregressive pretraining needs it: with
             a bidirectional encoder the outputs of frame t already carry frame t+1, and predicting
             frame t+1 from them is copying.
-        lean_backward: a training step on the CPU kernel recomputes each Mamba block's norm and
-            in_proj in the backward instead of keeping them (`encoder.scan.bimamba`): about 40 % less
-            activation memory, gradients equal up to float rounding (false: the parts' backward, as
-            models trained before it; their recipes set it to rebuild bit for bit).
+        lean_backward: a training step on the CPU kernel keeps only each Mamba block's input and
+            the scans' tile-start states, and recomputes the norm, in_proj, conv, Δ and out_proj's
+            input in the backward (`encoder.scan.bimamba`; measured in docs/eval.md); gradients equal
+            up to float rounding (false: the parts' backward, as models trained before it; their
+            recipes set it to rebuild bit for bit).
         norm_eps: RMSNorm epsilon. initializer_range: std of the truncated-normal init.
         gradient_checkpointing: pass True to build the model with activation checkpointing on
             (Hugging Face consumes this flag in ``post_init``); or call
@@ -288,8 +289,8 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, frames: int | None = None,
                 norm: RMSNorm | None = None, lean: bool = True) -> torch.Tensor:
         """hidden_states (B, L, D): normalised, or the block's input with ``norm`` (the block's
-        pre-norm, then applied here, and a training step on the CPU kernel recomputes the norm and
-        in_proj in its backward instead of keeping them: `encoder.scan.bimamba`). frames: with T
+        pre-norm, then applied here, so a training step on the CPU kernel can recompute it in its
+        backward: `encoder.scan.bimamba`). frames: with T
         given, the sequence is [cls, frame 1, …, frame T] (equal frame lengths) and the backward
         direction scans each frame on its own (and the cls token alone), so no output sees a later
         frame; the forward direction is causal already. lean=False: the parts' backward (see

@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -51,6 +49,7 @@ import torch
 from encoder.errors import UserError, run_cli
 from encoder.build import build_encoder, parse_encoder_name
 from videollm.configuration_videollm import VideoLLMConfig
+from videollm.frame_budget import current_rss_mb, peak_rss_mb
 from videollm.llm import default_cache_dir, load_llm
 from videollm.projectors import build_projector
 
@@ -66,17 +65,6 @@ def check_encoder_name(name: str) -> None:
     if parse_encoder_name(name) is None or "-" not in name:
         raise UserError(f"unknown encoder '{name}'; use videomap-<preset>, vit-<preset> (joint attention) "
                         "or vit-<preset>-frame (per-frame attention)")
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +114,7 @@ def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: s
     step(pixel_values[:, :, :1])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    baseline = _current_rss_mb()
+    baseline = current_rss_mb()
     times = []
     for _ in range(max_runs):
         t0 = time.perf_counter()
@@ -135,7 +123,7 @@ def run_point(encoder: str, frames: int, mode: str, size: int = 224, with_llm: s
         if sum(times) > 20:  # slow points: one or two runs are enough
             break
     times.sort()
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     return {
         "encoder": encoder, "mode": mode, "checkpointing": checkpointing, "frames": frames, "size": size,
         "with_llm": with_llm or "", "status": "ok", "tokens": tokens, "llm_tokens": llm_tokens, "params_m": round(params / 1e6, 3),

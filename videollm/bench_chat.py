@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import sys
 
 import torch
@@ -14,7 +12,7 @@ import torch
 from encoder.errors import run_cli
 from videollm.chat import ChatTiming, generate_stream
 from videollm.frame_budget import add_arguments as add_frame_arguments
-from videollm.frame_budget import auto_frames, frame_cost
+from videollm.frame_budget import auto_frames, frame_cost, peak_rss_mb
 from videollm.modeling_videollm import DEFAULT_ALIAS, load_videollm
 
 
@@ -29,11 +27,6 @@ def parse_args(argv):
                    help="answer once before measuring (first-call costs: kernel load, allocator)")
     p.add_argument("--cache-dir", default=None, help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/…)")
     return p.parse_args(argv)
-
-
-def peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if platform.system() == "Darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def model_label(model, processor) -> dict:

@@ -91,19 +91,32 @@ def add_arguments(p: argparse.ArgumentParser, default_frames: int) -> None:
                         "this machine's available memory)")
 
 
-def available_memory_mb() -> float:
-    """MemAvailable (Linux) or total physical memory."""
+def _proc_kb(path: str, key: str) -> float | None:
+    """The kB value of ``key:`` in a /proc file (meminfo, status), or None where there is none."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    return None
 
 
-def _rss_mb() -> float:
+def available_memory_mb() -> float:
+    """MemAvailable (Linux) or total physical memory."""
+    kb = _proc_kb("/proc/meminfo", "MemAvailable")
+    return kb / 1024 if kb is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now (Linux: /proc/self/statm)."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory over its life (``ru_maxrss``: bytes on macOS, KiB elsewhere)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def _reset_peak() -> bool:
@@ -115,14 +128,10 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_since_reset_mb() -> float:
+    """Peak RSS since `_reset_peak` (VmHWM), or over the process's life where there is no VmHWM."""
+    kb = _proc_kb("/proc/self/status", "VmHWM")
+    return kb / 1024 if kb is not None else peak_rss_mb()
 
 
 def measure_point(model_dir: str, frames: int) -> dict:
@@ -135,11 +144,11 @@ def measure_point(model_dir: str, frames: int) -> dict:
     with torch.inference_mode():  # warm-up on one frame: kernels and thread pools, not the answer's cost
         one = processor.load_video(rng.integers(0, 256, (1, S, S, 3), dtype=np.uint8))
         model(**processor(QUESTION, video=one), use_cache=True, logits_to_keep=1)
-    loaded = _rss_mb()
+    loaded = current_rss_mb()
     exact = _reset_peak()
     with torch.inference_mode():
         model(**inputs, use_cache=True, logits_to_keep=1)
-    return {"frames": frames, "model_rss_mb": round(loaded, 1), "peak_mb": round(_peak_mb(), 1),
+    return {"frames": frames, "model_rss_mb": round(loaded, 1), "peak_mb": round(_peak_since_reset_mb(), 1),
             "peak_reset": exact, "prompt_tokens": int(inputs["input_ids"].shape[1])}
 
 
