@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -180,9 +181,10 @@ def measure_frame_cost(model_dir, frames=None, timeout: float = 900.0) -> FrameC
         rows.append(json.loads(line))
     x = np.array([r["frames"] for r in rows], dtype=float)
     y = np.array([r["peak_mb"] for r in rows], dtype=float)
-    slope = float(max(np.polyfit(x, y, 1)[0], 0.0)) if len(rows) > 1 else 0.0
-    base = float(np.max(y - slope * x))  # the line through the highest point: never under a measured peak
-    return FrameCost(round(base, 1), round(slope, 4), [int(v) for v in x], [float(v) for v in y])
+    slope = round(float(max(np.polyfit(x, y, 1)[0], 0.0)), 4) if len(rows) > 1 else 0.0
+    # the line through the highest point, rounded up: never under a measured peak
+    base = math.ceil(float(np.max(y - slope * x)) * 10) / 10
+    return FrameCost(base, slope, [int(v) for v in x], [float(v) for v in y])
 
 
 def frame_cost(model_dir=None, *, refresh: bool = False) -> FrameCost:
