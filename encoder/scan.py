@@ -30,10 +30,12 @@ states for the backward (`_BiMambaCPU`) and recomputes the rest there.
 from __future__ import annotations
 
 import logging
-import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from encoder.native import load_extension
 
 log = logging.getLogger(__name__)
 
@@ -151,45 +153,9 @@ def load_cpu_kernel():
     """Build (first time) and load the C++ scan kernel; returns None if it cannot be built."""
     global _CPU_EXT, _CPU_EXT_ERROR
     if _CPU_EXT is None and _CPU_EXT_ERROR is None:
-        import hashlib
-        import os
-        from pathlib import Path
-
-        from torch.utils import cpp_extension
-
-        src = Path(__file__).with_name("csrc") / "selective_scan.cpp"
-        # -march=native: the kernel is built on the machine that runs it, so its SIMD vectors
-        # use the widest registers there. Threads come from at::parallel_for.
-        cflags = ["-O3", "-march=native", "-ffp-contract=fast"]
-        # at::parallel_for is inline OpenMP in torch's headers: without -fopenmp the pragma is
-        # dropped and the kernel runs on one thread (measured: half the speed on 2 cores).
-        ldflags = []
-        if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
-            cflags.append("-fopenmp")
-            ldflags.append("-fopenmp")
-        # Name and build folder follow the source, the flags and the torch install (its headers and
-        # paths go into the build), and the build compiles a copy of the source kept in that
-        # folder: checkouts sharing a venv share one build, and different kernels or venvs never
-        # rebuild over each other.
-        code = src.read_bytes()
-        key = f"{' '.join(cflags + ldflags)}|{torch.__version__}|{Path(torch.__file__).resolve()}".encode()
-        digest = hashlib.sha256(code + key).hexdigest()[:12]
-        name = f"videomap_selective_scan_cpu_{digest}"
-        build_dir = Path(cpp_extension.get_default_build_root()) / name
-        if not any(build_dir.glob(f"{name}*.so")):
-            log.warning("building the CPU scan kernel once (about 40 s; later runs reuse it) …")
-        try:
-            os.makedirs(build_dir, exist_ok=True)
-            local_src = build_dir / src.name
-            if not local_src.is_file() or local_src.read_bytes() != code:
-                tmp = build_dir / f".{src.name}.{os.getpid()}"
-                tmp.write_bytes(code)
-                os.replace(tmp, local_src)
-            _CPU_EXT = cpp_extension.load(name=name, sources=[str(local_src)], extra_cflags=cflags,
-                                          extra_ldflags=ldflags,
-                                          build_directory=str(build_dir), verbose=False)
-        except Exception as err:  # noqa: BLE001 - no compiler, no ninja, no headers …
-            _CPU_EXT_ERROR = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        _CPU_EXT, _CPU_EXT_ERROR = load_extension(Path(__file__).with_name("csrc") / "selective_scan.cpp",
+                                                  "videomap_selective_scan_cpu",
+                                                  "the CPU scan kernel (about 40 s)")
     return _CPU_EXT
 
 

@@ -73,7 +73,7 @@ def pixels(frames: np.ndarray) -> torch.Tensor:
 
 def build(arm: str):
     """(encoder, projector, lemma keys) from the shipped default; the stem arms get a concept stem."""
-    model, processor = load_videollm(None, num_frames=FRAMES)
+    model, processor = load_videollm(None, num_frames=FRAMES, pack=False)
     encoder = model.vision_tower
     if ARMS[arm][0]:
         cfg = VideoMAPConfig(**{**encoder.config.to_dict(), "concept_frames": FRAMES, "concept_size": CONCEPT_SIZE})

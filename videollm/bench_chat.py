@@ -1,11 +1,17 @@
 """``videollm bench chat``: one JSON line with the cost of answering about a video on this machine
-(time to first token, tokens/s, decode and encode time, peak RSS) for a saved VideoLLM."""
+(time to first token, tokens/s, decode and encode time, peak RSS) for a saved VideoLLM, and, in the
+same run, the decoding speed of its bare base LLM in plain transformers ``generate`` (the anchor).
+
+The anchor decodes the same number of tokens after a prompt of the same length (the video's
+placeholders as ordinary tokens), greedy, without a streamer, with SDPA and with eager attention;
+the faster of the two is the anchor."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -13,6 +19,7 @@ from encoder.errors import run_cli
 from videollm.chat import ChatTiming, generate_stream
 from videollm.frame_budget import add_arguments as add_frame_arguments
 from videollm.frame_budget import auto_frames, frame_cost, peak_rss_mb
+from videollm.llm import load_llm
 from videollm.modeling_videollm import DEFAULT_ALIAS, load_videollm
 
 
@@ -25,8 +32,37 @@ def parse_args(argv):
     p.add_argument("--question", default="Describe the video.")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="answer once before measuring (first-call costs: kernel load, allocator)")
+    p.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the bare base LLM's own generate (the speed-up's anchor)")
     p.add_argument("--cache-dir", default=None, help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/…)")
     return p.parse_args(argv)
+
+
+def bare_tokens_per_second(llm, input_ids: torch.Tensor, new_tokens: int) -> float:
+    """Greedy decoding speed of a plain transformers model: (n − 1) tokens over the time the n-token
+    answer takes beyond the 1-token one (which is the prefill)."""
+    def run(n):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            llm.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=llm.generation_config.eos_token_id)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    first = run(1)
+    return (new_tokens - 1) / max(run(new_tokens) - first, 1e-9)
+
+
+def anchor(model, cache_dir, input_ids: torch.Tensor, new_tokens: int) -> dict:
+    """The bare base LLM's decoding speed on a prompt as long as ours, SDPA and eager attention."""
+    llm, tokenizer = load_llm(model.config.base_llm, cache_dir=cache_dir)
+    filler = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" the"))[0]
+    ids = input_ids.masked_fill(input_ids >= llm.config.vocab_size, filler)  # <video> rows are ours only
+    runs = {}
+    for attention in ("sdpa", "eager"):
+        llm.set_attn_implementation(attention)
+        runs[attention] = round(bare_tokens_per_second(llm, ids, new_tokens), 2)
+    return {"llm": model.config.base_llm, "tokens_per_s": max(runs.values()), "by_attention": runs}
 
 
 def model_label(model, processor) -> dict:
@@ -55,13 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup:
         answer(2)
     timing = answer(args.max_new_tokens)
+    bare = None
+    if args.anchor and model.config.base_llm:
+        clip = processor.load_video(args.video, num_frames=args.frames)
+        bare = anchor(model, args.cache_dir, processor(args.question, video=clip)["input_ids"], args.max_new_tokens)
     print(json.dumps({
         "bench": "chat", "model": str(args.model), **model_label(model, processor), "video": args.video,
         "frames": timing.num_frames, "video_tokens": timing.video_tokens, "prompt_tokens": timing.prompt_tokens,
         "new_tokens": timing.new_tokens, "decode_s": round(timing.decode_seconds, 3),
         "encode_s": round(timing.encode_seconds, 3), "time_to_first_token_s": round(timing.time_to_first_token, 3),
         "tokens_per_s": round(timing.tokens_per_second, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "threads": torch.get_num_threads(), **({"frames_auto": budget} if budget else {}),
+        "threads": torch.get_num_threads(), "packed_decoder": model.packed_decoder is not None,
+        **({"frames_auto": budget} if budget else {}),
+        **({"bare": bare, "decode_speedup": round(timing.tokens_per_second / bare["tokens_per_s"], 2)} if bare else {}),
     }))
     return 0
 

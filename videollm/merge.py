@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     src, out = resolve_model_dir(args.model), Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory '{out}' exists and is not empty")
-    model, processor = load_videollm(src, cache_dir=args.cache_dir)
+    model, processor = load_videollm(src, cache_dir=args.cache_dir, pack=False)
     if not (src / ADAPTER_DIR).is_dir():
         print(f"note: '{src}' has no LoRA adapter; writing a copy", file=sys.stderr)
     model.merge_lora()

@@ -31,7 +31,9 @@ from transformers.modeling_outputs import ModelOutput
 from encoder.build import build_encoder
 from encoder.errors import UserError
 from videollm.configuration_videollm import PROJECTOR_CONFIGS, VIDEO_TOKEN, VideoLLMConfig, make_projector_config
+from videollm.decoding import PackedDecoder, generate_packed
 from videollm.llm import load_llm
+from videollm.packed import pack_language_model
 from videollm.processing_videollm import VideoLLMProcessor
 from videollm.projectors import WordAnchorProjector, build_projector
 
@@ -92,6 +94,8 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
         self.loss_logits_only = False
         self.language_model_is_base = False
         self.video_encode_seconds = 0.0
+        self.packed = False  # set by pack_for_inference
+        self.packed_decoder: PackedDecoder | None = None
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -207,6 +211,24 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
             inputs["pixel_values"] = pixel_values
         return inputs
 
+    def pack_for_inference(self) -> dict:
+        """Keep the LLM's GGUF weights as their blocks for decoding (`videollm.packed`) and decode
+        with `PackedDecoder` inside ``generate()`` where the LLM's architecture allows; for inference
+        only (training keeps the dense modules). Returns what was packed and why not more."""
+        stats = pack_language_model(self.language_model)
+        self.packed = stats["packed"] > 0
+        llm = self.language_model.get_base_model() if self.has_lora else self.language_model
+        self.packed_decoder, why = PackedDecoder.build(llm) if stats["packed"] else (None, "no packed weights")
+        return {**stats, "decoder": self.packed_decoder is not None, **({"why_not": why} if why else {})}
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``; with a `PackedDecoder` its steps run there (same tokens, faster)."""
+        if self.packed_decoder is not None and kwargs.get("custom_generate") is None:
+            # transformers hands a custom_generate callable only the arguments _sample does not take,
+            # so the streamer travels under another name (and generate_packed streams the prompt).
+            kwargs.update(custom_generate=generate_packed, packed_streamer=kwargs.pop("streamer", None))
+        return super().generate(*args, **kwargs)
+
     def add_lora(self, lora_config) -> None:
         """Wrap the LLM in a peft LoRA adapter (``peft.LoraConfig``); the base LLM is frozen by peft."""
         from peft import get_peft_model
@@ -217,6 +239,8 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def merge_lora(self) -> None:
         """Fold the LoRA adapter into the LLM weights (for a standalone checkpoint)."""
+        if self.packed:
+            raise ValueError("this model was packed for inference; load it with pack=False to merge its adapter")
         if self.has_lora:
             self.language_model = self.language_model.merge_and_unload()
             self.language_model_is_base = False
@@ -224,6 +248,9 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, **kwargs):
         """The whole model, or encoder + projector + ``config.base_llm`` (+ adapter in ``llm_adapter/``)
         with a LoRA adapter or while the LLM is the frozen base (trained LLM weights are saved whole)."""
+        if self.packed:
+            raise ValueError("this model was packed for inference (load_videollm's default); load it with "
+                             "pack=False to save, merge or train it")
         if not (self.has_lora or self.language_model_is_base
                 and not any(p.requires_grad for p in self.language_model.parameters())):
             return super().save_pretrained(save_directory, **kwargs)
@@ -458,10 +485,17 @@ def save_videollm(model: VideoLLMForCausalLM, processor, directory) -> None:
 
 
 def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bool | None = None,
-                  cache_dir=None, dtype: torch.dtype = torch.float32, is_trainable: bool = False):
-    """(model, processor) from a saved directory or "default" (None); num_frames / use_time_line override."""
+                  max_video_tokens: int | None = None, cache_dir=None, dtype: torch.dtype = torch.float32,
+                  is_trainable: bool = False, pack: bool = True):
+    """(model, processor) from a saved directory or "default" (None); num_frames / use_time_line /
+    max_video_tokens (the projector's token budget: longer clips are pooled over time) override.
+    pack: an inference load (not `is_trainable`) decodes on the LLM's packed GGUF weights where it has them."""
     path = resolve_model_dir(path)
     model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=is_trainable)
+    if max_video_tokens is not None:
+        model.config.projector_config.max_video_tokens = int(max_video_tokens)  # the projector reads the same object
+    if pack and not is_trainable:
+        model.pack_for_inference()
     processor = VideoLLMProcessor.from_pretrained(path, model.config, num_frames=num_frames,
                                                   use_time_line=use_time_line)
     return model.eval(), processor

@@ -1,0 +1,332 @@
+// y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) for a weight kept in GGUF's Q4_1 or Q8_0 blocks: the LLM's decoding step.
+//
+// Decoding one token multiplies one activation row by every weight of the LLM, so its speed is the
+// speed at which the weights stream through memory. fp32 weights are 32 bits a weight; the GGUF
+// the default LLM ships in holds them as Q4_1 (5 bits a weight: 32 four-bit codes q and two fp16
+// numbers d, m a block, w = d·q + m) and Q8_0 (8.5 bits: w = d·q, q int8). videollm.packed keeps
+// those blocks only where they give back the model's fp32 weights exactly, so this kernel reads
+// the same weight values in a fifth to a quarter of the bytes. Activations stay fp32 (no int8
+// rounding of x): per block  Σ w_j x_j = d·Σ q_j x_j + m·Σ x_j,  the Σ x_j of each block computed
+// once per row of x.
+//
+// Layouts: x (M, K) fp32 contiguous; blocks (N, K/32·bytes) uint8, row-major, one output row's
+// blocks in a row — Q4_1: d fp16, m fp16, 16 bytes of codes (byte j: element j in the low nibble,
+// element j+16 in the high); Q8_0: d fp16, 32 int8 codes. LoRA (optional): A (r, K), B (N, r)
+// fp32, scale s. Output (M, N) fp32. Rows of W are split over threads with at::parallel_for.
+//
+// SIMD through GCC/Clang vector extensions (as in encoder/csrc/selective_scan.cpp): a `vf` is the
+// 16 lanes of half a block, one AVX-512 register, two AVX2 or four NEON registers.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float vf __attribute__((vector_size(16 * sizeof(float))));
+typedef uint8_t vu8 __attribute__((vector_size(16)));
+typedef int8_t vi8 __attribute__((vector_size(16)));
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kQ41Bytes = 20;  // fp16 d, fp16 m, 16 bytes of nibbles
+constexpr int64_t kQ80Bytes = 34;  // fp16 d, 32 int8
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+inline vf load_vf(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(vf));
+  return v;
+}
+
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// One block's contribution d·Σ q_j x_j to a row's accumulator, per instruction set: x86 builds use
+// AVX-512 or AVX2 + F16C intrinsics (GCC turns the generic code's byte → float conversions into
+// scalar loops, 5× slower); other targets use the generic vector code. `XB` is a block of x loaded
+// once and shared by the rows computed together.
+#if defined(__AVX512F__) && defined(__F16C__)
+struct Simd {
+  using Acc = __m512;
+  struct XB { __m512 a, b; };
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static XB load_x(const float* x) { return {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)}; }
+  static float reduce(Acc v) { return _mm512_reduce_add_ps(v); }
+  static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
+  static void q4_1(Acc& acc, const uint8_t* blk, const XB& x) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low)));
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(half(blk)), _mm512_fmadd_ps(hi, x.b, _mm512_mul_ps(lo, x.a)), acc);
+  }
+  static void q8_0(Acc& acc, const uint8_t* blk, const XB& x) {
+    const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
+    const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(half(blk)), _mm512_fmadd_ps(q1, x.b, _mm512_mul_ps(q0, x.a)), acc);
+  }
+};
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+struct Simd {
+  using Acc = __m256;
+  struct XB { __m256 v[4]; };
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static XB load_x(const float* x) {
+    return {{_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), _mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)}};
+  }
+  static float reduce(Acc v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
+  static __m256 u8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+  static __m256 s8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+  static void q4_1(Acc& acc, const uint8_t* blk, const XB& x) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+    __m256 part = _mm256_mul_ps(u8(lo), x.v[0]);
+    part = _mm256_fmadd_ps(u8(_mm_srli_si128(lo, 8)), x.v[1], part);
+    part = _mm256_fmadd_ps(u8(hi), x.v[2], part);
+    part = _mm256_fmadd_ps(u8(_mm_srli_si128(hi, 8)), x.v[3], part);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk)), part, acc);
+  }
+  static void q8_0(Acc& acc, const uint8_t* blk, const XB& x) {
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18));
+    __m256 part = _mm256_mul_ps(s8(q0), x.v[0]);
+    part = _mm256_fmadd_ps(s8(_mm_srli_si128(q0, 8)), x.v[1], part);
+    part = _mm256_fmadd_ps(s8(q1), x.v[2], part);
+    part = _mm256_fmadd_ps(s8(_mm_srli_si128(q1, 8)), x.v[3], part);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(half(blk)), part, acc);
+  }
+};
+#else
+struct Simd {
+  using Acc = vf;
+  struct XB { vf a, b; };
+  static Acc zero() { return vf{}; }
+  static XB load_x(const float* x) { return {load_vf(x), load_vf(x + 16)}; }
+  static float reduce(Acc v) { return hsum(v); }
+  static float half(const uint8_t* p) { return half_to_float(p); }
+  static void q4_1(Acc& acc, const uint8_t* blk, const XB& x) {
+    vu8 raw;
+    std::memcpy(&raw, blk + 4, 16);
+    acc += half(blk) * (__builtin_convertvector(raw & 0x0F, vf) * x.a + __builtin_convertvector(raw >> 4, vf) * x.b);
+  }
+  static void q8_0(Acc& acc, const uint8_t* blk, const XB& x) {
+    vi8 q0, q1;
+    std::memcpy(&q0, blk + 2, 16);
+    std::memcpy(&q1, blk + 18, 16);
+    acc += half(blk) * (__builtin_convertvector(q0, vf) * x.a + __builtin_convertvector(q1, vf) * x.b);
+  }
+};
+#endif
+
+// One group of kRows output rows against one row of x, into out[0..kRows). A group's blocks are
+// interleaved (block b of rows 0..3, then block b + 1 of rows 0..3, …), so the group is one
+// sequential stream, and its kRows independent accumulators keep the FMA pipeline full and share
+// each load of x. Q4_1 adds m·Σx per block (xsum); Q8_0 has no offset.
+constexpr int kRows = 4;
+
+template <int kind>
+inline void dot_group(const uint8_t* group, const float* x, const float* xsum, int64_t nb, float* out) {
+  constexpr int64_t bytes = kind == 0 ? kQ41Bytes : kQ80Bytes;
+  typename Simd::Acc acc[kRows];
+  float macc[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    acc[r] = Simd::zero();
+    macc[r] = 0.f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = group + b * kRows * bytes;
+    __builtin_prefetch(blk + 8 * kRows * bytes);
+    const typename Simd::XB xb = Simd::load_x(x + b * kBlock);
+    for (int r = 0; r < kRows; ++r) {
+      if (kind == 0) {
+        Simd::q4_1(acc[r], blk + r * bytes, xb);
+        macc[r] += Simd::half(blk + r * bytes + 2) * xsum[b];
+      } else {
+        Simd::q8_0(acc[r], blk + r * bytes, xb);
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) out[r] = Simd::reduce(acc[r]) + macc[r];
+}
+
+template <int kind>
+void groups_range(const uint8_t* wp, int64_t g0, int64_t g1, const float* xp, const float* xsum, int64_t M,
+                  int64_t K, int64_t N, float* op) {
+  const int64_t nb = K / kBlock, group_bytes = nb * kRows * (kind == 0 ? kQ41Bytes : kQ80Bytes);
+  float part[kRows];
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t m = 0; m < M; ++m) {
+      dot_group<kind>(wp + g * group_bytes, xp + m * K, xsum + m * nb, nb, part);
+      for (int64_t r = 0; r < kRows && g * kRows + r < N; ++r) op[m * N + g * kRows + r] = part[r];
+    }
+  }
+}
+
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor blocks, int64_t kind, int64_t N, torch::Tensor lora_a,
+                            torch::Tensor lora_b, double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: (M, K) contiguous fp32");
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.is_contiguous(),
+              "blocks: (ceil(N/4), K/32 * 4 * bytes) contiguous uint8, as `interleave` makes them");
+  TORCH_CHECK(kind == 0 || kind == 1, "kind: 0 (Q4_1) or 1 (Q8_0)");
+  const int64_t M = x.size(0), K = x.size(1), G = blocks.size(0);
+  const int64_t bytes = kind == 0 ? kQ41Bytes : kQ80Bytes;
+  TORCH_CHECK(K % kBlock == 0 && blocks.size(1) == K / kBlock * kRows * bytes && G == (N + kRows - 1) / kRows,
+              "blocks do not match x's width or N");
+  const int64_t nb = K / kBlock;
+  auto out = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = blocks.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+
+  std::vector<float> xsum(M * nb, 0.f);
+  if (kind == 0) {
+    for (int64_t i = 0; i < M * nb; ++i) {
+      const vf s = load_vf(xp + i * kBlock) + load_vf(xp + i * kBlock + 16);
+      xsum[i] = hsum(s);
+    }
+  }
+  // A thread's share is at least ~4k blocks (tens of microseconds): small matrices run on one thread.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nb * kRows * M));
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+    if (kind == 0) {
+      groups_range<0>(wp, g0, g1, xp, xsum.data(), M, K, N, op);
+    } else {
+      groups_range<1>(wp, g0, g1, xp, xsum.data(), M, K, N, op);
+    }
+  });
+
+  if (lora_a.defined() && lora_a.numel() > 0) {
+    TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K && lora_b.dim() == 2 && lora_b.size(0) == N &&
+                    lora_b.size(1) == lora_a.size(0) && lora_a.is_contiguous() && lora_b.is_contiguous() &&
+                    lora_a.scalar_type() == torch::kFloat && lora_b.scalar_type() == torch::kFloat,
+                "LoRA: A (r, K), B (N, r) contiguous fp32");
+    const int64_t r = lora_a.size(0);
+    const float* ap = lora_a.data_ptr<float>();
+    const float* bp = lora_b.data_ptr<float>();
+    std::vector<float> t(M * r);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < r; ++j) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += ap[j * K + k] * xp[m * K + k];
+        t[m * r + j] = static_cast<float>(scale) * s;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        float s = 0.f;
+        for (int64_t j = 0; j < r; ++j) s += bp[n * r + j] * t[m * r + j];
+        op[m * N + n] += s;
+      }
+    }
+  }
+  return out;
+}
+
+inline void put_half(uint8_t* p, float v) {
+  const uint16_t bits = c10::Half(v).x;
+  std::memcpy(p, &bits, 2);
+}
+
+// One block of 32 weights → its Q4_1 (kind 0) or Q8_0 (kind 1) bytes; false if they do not give
+// back every weight exactly. GGUF's quantizers set m = min, d = (max − min)/15 (Q4_1) and
+// d = max|w|/127 (Q8_0), so d and m are read off the weights; dequantization is d·q (+ m) in fp32
+// as transformers' GGUF loader does it. std::fma(d, q, 0) is the rounded product: the build's
+// -ffp-contract=fast must not fuse the check's multiply and add.
+bool pack_block(const float* w, uint8_t* out, int64_t kind) {
+  float lo = w[0], hi = w[0], amax = 0.f;
+  for (int j = 0; j < kBlock; ++j) {
+    lo = std::min(lo, w[j]);
+    hi = std::max(hi, w[j]);
+    amax = std::max(amax, std::fabs(w[j]));
+  }
+  if (kind == 0) {
+    const float m = lo, d = static_cast<float>(c10::Half((hi - lo) / 15.f));
+    if (static_cast<float>(c10::Half(m)) != m) return false;
+    put_half(out, d);
+    put_half(out + 2, m);
+    uint8_t q[kBlock];
+    for (int j = 0; j < kBlock; ++j) {
+      const float v = d > 0.f ? std::nearbyint((w[j] - m) / d) : 0.f;
+      q[j] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, v)));
+      if (std::fma(d, static_cast<float>(q[j]), 0.f) + m != w[j]) return false;
+    }
+    for (int j = 0; j < 16; ++j) out[4 + j] = static_cast<uint8_t>(q[j] | (q[j + 16] << 4));
+  } else {
+    const float d = static_cast<float>(c10::Half(amax / 127.f));
+    put_half(out, d);
+    for (int j = 0; j < kBlock; ++j) {
+      const float v = d > 0.f ? std::min(127.f, std::max(-127.f, std::nearbyint(w[j] / d))) : 0.f;
+      if (std::fma(v, d, 0.f) != w[j]) return false;
+      out[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(v));
+    }
+  }
+  return true;
+}
+
+// weight (N, K) fp32 → (blocks (N, K/32·bytes) uint8, exact (N) bool); a row that is not exact has
+// all-zero blocks (d = m = 0: it adds nothing in `packed_linear`).
+std::vector<torch::Tensor> pack(torch::Tensor weight, int64_t kind) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat && weight.is_contiguous(),
+              "weight: (N, K) contiguous fp32");
+  TORCH_CHECK(kind == 0 || kind == 1, "kind: 0 (Q4_1) or 1 (Q8_0)");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32");
+  const int64_t nb = K / kBlock, bytes = kind == 0 ? kQ41Bytes : kQ80Bytes;
+  auto blocks = torch::zeros({N, nb * bytes}, weight.options().dtype(torch::kUInt8));
+  auto exact = torch::empty({N}, weight.options().dtype(torch::kBool));
+  const float* wp = weight.data_ptr<float>();
+  uint8_t* bp = blocks.data_ptr<uint8_t>();
+  bool* ep = exact.data_ptr<bool>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / nb), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      bool ok = true;
+      for (int64_t b = 0; b < nb && ok; ++b) ok = pack_block(wp + n * K + b * kBlock, bp + (n * nb + b) * bytes, kind);
+      ep[n] = ok;
+      if (!ok) std::memset(bp + n * nb * bytes, 0, nb * bytes);
+    }
+  });
+  return {blocks, exact};
+}
+
+// Row-major blocks (N, nb·bytes) → groups of kRows rows with their blocks interleaved
+// (ceil(N/kRows), nb·kRows·bytes); missing rows of the last group are zero blocks.
+torch::Tensor interleave(torch::Tensor blocks, int64_t kind) {
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8, "blocks: (N, nb * bytes) uint8");
+  const int64_t bytes = kind == 0 ? kQ41Bytes : kQ80Bytes, N = blocks.size(0), nb = blocks.size(1) / bytes;
+  const int64_t G = (N + kRows - 1) / kRows;
+  auto padded = torch::zeros({G * kRows, nb * bytes}, blocks.options());
+  padded.narrow(0, 0, N).copy_(blocks);
+  return padded.view({G, kRows, nb, bytes}).permute({0, 2, 1, 3}).contiguous().view({G, nb * kRows * bytes});
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("interleave", &interleave, "row-major blocks -> groups of 4 rows, blocks interleaved (the layout `linear` reads)");
+  m.def("pack", &pack, "fp32 weight -> (Q4_1 / Q8_0 blocks, rows given back exactly)");
+  m.def("linear", &packed_linear, "y = x W^T (+ s (x A^T) B^T), W in Q4_1 (kind 0) or Q8_0 (kind 1) blocks");
+}

@@ -1,0 +1,159 @@
+"""Decoding without the per-token Python of a transformers forward: a Llama-family LLM's step on its
+packed weights (`videollm.packed`) and a static KV cache, run inside ``generate()``.
+
+A decoding step of a 135M-parameter LLM is a few milliseconds of weight streaming once the weights
+are packed; the transformers forward around it (decoder-layer modules, a growing cache concatenated
+at every step, masks, hooks) costs several times that on a CPU. `PackedDecoder.step` is the same
+computation written out for one token: RMSNorm → q/k/v → RoPE → the cache → attention (grouped
+query heads) → o → residual → RMSNorm → SiLU-gated MLP → residual, then the final norm and LM head,
+each linear layer a `PackedLinear` (LoRA kept as its side path).
+
+`generate_packed` is handed to transformers' ``generate(custom_generate=…)``, so generation config,
+logits processors (temperature, top-k, top-p, min_new_tokens …), stopping criteria and streamers
+are transformers' own; only the forward steps are ours. The prompt (and the video in it) is
+prefilled by the model's own forward; its cache is copied into the static one. A request this loop
+does not cover (a batch, beams, returned scores or caches, padding) runs transformers' method.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+from videollm.packed import PackedLinear
+
+ARCHITECTURES = ("llama",)  # Llama's layer: pre-norm attention with RoPE and GQA, SiLU-gated MLP, no biases
+
+
+class PackedDecoder:
+    """One-token steps of `llm` (a ``LlamaForCausalLM``, its linear layers `PackedLinear`) over a
+    static cache of `capacity` positions. Build with `PackedDecoder.build`, which says why not."""
+
+    def __init__(self, llm: nn.Module):
+        config = llm.config
+        self.llm = llm
+        self.embed = llm.get_input_embeddings()
+        self.layers = llm.model.layers
+        self.norm = llm.model.norm
+        self.rotary = llm.model.rotary_emb
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.eps, self.hidden = config.rms_norm_eps, config.hidden_size
+        self.scaling = self.layers[0].self_attn.scaling
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.cos = self.sin = self.cos_q = self.sin_q = None
+
+    @classmethod
+    def build(cls, llm: nn.Module) -> tuple[PackedDecoder | None, str | None]:
+        """(decoder, None), or (None, why this LLM has no packed decoder)."""
+        config = llm.config
+        if config.model_type not in ARCHITECTURES:
+            return None, f"the packed decoder covers {', '.join(ARCHITECTURES)}; this LLM is {config.model_type}"
+        if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "attention_bias", False) \
+                or getattr(config, "mlp_bias", False):
+            return None, "the LLM's layers differ from Llama's (activation or biases)"
+        parts = [getattr(layer.self_attn, n) for layer in llm.model.layers for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        parts += [getattr(layer.mlp, n) for layer in llm.model.layers for n in ("gate_proj", "up_proj", "down_proj")]
+        parts.append(llm.get_output_embeddings())
+        if not all(isinstance(p, PackedLinear) for p in parts):
+            return None, "some of the LLM's weights are not GGUF blocks"
+        return cls(llm), None
+
+    def start(self, cache, length: int, capacity: int) -> None:
+        """Copy a prefilled transformers cache (`length` positions) into static buffers of `capacity`."""
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            k, v = layer.keys[0], layer.values[0]  # (KV, length, hd)
+            kb = k.new_empty(self.kv_heads, capacity, self.head_dim)
+            vb = v.new_empty(self.kv_heads, capacity, self.head_dim)
+            kb[:, :length], vb[:, :length] = k, v
+            self.keys.append(kb)
+            self.values.append(vb)
+        positions = torch.arange(capacity)[None]  # (1, capacity)
+        cos, sin = self.rotary(kb, positions)  # (1, capacity, hd): transformers' own RoPE (type, scaling)
+        # rotate_half(x)·sin = swap_halves(x)·(−sin₁, sin₂): the sign goes into the table. The query's
+        # tables carry the attention scale too, so scores need no extra pass.
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)  # (capacity, hd)
+        self.cos, self.sin = cos[0], sin
+        self.cos_q, self.sin_q = cos[0] * self.scaling, sin * self.scaling
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None) -> torch.Tensor:
+        """x (heads, hd) rotated as transformers' apply_rotary_pos_emb: x·cos + rotate_half(x)·sin."""
+        heads, hd = x.shape
+        swapped = x.view(heads, 2, hd // 2).flip(1).view(heads, hd)
+        return torch.addcmul(x * cos, swapped, sin, out=out)
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits (1, V) for `token` (1,) at position `pos`; writes its keys and values to the cache."""
+        H, KV, hd, D = self.heads, self.kv_heads, self.head_dim, self.hidden
+        h = self.embed(token)  # (1, D)
+        cos, sin, cos_q, sin_q = self.cos[pos], self.sin[pos], self.cos_q[pos], self.sin_q[pos]  # (hd,)
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            a = F.rms_norm(h, (D,), layer.input_layernorm.weight, self.eps)
+            q = self._rope(attn.q_proj(a).view(H, hd), cos_q, sin_q)  # scaled by 1/√hd
+            self._rope(attn.k_proj(a).view(KV, hd), cos, sin, out=self.keys[i][:, pos])
+            self.values[i][:, pos] = attn.v_proj(a).view(KV, hd)
+            # Grouped-query attention of one query: query heads g·j … g·j+g−1 read key head j.
+            scores = torch.bmm(q.view(KV, H // KV, hd), self.keys[i][:, :pos + 1].transpose(1, 2))  # (KV, g, pos+1)
+            out = torch.bmm(torch.softmax(scores, -1), self.values[i][:, :pos + 1])  # (KV, g, hd)
+            h = h + attn.o_proj(out.view(1, H * hd))
+            m = F.rms_norm(h, (D,), layer.post_attention_layernorm.weight, self.eps)
+            h = h + mlp.down_proj(F.silu(mlp.gate_proj(m)) * mlp.up_proj(m))
+        return self.llm.get_output_embeddings()(F.rms_norm(h, (D,), self.norm.weight, self.eps))  # (1, V)
+
+
+def _covered(input_ids, generation_config, model_kwargs) -> bool:
+    mask, cache = model_kwargs.get("attention_mask"), model_kwargs.get("past_key_values")
+    return (input_ids.shape[0] == 1 and (cache is None or cache.get_seq_length() == 0) and generation_config.get_generation_mode() in ("greedy_search", "sample")
+            and not generation_config.return_dict_in_generate and model_kwargs.get("use_cache", True)
+            and (mask is None or bool(mask.all())) and not getattr(generation_config, "is_assistant", False))
+
+
+def generate_packed(model, input_ids, logits_processor, stopping_criteria, generation_config, packed_streamer=None,
+                    **model_kwargs):
+    """transformers' ``custom_generate`` for a model with a `PackedDecoder` (``model.packed_decoder``):
+    greedy or sampled decoding of one sequence, the same tokens as transformers' sampling loop.
+    packed_streamer: the ``streamer`` given to ``generate`` (transformers does not pass it on)."""
+    decoder, streamer = model.packed_decoder, packed_streamer
+    if streamer is not None:
+        streamer.put(input_ids.cpu())  # what generate() does before its decoding method
+    if decoder is None or not _covered(input_ids, generation_config, model_kwargs):
+        method = getattr(type(model), GENERATION_MODES_MAPPING[generation_config.get_generation_mode()])
+        return method(model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                      generation_config=generation_config, streamer=streamer, **model_kwargs)
+    length = input_ids.shape[1]
+    inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    with torch.inference_mode():
+        outputs = model(**inputs, return_dict=True)
+    logits = outputs.logits[:, -1].float()  # (1, V)
+    capacity = max(length + 1, generation_config.max_length)
+    decoder.start(outputs.past_key_values, length, capacity)
+    del outputs, inputs
+    # A streamer's reader (detokenizing, printing) runs beside the steps: a core left to it keeps
+    # the step's threads from waiting on a descheduled one (2 cores: 53 tok/s on one thread, 35 on two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1) if streamer is not None else threads)
+    try:
+        while True:
+            scores = logits_processor(input_ids, logits)
+            if generation_config.do_sample:
+                token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (1,)
+            else:
+                token = scores.argmax(-1)  # (1,)
+            input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if bool(stopping_criteria(input_ids, scores).all()) or input_ids.shape[1] >= capacity:
+                break
+            logits = decoder.step(token, input_ids.shape[1] - 1).float()
+    finally:
+        torch.set_num_threads(threads)
+    if streamer is not None:
+        streamer.end()
+    return input_ids
