@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-video-tokens", type=int, default=None,
+                   help="the projector's video-token budget (longer clips are pooled over time; default: the model's)")
     p.add_argument("--scoring", choices=SCORINGS, default="generate",
                    help="generate: the letter of the greedy reply (default); likelihood: the option "
                         "whose text is most likely as the reply to the bare question (see eval qa)")
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if not frame_counts or frame_counts[0] < 1 or args.needles < 1:
         raise UserError("--frames and --needles must be positive")
     depths = _floats(args.depths)
-    answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens)
+    answerer = VideoLLMAnswerer(args.model, max_new_tokens=args.max_new_tokens, max_video_tokens=args.max_video_tokens)
     size = args.size or answerer.size
     out = Path(args.out)
     if args.readout:
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                       needle_frames=args.needle_frames, log=lambda m: print(m, file=sys.stderr),
                       scoring=args.scoring)
     result["model"] = str(args.model)
+    result["max_video_tokens"] = answerer.model.config.projector_config.max_video_tokens
     out.mkdir(parents=True, exist_ok=True)
     (out / "niah.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     heatmap(result, out / "niah.png", title=f"V-NIAH {Path(args.model).name}")

@@ -215,8 +215,10 @@ class VideoLLMAnswerer:
     model: a saved VideoLLM directory, or None / "default" for the default model.
     """
 
-    def __init__(self, model: str | Path | None = None, max_new_tokens: int = 16, num_frames: int | None = None):
-        self.model, self.processor = load_videollm(model or None, num_frames=num_frames)
+    def __init__(self, model: str | Path | None = None, max_new_tokens: int = 16, num_frames: int | None = None,
+                 max_video_tokens: int | None = None):
+        self.model, self.processor = load_videollm(model or None, num_frames=num_frames,
+                                                   max_video_tokens=max_video_tokens)
         self.size = int(self.processor.image_size)
         self.max_new_tokens = max_new_tokens
 

@@ -146,9 +146,11 @@ def test_word_anchor_is_installed_in_stage1_and_kept_in_stage2(assets, tmp_path)
     from videollm.modeling_videollm import load_videollm
 
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
-    _finetune(STAGE1, _overrides(assets, s1, steps=2, save_every=100, eval_every=100, word_anchor="[colors, shapes]"))
+    _finetune(STAGE1, _overrides(assets, s1, steps=2, save_every=100, eval_every=100, word_anchor="[colors, shapes]",
+                                 max_video_tokens=4096, anchor_temporal_merge="named"))
     m1, proc = load_videollm(s1 / "final")
     assert m1.config.projector_config.words == [list(COLOR_WORDS), list(SHAPE_WORDS)]
+    assert (m1.config.projector_config.max_video_tokens, m1.config.projector_config.temporal_merge) == (4096, "named")
     rows = word_embeddings(m1.get_input_embeddings().weight, proc.tokenizer)  # every word ground scores
     n = len(COLOR_WORDS) + len(SHAPE_WORDS)
     assert rows.shape[0] == len(WORDS) and torch.equal(m1.projector.anchor_values, rows[:n])
@@ -159,7 +161,7 @@ def test_word_anchor_is_installed_in_stage1_and_kept_in_stage2(assets, tmp_path)
     _finetune(STAGE2, _overrides(assets, s2, steps=2, grad_accum=1, save_every=100, eval_every=100,
                                  init_from=s1 / "final", **{"optim.lr": 5e-3}))
     m2, _ = load_videollm(s2 / "final")
-    assert m2.has_lora and m2.config.projector_config.words == m1.config.projector_config.words
+    assert m2.has_lora and m2.config.projector_config == m1.config.projector_config
     assert torch.equal(m2.projector.anchor_values, rows[:n])
     assert float(m2.projector.anchor_gate) != float(m1.projector.anchor_gate)
 

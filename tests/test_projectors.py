@@ -220,3 +220,28 @@ def test_stem_skip_reads_the_encoders_stem_features_max_pooled_and_round_trips(t
 def test_spatial_merge_config_errors(kw):
     with pytest.raises(ValueError, match="spatial_merge"):
         VideoProjectorConfig(**kw)
+
+
+def test_named_temporal_merge_keeps_each_runs_most_named_frame_token():
+    """With a token budget, "named" keeps per token position the frame of each run of frames that names
+    an object most (a one-frame event survives whole); "avg" averages the run's features."""
+    model, _, _ = _anchored(max_video_tokens=8, temporal_merge="named")  # spatial_pool 1
+    proj = model.projector
+    with torch.no_grad():
+        proj.linear_2.bias.normal_()
+    grid = (6, 2, 2)  # 6 frames of 4 tokens; a budget of 8 tokens keeps 2 frames: runs 0-2 and 3-5
+    h = torch.randn(1, 1 + 6 * 4, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, named = proj.anchor(VideoProjector.forward(proj, h, grid, temporal=False))  # (1, 24, D), (1, 24)
+        merged = proj(h, grid)
+    assert merged.shape == (1, 8, full.shape[-1]) == (1, model.config.num_video_tokens(6, 32, 32), full.shape[-1])
+    for run, frames in enumerate(([0, 1, 2], [3, 4, 5])):
+        for pos in range(4):
+            best = max(frames, key=lambda t: named[0, t * 4 + pos].item())
+            assert torch.equal(merged[0, run * 4 + pos], full[0, best * 4 + pos])
+    proj.config.temporal_merge = "avg"
+    with torch.no_grad():
+        averaged = proj(h, grid)
+    assert averaged.shape == merged.shape and not torch.allclose(averaged, merged)
+    with pytest.raises(ValueError, match="temporal_merge"):
+        WordAnchorProjectorConfig(words=[["red"]], temporal_merge="max")

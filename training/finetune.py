@@ -103,6 +103,7 @@ class FinetuneConfig(RecipeConfig):
     word_anchor: list[str] = field(default_factory=list)  # word groups to anchor the tokens in: colors, shapes, motions
     anchor_none_logit: float = 0.0  # the anchor's "none" logit (grounding's none_logit)
     anchor_select: int | None = None  # the anchor keeps each frame's k tokens that name an object most (select_tokens)
+    anchor_temporal_merge: str = "avg"  # avg | named: how max_video_tokens pools a long clip's frames (temporal_merge)
     quant: str = "none"  # none | 4bit
     gradient_checkpointing: bool = False
     loss_logits_only: bool = False  # LM-head logits only at labelled positions (same loss, less compute)
@@ -147,7 +148,9 @@ def build_model(cfg: FinetuneConfig):
     # The projector keys for a new model; with init_from, only a word anchor to add (when asked for
     # and the saved model has none).
     anchor = {"type": "word_anchor", "words": [list(WORD_GROUPS[g]) for g in cfg.word_anchor],
-              "none_logit": cfg.anchor_none_logit, "select_tokens": cfg.anchor_select} if cfg.word_anchor else {}
+              "none_logit": cfg.anchor_none_logit, "select_tokens": cfg.anchor_select,
+              "temporal_merge": cfg.anchor_temporal_merge,
+              **({"max_video_tokens": cfg.max_video_tokens} if cfg.max_video_tokens else {})} if cfg.word_anchor else {}
     if cfg.init_from is None:
         projector = {"type": "mlp", "spatial_pool": cfg.spatial_pool, "spatial_merge": cfg.spatial_merge,
                      "stem_skip": cfg.stem_skip, "max_video_tokens": cfg.max_video_tokens, **anchor}

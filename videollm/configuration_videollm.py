@@ -26,6 +26,7 @@ import encoder.vit  # noqa: F401  (registers "vit_video")
 
 VIDEO_TOKEN = "<video>"
 SPATIAL_MERGES = ("avg", "concat")
+TEMPORAL_MERGES = ("avg", "named")  # the word anchor's ways to pool frames to a token budget
 
 
 def _is_int(value) -> bool:  # an integer >= 1
@@ -121,6 +122,10 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
         least "none" weight over the word groups), in raster order. With ``spatial_pool: 1`` each
         object keeps a token of its own at the token cost of 2×2 pooling, where a pooled token mixes
         the words of every object in its window ("red", "blue", "circle", "left", …: whose motion?).
+    temporal_merge: how ``max_video_tokens`` pools frames. "avg": average neighbouring frames' encoder
+        features (the general projector's way); "named": each token position keeps the frame of its
+        run that names an object most, so a brief event (a needle frame) is kept whole instead of
+        averaged with the footage around it into "none".
     """
 
     projector_type = "word_anchor"
@@ -130,6 +135,7 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
     none_logit: float = 0.0
     concepts: list[str] = field(default_factory=list)
     select_tokens: int | None = None
+    temporal_merge: str = "avg"
 
     def kept_per_frame(self, k: int) -> int:
         return k if self.select_tokens is None else min(k, self.select_tokens)
@@ -147,6 +153,8 @@ class WordAnchorProjectorConfig(VideoProjectorConfig):
              f"none_logit must be a finite number; got {self.none_logit!r}"),
             (self.select_tokens is None or _is_int(self.select_tokens),
              f"select_tokens must be an integer >= 1 or None; got {self.select_tokens!r}"),
+            (self.temporal_merge in TEMPORAL_MERGES,
+             f"temporal_merge must be one of {TEMPORAL_MERGES}; got {self.temporal_merge!r}"),
         ])
         _check([(isinstance(self.concepts, (list, tuple)) and all(isinstance(x, str) and x for x in self.concepts),
                  f"concepts must be a list of words; got {self.concepts!r}")])

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,9 +34,11 @@ class VideoProjector(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.linear_2 = nn.Linear(text_dim, text_dim)
 
-    def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], reduce: str = "merge") -> torch.Tensor:
+    def pool(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], reduce: str = "merge",
+             temporal: bool = True) -> torch.Tensor:
         """(B, 1 + T·h·w, D) → (B, K, D) (D·s² wide with "concat"); ``reduce="max"``: max-pool each
-        token's window instead (the stem skip's readout); ``"mean"``: average it even with "concat"."""
+        token's window instead (the stem skip's readout); ``"mean"``: average it even with "concat".
+        temporal=False: no pooling over time (every frame's tokens, whatever the budget)."""
         cfg = self.config
         T, h, w = grid
         B, L, D = hidden_states.shape
@@ -59,7 +62,7 @@ class VideoProjector(nn.Module):
             x = F.avg_pool2d(x, s, s, ceil_mode=True, count_include_pad=False)  # (B·T, D, kh, kw)
         k = kh * kw
         x = x.reshape(B, T, D, k).permute(0, 1, 3, 2)  # (B, T, k, D)
-        T_out = cfg.pooled_frames(T, k)
+        T_out = cfg.pooled_frames(T, k) if temporal else T
         if T_out != T:
             # Average neighbouring frames (adaptive windows) so every frame still contributes.
             x = x.permute(0, 2, 3, 1).reshape(B, k * D, T)  # (B, k·D, T)
@@ -71,14 +74,16 @@ class VideoProjector(nn.Module):
         return x
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
-                stem_states: torch.Tensor | None = None, concept_logits: torch.Tensor | None = None) -> torch.Tensor:
+                stem_states: torch.Tensor | None = None, concept_logits: torch.Tensor | None = None,
+                temporal: bool = True) -> torch.Tensor:
         """hidden_states, stem_states (with ``stem_skip``): (B, 1 + T·h·w, D) → (B, K, D_llm).
-        concept_logits: the encoder's (a concept stem's); the word anchor reads them, the MLP does not."""
-        x = self.linear_1(self.pool(hidden_states, grid))  # (B, K, D_llm)
+        concept_logits: the encoder's (a concept stem's); the word anchor reads them, the MLP does not.
+        temporal=False: every frame's tokens (see `pool`)."""
+        x = self.linear_1(self.pool(hidden_states, grid, temporal=temporal))  # (B, K, D_llm)
         if self.config.stem_skip:
             if stem_states is None:
                 raise ValueError("a projector with stem_skip needs stem_states (the encoder's stem features)")
-            x = x + self.stem_proj(self.pool(stem_states, grid, reduce="max"))
+            x = x + self.stem_proj(self.pool(stem_states, grid, reduce="max", temporal=temporal))
         return self.linear_2(self.act(x))  # (B, K, D_llm)
 
 
@@ -126,10 +131,11 @@ class WordAnchorProjector(VideoProjector):
                              f"got {tuple(word_embeddings.shape)}")
         self.concept_values.copy_(word_embeddings.detach().float())
 
-    def concept_weights(self, concept_logits: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def concept_weights(self, concept_logits: torch.Tensor, grid: tuple[int, int, int],
+                        temporal: bool = True) -> torch.Tensor:
         """(B, 1 + T·h·w, C) encoder concept logits → (B, K, C) each video token's concept weights
         (softmax with the "none" class, whose share is left out)."""
-        s = self.pool(concept_logits, grid, reduce="mean")  # (B, K, C)
+        s = self.pool(concept_logits, grid, reduce="mean", temporal=temporal)  # (B, K, C)
         none = s.new_full((*s.shape[:-1], 1), self.config.none_logit)
         return torch.softmax(torch.cat([s, none], dim=-1), dim=-1)[..., :-1]
 
@@ -175,15 +181,37 @@ class WordAnchorProjector(VideoProjector):
         picked = tokens.gather(1, keep[..., None].expand(-1, -1, D))  # (B, T'·k', D)
         return torch.cat([tokens[:, :cls], picked], dim=1)
 
+    def merge_named(self, tokens: torch.Tensor, named: torch.Tensor, grid: tuple[int, int, int]):
+        """tokens (B, [1 +] T·k, D), named (B, [1 +] T·k) of every frame → the same at T' frames (the
+        budget's `pooled_frames`): T is cut into T' runs of consecutive frames, and each token
+        position keeps the run's frame whose token there names an object most (ties: the earlier)."""
+        cfg = self.config
+        T = grid[0]
+        kh, kw = cfg.tokens_per_frame_for(*grid[1:])
+        k = kh * kw
+        T_out, cls = cfg.pooled_frames(T, k), int(cfg.use_cls_token)
+        B, _, D = tokens.shape
+        x, n = tokens[:, cls:].reshape(B, T, k, D), named[:, cls:].reshape(B, T, k)
+        bounds = [i * T // T_out for i in range(T_out + 1)]
+        best = torch.stack([n[:, a:b].argmax(1) + a for a, b in zip(bounds, bounds[1:])], 1)  # (B, T', k)
+        picked = x.gather(1, best[..., None].expand(-1, -1, -1, D)).reshape(B, T_out * k, D)  # (B, T'·k, D)
+        picked_named = n.gather(1, best).reshape(B, T_out * k)
+        return torch.cat([tokens[:, :cls], picked], 1), torch.cat([named[:, :cls], picked_named], 1)
+
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int],
                 stem_states: torch.Tensor | None = None, concept_logits: torch.Tensor | None = None) -> torch.Tensor:
-        out, named = self.anchor(super().forward(hidden_states, grid, stem_states))
-        if self.config.concepts:
+        cfg = self.config
+        by_name = (cfg.temporal_merge == "named"
+                   and cfg.pooled_frames(grid[0], math.prod(cfg.tokens_per_frame_for(*grid[1:]))) != grid[0])
+        out, named = self.anchor(super().forward(hidden_states, grid, stem_states, temporal=not by_name))
+        if cfg.concepts:
             if concept_logits is None:
                 raise ValueError("this projector anchors concepts: it needs the encoder's concept_logits "
                                  "(an encoder with a concept stem, config.concept_frames > 0)")
-            out = out + self.concept_weights(concept_logits, grid) @ self.concept_values.to(out.dtype)
-        return self.select(out, named, grid) if self.config.select_tokens else out
+            out = out + self.concept_weights(concept_logits, grid, temporal=not by_name) @ self.concept_values.to(out.dtype)
+        if by_name:
+            out, named = self.merge_named(out, named, grid)
+        return self.select(out, named, grid) if cfg.select_tokens else out
 
 
 PROJECTORS = {"mlp": VideoProjector, "word_anchor": WordAnchorProjector}
