@@ -119,13 +119,14 @@ def test_decoder_steps_match_the_transformers_forward():
     prompt = torch.randint(3, 96, (1, 7))
     with torch.no_grad():
         out = ref(input_ids=prompt, use_cache=True)
-        decoder.start(out.past_key_values, 7, 16)
-        cache, token = out.past_key_values, prompt[:, -1:]
+        static = decoder.start(out.past_key_values, 7, 16)
+        cache = out.past_key_values
         for pos in range(7, 12):
             token = torch.tensor([[(pos * 11) % 90 + 3]])
             expected = ref(input_ids=token, past_key_values=cache, use_cache=True)
             cache = expected.past_key_values
-            torch.testing.assert_close(decoder.step(token[0], pos), expected.logits[:, -1], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decoder.step(static, token[0], pos), expected.logits[:, -1], rtol=1e-4,
+                                       atol=1e-4)
 
 
 def test_decoder_refuses_what_it_does_not_cover():
@@ -173,7 +174,7 @@ def test_generate_through_the_decoder_gives_transformers_tokens(videollms, monke
     greedy = dict(max_new_tokens=12, do_sample=False)
     steps = []
     step = model.packed_decoder.step
-    monkeypatch.setattr(model.packed_decoder, "step", lambda *a: steps.append(a[1]) or step(*a))
+    monkeypatch.setattr(model.packed_decoder, "step", lambda *a: steps.append(a[2]) or step(*a))
     with torch.no_grad():
         expected = ref.generate(**inputs, **greedy)
         streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True)
@@ -208,3 +209,28 @@ def test_a_packed_model_refuses_to_be_saved_or_merged(videollms, tmp_path):
         model.save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="pack=False"):
         model.merge_lora()
+
+
+def test_concurrent_generations_keep_their_own_caches(videollms):
+    """The demo answers two questions at once: each generate() has its own static cache."""
+    import threading
+
+    model, ref, processor = videollms
+    inputs = [_inputs(processor), processor("what moves right", video=processor.load_video(
+        torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)).numpy()))]
+    with torch.no_grad():
+        expected = [ref.generate(**x, max_new_tokens=16, do_sample=False) for x in inputs]
+    got, threads_before = [None, None], torch.get_num_threads()
+
+    def run(i):
+        with torch.no_grad():
+            got[i] = model.generate(**inputs[i], max_new_tokens=16, do_sample=False,
+                                    streamer=TextIteratorStreamer(processor.tokenizer))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert torch.get_num_threads() == threads_before  # the streamers' spare core is given back
