@@ -106,7 +106,9 @@ def _synthqa(ws: Path, proc: subprocess.CompletedProcess) -> None:
 
 
 def _bench_chat(ws: Path, proc: subprocess.CompletedProcess) -> None:
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["new_tokens"] > 0
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["new_tokens"] > 0 and out["packed_decoder"]  # the shipped model decodes on its packed weights
+    assert set(out["bare"]["by_attention"]) == {"sdpa", "eager"} and out["decode_speedup"] > 0  # the same-run anchor
 
 
 def _profile(ws: Path, proc: subprocess.CompletedProcess) -> None:
@@ -129,6 +131,8 @@ FAST: dict[str, Fast] = {
         Fast("chat-no-video", _stdout, add=["--max-new-tokens", "4"]),
     "videollm demo --port 7860":
         Fast("demo", _answered, set={"--port": "FREE_PORT"}, add=["--no-examples"], server=True),
+    "videollm serve --port 8000":
+        Fast("serve", _answered, set={"--port": "FREE_PORT"}, server=True),
     "videollm pretrain --config training/configs/pretrain_nano_synth.yaml output_dir=runs/nano":
         Fast("pretrain", _file("runs/nano/encoder/config.json"), add=PRETRAIN),
     "videollm pretrain --config training/configs/pretrain_nano_synth.yaml data.source=my_videos/ "

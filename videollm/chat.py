@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from encoder.errors import run_cli
 from encoder.video_io import read_video
@@ -51,12 +51,24 @@ class _TimedStreamer(TextIteratorStreamer):
         super().put(value)
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once `event` is set (a client that went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
 def generate_stream(model, processor, video, conversation, *, timing: ChatTiming | None = None,
                     max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                    num_frames: int | None = None, min_new_tokens: int | None = None):
+                    num_frames: int | None = None, min_new_tokens: int | None = None,
+                    stop: threading.Event | None = None):
     """Yield the answer as text pieces while ``model.generate`` runs. video: what `processor.load_video`
     takes, or None. conversation: turns ending with the user's question, or a string (one user turn).
-    temperature 0 is greedy. min_new_tokens: no end-of-sequence before that many tokens (benchmarks)."""
+    temperature 0 is greedy. min_new_tokens: no end-of-sequence before that many tokens (benchmarks).
+    stop: generation ends at the next token once it is set."""
     timing = timing if timing is not None else ChatTiming()
     t0 = time.perf_counter()
     decoded_before = timing.decode_seconds if isinstance(video, VideoInputs) else 0.0
@@ -72,6 +84,8 @@ def generate_stream(model, processor, video, conversation, *, timing: ChatTiming
     streamer = _TimedStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, streamer=streamer,
                pad_token_id=model.generation_config.pad_token_id)
+    if stop is not None:
+        gen["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(stop)])
     if temperature and temperature > 0:
         gen.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:

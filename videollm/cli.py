@@ -16,6 +16,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("encode",), "encoder.encode", "run a VideoMAP / ViT encoder on a video and print shapes and time"),
     (("chat",), "videollm.chat", "ask questions about a video (streams the answer; interactive without a question)"),
     (("demo",), "demo.app", "start the Gradio chat demo (binds 127.0.0.1 unless --host says otherwise)"),
+    (("serve",), "demo.serve", "serve the model over an OpenAI-compatible API (/v1/chat/completions)"),
     (("merge-lora",), "videollm.merge", "write a standalone model with the LoRA adapter merged into the LLM"),
     (("pretrain",), "training.pretrain", "pretrain a VideoMAP encoder (masked autoregressive recipe)"),
     (("classify",), "training.classify", "fine-tune / linear-probe an encoder for video classification"),
