@@ -234,3 +234,10 @@ def test_concurrent_generations_keep_their_own_caches(videollms):
         t.join()
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
     assert torch.get_num_threads() == threads_before  # the streamers' spare core is given back
+
+
+def test_without_the_kernel_nothing_is_packed_and_generate_is_transformers_own(monkeypatch):
+    monkeypatch.setattr(packed, "load_kernel", lambda: None)  # a machine without a C++ compiler
+    llm = gguf_llama()
+    assert pack_language_model(llm) == {"packed": 0, "dense": 0, "bytes": 0}
+    assert not any(isinstance(m, PackedLinear) for m in llm.modules())

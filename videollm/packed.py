@@ -34,9 +34,11 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32
 Q4_1, Q8_0 = 0, 1  # the kernel's `kind`
-BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
 DECODE_ROWS = 4  # inputs with more rows than this are a prefill: dense GEMM is faster there
 MAX_DENSE_ROWS = 0.01  # keep a layer dense if more than this share of its rows is not in blocks
+
+
+_LOGGED: set[str] = set()
 
 
 def load_kernel():
@@ -49,13 +51,11 @@ def load_kernel():
     return ext
 
 
-_LOGGED: set[str] = set()
-
-
 @dataclass
 class Packed:
-    """A weight (N, K) as blocks (N, K/32 · bytes) uint8 of `kind`; `dense_rows` are rows whose blocks
-    are zero (they add nothing) and that are computed from the dense weight instead."""
+    """A weight (N, K) as row-major blocks (N, K/32 · bytes) uint8 of `kind` (Q4_1: 20 bytes a block,
+    Q8_0: 34); `dense_rows` are rows whose blocks are zero (they add nothing) and that are computed
+    from the dense weight instead."""
 
     kind: int
     blocks: torch.Tensor
