@@ -21,7 +21,9 @@ def llm_cache(tmp_path_factory):
 
 
 def chat(args, cache, stdin=None):
-    env = {**os.environ, "VIDEOMAP_LLM_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    # A user's shell: without the quiet settings an in-process CLI test of this session put in os.environ.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    env.update(VIDEOMAP_LLM_CACHE=str(cache), PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "videollm.chat", *args], capture_output=True, text=True,
                           env=env, input=stdin, timeout=600, cwd=REPO)
 

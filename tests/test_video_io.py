@@ -420,3 +420,18 @@ def test_inspect_runs_as_a_module_with_default_16_frames():
     out = json.loads(proc.stdout)
     assert out["sample"]["frames"] == 16 and len(out["sample"]["timestamps"]) == 16
     assert (out["width"], out["height"], out["num_frames"]) == (1280, 720, 132)
+
+
+def test_distinct_keeps_each_repeated_frame_once_and_says_where():
+    """More frames asked than a clip has: read_video(distinct=True) decodes and keeps each once, and the
+    processor resizes each once, with the same pixels as the repeated frames."""
+    import torch
+
+    from encoder.transforms import frames_to_tensor
+
+    full = read_video("carphone_distorted", 200)
+    once = read_video("carphone_distorted", 200, distinct=True)
+    assert len(once.frames) < 200 == len(once.frame_of) == len(once.indices)
+    assert np.array_equal(once.frames[once.frame_of], full.frames) and once.timestamps == full.timestamps
+    assert read_video("carphone_distorted", 4, distinct=True).frame_of == [0, 1, 2, 3]  # no repeats
+    assert torch.equal(frames_to_tensor(once.frames, 32)[:, once.frame_of], frames_to_tensor(full.frames, 32))
