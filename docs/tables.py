@@ -171,9 +171,44 @@ def niah_long() -> str:
                 ["---:", "---:", "---", *["---:"] * len(depth_heads), "---:"])
 
 
+def niah_budget() -> str:
+    """V-NIAH with the shipped 1,024-token budget (docs/niah_budget.json): the validation choice
+    between averaging and the named merge, then the test grid on new needles."""
+    d = load("niah_budget.json")
+    depths = d["depths"]
+
+    def pct(correct, n):
+        return f"{100 * sum(correct) / (n * len(correct)):.1f}%"
+
+    v = d["validation"]
+    body = [[f"validation (seed {v['seed']}, {v['needles']} needles)", str(v["frames"]), f"{a['video_tokens']:,}",
+             a["temporal_merge"], *[f"{c}/{v['needles']}" for c in a["correct"]], pct(a["correct"], v["needles"])]
+            for a in v["arms"]]
+    t = d["test"]
+    body += [[f"test (seed {t['seed']}, {r['needles']} needles)", str(r["frames"]), f"{r['video_tokens']:,}",
+              r["temporal_merge"], *[f"{c}/{r['needles']}" for c in r["correct"]], pct(r["correct"], r["needles"])]
+             for r in t["rows"]]
+    heads = [f"depth {x:g}" for x in depths]
+    return rows(["split", "frames", "video tokens", "merge", *heads, "all"], body,
+                ["---", "---:", "---:", "---", *["---:"] * len(heads), "---:"])
+
+
+def bench_chat() -> str:
+    """`videollm bench chat` runs (docs/bench_chat.json): ours and the bare base LLM in the same run."""
+    body = []
+    for r in load("bench_chat.json")["runs"]:
+        bare = r["bare"]
+        body.append([str(r["frames"]), f"{r['video_tokens']:,}", f"{r['time_to_first_token_s']:.2f}",
+                     f"{r['decode_s']:.2f} / {r['encode_s']:.2f}", f"{r['tokens_per_s']:.1f}",
+                     f"{bare['tokens_per_s']:.1f} ({', '.join(f'{k} {v:.1f}' for k, v in bare['by_attention'].items())})",
+                     f"{r['decode_speedup']:.2f}×", f"{r['peak_rss_mb']:,.0f}"])
+    return rows(["frames", "video tokens", "TTFT (s)", "reading / encoding (s)", "tokens/s", "bare SmolLM2 tokens/s",
+                 "speed-up", "peak RSS (MB)"], body, ["---:", "---:", "---:", "---:", "---:", "---", "---:", "---:"])
+
+
 TABLES = {f.__name__: f for f in (ablation_old, ablation_pilots, ablation_result, ablation_seeds, pretraining_ablation,
                                   pretraining_comparisons, profile_encoders, profile_with_llm, profile_lean_train,
-                                  niah_long)}
+                                  niah_long, niah_budget, bench_chat)}
 
 
 def render(text: str, page: str = "") -> str:
