@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,9 +321,43 @@ class Progress:
             self.bar.close()
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (what a scheduler sends before it kills a job) and SIGINT (Ctrl+C) set the flag this
+    yields instead of killing the process: the loop finishes its step, writes a checkpoint and ends.
+    Only the main thread can install handlers; elsewhere the flag never sets."""
+    asked: list[str] = []
+    names = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    before = {sig: signal.getsignal(sig) for sig in names}
+
+    def ask(sig, frame):
+        if asked:  # a second signal: stop now
+            raise KeyboardInterrupt
+        asked.append(names[sig])
+        logger.warning("%s: finishing this step, writing a checkpoint and stopping (again to stop at once)",
+                       names[sig])
+
+    for sig in names:
+        signal.signal(sig, ask)
+    try:
+        yield asked
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
     """Train `recipe` (or continue it): the last metrics record with ``output_dir`` and ``final``
-    (the final model's folder; None when ``stop_after`` ended early)."""
+    (the final model's folder; None when ``stop_after`` or a SIGTERM/SIGINT ended it early, which
+    ``interrupted`` then names)."""
+    with stop_signals() as asked:
+        return _run(recipe, asked)
+
+
+def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
     cfg = recipe.cfg
     cfg.validate()
     run_dir = Path(cfg.output_dir)
@@ -393,12 +429,20 @@ def run(recipe: Recipe) -> dict[str, Any]:
         if metrics is not None and logged:
             metrics.log(record)
         progress.update(record, logged)
-        if step % cfg.save_every == 0 or step == stop:
+        if step % cfg.save_every == 0 or step == stop or asked:
             engine.save(run_dir, step, model, optimizer, scheduler, extra=recipe.extra_state(),
                         config_yaml=config_yaml, keep=cfg.keep)
+        if asked and step < stop:
+            if metrics is not None and not logged:
+                metrics.log(record)  # the checkpoint's step is in the log, so resume continues after it
+            break
     progress.close()
 
     summary = {**record, "output_dir": str(run_dir), "final": None}
+    if asked and record["step"] < stop:
+        logger.warning("stopped by %s after step %d of %d, checkpoint written; resume=true continues",
+                       asked[0], record["step"], cfg.steps)
+        return {**summary, "interrupted": asked[0]}
     if stop < cfg.steps:
         logger.info("stopped after step %d of %d (stop_after); resume=true continues", stop, cfg.steps)
         return summary
