@@ -292,8 +292,7 @@ def train(cfg: ClassifyConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(ClassifyConfig, "videollm classify", __doc__, argv, "mode=linear encoder=runs/x/encoder")
     result = train(cfg)
-    print_summary(result, ("top1", "top5", "num_test", "mode", "num_train_labeled", "final"))
-    return 0
+    return print_summary(result, ("top1", "top5", "num_test", "mode", "num_train_labeled", "final"))
 
 
 if __name__ == "__main__":

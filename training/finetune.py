@@ -440,8 +440,8 @@ def train(cfg: FinetuneConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(FinetuneConfig, "videollm finetune", __doc__, argv, "steps=100 lora.r=8 init_from=default")
-    print_summary(train(cfg), ("steps", "loss", "final", "bad_videos", "trainable_params", "linear4bit_layers"))
-    return 0
+    return print_summary(train(cfg), ("steps", "loss", "final", "bad_videos", "trainable_params",
+                                      "linear4bit_layers"))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ from encoder.concepts import classify_frames, nearest_concept_frame, random_conc
 from encoder.errors import UserError, run_cli
 from encoder.transforms import frames_to_tensor
 from training.config import check, config_from_argv, in_range, one_of
-from training.recipe import Engine, Micro, OptimConfig, Recipe, RecipeConfig, lr_schedule, param_groups, run
+from training.recipe import (Engine, Micro, OptimConfig, Recipe, RecipeConfig, exit_code, lr_schedule, param_groups,
+                             run)
 from videollm.configuration_videollm import SPATIAL_MERGES
 from videollm.data.haystack import insert_needle, real_clips, segment_haystack
 from videollm.data.real import TRAIN as REAL_TRAIN
@@ -637,8 +638,7 @@ def train(cfg: GroundConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(GroundConfig, "python -m training.ground", __doc__, argv,
                            "encoder=runs/x/pretrain/encoder steps=300")
-    train(cfg)
-    return 0
+    return exit_code(train(cfg))
 
 
 if __name__ == "__main__":

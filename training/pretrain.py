@@ -155,8 +155,7 @@ def train(cfg: PretrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(PretrainConfig, "videollm pretrain", __doc__, argv, "optim.lr=3e-4 data.source=videos/")
-    print_summary(train(cfg), ("step", "loss", "skipped", "output_dir", "encoder"))
-    return 0
+    return print_summary(train(cfg), ("step", "loss", "skipped", "output_dir", "encoder"))
 
 
 if __name__ == "__main__":

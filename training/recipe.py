@@ -458,6 +458,16 @@ def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
     return {**summary, "final": str(final)}
 
 
-def print_summary(summary: dict, keys: tuple[str, ...]) -> None:
-    """The one JSON line a recipe's command prints at the end."""
+EXIT_CODES = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}  # the shell's code for the signal
+
+
+def exit_code(summary: dict) -> int:
+    """A recipe command's exit status: 0, or 143 / 130 when SIGTERM / SIGINT stopped it with a checkpoint,
+    so a scheduler or the pipeline sees the run is not finished (resume=true continues it)."""
+    return EXIT_CODES.get(summary.get("interrupted"), 0)
+
+
+def print_summary(summary: dict, keys: tuple[str, ...]) -> int:
+    """The one JSON line a recipe's command prints at the end; returns `exit_code`."""
     print(json.dumps({k: summary.get(k) for k in keys}))
+    return exit_code(summary)
