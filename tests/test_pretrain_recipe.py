@@ -165,3 +165,31 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues_exactly(full_run, tmp_
     for step in range(1, 31):  # before the signal, and after the resume
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-5), step
     assert (out / "encoder" / "config.json").is_file()
+
+
+def test_two_processes_under_torchrun_are_one_data_parallel_job(tmp_path):
+    """torchrun --nproc_per_node 2 on a machine without CUDA: one job (gloo), not two copies racing:
+    each step logged once with world_size 2, one summary line, one final encoder, and losses unlike
+    the single-process run's (each process draws its own clips)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun is installed with torch"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"w{n}"
+        cmd = [torchrun, "--standalone", "--nproc_per_node", str(n), "-m", "training.pretrain", "--config", SMOKE,
+               f"output_dir={out}", "steps=4", "log_every=1", "save_every=4"]
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1, proc.stdout  # rank 0 alone prints the summary
+        log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 3, 4] and {r["world_size"] for r in log} == {n}
+        assert (out / "encoder" / "config.json").is_file() and "# world_size: %d" % n in (out / "config.yaml").read_text()
+        runs[n] = [r["loss"] for r in log]
+    assert runs[1] != pytest.approx(runs[2], abs=1e-6)  # rank 1's clips are not rank 0's

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -136,7 +137,10 @@ class Engine:
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
-        state = PartialState()
+        # Under torchrun / accelerate launch on machines without CUDA, accelerate joins the processes
+        # (gloo) only when told the run is on CPU; otherwise each process runs alone as rank 0 of 1.
+        self.cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        state = PartialState(cpu=self.cpu)
         self.is_main, self.rank, self.world = state.is_main_process, state.process_index, state.num_processes
         self.device: torch.device = state.device
         self.wait = state.wait_for_everyone
@@ -156,7 +160,7 @@ class Engine:
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.batch_size
             self.deepspeed = True
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-        self.accelerator = Accelerator(gradient_accumulation_steps=self.cfg.grad_accum, deepspeed_plugin=plugin,
+        self.accelerator = Accelerator(cpu=self.cpu, gradient_accumulation_steps=self.cfg.grad_accum, deepspeed_plugin=plugin,
                                        mixed_precision="bf16" if self.cfg.precision == "bf16" else "no",
                                        kwargs_handlers=handlers)
         if plugin is not None:
@@ -366,7 +370,8 @@ def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)  # random, numpy, torch
-    config_yaml = to_yaml(cfg)
+    config_yaml = to_yaml(cfg) + f"# world_size: {engine.world} (processes; the global batch is batch_size × " \
+                                 f"world_size × grad_accum)\n"
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
@@ -416,7 +421,8 @@ def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
         loss = engine.mean(sum(losses) / len(losses))
         if not math.isfinite(loss):
             raise UserError(f"the loss is {loss} at step {step}; lower optim.lr or check the data")
-        record = {"step": step, "loss": loss, **logs, "lr": optim.lr * schedule(step - 1), **recipe.status()}
+        record = {"step": step, "loss": loss, **logs, "lr": optim.lr * schedule(step - 1), **recipe.status(),
+                  "world_size": engine.world}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if samples:
@@ -453,7 +459,8 @@ def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
                 recipe.save_final(engine.unwrap(model), tmp)
                 (tmp / f"{recipe.name}_config.yaml").write_text(config_yaml)
     engine.wait()
-    logger.info("%s: final model in %s", recipe.name, final)
+    if engine.is_main:
+        logger.info("%s: final model in %s", recipe.name, final)
     accelerator.end_training()
     return {**summary, "final": str(final)}
 
@@ -469,5 +476,6 @@ def exit_code(summary: dict) -> int:
 
 def print_summary(summary: dict, keys: tuple[str, ...]) -> int:
     """The one JSON line a recipe's command prints at the end; returns `exit_code`."""
-    print(json.dumps({k: summary.get(k) for k in keys}))
+    if PartialState().is_main_process:  # one line for a multi-process run too
+        print(json.dumps({k: summary.get(k) for k in keys}))
     return exit_code(summary)
