@@ -77,44 +77,48 @@ def _number(body: dict, key: str, default, *, low: float, high: float | None = N
     return value
 
 
-def _video_file(url: str, scratch: Path, max_bytes: int) -> Path:
-    """A video_url's url → a local file (data: URLs are written to `scratch`)."""
-    if url.startswith("data:"):
-        head, _, payload = url.partition(",")
-        if not head.endswith(";base64") or not payload:
-            raise ApiError(400, "a data: video URL must be base64 (data:video/mp4;base64,…)", "messages")
-        if len(payload) * 3 // 4 > max_bytes:
-            raise ApiError(413, f"the video is over the server's {max_bytes // 2**20} MB limit", "messages")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "the data: video URL is not valid base64", "messages") from None
-        suffix = "." + head[5:].split(";")[0].split("/")[-1] if "/" in head else ".mp4"
-        path = scratch / f"upload{suffix if suffix[1:].isalnum() else '.mp4'}"
-        path.write_bytes(data)
-        return path
+def _data_url(url: str, kind: str, max_bytes: int) -> tuple[str, bytes]:
+    """A ``data:<type>;base64,…`` URL → (its media type, its bytes); `kind` names it in errors."""
+    head, _, payload = url.partition(",")
+    if not head.endswith(";base64") or not payload:
+        raise ApiError(400, f"a data: {kind} URL must be base64 (data:{kind}/…;base64,…)", "messages")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ApiError(413, f"the {kind} is over the server's {max_bytes // 2**20} MB limit", "messages")
+    try:
+        return head[5:].split(";")[0], base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"the data: {kind} URL is not valid base64", "messages") from None
+
+
+def _local_path(url: str, kind: str) -> Path:
+    """A local path or ``file://`` URL → the path; anything remote is refused (nothing is downloaded)."""
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https", "ftp", "s3", "gs"):
-        raise ApiError(400, f"remote video URLs are not fetched (this server downloads nothing): '{url}'; "
-                            "send a local path, a file:// URL or a data:video/mp4;base64 URL", "messages")
+        raise ApiError(400, f"remote {kind} URLs are not fetched (this server downloads nothing): '{url}'; "
+                            f"send a local path, a file:// URL or a data: base64 URL", "messages")
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:  # "c:" is a Windows drive, not a scheme
-        raise ApiError(400, f"unsupported video URL scheme '{parsed.scheme}:'", "messages")
+        raise ApiError(400, f"unsupported {kind} URL scheme '{parsed.scheme}:'", "messages")
     return Path(url).expanduser()
+
+
+def _video_file(url: str, scratch: Path, max_bytes: int) -> Path:
+    """A video_url's url → a local file (data: URLs are written to `scratch`)."""
+    if not url.startswith("data:"):
+        return _local_path(url, "video")
+    media, data = _data_url(url, "video", max_bytes)
+    suffix = media.split("/")[-1] if "/" in media else "mp4"
+    path = scratch / f"upload.{suffix if suffix.isalnum() else 'mp4'}"
+    path.write_bytes(data)
+    return path
 
 
 def _image_bytes(url: str, max_bytes: int) -> bytes:
     """An image_url's url (a data: URL, a local path or a file:// URL) → its bytes."""
     if url.startswith("data:"):
-        head, _, payload = url.partition(",")
-        if not head.endswith(";base64"):
-            raise ApiError(400, "a data: image URL must be base64 (data:image/png;base64,…)", "messages")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "a data: image URL is not valid base64", "messages") from None
-    path = _video_file(url, Path("."), max_bytes)  # the same rules: local files only
+        return _data_url(url, "image", max_bytes)[1]
+    path = _local_path(url, "image")
     try:
         return path.read_bytes()
     except OSError as err:
@@ -276,13 +280,8 @@ def build_app(model, processor, model_id: str = DEFAULT_ALIAS, api_key: str | No
         seed = _number(body, "seed", None, low=0, integer=True)
         stream = bool(body.get("stream", False))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        scratch = tempfile.TemporaryDirectory(prefix="videollm-serve-")
-        try:
-            conversation, clip, settings = await asyncio.to_thread(server.prepare, body, Path(scratch.name))
-        except BaseException:
-            scratch.cleanup()
-            raise
-        scratch.cleanup()  # the clip is decoded; the upload is no longer needed
+        with tempfile.TemporaryDirectory(prefix="videollm-serve-") as scratch:  # gone once the clip is decoded
+            conversation, clip, settings = await asyncio.to_thread(server.prepare, body, Path(scratch))
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stop = threading.Event()
         if not stream:
