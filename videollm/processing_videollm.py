@@ -102,9 +102,9 @@ class VideoLLMProcessor:
             clip = video if isinstance(video, VideoClip) else read_video(video, num_frames or self.num_frames,
                                                                           start=start, end=end, distinct=True)
             frames, timestamps, duration = clip.frames, clip.timestamps, clip.info.duration
-            if clip.frame_of is not None:
+            if clip.frame_of is not None and len(clip.frame_of) > len(frames):
                 # More frames asked than the clip has: each distinct frame is resized once, with the same
-                # numbers as resizing every repeat (1,024 of a 132-frame 720p clip: 13 s → about 1 s).
+                # numbers as resizing every repeat (the time to first token at 1,024 frames: docs/eval.md).
                 pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std)[:, clip.frame_of]
                 shown = frames[clip.frame_of] if len(clip.frame_of) <= GALLERY_FRAMES else None  # (T, H, W, 3)
                 return VideoInputs(pixel_values.unsqueeze(0), list(timestamps), duration, shown,
