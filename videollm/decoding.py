@@ -47,8 +47,8 @@ class DecodeCache:
 @contextmanager
 def _decode_threads(leave_one: bool):
     """While any generation decodes with a streamer, one core stays free for the streamer's reader
-    (detokenizing, printing), so the step's threads never wait on a descheduled one (2 cores: 53
-    tokens/s on one thread, 35 on two). Concurrent generations share the one setting."""
+    (detokenizing, printing), so the step's threads never wait on a descheduled one (measured in
+    docs/experiments.md). Concurrent generations share the one setting."""
     global _ACTIVE, _SAVED
     with _THREADS_LOCK:
         if _ACTIVE == 0:

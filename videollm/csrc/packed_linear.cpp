@@ -60,7 +60,7 @@ inline float hsum(vf v) {
 
 // One block's contribution d·Σ q_j x_j to a row's accumulator, per instruction set: x86 builds use
 // AVX-512 or AVX2 + F16C intrinsics (GCC turns the generic code's byte → float conversions into
-// scalar loops, 5× slower); other targets use the generic vector code. `XB` is a block of x loaded
+// scalar loops); other targets use the generic vector code. `XB` is a block of x loaded
 // once and shared by the rows computed together.
 #if defined(__AVX512F__) && defined(__F16C__)
 struct Simd {
