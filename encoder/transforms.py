@@ -3,13 +3,24 @@
 `frames_to_tensor` is the whole eval-time transform: resize the shorter side to ``size``
 (bilinear, antialiased), centre-crop ``size × size``, scale to [0, 1], normalise per channel, and
 lay the result out as (3, T, size, size) for the encoders' (B, 3, T, H, W) input.
+
+``native=True`` computes the same in one C++ pass per frame (csrc/resize_crop.cpp: only the
+cropped pixels, straight from uint8), equal to torch's interpolate to float rounding. Inference
+loads use it; training keeps the reference, so a rebuild of a model gives the same bits.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from encoder.native import load_extension
+
+log = logging.getLogger(__name__)
 
 # CLIP's statistics are the default: the pretraining teacher and most VideoLLM encoders use them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -21,13 +32,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # at full resolution all at once (512 frames of 1080p would be ~12 GB).
 _CHUNK = 32
 
+_LOGGED: set[str] = set()
 
-def frames_to_tensor(frames: np.ndarray, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+
+def resize_kernel():
+    """The C++ resize-and-crop kernel, or None (logged once) if it cannot be built here."""
+    ext, why = load_extension(Path(__file__).with_name("csrc") / "resize_crop.cpp", "encoder_resize_crop",
+                              "the frame resize kernel (about 20 s)")
+    if ext is None and why not in _LOGGED:
+        _LOGGED.add(why)
+        log.warning("resize kernel unavailable (%s); frames are resized with torch's interpolate", why)
+    return ext
+
+
+def frames_to_tensor(frames: np.ndarray, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, *,
+                     native: bool = False) -> torch.Tensor:
     """frames: uint8 (T, H, W, 3) RGB → float32 (3, T, size, size), normalised.
 
     The shorter side is resized to ``size`` keeping the aspect ratio, then the centre square is
     cropped. ``mean``/``std`` are per-channel in [0, 1] units (`CLIP_MEAN`/`CLIP_STD` by default,
-    `IMAGENET_MEAN`/`IMAGENET_STD` for ImageNet-trained encoders).
+    `IMAGENET_MEAN`/`IMAGENET_STD` for ImageNet-trained encoders). ``native``: the C++ kernel
+    when it builds here (the same numbers to float rounding), else this function's PyTorch path.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -41,6 +66,10 @@ def frames_to_tensor(frames: np.ndarray, size: int = 224, mean=CLIP_MEAN, std=CL
     # max(size, …): rounding must never leave the shorter side below the crop.
     new_h, new_w = max(size, round(H * scale)), max(size, round(W * scale))
     top, left = (new_h - size) // 2, (new_w - size) // 2
+    kernel = resize_kernel() if native else None
+    if kernel is not None:
+        return kernel.resize_crop(torch.from_numpy(np.ascontiguousarray(frames)), new_h, new_w, top, left, size,
+                                  [float(m) for m in mean], [float(s) for s in std])
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)  # (1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)  # (1, 3, 1, 1)
     out = torch.empty(3, T, size, size)

@@ -44,6 +44,13 @@ def test_the_shipped_model_replies_as_recorded(shipped, prompt):
     assert _reply(*shipped, prompt) == prompt["reply"]
 
 
+def test_inference_loads_resize_frames_natively_and_training_loads_do_not(shipped):
+    """The replies above go through the C++ resize (`frames_to_tensor(native=True)`); a training load keeps
+    torch's path, the one the model was trained with."""
+    assert shipped[1].native_resize
+    assert not load_videollm("default", is_trainable=True)[1].native_resize
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:  # a newly shipped default: record its replies
     model, processor = load_videollm("default")
     FIXTURE["prompts"] = [{**p, "reply": _reply(model, processor, p)} for p in FIXTURE["prompts"]]

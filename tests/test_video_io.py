@@ -435,3 +435,38 @@ def test_distinct_keeps_each_repeated_frame_once_and_says_where():
     assert np.array_equal(once.frames[once.frame_of], full.frames) and once.timestamps == full.timestamps
     assert read_video("carphone_distorted", 4, distinct=True).frame_of == [0, 1, 2, 3]  # no repeats
     assert torch.equal(frames_to_tensor(once.frames, 32)[:, once.frame_of], frames_to_tensor(full.frames, 32))
+
+
+@pytest.mark.parametrize("shape, size", [
+    ((3, 720, 1280), 128),  # 16:9 HD down to the default's 128 px: most of the width cropped away
+    ((2, 37, 53), 16),  # odd sizes, a strong shrink
+    ((2, 100, 64), 128),  # an upscale (the triangle keeps its unit width)
+    ((2, 48, 200), 32),  # one side kept at its size, the other shrunk
+    ((2, 64, 64), 64),  # no resize at all: the crop and the normalisation only
+])
+def test_the_native_resize_gives_the_reference_numbers(shape, size):
+    """frames_to_tensor(native=True), the C++ pass inference loads use, equals torch's interpolate path
+    to float rounding, on the bundled HD clip and random frames of awkward sizes; with the kernel
+    missing it is the reference itself."""
+    import torch
+
+    from encoder import transforms
+
+    assert transforms.resize_kernel() is not None, "the kernel must build on the test machine"
+    frames = (read_video("bigbuckbunny", shape[0]).frames if shape[1:] == (720, 1280) else
+              np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8))
+    reference = transforms.frames_to_tensor(frames, size, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD)
+    native = transforms.frames_to_tensor(frames, size, transforms.IMAGENET_MEAN, transforms.IMAGENET_STD, native=True)
+    assert native.shape == reference.shape == (3, shape[0], size, size)
+    assert torch.allclose(native, reference, rtol=0, atol=2e-6)
+    assert reference.std() > 0.5  # real content, not a flat image that any resize gets right
+
+
+def test_without_the_resize_kernel_native_is_the_reference(monkeypatch):
+    import torch
+
+    from encoder import transforms
+
+    frames = np.random.default_rng(0).integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
+    monkeypatch.setattr(transforms, "resize_kernel", lambda: None)
+    assert torch.equal(transforms.frames_to_tensor(frames, 24, native=True), transforms.frames_to_tensor(frames, 24))

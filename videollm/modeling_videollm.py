@@ -489,7 +489,8 @@ def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bo
                   is_trainable: bool = False, pack: bool = True):
     """(model, processor) from a saved directory or "default" (None); num_frames / use_time_line /
     max_video_tokens (the projector's token budget: longer clips are pooled over time) override.
-    pack: an inference load (not `is_trainable`) decodes on the LLM's packed GGUF weights where it has them."""
+    pack: an inference load (not `is_trainable`) uses the inference kernels: decoding on the LLM's packed
+    GGUF weights where it has them, frames resized in one C++ pass (`frames_to_tensor(native=True)`)."""
     path = resolve_model_dir(path)
     model = VideoLLMForCausalLM.from_pretrained(path, dtype=dtype, cache_dir=cache_dir, is_trainable=is_trainable)
     if max_video_tokens is not None:
@@ -498,6 +499,7 @@ def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bo
         model.pack_for_inference()
     processor = VideoLLMProcessor.from_pretrained(path, model.config, num_frames=num_frames,
                                                   use_time_line=use_time_line)
+    processor.native_resize = pack and not is_trainable
     return model.eval(), processor
 
 

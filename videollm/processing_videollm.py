@@ -86,6 +86,9 @@ class VideoLLMProcessor:
         self.use_time_line = use_time_line
         self.mean = tuple(mean or CLIP_MEAN)
         self.std = tuple(std or CLIP_STD)
+        # Frames resized by the C++ kernel (`frames_to_tensor(native=True)`): set by inference loads;
+        # training keeps torch's path, so a rebuilt model has the same bits.
+        self.native_resize = False
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
         self.system_prompt = system_prompt
 
@@ -105,11 +108,13 @@ class VideoLLMProcessor:
             if clip.frame_of is not None and len(clip.frame_of) > len(frames):
                 # More frames asked than the clip has: each distinct frame is resized once, with the same
                 # numbers as resizing every repeat (the time to first token at 1,024 frames: docs/eval.md).
-                pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std)[:, clip.frame_of]
+                pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std,
+                                                native=self.native_resize)[:, clip.frame_of]
                 shown = frames[clip.frame_of] if len(clip.frame_of) <= GALLERY_FRAMES else None  # (T, H, W, 3)
                 return VideoInputs(pixel_values.unsqueeze(0), list(timestamps), duration, shown,
                                    time.perf_counter() - start_time)
-        pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std).unsqueeze(0)  # (1, 3, T, S, S)
+        pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std,
+                                        native=self.native_resize).unsqueeze(0)  # (1, 3, T, S, S)
         return VideoInputs(pixel_values, list(timestamps), duration, frames, time.perf_counter() - start_time)
 
     def _expand(self, messages: list[dict], video: VideoInputs | None) -> list[dict]:
