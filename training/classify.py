@@ -225,10 +225,11 @@ class Classify(Recipe):
             batches = n // cfg.batch_size + (n % cfg.batch_size >= 2)
         else:
             batches = -(-len(self.subset) // cfg.batch_size)
-        self.steps_per_epoch = batches // cfg.grad_accum
+        # Process r of `world` takes batch k·world + r of the epoch's order: each reads its own share.
+        self.steps_per_epoch = batches // (cfg.grad_accum * engine.world)
         if self.steps_per_epoch == 0:
             raise UserError(f"{len(self.subset)} labelled clip(s) make no optimizer step of batch_size="
-                            f"{cfg.batch_size} × grad_accum={cfg.grad_accum}")
+                            f"{cfg.batch_size} × grad_accum={cfg.grad_accum} × {engine.world} process(es)")
         self._order_epoch, self._order = None, None
         self._train_mode(model)
         return model
@@ -247,7 +248,7 @@ class Classify(Recipe):
     def loss(self, model, step: int, micro: int) -> Micro:
         cfg = self.cfg
         epoch, k = divmod(step - 1, self.steps_per_epoch)
-        k = k * cfg.grad_accum + micro
+        k = (k * cfg.grad_accum + micro) * self.engine.world + self.engine.rank
         idx = self._epoch_order(epoch)[k * cfg.batch_size:(k + 1) * cfg.batch_size]
         if self.linear:
             x, y = self.feats[idx].to(self.engine.device), self.labels[idx].to(self.engine.device)
@@ -285,7 +286,8 @@ def train(cfg: ClassifyConfig) -> dict:
               "num_classes": recipe.num_classes, "classes": recipe.classes, "num_train_labeled": len(recipe.subset),
               "test_clips": cfg.test_clips, "steps": summary["step"], "train_loss": summary["loss"],
               "skipped": summary["skipped"], "final": summary["final"], "seconds": round(time.time() - t_start, 1)}
-    results_file.write_text(json.dumps(result, indent=1) + "\n")
+    if recipe.engine.is_main:
+        results_file.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

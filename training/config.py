@@ -281,6 +281,8 @@ def config_from_argv(cls: type[T], prog: str, doc: str, argv: list[str] | None, 
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file under training/configs/ (defaults if omitted)")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    # The deepspeed launcher passes --local_rank=N to every process (LOCAL_RANK says the same).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -2,7 +2,7 @@
 
     videollm finetune --config training/configs/finetune_stage2_smoke.yaml [key=value …]
     videollm finetune --config training/configs/finetune_stage2_smoke.yaml init_from=default data.source=my.json
-    accelerate launch --num_processes 8 -m training.finetune --config … deepspeed=training/configs/zero2.json
+    torchrun --nproc_per_node 8 -m training.finetune --config … deepspeed=training/configs/zero2.json
 
 - ``stage=1`` (alignment): only the projector trains. ``stage=2`` (instruction tuning): a LoRA
   adapter on the LLM plus the projector; ``train_encoder=true`` also trains the encoder.
@@ -398,8 +398,21 @@ class Finetune(Recipe):
         return collate(batch, self.processor.tokenizer.pad_token_id)
 
     def loss(self, model, step: int, micro: int) -> Micro:
-        batch = self._batch(step, micro)
-        return Micro(model(**batch).loss, samples=len(batch["input_ids"]))
+        """The step's loss is the mean over the answer tokens of its whole global batch (every micro-batch
+        of every process), as one process with the whole batch computes it: each micro-batch's token sum
+        divided by the step's token count, times processes × grad_accum (DDP / DeepSpeed average over the
+        processes, the skeleton divides by grad_accum). So the micro-batches of a step are read at its
+        first one. A step of one micro-batch in one process takes the plain mean: the same number."""
+        cfg, engine = self.cfg, self.engine
+        if micro == 0:
+            self._step = [self._batch(step, m) for m in range(cfg.grad_accum)]
+            local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in self._step)
+            self._items = round(engine.sum(local)) if engine.world * cfg.grad_accum > 1 else None
+        batch = self._step[micro]
+        if self._items is None:
+            return Micro(model(**batch).loss, samples=len(batch["input_ids"]))
+        loss = model(**batch, num_items_in_batch=self._items).loss * (engine.world * cfg.grad_accum)
+        return Micro(loss, samples=len(batch["input_ids"]))
 
     @torch.no_grad()
     def evaluate(self, model, step: int) -> dict:

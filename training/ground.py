@@ -531,6 +531,19 @@ def warm_stem(model, cfg: GroundConfig, source: ClipSource, cells: tuple[int, in
     return {f"stem_acc_{k}": round(float(np.mean(v)), 4) for k, v in hits.items() if v}
 
 
+class VideoPath(torch.nn.Module):
+    """A VideoLLM's video path (encoder + projector) as a module whose forward is `encode_video`:
+    data parallel (DDP) synchronises the gradients of what runs through the forward of the module it
+    wraps, and grounding never runs the LLM's forward."""
+
+    def __init__(self, videollm):
+        super().__init__()
+        self.videollm = videollm
+
+    def forward(self, pixel_values, concept_probs=None):
+        return self.videollm.encode_video(pixel_values, concept_probs)
+
+
 class Ground(Recipe):
     name = "ground"
 
@@ -556,16 +569,17 @@ class Ground(Recipe):
         patches = cfg.data.size // model.config.vision_config.patch_size
         self.cells = model.config.projector_config.tokens_per_frame_for(patches, patches)  # (kh, kw) tokens per frame
         model.train()
-        return model
+        return VideoPath(model)
 
     def param_groups(self, model):
-        return param_groups(model, self.optim.lr, self.optim.weight_decay, {"vision_tower.": self.optim.encoder_lr})
+        return param_groups(model, self.optim.lr, self.optim.weight_decay,
+                            {"videollm.vision_tower.": self.optim.encoder_lr})
 
     def before_steps(self, model, resumed: bool) -> None:
         cfg = self.cfg
         if cfg.stem_steps and not resumed:  # a resumed run has its warmed stem in the checkpoint
             t0 = time.perf_counter()
-            stem = warm_stem(self.engine.unwrap(model), cfg, self.source, self.cells)
+            stem = warm_stem(self.engine.unwrap(model).videollm, cfg, self.source, self.cells)
             stem["stem_seconds"] = round(time.perf_counter() - t0, 1)
             if self.engine.is_main:
                 (Path(cfg.output_dir) / "stem.json").write_text(json.dumps(stem, indent=1) + "\n")
@@ -577,7 +591,10 @@ class Ground(Recipe):
         n_needle = round(cfg.batch_size * cfg.data.needle_fraction)
         n_real = round(cfg.batch_size * cfg.data.real_fraction) if cfg.concepts else 0
         n_short = cfg.batch_size - n_needle - n_real
-        seeds = batch_seeds(cfg.seed, step - 1, cfg.batch_size, micro)
+        # The step's global batch, this process's share of it (one process: the whole batch, as before).
+        engine = self.engine
+        seeds = batch_seeds(cfg.seed, step - 1, cfg.batch_size * engine.world, micro)
+        seeds = seeds[engine.rank * cfg.batch_size:(engine.rank + 1) * cfg.batch_size]
         device = self.engine.device
         loss = torch.zeros((), device=device)
         parts = {}
@@ -596,9 +613,10 @@ class Ground(Recipe):
                     given = classify_frames(pixels, cfg.concept_frames, self.size)
                     given = given.index_select(1, nearest_concept_frame(len(clips[0][0]), cfg.concept_frames))
                     given[made_up] = random_concepts(int(made_up.sum()), len(clips[0][0]), g)
-            z, out = model.encode_video(pixels.to(device), None if given is None else given.to(device))  # (b, K, D_llm)
+            z, out = model(pixels.to(device), None if given is None else given.to(device))  # (b, K, D_llm)
             if cfg.concepts:
-                ce_concept = concept_loss(self.engine.unwrap(model).projector, out, kind == "short", cfg.none_logit)
+                ce_concept = concept_loss(self.engine.unwrap(model).videollm.projector, out, kind == "short",
+                                          cfg.none_logit)
                 loss = loss + cfg.concept_weight * ce_concept * len(group) / cfg.batch_size
                 parts[f"ce_concept_{kind}"] = float(ce_concept.detach())
             tok, norm_pen = self.scorer.token_scores(z), self.scorer.norm_penalty(z)  # (b, K, W), ()
@@ -620,6 +638,7 @@ class Ground(Recipe):
         return Micro(loss, parts, samples=cfg.batch_size)
 
     def evaluate(self, model, step: int) -> dict:
+        model = self.engine.unwrap(model).videollm
         seeds = eval_seeds(self.cfg.seed, self.cfg.eval_clips)
         metrics = evaluate(model, self.scorer, self.source, seeds, self.cfg.data.size, self.cells, self.cfg.min_cover)
         if self.cfg.concepts:
@@ -627,7 +646,7 @@ class Ground(Recipe):
         return metrics
 
     def save_final(self, model, directory: Path) -> None:
-        save_videollm(model, self.processor, directory)
+        save_videollm(model.videollm, self.processor, directory)
 
 
 def train(cfg: GroundConfig) -> dict[str, Any]:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -130,6 +132,26 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
     return [{"params": ps, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), ps in groups.items()]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_environment() -> None:
+    """What DeepSpeed needs before it starts. One process started without a launcher (plain
+    ``python``, or ``accelerate launch`` with one process) gets the torch.distributed variables of a
+    one-process group; without them DeepSpeed looks for an MPI launcher and fails on a missing
+    mpi4py. Without CUDA, DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) unless one was chosen.
+    ACCELERATE_USE_DEEPSPEED: the process group is DeepSpeed's from the first `PartialState` on."""
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+
+
 class Engine:
     """Where the steps run (device, precision, DeepSpeed via accelerate), by how many processes
     (``is_main``, ``rank``, ``world``). The `Accelerator` is made after the model: with a DeepSpeed
@@ -139,9 +161,21 @@ class Engine:
         self.cfg = cfg
         # Under torchrun / accelerate launch on machines without CUDA, accelerate joins the processes
         # (gloo) only when told the run is on CPU; otherwise each process runs alone as rank 0 of 1.
-        self.cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        state = PartialState(cpu=self.cpu)
+        # (Not with DeepSpeed: accelerate then joins them through DeepSpeed, on its CPU accelerator.)
+        deepspeed = bool(getattr(cfg, "deepspeed", None))
+        self.cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not deepspeed
+        if deepspeed:
+            deepspeed_environment()
+        # DeepSpeed without CUDA: accelerate counts the processes only when it is given a backend.
+        # DeepSpeed prints what it builds while joining the processes: kept for --verbose (debug log).
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            state = PartialState(cpu=self.cpu, **({"backend": "gloo"} if deepspeed and not torch.cuda.is_available()
+                                                  and int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}))
+        for line in printed.getvalue().splitlines():
+            logger.debug("%s", line)
         self.is_main, self.rank, self.world = state.is_main_process, state.process_index, state.num_processes
+        if not self.is_main:  # one log: the other processes say only what goes wrong
+            logging.getLogger().setLevel(logging.WARNING)
         self.device: torch.device = state.device
         self.wait = state.wait_for_everyone
         self.accelerator: Accelerator | None = None
@@ -156,19 +190,33 @@ class Engine:
                 raise UserError("deepspeed=… needs the deepspeed package: pip install deepspeed")
             plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed), gradient_accumulation_steps=self.cfg.grad_accum,
                                      gradient_clipping=self.cfg.optim.grad_clip or None, zero3_init_flag=False)
-            # Batches come from the recipe (exact resume), so accelerate cannot read the micro-batch off a loader.
-            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.batch_size
+            # Batches come from the recipe (exact resume), so accelerate cannot read the micro-batch off a
+            # loader; DeepSpeed checks train_batch_size = micro-batch × grad_accum × processes.
+            plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=self.cfg.batch_size,
+                                           gradient_accumulation_steps=self.cfg.grad_accum,
+                                           train_batch_size=self.cfg.batch_size * self.cfg.grad_accum * self.world)
             self.deepspeed = True
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-        self.accelerator = Accelerator(cpu=self.cpu, gradient_accumulation_steps=self.cfg.grad_accum, deepspeed_plugin=plugin,
-                                       mixed_precision="bf16" if self.cfg.precision == "bf16" else "no",
-                                       kwargs_handlers=handlers)
+        try:
+            self.accelerator = Accelerator(cpu=self.cpu, gradient_accumulation_steps=self.cfg.grad_accum,
+                                           deepspeed_plugin=plugin, kwargs_handlers=handlers,
+                                           mixed_precision="bf16" if self.cfg.precision == "bf16" else "no")
+        except ModuleNotFoundError as err:
+            if err.name != "mpi4py":
+                raise
+            raise UserError("DeepSpeed found no launcher's environment and wants MPI (mpi4py is not installed): "
+                            "start the processes with torchrun or the deepspeed launcher, or pip install mpi4py "
+                            "for an MPI launch") from None
         if plugin is not None:
             # The bucket-size "auto" values accelerate derives from ``model.config.hidden_size`` (a
             # VideoLLM keeps it in ``text_config``), by accelerate's own formulas.
             config = getattr(model, "config", None)
             h = getattr(getattr(config, "text_config", config), "hidden_size", None)
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            if not torch.cuda.is_available():
+                # overlap_comm overlaps CUDA streams; on DeepSpeed's CPU accelerator it stalled the first
+                # step of a 2-process ZeRO-2 run for 24 s (0.3 s without).
+                ds["overlap_comm"] = False
             for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
                                ("stage3_param_persistence_threshold", 10 * h)) if h else ():
                 if ds.get(key) == "auto":
@@ -183,6 +231,16 @@ class Engine:
         if self.world == 1:
             return float(value)
         return float(self.accelerator.reduce(torch.tensor(float(value), device=self.device), "mean"))
+
+    def sum(self, value: float) -> float:
+        """`value` summed over the processes."""
+        if self.world == 1:
+            return float(value)
+        return float(self.accelerator.reduce(torch.tensor(float(value), device=self.device), "sum"))
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on one (e.g. a signal that reached only some)."""
+        return self.sum(float(bool(flag))) > 0
 
     def gathered(self, model):
         """Inside: every parameter whole on every rank (ZeRO-3 partitions them); a no-op otherwise."""
@@ -217,6 +275,11 @@ class Engine:
         if self.deepspeed:
             if not (path / "accelerate").is_dir():
                 raise UserError(f"'{path}' holds no DeepSpeed state; resume it without deepspeed=…")
+            # ZeRO splits the optimizer state into one file per process: it resumes with as many.
+            shards = len(list((path / "accelerate").rglob("*zero_pp_rank_*_optim_states.pt")))
+            if shards and shards != self.world:
+                raise UserError(f"'{path}' was written by {shards} DeepSpeed process(es) and ZeRO keeps one shard of the "
+                                f"optimizer state per process; resume it with {shards} process(es), not {self.world}")
             # Frozen weights are not in the checkpoint (exclude_frozen_parameters): not strict.
             self.accelerator.load_state(str(path / "accelerate"), load_module_strict=False)
             return load_checkpoint(path, scheduler=scheduler)
@@ -325,6 +388,9 @@ class Progress:
             self.bar.close()
 
 
+REPEAT_GRACE = 3.0  # seconds
+
+
 @contextlib.contextmanager
 def stop_signals():
     """SIGTERM (what a scheduler sends before it kills a job) and SIGINT (Ctrl+C) set the flag this
@@ -337,9 +403,16 @@ def stop_signals():
         return
     before = {sig: signal.getsignal(sig) for sig in names}
 
+    first: list[float] = []
+
     def ask(sig, frame):
-        if asked:  # a second signal: stop now
-            raise KeyboardInterrupt
+        # A second signal stops at once; one within REPEAT_GRACE of the first is the same request
+        # (Ctrl+C reaches torchrun and its workers, and torchrun passes it on to them again).
+        if asked:
+            if time.monotonic() - first[0] > REPEAT_GRACE:
+                raise KeyboardInterrupt
+            return
+        first.append(time.monotonic())
         asked.append(names[sig])
         logger.warning("%s: finishing this step, writing a checkpoint and stopping (again to stop at once)",
                        names[sig])
@@ -435,20 +508,25 @@ def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
         if metrics is not None and logged:
             metrics.log(record)
         progress.update(record, logged)
-        if step % cfg.save_every == 0 or step == stop or asked:
+        # Every process stops after the same step: a scheduler's SIGTERM reaches the processes at
+        # slightly different times, and one that went on alone would wait for the others forever.
+        stopping = engine.any(bool(asked))
+        if step % cfg.save_every == 0 or step == stop or stopping:
             engine.save(run_dir, step, model, optimizer, scheduler, extra=recipe.extra_state(),
                         config_yaml=config_yaml, keep=cfg.keep)
-        if asked and step < stop:
+        if stopping and step < stop:
             if metrics is not None and not logged:
                 metrics.log(record)  # the checkpoint's step is in the log, so resume continues after it
             break
     progress.close()
 
     summary = {**record, "output_dir": str(run_dir), "final": None}
-    if asked and record["step"] < stop:
-        logger.warning("stopped by %s after step %d of %d, checkpoint written; resume=true continues",
-                       asked[0], record["step"], cfg.steps)
-        return {**summary, "interrupted": asked[0]}
+    if record["step"] < stop:  # a signal stopped it (here or on another process)
+        signal_name = asked[0] if asked else "SIGTERM"
+        if engine.is_main:
+            logger.warning("stopped by %s after step %d of %d, checkpoint written; resume=true continues",
+                           signal_name, record["step"], cfg.steps)
+        return {**summary, "interrupted": signal_name}
     if stop < cfg.steps:
         logger.info("stopped after step %d of %d (stop_after); resume=true continues", stop, cfg.steps)
         return summary

@@ -160,7 +160,9 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
                 **kwargs) -> VideoLLMOutput:
         """input_ids (B, L) with K ``<video>`` placeholders per video; pixel_values (B_v, 3, T, H, W);
         labels (B, L) with -100 where no loss is taken (the LLM shifts them). concept_probs (B_v, T, C):
-        concepts given to a concept stem instead of what the frames show (NaN rows: classified)."""
+        concepts given to a concept stem instead of what the frames show (NaN rows: classified).
+        num_items_in_batch (a keyword, as in transformers): the loss is the sum over answer tokens
+        divided by it instead of their mean (the token mean of a batch spread over processes)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and input_ids is None:
@@ -190,6 +192,7 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
             # batch), so the LM head runs on a few answer tokens, not the whole prompt. Same loss as
             # the LLM's own; ``logits`` is then (B, n_kept, V).
             logits_to_keep = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # (n,)
+        items = kwargs.pop("num_items_in_batch", None) if answers_only else None
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, labels=None if answers_only else labels,
                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
@@ -197,7 +200,9 @@ class VideoLLMForCausalLM(PreTrainedModel, GenerationMixin):
         if answers_only:
             targets = labels[:, logits_to_keep + 1]  # (B, n)
             loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="mean" if items is None else "sum")
+            if items is not None:
+                loss = loss / items
         return VideoLLMOutput(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
                               hidden_states=out.hidden_states, attentions=out.attentions,
                               video_hidden_states=video_features)
