@@ -3,7 +3,6 @@ tiny Llama (byte-level tokenizer, hidden 32) + VideoMAP nano at 32 px, 64 synthe
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -215,18 +214,14 @@ def test_qlora_4bit(assets, tmp_path, capsys):
     assert (out / "final" / "llm_adapter").is_dir()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_deepspeed_single_process(assets, tmp_path, zero):
     pytest.importorskip("deepspeed", reason="deepspeed=… needs the deepspeed package (pip install deepspeed)")
     out = tmp_path / zero
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    # No launcher variables and no DS_ACCELERATOR: the recipe sets up a one-process group on DeepSpeed's
+    # CPU accelerator itself (DeepSpeed alone would look for MPI and stop on a missing mpi4py).
+    launcher = ("DS_ACCELERATOR", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
     kw = dict(steps=3, save_every=2, eval_every=3, deepspeed=CONFIGS / f"{zero}.json")
 
     _finetune_process([*_overrides(assets, out, **kw), "stop_after=2"], env)  # checkpoint-2 via DeepSpeed save_state
