@@ -120,6 +120,16 @@ def test_deepspeed_with_two_processes_runs_resumes_and_its_model_chats(assets, t
         == processor.tokenizer.decode(tokens[0, -4:], skip_special_tokens=True)
 
 
+def test_plain_data_parallel_resumes_with_another_process_count(assets, tmp_path):
+    """A DDP checkpoint holds whole weights and optimizer state: 2 processes stop after step 2 and one
+    process (no launcher) continues it to step 4, with the global batch of one process."""
+    out = tmp_path / "run"
+    finetune(assets, out, 2, steps=4, save_every=2, stop_after=2)
+    finetune(assets, out, [sys.executable], steps=4, save_every=2, resume="true")
+    assert [(r["step"], r["world_size"]) for r in metrics(out)] == [(1, 2), (2, 2), (3, 1), (4, 1)]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def _ranks(launcher: subprocess.Popen, timeout: float = 120) -> dict[int, psutil.Process]:
     """The launcher's worker processes by rank."""
     deadline = time.monotonic() + timeout

@@ -492,6 +492,7 @@ def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
         scheduler.step()
         dt = time.perf_counter() - t0
         loss = engine.mean(sum(losses) / len(losses))
+        logs = {k: engine.mean(v) for k, v in logs.items()}  # every process's share of the batch
         if not math.isfinite(loss):
             raise UserError(f"the loss is {loss} at step {step}; lower optim.lr or check the data")
         record = {"step": step, "loss": loss, **logs, "lr": optim.lr * schedule(step - 1), **recipe.status(),
