@@ -7,6 +7,7 @@ default LLM's GGUF) stands in for SmolLM2; the shipped model's own replies are p
 test_shipped_replies.py, which runs through the same decoder."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -241,3 +242,47 @@ def test_without_the_kernel_nothing_is_packed_and_generate_is_transformers_own(m
     llm = gguf_llama()
     assert pack_language_model(llm) == {"packed": 0, "dense": 0, "bytes": 0}
     assert not any(isinstance(m, PackedLinear) for m in llm.modules())
+
+
+def test_the_next_turn_prefills_only_its_new_tokens(videollms, monkeypatch):
+    """A chat turn re-sends the conversation: the prompt's start (the video, the last turn) is taken from
+    the last answer's cache, only the new tokens run through the model and the encoder does not run;
+    the answer is transformers' own on the whole prompt. Another video is never taken from the cache."""
+    from videollm import decoding
+
+    model, ref, processor = videollms
+    monkeypatch.setattr(decoding, "MIN_REUSE", 8)  # the tiny model's prompts are short
+    model.packed_decoder.prefix.clear()
+    video = processor.load_video(torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8,
+                                               generator=torch.Generator().manual_seed(3)).numpy())
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    first = processor("what moves left", video=video)
+    with torch.no_grad():
+        answer = model.generate(**first, **greedy)[0, first["input_ids"].shape[1]:]
+    turn2 = [{"role": "user", "content": "what moves left"},
+             {"role": "assistant", "content": processor.tokenizer.decode(answer, skip_special_tokens=True)},
+             {"role": "user", "content": "and then?"}]
+    prefilled, encoded = [], []
+    forward, encode = model.forward, model.encode_video
+    monkeypatch.setattr(model, "forward", functools.wraps(forward)(
+        lambda **kw: prefilled.append(kw["input_ids"].shape[1]) or forward(**kw)))  # generate reads the signature
+    monkeypatch.setattr(model, "encode_video", lambda *a, **kw: encoded.append(1) or encode(*a, **kw))
+    other = processor.load_video(torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8,
+                                               generator=torch.Generator().manual_seed(4)).numpy())
+    words = "what moves left what moves left what moves"
+    before_video = [{"role": "user", "content": f"{words} left <video> what moves left"}]
+    for case, conversation, clip in (("next turn", turn2, video), ("another video", turn2, other),
+                                     ("same start", before_video, other),  # cached, then a prompt that differs
+                                     ("differs before the video", [{"role": "user", "content": f"{words} right "
+                                                                    "<video> what moves left"}], other)):
+        inputs = processor(conversation, video=clip)
+        prefilled.clear(), encoded.clear()
+        with torch.no_grad():
+            got = model.generate(**inputs, **greedy)
+            expected = ref.generate(**inputs, **greedy)
+        assert torch.equal(got, expected), case
+        length = inputs["input_ids"].shape[1]
+        if case == "next turn":
+            assert prefilled[0] < length - first["input_ids"].shape[1] + len(answer) and not encoded, case
+        elif case != "same start":
+            assert prefilled[0] == length and encoded, case

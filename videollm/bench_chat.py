@@ -4,7 +4,11 @@ same run, the decoding speed of its bare base LLM in plain transformers ``genera
 
 The anchor decodes the same number of tokens after a prompt of the same length (the video's
 placeholders as ordinary tokens), greedy, without a streamer, with SDPA and with eager attention;
-the faster of the two is the anchor."""
+the faster of the two is the anchor.
+
+``next_turn``: a follow-up question about the same clip (decoded once, as `videollm chat` and the
+demo keep it), with the answer in the conversation: the start of its prompt comes from the last
+answer's cache (`videollm.decoding.PrefixCache`)."""
 
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ def parse_args(argv):
     p.add_argument("--model", default=DEFAULT_ALIAS, help="a saved VideoLLM directory (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--question", default="Describe the video.")
+    p.add_argument("--follow-up", default="What happens next?",
+                   help="a second turn after the answer, timed as next_turn ('' to skip)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="answer once before measuring (first-call costs: kernel load, allocator)")
     p.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
@@ -81,16 +87,25 @@ def main(argv: list[str] | None = None) -> int:
         args.frames, budget = auto_frames(model, processor, frame_cost(args.model), args.max_memory,
                                           max_new_tokens=args.max_new_tokens, question=args.question)
 
-    def answer(max_new_tokens) -> ChatTiming:
+    def answer(max_new_tokens, video=args.video, conversation=args.question) -> tuple[ChatTiming, str]:
         timing = ChatTiming()
-        for _ in generate_stream(model, processor, args.video, args.question, timing=timing, num_frames=args.frames,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens):
-            pass
-        return timing
+        text = "".join(generate_stream(model, processor, video, conversation, timing=timing, num_frames=args.frames,
+                                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens))
+        return timing, text
 
     if args.warmup:
         answer(2)
-    timing = answer(args.max_new_tokens)
+        if model.packed_decoder is not None:
+            model.packed_decoder.prefix.clear()  # the measured answer is a new conversation
+    timing, text = answer(args.max_new_tokens)
+    next_turn = None
+    if args.follow_up:
+        clip = processor.load_video(args.video, num_frames=args.frames)
+        turn, _ = answer(args.max_new_tokens, clip, [{"role": "user", "content": args.question},
+                                                      {"role": "assistant", "content": text},
+                                                      {"role": "user", "content": args.follow_up}])
+        next_turn = {"prompt_tokens": turn.prompt_tokens, "encode_s": round(turn.encode_seconds, 3),
+                     "time_to_first_token_s": round(turn.time_to_first_token, 3)}
     bare = None
     if args.anchor and model.config.base_llm:
         clip = processor.load_video(args.video, num_frames=args.frames)
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "encode_s": round(timing.encode_seconds, 3), "time_to_first_token_s": round(timing.time_to_first_token, 3),
         "tokens_per_s": round(timing.tokens_per_second, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
         "threads": torch.get_num_threads(), "packed_decoder": model.packed_decoder is not None,
-        **({"frames_auto": budget} if budget else {}),
+        **({"frames_auto": budget} if budget else {}), **({"next_turn": next_turn} if next_turn else {}),
         **({"bare": bare, "decode_speedup": round(timing.tokens_per_second / bare["tokens_per_s"], 2)} if bare else {}),
     }))
     return 0

@@ -13,6 +13,10 @@ logits processors (temperature, top-k, top-p, min_new_tokens …), stopping crit
 are transformers' own; only the forward steps are ours. The prompt (and the video in it) is
 prefilled by the model's own forward; its cache is copied into the static one. A request this loop
 does not cover (a batch, beams, returned scores or caches, padding) runs transformers' method.
+
+`PrefixCache` keeps the last conversation's keys and values for its next turn: a chat turn re-sends
+the whole conversation, and its prompt starts with what the last answer's cache already holds (the
+video, the earlier turns). Only the new tokens are prefilled and the encoder does not run again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import DynamicCache
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from videollm.packed import PackedLinear
@@ -42,6 +47,51 @@ class DecodeCache:
     sin: torch.Tensor
     cos_q: torch.Tensor
     sin_q: torch.Tensor
+
+
+MIN_REUSE = 64  # tokens: a shorter shared start (a system prompt) is prefilled again
+
+
+@dataclass
+class _Kept:
+    tokens: torch.Tensor  # (P,) the tokens whose keys and values `cache` holds, positions 0 … P−1
+    pixel_values: torch.Tensor | None  # the video they were computed with
+    cache: DecodeCache
+
+
+class PrefixCache:
+    """The keys and values of the last answer, kept for the next request that starts with the same
+    tokens and the same video (the next turn of a chat, through the CLI, the demo or the API). One
+    entry: a request takes it (so concurrent generations never share buffers) and leaves its own."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._kept: _Kept | None = None
+
+    def take(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[DecodeCache, int] | None:
+        """(cache, P): positions 0 … P−1 of `input_ids` (1, L) are in `cache` (P ≤ L − 1, ≥ `MIN_REUSE`)."""
+        with self._lock:
+            kept, self._kept = self._kept, None
+        if kept is None or not _same_video(kept.pixel_values, pixel_values):
+            return None
+        n = min(len(kept.tokens), input_ids.shape[1] - 1)
+        differ = (kept.tokens[:n] != input_ids[0, :n]).nonzero()
+        p = int(differ[0]) if len(differ) else n
+        return (kept.cache, p) if p >= MIN_REUSE else None
+
+    def keep(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None, cache: DecodeCache) -> None:
+        with self._lock:
+            self._kept = _Kept(tokens, pixel_values, cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept = None
+
+
+def _same_video(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
 @contextmanager
@@ -84,6 +134,7 @@ class PackedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.eps, self.hidden = config.rms_norm_eps, config.hidden_size
         self.scaling = self.layers[0].self_attn.scaling
+        self.prefix = PrefixCache()
 
     @classmethod
     def build(cls, llm: nn.Module) -> tuple[PackedDecoder | None, str | None]:
@@ -168,6 +219,17 @@ def generate_packed(model, input_ids, logits_processor, stopping_criteria, gener
         return method(model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                       generation_config=generation_config, streamer=streamer, **model_kwargs)
     length = input_ids.shape[1]
+    pixel_values = model_kwargs.get("pixel_values")
+    reuse = decoder.prefix.take(input_ids, pixel_values)
+    if reuse is not None and bool((input_ids[0, reuse[1]:] == model.config.video_token_id).any()):
+        reuse = None  # the prompts differ before the video's last token: it is encoded again
+    if reuse is not None:  # the start of the prompt is in the last answer's cache: prefill the rest
+        kept, p = reuse
+        past = DynamicCache()
+        for i, (k, v) in enumerate(zip(kept.keys, kept.values)):
+            past.update(k[None, :, :p], v[None, :, :p], i)  # (1, KV, p, hd)
+        model_kwargs.update(past_key_values=past, pixel_values=None, next_sequence_length=length - p)
+        model.video_encode_seconds = 0.0
     inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     with torch.inference_mode():
         outputs = model(**inputs, return_dict=True)
@@ -188,6 +250,7 @@ def generate_packed(model, input_ids, logits_processor, stopping_criteria, gener
             if bool(stopping_criteria(input_ids, scores).all()) or input_ids.shape[1] >= capacity:
                 break
             logits = decoder.step(cache, token, input_ids.shape[1] - 1).float()
+    decoder.prefix.keep(input_ids[0, :-1].clone(), pixel_values, cache)  # the last token has no keys yet
     if streamer is not None:
         streamer.end()
     return input_ids
