@@ -214,8 +214,8 @@ class Engine:
             h = getattr(getattr(config, "text_config", config), "hidden_size", None)
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
             if not torch.cuda.is_available():
-                # overlap_comm overlaps CUDA streams; on DeepSpeed's CPU accelerator it stalled the first
-                # step of a 2-process ZeRO-2 run for 24 s (0.3 s without).
+                # overlap_comm overlaps CUDA streams; on DeepSpeed's CPU accelerator it stalls the first
+                # step of a multi-process ZeRO-2 run (docs/finetune.md § 4).
                 ds["overlap_comm"] = False
             for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
                                ("stage3_param_persistence_threshold", 10 * h)) if h else ():
