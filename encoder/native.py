@@ -17,6 +17,7 @@ from torch.utils import cpp_extension
 log = logging.getLogger(__name__)
 
 _LOADED: dict[Path, tuple[object | None, str | None]] = {}
+_WARNED: set[tuple[Path, str]] = set()
 
 
 def load_extension(src: Path, prefix: str, what: str):
@@ -58,3 +59,13 @@ def load_extension(src: Path, prefix: str, what: str):
         result = None, f"{type(err).__name__}: {lines[-1] if lines else ''}"
     _LOADED[src] = result
     return result
+
+
+def load_kernel(src: Path, prefix: str, what: str, missing: str):
+    """The module `load_extension` builds, or None with a warning logged once per kernel and reason:
+    `missing` with ``{why}`` filled in (what the caller does instead)."""
+    ext, why = load_extension(src, prefix, what)
+    if ext is None and (Path(src), why) not in _WARNED:
+        _WARNED.add((Path(src), why))
+        log.warning(missing.format(why=why))
+    return ext

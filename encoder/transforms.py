@@ -11,16 +11,13 @@ loads use it; training keeps the reference, so a rebuild of a model gives the sa
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from encoder.native import load_extension
-
-log = logging.getLogger(__name__)
+from encoder.native import load_kernel
 
 # CLIP's statistics are the default: the pretraining teacher and most VideoLLM encoders use them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,17 +29,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # at full resolution all at once (512 frames of 1080p would be ~12 GB).
 _CHUNK = 32
 
-_LOGGED: set[str] = set()
-
-
 def resize_kernel():
     """The C++ resize-and-crop kernel, or None (logged once) if it cannot be built here."""
-    ext, why = load_extension(Path(__file__).with_name("csrc") / "resize_crop.cpp", "encoder_resize_crop",
-                              "the frame resize kernel (about 20 s)")
-    if ext is None and why not in _LOGGED:
-        _LOGGED.add(why)
-        log.warning("resize kernel unavailable (%s); frames are resized with torch's interpolate", why)
-    return ext
+    return load_kernel(Path(__file__).with_name("csrc") / "resize_crop.cpp", "encoder_resize_crop",
+                       "the frame resize kernel (about 20 s)",
+                       "resize kernel unavailable ({why}); frames are resized with torch's interpolate")
 
 
 def frames_to_tensor(frames: np.ndarray, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, *,

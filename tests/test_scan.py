@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder import scan
+from encoder import native, scan
 from encoder.layers import rms_norm
 from encoder.scan import (bimamba, selective_scan, selective_scan_cpu, selective_scan_ref, selective_ssm, selective_ssm_cpu,
                           selective_ssm_ref)
@@ -419,6 +419,18 @@ def test_fallback_is_logged_once(monkeypatch, caplog):
         assert scan._pick_impl("cpu") is selective_scan_ref
     messages = [r.getMessage() for r in caplog.records if "kernel unavailable" in r.getMessage()]
     assert len(messages) == 1 and "no compiler" in messages[0]
+
+
+def test_a_kernel_that_cannot_be_built_is_logged_once(monkeypatch, caplog, tmp_path):
+    """`encoder.native.load_kernel` (the resize and packed-weight kernels): None, and one warning per
+    kernel and reason saying what runs instead."""
+    monkeypatch.setattr(native, "load_extension", lambda *a: (None, "no compiler"))
+    monkeypatch.setattr(native, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="encoder.native"):
+        for _ in range(2):
+            assert native.load_kernel(tmp_path / "k.cpp", "k", "k", "k unavailable ({why}); the reference runs") is None
+    messages = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert messages == ["k unavailable (no compiler); the reference runs"]
 
 
 def _reload_scan_with(monkeypatch, module):

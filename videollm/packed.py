@@ -20,7 +20,6 @@ rank-r side path, so the weights stay the GGUF's) for inference:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoder.native import load_extension
-
-log = logging.getLogger(__name__)
+from encoder import native
 
 BLOCK = 32
 Q4_1, Q8_0 = 0, 1  # the kernel's `kind`
@@ -38,17 +35,11 @@ DECODE_ROWS = 4  # inputs with more rows than this are a prefill: dense GEMM is 
 MAX_DENSE_ROWS = 0.01  # keep a layer dense if more than this share of its rows is not in blocks
 
 
-_LOGGED: set[str] = set()
-
-
 def load_kernel():
     """The C++ kernel, or None (logged once) if it cannot be built here."""
-    ext, why = load_extension(Path(__file__).with_name("csrc") / "packed_linear.cpp", "videollm_packed_linear",
-                              "the LLM's packed-weight kernel (about 30 s)")
-    if ext is None and why not in _LOGGED:
-        _LOGGED.add(why)
-        log.warning("packed-weight kernel unavailable (%s); decoding uses the dense weights", why)
-    return ext
+    return native.load_kernel(Path(__file__).with_name("csrc") / "packed_linear.cpp", "videollm_packed_linear",
+                              "the LLM's packed-weight kernel (about 30 s)",
+                              "packed-weight kernel unavailable ({why}); decoding uses the dense weights")
 
 
 @dataclass
