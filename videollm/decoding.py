@@ -68,8 +68,10 @@ class PrefixCache:
         self._lock = threading.Lock()
         self._kept: _Kept | None = None
 
-    def take(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> tuple[DecodeCache, int] | None:
-        """(cache, P): positions 0 … P−1 of `input_ids` (1, L) are in `cache` (P ≤ L − 1, ≥ `MIN_REUSE`)."""
+    def take(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+             video_token_id: int) -> tuple[DecodeCache, int] | None:
+        """(cache, P): positions 0 … P−1 of `input_ids` (1, L) are in `cache` (P ≤ L − 1, ≥ `MIN_REUSE`),
+        and none of the video's tokens is after P (the video would have to be encoded again)."""
         with self._lock:
             kept, self._kept = self._kept, None
         if kept is None or not _same_video(kept.pixel_values, pixel_values):
@@ -77,7 +79,9 @@ class PrefixCache:
         n = min(len(kept.tokens), input_ids.shape[1] - 1)
         differ = (kept.tokens[:n] != input_ids[0, :n]).nonzero()
         p = int(differ[0]) if len(differ) else n
-        return (kept.cache, p) if p >= MIN_REUSE else None
+        if p < MIN_REUSE or bool((input_ids[0, p:] == video_token_id).any()):
+            return None
+        return kept.cache, p
 
     def keep(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None, cache: DecodeCache) -> None:
         with self._lock:
@@ -201,7 +205,8 @@ class PackedDecoder:
 
 def _covered(input_ids, generation_config, model_kwargs) -> bool:
     mask, cache = model_kwargs.get("attention_mask"), model_kwargs.get("past_key_values")
-    return (input_ids.shape[0] == 1 and (cache is None or cache.get_seq_length() == 0) and generation_config.get_generation_mode() in ("greedy_search", "sample")
+    return (input_ids.shape[0] == 1 and (cache is None or cache.get_seq_length() == 0)
+            and generation_config.get_generation_mode() in ("greedy_search", "sample")
             and not generation_config.return_dict_in_generate and model_kwargs.get("use_cache", True)
             and (mask is None or bool(mask.all())) and not getattr(generation_config, "is_assistant", False))
 
@@ -220,16 +225,13 @@ def generate_packed(model, input_ids, logits_processor, stopping_criteria, gener
                       generation_config=generation_config, streamer=streamer, **model_kwargs)
     length = input_ids.shape[1]
     pixel_values = model_kwargs.get("pixel_values")
-    reuse = decoder.prefix.take(input_ids, pixel_values)
-    if reuse is not None and bool((input_ids[0, reuse[1]:] == model.config.video_token_id).any()):
-        reuse = None  # the prompts differ before the video's last token: it is encoded again
+    reuse = decoder.prefix.take(input_ids, pixel_values, model.config.video_token_id)
     if reuse is not None:  # the start of the prompt is in the last answer's cache: prefill the rest
         kept, p = reuse
         past = DynamicCache()
         for i, (k, v) in enumerate(zip(kept.keys, kept.values)):
             past.update(k[None, :, :p], v[None, :, :p], i)  # (1, KV, p, hd)
         model_kwargs.update(past_key_values=past, pixel_values=None, next_sequence_length=length - p)
-        model.video_encode_seconds = 0.0
     inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     with torch.inference_mode():
         outputs = model(**inputs, return_dict=True)
