@@ -538,8 +538,7 @@ def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
                 recipe.save_final(engine.unwrap(model), tmp)
                 (tmp / f"{recipe.name}_config.yaml").write_text(config_yaml)
     engine.wait()
-    if engine.is_main:
-        logger.info("%s: final model in %s", recipe.name, final)
+    logger.info("%s: final model in %s", recipe.name, final)  # the other processes log warnings only
     accelerator.end_training()
     return {**summary, "final": str(final)}
 

@@ -98,17 +98,18 @@ def main(argv: list[str] | None = None) -> int:
         if model.packed_decoder is not None:
             model.packed_decoder.prefix.clear()  # the measured answer is a new conversation
     timing, text = answer(args.max_new_tokens)
+    with_anchor = args.anchor and model.config.base_llm
+    # Decoded once for the next turn (as the chat keeps it) and the anchor's prompt.
+    clip = processor.load_video(args.video, num_frames=args.frames) if args.follow_up or with_anchor else None
     next_turn = None
     if args.follow_up:
-        clip = processor.load_video(args.video, num_frames=args.frames)
         turn, _ = answer(args.max_new_tokens, clip, [{"role": "user", "content": args.question},
                                                       {"role": "assistant", "content": text},
                                                       {"role": "user", "content": args.follow_up}])
         next_turn = {"prompt_tokens": turn.prompt_tokens, "encode_s": round(turn.encode_seconds, 3),
                      "time_to_first_token_s": round(turn.time_to_first_token, 3)}
     bare = None
-    if args.anchor and model.config.base_llm:
-        clip = processor.load_video(args.video, num_frames=args.frames)
+    if with_anchor:
         bare = anchor(model, args.cache_dir, processor(args.question, video=clip)["input_ids"], args.max_new_tokens)
     print(json.dumps({
         "bench": "chat", "model": str(args.model), **model_label(model, processor), "video": args.video,
