@@ -99,6 +99,7 @@ class VideoLLMProcessor:
         if isinstance(video, VideoInputs):
             return video
         start_time = time.perf_counter()
+        frame_of = None  # frame t is frames[frame_of[t]] when the clip has fewer frames than were asked
         if isinstance(video, np.ndarray):
             frames, timestamps, duration = video, [float(i) for i in range(len(video))], None
         else:
@@ -106,16 +107,16 @@ class VideoLLMProcessor:
                                                                           start=start, end=end, distinct=True)
             frames, timestamps, duration = clip.frames, clip.timestamps, clip.info.duration
             if clip.frame_of is not None and len(clip.frame_of) > len(frames):
-                # More frames asked than the clip has: each distinct frame is resized once, with the same
-                # numbers as resizing every repeat (the time to first token at 1,024 frames: docs/eval.md).
-                pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std,
-                                                native=self.native_resize)[:, clip.frame_of]
-                shown = frames[clip.frame_of] if len(clip.frame_of) <= GALLERY_FRAMES else None  # (T, H, W, 3)
-                return VideoInputs(pixel_values.unsqueeze(0), list(timestamps), duration, shown,
-                                   time.perf_counter() - start_time)
+                frame_of = clip.frame_of
+        # Each distinct frame is resized once, with the same numbers as resizing every repeat (the time
+        # to first token at 1,024 frames: docs/eval.md).
         pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std,
-                                        native=self.native_resize).unsqueeze(0)  # (1, 3, T, S, S)
-        return VideoInputs(pixel_values, list(timestamps), duration, frames, time.perf_counter() - start_time)
+                                        native=self.native_resize)  # (3, U, S, S)
+        if frame_of is not None:
+            pixel_values = pixel_values[:, frame_of]  # (3, T, S, S)
+            frames = frames[frame_of] if len(frame_of) <= GALLERY_FRAMES else None  # (T, H, W, 3)
+        return VideoInputs(pixel_values.unsqueeze(0), list(timestamps), duration, frames,
+                           time.perf_counter() - start_time)
 
     def _expand(self, messages: list[dict], video: VideoInputs | None) -> list[dict]:
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages[:1]):
