@@ -21,6 +21,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from encoder.video_io import sample_clip_path  # noqa: E402
+from training.recipe import free_port  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -67,12 +68,6 @@ def tiny_videollm():
     gen.eos_token_id = None
     gen.suppress_tokens = [0, 1, 2] + list(range(3 + len(WORDS), 128))
     return model, processor
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(model, processor, max_file_size="200mb", **build_kw):

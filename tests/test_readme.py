@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Callable
 import pytest
 
 from encoder.video_io import sample_clip_path
+from training.recipe import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -195,12 +195,6 @@ def _videollm() -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Workspace:
     """A scratch folder laid out as a user's checkout: the recipes' configs, a folder of own videos."""
 
@@ -221,7 +215,7 @@ class Workspace:
             proc = self.run(BY_ID[need])
             assert proc.returncode == 0, f"{need}, needed by {fast.id}, failed"
         words = fast.argv(command)
-        argv = _videollm() + [str(_free_port()) if w == "FREE_PORT" else w for w in words[1:]]
+        argv = _videollm() + [str(free_port()) if w == "FREE_PORT" else w for w in words[1:]]
         proc = self._server(argv) if fast.server else subprocess.run(
             argv, cwd=self.root, env=ENV, input=fast.stdin or "", capture_output=True, text=True, timeout=600)
         self.done[fast.id] = proc

@@ -16,7 +16,8 @@ import uvicorn
 from demo.serve import build_app, main as serve_main
 from encoder.errors import UserError
 from encoder.video_io import resolve_video
-from test_demo import free_port, tiny_videollm
+from test_demo import tiny_videollm
+from training.recipe import free_port
 
 CLIP = resolve_video("carphone_distorted")  # 7 kB: small enough for a data: URL
 
