@@ -30,7 +30,7 @@ def load_extension(src: Path, prefix: str, what: str):
     # widest registers there. Threads come from at::parallel_for.
     cflags = ["-O3", "-march=native", "-ffp-contract=fast"]
     # at::parallel_for is inline OpenMP in torch's headers: without -fopenmp the pragma is dropped
-    # and the kernel runs on one thread (measured: half the speed on 2 cores).
+    # and the kernel runs on one thread.
     ldflags = []
     if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
         cflags.append("-fopenmp")
