@@ -1,6 +1,6 @@
 """Video I/O: probe, sample and decode frames; write synthetic clips; ``videollm inspect``.
 
-Two decoders with one interface, side by side: decord (fast path, ``VideoReader.get_batch``) and
+Two decoders with one interface, side by side: decord (fast path, accurate seeks) and
 PyAV (reference and fallback, seeks to the keyframe before each target). ``backend="auto"`` uses
 decord and falls back to PyAV with a logged warning, never silently; ``tests/test_video_io.py``
 pins the two to the same frames on the bundled clips.
@@ -28,6 +28,7 @@ import importlib.util
 import json
 import logging
 import math
+import mmap
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -270,8 +271,19 @@ def _short(err: BaseException) -> str:
     return text[:200]
 
 
+def _frame_buffer(count: int, shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised ``(count, *shape)`` uint8 array in ordinary pages of a fresh anonymous mapping.
+
+    numpy asks the kernel for huge pages for any large array, and a kernel that must first zero or
+    compact them (``defrag=madvise``, the common default) can stall on a clip's frames for longer
+    than decoding them took. Frames are written once and read once: huge pages buy them nothing.
+    """
+    size = count * math.prod(shape)
+    return np.frombuffer(mmap.mmap(-1, max(size, 1)), np.uint8, count=size).reshape(count, *shape)
+
+
 class _DecordReader:
-    """decord's ``VideoReader``: indexes the file on open, ``get_batch`` seeks accurately."""
+    """decord's ``VideoReader``: indexes the file on open, seeks accurately to each frame."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -296,8 +308,13 @@ class _DecordReader:
 
     def read(self, indices: list[int]) -> tuple[np.ndarray, int | None]:
         """``(frames (len(indices), H, W, 3) uint8, decoded count or None)``; indices sorted, unique."""
+        # Frame by frame into our buffer: decord's get_batch fills a batch array of its own that
+        # asnumpy then copies into a fresh huge-page numpy array (see `_frame_buffer`).
+        frames = _frame_buffer(len(indices), (self.info.height, self.info.width, 3))
         try:
-            return self._vr.get_batch(indices).asnumpy(), None
+            for k, index in enumerate(indices):
+                frames[k] = self._vr[index].asnumpy()
+            return frames, None
         except Exception as err:
             raise VideoReadError(self.path, f"decord failed to decode frames ({_short(err)})") from None
 
@@ -425,7 +442,10 @@ class _PyAVReader:
                                                 "(corrupt or truncated data)")
             quarter_turns = round(getattr(step[1], "rotation", 0) / 90) % 4  # counter-clockwise, as decord does
             out.append(np.rot90(step[1].to_ndarray(format="rgb24"), quarter_turns))
-        return np.stack(out), self.decoded
+        frames = _frame_buffer(len(out), out[0].shape)
+        for k, frame in enumerate(out):
+            frames[k] = frame
+        return frames, self.decoded
 
     def close(self) -> None:
         if self._container is not None:
@@ -502,6 +522,8 @@ def read_video(path: str | Path, num_frames: int | None = None, *, backend: str 
         timestamps = [i / info.fps for i in indices]
         if distinct:
             return VideoClip(frames, timestamps, indices, info, decoded, frame_of=where.tolist())
+        if len(unique) == len(indices):
+            return VideoClip(frames, timestamps, indices, info, decoded)
         return VideoClip(frames[where], timestamps, indices, info, decoded)  # (T, H, W, 3), repeats restored
 
     return _with_reader(path, backend, run)

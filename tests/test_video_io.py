@@ -100,6 +100,33 @@ def test_every_sampled_frame_is_the_requested_one(numbered_clip, backend):
     assert frame_numbers(clip.frames) == clip.indices
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping that holds `address` (Linux /proc/self/smaps)."""
+    mapping = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                mapping = lo <= address < hi
+            elif head == "VmFlags:" and mapping:
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+@pytest.mark.parametrize("backend", ["pyav", pytest.param("decord", marks=needs_decord)])
+def test_frames_are_not_in_huge_pages(tmp_path, backend):
+    # numpy advises huge pages (VmFlags "hg") for large arrays; a kernel short of free ones stalls on
+    # them, which made the time to first token swing. Decoded frames are written once, read once.
+    frames = np.repeat(numbered_frames(12, height=256), 4, axis=2)  # (12, 256, 320, 3): 2.9 MB
+    clip = read_video(write_video(tmp_path / "big.mp4", np.concatenate([frames] * 2)), 24, backend=backend)
+    assert clip.frames.nbytes >= (4 << 20) and clip.frames.flags.writeable
+    start, size = clip.frames.ctypes.data, clip.frames.nbytes
+    assert not any("hg" in _vm_flags(start + offset) for offset in range(0, size, 1 << 20))
+    assert frame_numbers(clip.frames[:, :, ::4]) == [i % 12 for i in clip.indices]
+
+
 def test_pyav_seeks_instead_of_decoding_everything(numbered_clip):
     clip = read_video(numbered_clip, 4, backend="pyav")
     assert frame_numbers(clip.frames) == clip.indices == [37, 112, 187, 262]
