@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # gradio is imported when the app is built, so `videollm demo
 logger = logging.getLogger(__name__)
 
 MIN_FRAMES, MAX_FRAMES = 8, 256
-THUMBNAIL_SIDE = 192  # 256 full-size frames would be slow to send
+THUMBNAIL_SIDE = 192  # a model with larger frames: 256 of them would be slow to send
 
 
 def error_text(err: BaseException) -> str:
@@ -107,7 +107,7 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
             yield chat, "", [], "", chat, history, None
             return
         clip = cache["clip"]
-        yield chat, "", thumbnails(clip.frames, clip.timestamps, concepts=cache.get("concepts")), "", chat, history, cache
+        yield chat, "", thumbnails(processor.frames_seen(clip), clip.timestamps, concepts=cache.get("concepts")), "", chat, history, cache
 
         conversation = history + [{"role": "user", "content": question}]
         # The answer that needed the clip decoded carries its cost; later turns re-use the clip.
@@ -174,7 +174,7 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
                 with gr.Row():
                     clear_btn = gr.Button("Clear chat", elem_id="clear")
                 info = gr.Markdown("", elem_id="info")
-        gallery = gr.Gallery(label="Sampled frames (timestamp in the caption"
+        gallery = gr.Gallery(label="Sampled frames as the model sees them (timestamp in the caption"
                              + ("; what the model sees in each, with its weight)" if concept_model else ")"),
                              columns=8, height=260,
                              elem_id="gallery", interactive=False)

@@ -111,7 +111,7 @@ class VideoInfo:
 class VideoClip:
     """Decoded frames plus where they came from."""
 
-    frames: np.ndarray  # (T, H, W, 3) uint8 RGB; (U, H, W, 3) with `frame_of`
+    frames: np.ndarray | list  # (T, H, W, 3) uint8 RGB; (U, H, W, 3) with `frame_of`; a list with `frame_fn`
     timestamps: list[float]  # (T,) seconds, indices[t] / info.fps
     indices: list[int]  # (T,) frame indices, sorted, may repeat (see `sample_indices`)
     info: VideoInfo
@@ -282,6 +282,18 @@ def _frame_buffer(count: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, max(size, 1)), np.uint8, count=size).reshape(count, *shape)
 
 
+def _collect(decoded, count: int, frame_fn=None):
+    """`count` decoded frames (H, W, 3) uint8 → one `_frame_buffer` (count, H, W, 3), or, with
+    `frame_fn`, the list of ``frame_fn(frame)``: each frame is dropped once it is mapped."""
+    if frame_fn is not None:
+        return [frame_fn(frame) for frame in decoded]
+    frames = None
+    for k, frame in enumerate(decoded):
+        frames = _frame_buffer(count, frame.shape) if frames is None else frames
+        frames[k] = frame
+    return frames
+
+
 class _DecordReader:
     """decord's ``VideoReader``: indexes the file on open, seeks accurately to each frame."""
 
@@ -306,17 +318,20 @@ class _DecordReader:
             raise VideoReadError(path, "decord reports no frame rate")
         self.info = VideoInfo("decord", num_frames, fps, num_frames / fps, width, height, path)
 
-    def read(self, indices: list[int]) -> tuple[np.ndarray, int | None]:
-        """``(frames (len(indices), H, W, 3) uint8, decoded count or None)``; indices sorted, unique."""
-        # Frame by frame into our buffer: decord's get_batch fills a batch array of its own that
-        # asnumpy then copies into a fresh huge-page numpy array (see `_frame_buffer`).
-        frames = _frame_buffer(len(indices), (self.info.height, self.info.width, 3))
-        try:
-            for k, index in enumerate(indices):
-                frames[k] = self._vr[index].asnumpy()
-            return frames, None
-        except Exception as err:
-            raise VideoReadError(self.path, f"decord failed to decode frames ({_short(err)})") from None
+    def read(self, indices: list[int], frame_fn=None) -> tuple[np.ndarray | list, int | None]:
+        """``(frames (len(indices), H, W, 3) uint8 or frame_fn's results, decoded count or None)``;
+        indices sorted, unique."""
+        # Frame by frame (get_batch fills a batch array of its own, which asnumpy then copies into a
+        # fresh huge-page numpy array: see `_frame_buffer`).
+        return _collect(self._decoded(indices), len(indices), frame_fn), None
+
+    def _decoded(self, indices: list[int]):
+        for index in indices:
+            try:
+                frame = self._vr[index].asnumpy()  # (H, W, 3)
+            except Exception as err:
+                raise VideoReadError(self.path, f"decord failed to decode frames ({_short(err)})") from None
+            yield frame
 
     def close(self) -> None:
         self._vr = None
@@ -425,9 +440,13 @@ class _PyAVReader:
         if self._pending is not None and self._pending[0] > target:  # the demuxer overshot
             self._restart()
 
-    def read(self, indices: list[int]) -> tuple[np.ndarray, int]:
-        """``(frames (len(indices), H, W, 3) uint8, frames decoded so far)``; indices sorted, unique."""
-        out = []
+    def read(self, indices: list[int], frame_fn=None) -> tuple[np.ndarray | list, int]:
+        """``(frames (len(indices), H, W, 3) uint8 or frame_fn's results, frames decoded so far)``;
+        indices sorted, unique."""
+        frames = _collect(self._decoded(indices), len(indices), frame_fn)
+        return frames, self.decoded
+
+    def _decoded(self, indices: list[int]):
         for target in indices:
             if self._pending is None or self._pending[0] != target:
                 keyframe = self._keyframes[bisect.bisect_right(self._keyframes, target) - 1]
@@ -441,11 +460,7 @@ class _PyAVReader:
                 raise VideoReadError(self.path, f"frame {target} could not be decoded "
                                                 "(corrupt or truncated data)")
             quarter_turns = round(getattr(step[1], "rotation", 0) / 90) % 4  # counter-clockwise, as decord does
-            out.append(np.rot90(step[1].to_ndarray(format="rgb24"), quarter_turns))
-        frames = _frame_buffer(len(out), out[0].shape)
-        for k, frame in enumerate(out):
-            frames[k] = frame
-        return frames, self.decoded
+            yield np.rot90(step[1].to_ndarray(format="rgb24"), quarter_turns)  # (H, W, 3)
 
     def close(self) -> None:
         if self._container is not None:
@@ -495,13 +510,21 @@ def _sample(info: VideoInfo, **sampling) -> list[int]:
         raise UserError(f"video '{info.path}': {err}") from None
 
 
-def probe_video(path: str | Path, backend: str = "auto") -> VideoInfo:
-    """Metadata of a video (path, or a bare name in `SAMPLE_CLIPS`); `VideoReadError` if unreadable."""
-    return _with_reader(path, backend, lambda reader: reader.info)
+def probe_video(path: str | Path, backend: str = "auto", **sampling) -> VideoInfo:
+    """Metadata of a video (path, or a bare name in `SAMPLE_CLIPS`); `VideoReadError` if unreadable.
+    `sampling` (`read_video`'s: num_frames, start, end, …) is checked on it too (`UserError`), so a
+    bad request fails before anything slow starts."""
+
+    def run(reader) -> VideoInfo:
+        if sampling:
+            _sample(reader.info, **sampling)
+        return reader.info
+
+    return _with_reader(path, backend, run)
 
 
 def read_video(path: str | Path, num_frames: int | None = None, *, backend: str = "auto", distinct: bool = False,
-               **sampling) -> VideoClip:
+               frame_fn=None, **sampling) -> VideoClip:
     """Sample frames with `sample_indices` and decode only those; `sampling` takes its keyword
     arguments (sample_fps, max_frames, mode, start, end, rng).
 
@@ -511,20 +534,23 @@ def read_video(path: str | Path, num_frames: int | None = None, *, backend: str 
     logged warning, if decord is missing or fails on the file), ``decord`` or ``pyav``.
     Raises `VideoReadError` for an unreadable file, `UserError` for bad sampling arguments.
     distinct: frames repeated by the sampling are kept once (`VideoClip.frame_of` says where).
+    frame_fn: called on each decoded frame (H, W, 3) uint8 as it comes; `VideoClip.frames` is then the
+    list of its results, and no frame is kept at full resolution (a long high-resolution video's
+    frames would take gigabytes). It may be called again on a frame if decord fails and PyAV reads.
     """
 
     def run(reader) -> VideoClip:
         info = reader.info
         indices = _sample(info, num_frames=num_frames, **sampling)
         unique = sorted(set(indices))
-        frames, decoded = reader.read(unique)  # (U, H, W, 3)
+        frames, decoded = reader.read(unique, frame_fn)  # (U, H, W, 3), or U results of frame_fn
         where = np.searchsorted(unique, indices)  # (T,)
         timestamps = [i / info.fps for i in indices]
         if distinct:
             return VideoClip(frames, timestamps, indices, info, decoded, frame_of=where.tolist())
-        if len(unique) == len(indices):
-            return VideoClip(frames, timestamps, indices, info, decoded)
-        return VideoClip(frames[where], timestamps, indices, info, decoded)  # (T, H, W, 3), repeats restored
+        if len(unique) < len(indices):  # repeats restored: (T, H, W, 3)
+            frames = frames[where] if frame_fn is None else [frames[u] for u in where]
+        return VideoClip(frames, timestamps, indices, info, decoded)
 
     return _with_reader(path, backend, run)
 

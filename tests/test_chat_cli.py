@@ -45,8 +45,8 @@ def test_no_video_question_is_answered_by_smollm2_and_nothing_else_is_printed(ll
 
 
 def test_a_question_decodes_the_video_once_and_times_it(llm_cache, monkeypatch, capsys):
-    """One read of the file per question (no probe first), and the reported decode time is that
-    read + resize; encode time is the encoder's."""
+    """The file is probed before the model loads (a bad file or window fails at once) and decoded
+    once; the reported decode time is that read + resize, the encode time the encoder's."""
     import json
 
     import encoder.video_io as video_io
@@ -62,7 +62,7 @@ def test_a_question_decodes_the_video_once_and_times_it(llm_cache, monkeypatch, 
     monkeypatch.setattr(video_io, "_with_reader", counting)
     monkeypatch.setenv("VIDEOMAP_LLM_CACHE", str(llm_cache))
     assert main(["bikes", "What moves?", "--frames", "8", "--max-new-tokens", "3", "--timing"]) == 0
-    assert opened == ["bikes"]
+    assert opened == ["bikes", "bikes"]  # the probe, the read
     timing = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert timing["decode_seconds"] > 0.005 and timing["encode_seconds"] > 0
     assert timing["time_to_first_token"] > timing["decode_seconds"] + timing["encode_seconds"]

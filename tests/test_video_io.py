@@ -127,6 +127,22 @@ def test_frames_are_not_in_huge_pages(tmp_path, backend):
     assert frame_numbers(clip.frames[:, :, ::4]) == [i % 12 for i in clip.indices]
 
 
+@pytest.mark.parametrize("backend", ["pyav", pytest.param("decord", marks=needs_decord)])
+def test_frame_fn_maps_each_frame_as_it_is_decoded(numbered_clip, backend):
+    seen = []
+
+    def number(frame):  # (H, W, 3) uint8
+        seen.append(frame.shape)
+        return frame_numbers(frame[None])[0]
+
+    clip = read_video(numbered_clip, 5, backend=backend, frame_fn=number)
+    assert clip.frames == clip.indices and seen == [(16, BITS * BLOCK, 3)] * 5
+    short = read_video(numbered_clip, 400, backend=backend, frame_fn=number)  # more than its 300 frames
+    assert short.frames == short.indices and len(seen) == 5 + 300  # each decoded frame mapped once
+    once = read_video(numbered_clip, 400, backend=backend, frame_fn=number, distinct=True)
+    assert [once.frames[u] for u in once.frame_of] == once.indices
+
+
 def test_pyav_seeks_instead_of_decoding_everything(numbered_clip):
     clip = read_video(numbered_clip, 4, backend="pyav")
     assert frame_numbers(clip.frames) == clip.indices == [37, 112, 187, 262]
@@ -211,6 +227,9 @@ def test_read_video_window_names_the_file(numbered_clip):
     assert all(4.0 <= t < 6.0 for t in clip.timestamps) and frame_numbers(clip.frames) == clip.indices
     with pytest.raises(UserError, match=r"numbered\.mp4.*past the end"):
         read_video(numbered_clip, 4, start=20.0)
+    with pytest.raises(UserError, match=r"numbered\.mp4.*past the end"):  # checked without decoding
+        probe_video(numbered_clip, num_frames=4, start=20.0)
+    assert probe_video(numbered_clip, num_frames=4, start=4.0).num_frames == 300
 
 
 # ---------------------------------------------------------------------------------------------

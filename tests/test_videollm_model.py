@@ -311,3 +311,33 @@ def test_bench_chat_labels_the_model_it_measured():
     model, proc = tiny_videollm()
     assert model_label(model, proc) == {"llm": "llama", "lora": False, "encoder": "videomap (D=32)",
                                         "projector": "mlp", "image_size": 32}
+
+
+def test_a_video_file_is_resized_as_it_is_decoded(monkeypatch, tmp_path):
+    """load_video on a file never holds its frames at full resolution (a long HD video's would take
+    gigabytes), and gives the numbers of resizing the decoded clip, repeats included."""
+    from encoder import video_io
+    from encoder.transforms import frames_to_tensor
+
+    _, proc = tiny_videollm()
+    path = video_io.write_video(tmp_path / "clip.mp4", video_frames(T=6, H=48, W=64), fps=6)
+    clips = {n: video_io.read_video(path, n) for n in (4, 9)}  # 9: more frames than the clip has
+
+    def no_full_clip(*args):
+        raise AssertionError("the whole clip was kept at full resolution")
+
+    monkeypatch.setattr(video_io, "_frame_buffer", no_full_clip)
+    for n, clip in clips.items():
+        inputs = proc.load_video(str(path), num_frames=n)
+        assert inputs.pixel_values.shape == (1, 3, n, proc.image_size, proc.image_size)
+        assert torch.equal(inputs.pixel_values[0], frames_to_tensor(clip.frames, proc.image_size, proc.mean, proc.std))
+        assert inputs.timestamps == clip.timestamps
+
+
+def test_frames_seen_are_the_encoders_input_as_uint8():
+    _, proc = tiny_videollm()
+    S = proc.image_size
+    frames = video_frames(T=3, H=S, W=S)  # no resize, no crop: the round trip gives the frames back
+    assert (proc.frames_seen(proc.load_video(frames)) == frames).all()
+    wide = proc.frames_seen(proc.load_video(video_frames(T=2, H=S, W=2 * S)))
+    assert wide.shape == (2, S, S, 3) and wide.dtype.name == "uint8"  # the centre square only

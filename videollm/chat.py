@@ -18,7 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from encoder.errors import run_cli
-from encoder.video_io import read_video
+from encoder.video_io import probe_video
 from videollm.frame_budget import add_arguments as add_frame_arguments
 from videollm.frame_budget import auto_frames, frame_cost
 from videollm.modeling_videollm import load_videollm
@@ -177,25 +177,23 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     auto = args.frames == "auto" and args.video is not None
-    read, t0 = None, time.perf_counter()
-    if args.video is not None and not auto:  # the one read of this video: a bad file fails before the model loads
-        read = read_video(args.video, args.frames, start=args.start, end=args.end)
-    read_seconds = time.perf_counter() - t0
+    if args.video is not None:  # a bad file or window fails before the model loads (auto: any count checks it)
+        probe_video(args.video, num_frames=1 if auto else args.frames, start=args.start, end=args.end)
     model, processor = load_videollm(args.model, num_frames=None if args.frames == "auto" else args.frames,
                                      use_time_line=args.time_line, cache_dir=args.cache_dir)
+    frames = args.frames
     if auto:  # the most frames that fit the memory budget and the LLM's context
         frames, why = auto_frames(model, processor, frame_cost(args.model), args.max_memory,
                                   max_new_tokens=args.max_new_tokens)
         limit = min(((why["by_memory"], f"{why['max_memory_mb']} MB of memory"), (why["by_context"], "the LLM's context"),
                      (why["by_model"] or 10**9, "the longest clip the model was checked on")))[1]
         print(f"note: --frames auto: {frames} frames ({limit})", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        read = read_video(args.video, frames, start=args.start, end=args.end)
-        read_seconds = time.perf_counter() - t0
     if getattr(model.config, "scope", None):  # what this model can see, once, apart from the answers
         print(f"note: {model.config.scope}", file=sys.stderr, flush=True)
-    clip = processor.load_video(read) if read is not None else None  # resized once, re-used by every turn
-    decode_cost = read_seconds + clip.decode_seconds if clip is not None else 0.0  # the first answer's
+    clip = None  # decoded and resized once, re-used by every turn
+    if args.video is not None:
+        clip = processor.load_video(args.video, num_frames=frames, start=args.start, end=args.end)
+    decode_cost = clip.decode_seconds if clip is not None else 0.0  # the first answer's
 
     def answer(conversation) -> str:
         nonlocal decode_cost

@@ -1,6 +1,6 @@
 """Video + conversation → model inputs, with the LLM's own chat template.
 
-    video path ──read_video──► frames (T, H, W, 3) uint8 ──frames_to_tensor──► pixel_values (1, 3, T, S, S)
+    video path ──read_video──► each frame (H, W, 3) uint8 ──frames_to_tensor──► pixel_values (1, 3, T, S, S)
     conversation ──"<video>" → K placeholders (+ time line)──apply_chat_template──► text ──► input_ids
 
 Turns are LLaVA-video (``{"from", "value"}``) or chat messages (``{"role", "content"}``); ``<video>``
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +28,11 @@ IGNORE_INDEX = -100
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-GALLERY_FRAMES = 256  # VideoInputs.frames is kept up to this many frames (a gallery shows fewer)
-
-
 @dataclass
 class VideoInputs:  # one decoded clip ready for the model
     pixel_values: torch.Tensor  # (1, 3, T, S, S) float
     timestamps: list[float]  # (T,) seconds
     duration: float | None  # seconds, None when unknown (raw frames)
-    frames: object | None = field(default=None, repr=False)  # (T, H, W, 3) uint8, for galleries (None past GALLERY_FRAMES)
     decode_seconds: float = 0.0  # reading (when `load_video` read the file) + resizing
 
 
@@ -99,24 +95,33 @@ class VideoLLMProcessor:
         if isinstance(video, VideoInputs):
             return video
         start_time = time.perf_counter()
-        frame_of = None  # frame t is frames[frame_of[t]] when the clip has fewer frames than were asked
         if isinstance(video, np.ndarray):
-            frames, timestamps, duration = video, [float(i) for i in range(len(video))], None
+            pixel_values, frame_of = self._pixels(video), None  # (3, T, S, S)
+            timestamps, duration = [float(i) for i in range(len(video))], None
         else:
-            clip = video if isinstance(video, VideoClip) else read_video(video, num_frames or self.num_frames,
-                                                                          start=start, end=end, distinct=True)
-            frames, timestamps, duration = clip.frames, clip.timestamps, clip.info.duration
-            if clip.frame_of is not None and len(clip.frame_of) > len(frames):
-                frame_of = clip.frame_of
+            if isinstance(video, VideoClip):
+                clip, pixel_values = video, self._pixels(video.frames)  # (3, U, S, S)
+            else:  # resized frame by frame as it is decoded: no frame is kept at full resolution
+                clip = read_video(video, num_frames or self.num_frames, start=start, end=end, distinct=True,
+                                  frame_fn=lambda frame: self._pixels(frame[None]))  # each (3, 1, S, S)
+                pixel_values = torch.cat(clip.frames, 1)  # (3, U, S, S)
+            timestamps, duration, frame_of = clip.timestamps, clip.info.duration, clip.frame_of
         # Each distinct frame is resized once, with the same numbers as resizing every repeat (the time
         # to first token at 1,024 frames: docs/eval.md).
-        pixel_values = frames_to_tensor(frames, self.image_size, self.mean, self.std,
-                                        native=self.native_resize)  # (3, U, S, S)
-        if frame_of is not None:
+        if frame_of is not None and len(frame_of) > pixel_values.shape[1]:
             pixel_values = pixel_values[:, frame_of]  # (3, T, S, S)
-            frames = frames[frame_of] if len(frame_of) <= GALLERY_FRAMES else None  # (T, H, W, 3)
-        return VideoInputs(pixel_values.unsqueeze(0), list(timestamps), duration, frames,
-                           time.perf_counter() - start_time)
+        return VideoInputs(pixel_values.unsqueeze(0), list(timestamps), duration, time.perf_counter() - start_time)
+
+    def frames_seen(self, video: VideoInputs) -> np.ndarray:
+        """The frames as the encoder gets them (resized, centre-cropped), uint8 (T, S, S, 3): what a
+        gallery shows, so a user sees what the model could not (the sides of a wide frame)."""
+        x = video.pixel_values[0].permute(1, 2, 3, 0)  # (T, S, S, 3)
+        x = x * torch.tensor(self.std) + torch.tensor(self.mean)
+        return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+    def _pixels(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames (T, H, W, 3) → (3, T, S, S), the encoder's input."""
+        return frames_to_tensor(frames, self.image_size, self.mean, self.std, native=self.native_resize)
 
     def _expand(self, messages: list[dict], video: VideoInputs | None) -> list[dict]:
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages[:1]):
