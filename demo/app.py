@@ -21,6 +21,7 @@ from PIL import Image
 
 from demo.examples import example_clips
 from encoder.errors import UserError, VideoReadError, run_cli
+from encoder.native import release_thread_pool
 from videollm.chat import ChatTiming, generate_stream
 from videollm.llm import default_cache_dir
 from videollm.modeling_videollm import load_videollm
@@ -107,7 +108,9 @@ def build_app(model, processor, *, examples=(), default_frames: int = MIN_FRAMES
             yield chat, "", [], "", chat, history, None
             return
         clip = cache["clip"]
-        yield chat, "", thumbnails(processor.frames_seen(clip), clip.timestamps, concepts=cache.get("concepts")), "", chat, history, cache
+        gallery = thumbnails(processor.frames_seen(clip), clip.timestamps, concepts=cache.get("concepts"))
+        release_thread_pool()  # gradio may run the answer in another thread: this one's OpenMP workers would slow it
+        yield chat, "", gallery, "", chat, history, cache
 
         conversation = history + [{"role": "user", "content": question}]
         # The answer that needed the clip decoded carries its cost; later turns re-use the clip.

@@ -46,6 +46,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 from encoder.errors import UserError, VideoReadError, run_cli
+from encoder.native import release_thread_pool
 from videollm.chat import ChatTiming, generate_stream
 from videollm.configuration_videollm import VIDEO_TOKEN
 from videollm.modeling_videollm import DEFAULT_ALIAS, load_videollm
@@ -215,13 +216,16 @@ class Server:
         conversation, path = parse_messages(body.get("messages"), scratch, self.max_bytes)
         settings = self.settings(body)
         clip = None
-        if isinstance(path, list):
-            clip = self.processor.load_video(frames_from_images(path))
-        elif path is not None:
-            try:
-                clip = self.processor.load_video(str(path), num_frames=settings["num_frames"])
-            except VideoReadError as err:
-                raise ApiError(400, f"cannot read the video: {err.reason}", "messages") from None
+        try:
+            if isinstance(path, list):
+                clip = self.processor.load_video(frames_from_images(path))
+            elif path is not None:
+                try:
+                    clip = self.processor.load_video(str(path), num_frames=settings["num_frames"])
+                except VideoReadError as err:
+                    raise ApiError(400, f"cannot read the video: {err.reason}", "messages") from None
+        finally:
+            release_thread_pool()  # the answer runs in another thread: this one's OpenMP workers would slow it
         return conversation, clip, settings
 
     def run(self, conversation, clip, settings, seed, stop: threading.Event, on_piece=None) -> tuple[str, ChatTiming]:

@@ -1,10 +1,13 @@
 """C++ kernels built on the machine that runs them: `load_extension` compiles a source under
 ``csrc/`` once with ``torch.utils.cpp_extension`` and loads it (the scan kernel, the LLM's packed
 linear layer). Every kernel has a pure PyTorch reference beside it; a build that fails returns the
-reason instead of raising, and the caller falls back or says so."""
+reason instead of raising, and the caller falls back or says so.
+
+`release_thread_pool` is about the OpenMP runtime those kernels and torch's own operators share."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -69,3 +72,32 @@ def load_kernel(src: Path, prefix: str, what: str, missing: str):
         _WARNED.add((Path(src), why))
         log.warning(missing.format(why=why))
     return ext
+
+
+def _openmp():
+    """torch's OpenMP runtime if it is GNU's libgomp and already loaded, else None."""
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+        gomp.omp_pause_resource_all.argtypes = [ctypes.c_int]
+        return gomp
+    except (OSError, AttributeError):  # another runtime (Intel's, LLVM's) or a libgomp before OpenMP 5.0
+        return None
+
+
+_GOMP = _openmp()
+
+
+def release_thread_pool() -> None:
+    """Let the OpenMP worker threads of the calling thread exit, before another thread computes.
+
+    libgomp gives every thread that starts a parallel region its own pool of workers, kept for the
+    thread's life. Once the workers of all pools outnumber the cores, every worker stops spinning
+    between regions and sleeps, so each region waits for its workers to be woken: a decoding step
+    has hundreds of small regions. A chat answer runs in its own thread (the streamer is read in the
+    caller's), and the caller has parallel regions behind it (loading the model, resizing frames),
+    so without this the answer's thread computes with sleeping workers. The pool comes back at the
+    caller's next parallel region. Nothing happens under other runtimes."""
+    if _GOMP is not None:
+        _GOMP.omp_pause_resource_all(1)  # omp_pause_soft: threads exit, nothing else is reset

@@ -11,6 +11,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, TextIteratorStreamer
 
 from videollm.decoding import PackedDecoder
@@ -130,6 +131,35 @@ def test_decoder_steps_match_the_transformers_forward():
                                        atol=1e-4)
 
 
+def test_the_steps_norm_attention_and_mlp_functions_match_torch():
+    """The kernel's `rms_norm`, `attend` and `silu_mul` against torch on sizes that are no multiple of
+    the SIMD width and a context long enough to split heads over threads: RoPE'd keys and values
+    land in the cache at pos, and grouped-query attention reads positions 0 … pos only."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 70, generator=gen), torch.randn(70, generator=gen)
+    torch.testing.assert_close(EXT.rms_norm(x, w, 1e-5), F.rms_norm(x, (70,), w, 1e-5), rtol=1e-5, atol=1e-6)
+    g, u = torch.randn(1, 200, generator=gen), torch.randn(1, 200, generator=gen)
+    torch.testing.assert_close(EXT.silu_mul(g, u), F.silu(g) * u, rtol=1e-5, atol=1e-6)
+    for hd, pos in [(64, 1500), (24, 5)]:
+        H, KV, capacity = 6, 2, pos + 9
+        cos, sin = torch.randn(capacity, hd, generator=gen), torch.randn(capacity, hd, generator=gen)
+        cos_q, sin_q = cos * 0.125, sin * 0.125
+        keys, values = torch.randn(KV, capacity, hd, generator=gen), torch.randn(KV, capacity, hd, generator=gen)
+        q, k, v = (torch.randn(1, n * hd, generator=gen) for n in (H, KV, KV))
+        out_keys, out_values = keys.transpose(1, 2).contiguous(), values.clone()  # keys kept (KV, hd, capacity)
+        got = EXT.attend(q, k, v, out_keys, out_values, pos, cos, sin, cos_q, sin_q)
+
+        def rope(t, c, s_):  # x·cos + (halves swapped)·sin, the sign already in sin
+            return t * c + torch.cat([t[:, hd // 2:], t[:, :hd // 2]], -1) * s_
+
+        keys[:, pos], values[:, pos] = rope(k.view(KV, hd), cos[pos], sin[pos]), v.view(KV, hd)
+        torch.testing.assert_close(out_keys, keys.transpose(1, 2))
+        torch.testing.assert_close(out_values, values)
+        qr = rope(q.view(H, hd), cos_q[pos], sin_q[pos]).view(KV, H // KV, hd)
+        scores = torch.softmax(qr @ keys[:, :pos + 1].transpose(1, 2), -1)  # (KV, g, pos + 1)
+        torch.testing.assert_close(got, (scores @ values[:, :pos + 1]).reshape(1, H * hd), rtol=1e-4, atol=1e-5)
+
+
 def test_decoder_refuses_what_it_does_not_cover():
     llm = gguf_llama()
     assert PackedDecoder.build(llm)[1] == "some of the LLM's weights are not GGUF blocks"  # not packed
@@ -221,7 +251,7 @@ def test_concurrent_generations_keep_their_own_caches(videollms):
         torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)).numpy()))]
     with torch.no_grad():
         expected = [ref.generate(**x, max_new_tokens=16, do_sample=False) for x in inputs]
-    got, threads_before = [None, None], torch.get_num_threads()
+    got = [None, None]
 
     def run(i):
         with torch.no_grad():
@@ -234,7 +264,25 @@ def test_concurrent_generations_keep_their_own_caches(videollms):
     for t in threads:
         t.join()
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
-    assert torch.get_num_threads() == threads_before  # the streamers' spare core is given back
+
+
+def test_a_streamed_answer_frees_the_callers_openmp_workers_before_it_starts(videollms, monkeypatch):
+    """`generate_stream` answers in a thread of its own: the caller's OpenMP pool is released first
+    (`encoder.native.release_thread_pool`), so the answer's thread has the cores' workers to itself."""
+    import threading
+
+    from videollm import chat
+
+    model, ref, processor = videollms
+    events = []
+    generate = model.generate
+    monkeypatch.setattr(chat, "release_thread_pool", lambda: events.append(("release", threading.get_ident())))
+    monkeypatch.setattr(model, "generate", lambda **kw: events.append(("generate", threading.get_ident()))
+                        or generate(**kw))
+    list(chat.generate_stream(model, processor, None, "what moves left", max_new_tokens=4))
+    (what, caller), (then, answerer) = events
+    assert (what, then) == ("release", "generate")
+    assert caller == threading.get_ident() and answerer != caller
 
 
 def test_without_the_kernel_nothing_is_packed_and_generate_is_transformers_own(monkeypatch):

@@ -2,6 +2,7 @@
 
 import importlib
 import logging
+import subprocess
 import sys
 import types
 from functools import partial
@@ -431,6 +432,35 @@ def test_a_kernel_that_cannot_be_built_is_logged_once(monkeypatch, caplog, tmp_p
             assert native.load_kernel(tmp_path / "k.cpp", "k", "k", "k unavailable ({why}); the reference runs") is None
     messages = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
     assert messages == ["k unavailable (no compiler); the reference runs"]
+
+
+_POOL_SCRIPT = """
+import os, time, torch
+from encoder.native import release_thread_pool
+tasks = lambda: len(os.listdir("/proc/self/task"))
+torch.set_num_threads(2)
+x = torch.randn(1 << 22)
+x.exp()  # a parallel region: this thread's pool of OpenMP workers starts
+with_pool = tasks()
+release_thread_pool()
+deadline = time.monotonic() + 30
+while tasks() >= with_pool and time.monotonic() < deadline:
+    time.sleep(0.05)
+released = tasks()
+x.exp()
+print(with_pool, released, tasks())
+"""
+
+
+@pytest.mark.skipif(native._GOMP is None, reason="torch's OpenMP runtime here is not libgomp")
+def test_release_thread_pool_lets_the_callers_openmp_workers_exit():
+    """A chat answer's thread computes with OpenMP workers of its own; the caller's pool must go
+    first (`encoder.native.release_thread_pool`). Its workers exit, and its next parallel region
+    starts them again. A fresh process: the test runner's own threads keep pools of their own."""
+    run = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with_pool, released, again = map(int, run.stdout.split())
+    assert released < with_pool and again == with_pool
 
 
 def _reload_scan_with(monkeypatch, module):

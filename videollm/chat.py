@@ -18,6 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from encoder.errors import run_cli
+from encoder.native import release_thread_pool
 from encoder.video_io import probe_video
 from videollm.frame_budget import add_arguments as add_frame_arguments
 from videollm.frame_budget import auto_frames, frame_cost
@@ -102,6 +103,7 @@ def generate_stream(model, processor, video, conversation, *, timing: ChatTiming
             streamer.end()
 
     thread = threading.Thread(target=run, daemon=True)
+    release_thread_pool()  # the answer's thread gets the cores' OpenMP workers to itself
     thread.start()
     for piece in streamer:
         if piece:
