@@ -6,7 +6,10 @@ are packed; the transformers forward around it (decoder-layer modules, a growing
 at every step, masks, hooks) costs several times that on a CPU. `PackedDecoder.step` is the same
 computation written out for one token: RMSNorm → q/k/v → RoPE → the cache → attention (grouped
 query heads) → o → residual → RMSNorm → SiLU-gated MLP → residual, then the final norm and LM head,
-each linear layer a `PackedLinear` (LoRA kept as its side path).
+each linear layer a `PackedLinear` (LoRA kept as its side path). The norms, RoPE with the cache write
+and attention, and the gated MLP's middle are the packed kernel's own functions (`rms_norm`,
+`attend`, `silu_mul`): one call each where torch needs a dozen small operators per layer, each a few
+microseconds of dispatch for a few hundred numbers.
 
 `generate_packed` is handed to transformers' ``generate(custom_generate=…)``, so generation config,
 logits processors (temperature, top-k, top-p, min_new_tokens …), stopping criteria and streamers
@@ -22,7 +25,6 @@ video, the earlier turns). Only the new tokens are prefilled and the encoder doe
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +40,11 @@ ARCHITECTURES = ("llama",)  # Llama's layer: pre-norm attention with RoPE and GQ
 
 @dataclass
 class DecodeCache:
-    """One generation's static cache: per layer keys and values (KV, capacity, hd), and the RoPE
-    tables (capacity, hd) for keys (cos, sin) and for queries (× the attention scale)."""
+    """One generation's static cache: per layer keys, transposed (KV, hd, capacity), and values
+    (KV, capacity, hd), and the RoPE tables (capacity, hd) for keys (cos, sin) and for queries (× the
+    attention scale)."""
 
-    keys: list[torch.Tensor]
+    keys_t: list[torch.Tensor]
     values: list[torch.Tensor]
     cos: torch.Tensor
     sin: torch.Tensor
@@ -98,31 +101,6 @@ def _same_video(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
-@contextmanager
-def _decode_threads(leave_one: bool):
-    """While any generation decodes with a streamer, one core stays free for the streamer's reader
-    (detokenizing, printing), so the step's threads never wait on a descheduled one (measured in
-    docs/experiments.md). Concurrent generations share the one setting."""
-    global _ACTIVE, _SAVED
-    with _THREADS_LOCK:
-        if _ACTIVE == 0:
-            _SAVED = torch.get_num_threads()
-            if leave_one:
-                torch.set_num_threads(max(1, _SAVED - 1))
-        _ACTIVE += 1
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _ACTIVE -= 1
-            if _ACTIVE == 0:
-                torch.set_num_threads(_SAVED)
-
-
-_THREADS_LOCK = threading.Lock()
-_ACTIVE, _SAVED = 0, 1
-
-
 class PackedDecoder:
     """One-token steps of `llm` (a ``LlamaForCausalLM``, its linear layers `PackedLinear`) over a
     static cache of `capacity` positions. Build with `PackedDecoder.build`, which says why not."""
@@ -138,6 +116,7 @@ class PackedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.eps, self.hidden = config.rms_norm_eps, config.hidden_size
         self.scaling = self.layers[0].self_attn.scaling
+        self.ext = llm.get_output_embeddings().ext  # the packed-weight kernel: also the step's norm and attention
         self.prefix = PrefixCache()
 
     @classmethod
@@ -159,48 +138,37 @@ class PackedDecoder:
     def start(self, cache, length: int, capacity: int) -> DecodeCache:
         """A static cache of `capacity` positions holding a prefilled transformers cache (`length`
         positions). Each ``generate`` call has its own, so concurrent calls never share buffers."""
-        keys, values = [], []
+        keys_t, values = [], []
         for layer in cache.layers:
             k, v = layer.keys[0], layer.values[0]  # (KV, length, hd)
-            kb = k.new_empty(self.kv_heads, capacity, self.head_dim)
+            kb = k.new_empty(self.kv_heads, self.head_dim, capacity)
             vb = v.new_empty(self.kv_heads, capacity, self.head_dim)
-            kb[:, :length], vb[:, :length] = k, v
-            keys.append(kb)
+            kb[:, :, :length], vb[:, :length] = k.transpose(1, 2), v
+            keys_t.append(kb)
             values.append(vb)
         positions = torch.arange(capacity)[None]  # (1, capacity)
-        cos, sin = self.rotary(kb, positions)  # (1, capacity, hd): transformers' own RoPE (type, scaling)
+        cos, sin = self.rotary(vb, positions)  # (1, capacity, hd): transformers' own RoPE (type, scaling)
         # rotate_half(x)·sin = swap_halves(x)·(−sin₁, sin₂): the sign goes into the table. The query's
         # tables carry the attention scale too, so scores need no extra pass.
         half = self.head_dim // 2
         sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)  # (capacity, hd)
-        return DecodeCache(keys, values, cos[0], sin, cos[0] * self.scaling, sin * self.scaling)
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None) -> torch.Tensor:
-        """x (heads, hd) rotated as transformers' apply_rotary_pos_emb: x·cos + rotate_half(x)·sin."""
-        heads, hd = x.shape
-        swapped = x.view(heads, 2, hd // 2).flip(1).view(heads, hd)
-        return torch.addcmul(x * cos, swapped, sin, out=out)
+        return DecodeCache(keys_t, values, cos[0], sin, cos[0] * self.scaling, sin * self.scaling)
 
     @torch.inference_mode()
     def step(self, cache: DecodeCache, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits (1, V) for `token` (1,) at position `pos`; writes its keys and values to `cache`."""
-        H, KV, hd, D = self.heads, self.kv_heads, self.head_dim, self.hidden
+        ext, eps = self.ext, self.eps
         h = self.embed(token)  # (1, D)
-        cos, sin, cos_q, sin_q = cache.cos[pos], cache.sin[pos], cache.cos_q[pos], cache.sin_q[pos]  # (hd,)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            keys, values = cache.keys[i], cache.values[i]  # (KV, capacity, hd)
-            a = F.rms_norm(h, (D,), layer.input_layernorm.weight, self.eps)
-            q = self._rope(attn.q_proj(a).view(H, hd), cos_q, sin_q)  # scaled by 1/√hd
-            self._rope(attn.k_proj(a).view(KV, hd), cos, sin, out=keys[:, pos])
-            values[:, pos] = attn.v_proj(a).view(KV, hd)
-            # Grouped-query attention of one query: query heads g·j … g·j+g−1 read key head j.
-            scores = torch.bmm(q.view(KV, H // KV, hd), keys[:, :pos + 1].transpose(1, 2))  # (KV, g, pos+1)
-            out = torch.bmm(torch.softmax(scores, -1), values[:, :pos + 1])  # (KV, g, hd)
-            h = h + attn.o_proj(out.view(1, H * hd))
-            m = F.rms_norm(h, (D,), layer.post_attention_layernorm.weight, self.eps)
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(m)) * mlp.up_proj(m))
-        return self.llm.get_output_embeddings()(F.rms_norm(h, (D,), self.norm.weight, self.eps))  # (1, V)
+            a = ext.rms_norm(h, layer.input_layernorm.weight, eps)
+            # RoPE, the cache write at pos and grouped-query attention over positions 0 … pos
+            out = ext.attend(attn.q_proj(a), attn.k_proj(a), attn.v_proj(a), cache.keys_t[i], cache.values[i], pos,
+                             cache.cos, cache.sin, cache.cos_q, cache.sin_q)  # (1, H·hd)
+            h = h + attn.o_proj(out)
+            m = ext.rms_norm(h, layer.post_attention_layernorm.weight, eps)
+            h = h + mlp.down_proj(ext.silu_mul(mlp.gate_proj(m), mlp.up_proj(m)))
+        return self.llm.get_output_embeddings()(ext.rms_norm(h, self.norm.weight, eps))  # (1, V)
 
 
 def _covered(input_ids, generation_config, model_kwargs) -> bool:
@@ -229,8 +197,8 @@ def generate_packed(model, input_ids, logits_processor, stopping_criteria, gener
     if reuse is not None:  # the start of the prompt is in the last answer's cache: prefill the rest
         kept, p = reuse
         past = DynamicCache()
-        for i, (k, v) in enumerate(zip(kept.keys, kept.values)):
-            past.update(k[None, :, :p], v[None, :, :p], i)  # (1, KV, p, hd)
+        for i, (k, v) in enumerate(zip(kept.keys_t, kept.values)):
+            past.update(k[None, :, :, :p].transpose(2, 3), v[None, :, :p], i)  # (1, KV, p, hd)
         model_kwargs.update(past_key_values=past, pixel_values=None, next_sequence_length=length - p)
     inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     with torch.inference_mode():
@@ -239,19 +207,18 @@ def generate_packed(model, input_ids, logits_processor, stopping_criteria, gener
     capacity = max(length + 1, generation_config.max_length)
     cache = decoder.start(outputs.past_key_values, length, capacity)
     del outputs, inputs
-    with _decode_threads(leave_one=streamer is not None):
-        while True:
-            scores = logits_processor(input_ids, logits)
-            if generation_config.do_sample:
-                token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (1,)
-            else:
-                token = scores.argmax(-1)  # (1,)
-            input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if bool(stopping_criteria(input_ids, scores).all()) or input_ids.shape[1] >= capacity:
-                break
-            logits = decoder.step(cache, token, input_ids.shape[1] - 1).float()
+    while True:
+        scores = logits_processor(input_ids, logits)
+        if generation_config.do_sample:
+            token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (1,)
+        else:
+            token = scores.argmax(-1)  # (1,)
+        input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if bool(stopping_criteria(input_ids, scores).all()) or input_ids.shape[1] >= capacity:
+            break
+        logits = decoder.step(cache, token, input_ids.shape[1] - 1).float()
     decoder.prefix.keep(input_ids[0, :-1].clone(), pixel_values, cache)  # the last token has no keys yet
     if streamer is not None:
         streamer.end()

@@ -12,7 +12,8 @@
 // Layouts: x (M, K) fp32 contiguous; blocks (N, K/32·bytes) uint8, row-major, one output row's
 // blocks in a row — Q4_1: d fp16, m fp16, 16 bytes of codes (byte j: element j in the low nibble,
 // element j+16 in the high); Q8_0: d fp16, 32 int8 codes. LoRA (optional): A (r, K), B (N, r)
-// fp32, scale s. Output (M, N) fp32. Rows of W are split over threads with at::parallel_for.
+// fp32, scale s. Output (M, N) fp32. Rows of W are split over threads with at::parallel_for; LoRA's
+// x·Aᵀ is computed once, its ·Bᵀ in each output row's thread.
 //
 // SIMD through GCC/Clang vector extensions (as in encoder/csrc/selective_scan.cpp): a `vf` is the
 // 16 lanes of half a block, one AVX-512 register, two AVX2 or four NEON registers.
@@ -173,17 +174,46 @@ inline void dot_group(const uint8_t* group, const float* x, const float* xsum, i
   for (int r = 0; r < kRows; ++r) out[r] = Simd::reduce(acc[r]) + macc[r];
 }
 
+// LoRA's side path for output rows: lora_t (M, r) = s·x·Aᵀ computed once per call, B (N, r); nullptr
+// when the layer has none. Added to each output as it is written, inside the row's thread.
+struct Lora {
+  const float* b = nullptr;
+  const float* t = nullptr;
+  int64_t r = 0;
+};
+
 template <int kind>
 void groups_range(const uint8_t* wp, int64_t g0, int64_t g1, const float* xp, const float* xsum, int64_t M,
-                  int64_t K, int64_t N, float* op) {
+                  int64_t K, int64_t N, float* op, const Lora& lora) {
   const int64_t nb = K / kBlock, group_bytes = nb * kRows * (kind == 0 ? kQ41Bytes : kQ80Bytes);
   float part[kRows];
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t m = 0; m < M; ++m) {
       dot_group<kind>(wp + g * group_bytes, xp + m * K, xsum + m * nb, nb, part);
-      for (int64_t r = 0; r < kRows && g * kRows + r < N; ++r) op[m * N + g * kRows + r] = part[r];
+      for (int64_t r = 0; r < kRows && g * kRows + r < N; ++r) {
+        const int64_t n = g * kRows + r;
+        float side = 0.f;
+        for (int64_t j = 0; j < lora.r; ++j) side += lora.b[n * lora.r + j] * lora.t[m * lora.r + j];
+        op[m * N + n] = part[r] + side;
+      }
     }
   }
+}
+
+// s·x·Aᵀ (M, r) for x (M, K), A (r, K): r dot products of length K per row of x, 16 lanes wide.
+std::vector<float> lora_down(const float* xp, const float* ap, int64_t M, int64_t K, int64_t r, float scale) {
+  std::vector<float> t(M * r);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < r; ++j) {
+      vf acc{};
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) acc += load_vf(ap + j * K + k) * load_vf(xp + m * K + k);
+      float s = hsum(acc);
+      for (; k < K; ++k) s += ap[j * K + k] * xp[m * K + k];
+      t[m * r + j] = scale * s;
+    }
+  }
+  return t;
 }
 
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor blocks, int64_t kind, int64_t N, torch::Tensor lora_a,
@@ -209,40 +239,189 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor blocks, int64_t kind,
       xsum[i] = hsum(s);
     }
   }
-  // A thread's share is at least ~4k blocks (tens of microseconds): small matrices run on one thread.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nb * kRows * M));
-  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-    if (kind == 0) {
-      groups_range<0>(wp, g0, g1, xp, xsum.data(), M, K, N, op);
-    } else {
-      groups_range<1>(wp, g0, g1, xp, xsum.data(), M, K, N, op);
-    }
-  });
-
+  Lora lora;
+  std::vector<float> lora_t;
   if (lora_a.defined() && lora_a.numel() > 0) {
     TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K && lora_b.dim() == 2 && lora_b.size(0) == N &&
                     lora_b.size(1) == lora_a.size(0) && lora_a.is_contiguous() && lora_b.is_contiguous() &&
                     lora_a.scalar_type() == torch::kFloat && lora_b.scalar_type() == torch::kFloat,
                 "LoRA: A (r, K), B (N, r) contiguous fp32");
-    const int64_t r = lora_a.size(0);
-    const float* ap = lora_a.data_ptr<float>();
-    const float* bp = lora_b.data_ptr<float>();
-    std::vector<float> t(M * r);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t j = 0; j < r; ++j) {
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += ap[j * K + k] * xp[m * K + k];
-        t[m * r + j] = static_cast<float>(scale) * s;
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t n = 0; n < N; ++n) {
-        float s = 0.f;
-        for (int64_t j = 0; j < r; ++j) s += bp[n * r + j] * t[m * r + j];
-        op[m * N + n] += s;
-      }
-    }
+    lora.r = lora_a.size(0);
+    lora_t = lora_down(xp, lora_a.data_ptr<float>(), M, K, lora.r, static_cast<float>(scale));
+    lora.t = lora_t.data();
+    lora.b = lora_b.data_ptr<float>();
   }
+  // A thread's share is at least ~4k blocks (tens of microseconds): small matrices run on one thread.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nb * kRows * M));
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+    if (kind == 0) {
+      groups_range<0>(wp, g0, g1, xp, xsum.data(), M, K, N, op, lora);
+    } else {
+      groups_range<1>(wp, g0, g1, xp, xsum.data(), M, K, N, op, lora);
+    }
+  });
+  return out;
+}
+
+// The rest of a decoding step for one token, in place of a dozen small torch operators per layer
+// (each a few microseconds of dispatch for a few hundred numbers).
+
+// RMSNorm of each row of x (M, D), as LlamaRMSNorm in fp32: (x · 1/√(mean(x²) + eps)) · w.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: (M, D) contiguous fp32");
+  const int64_t M = x.size(0), D = x.size(1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.scalar_type() == torch::kFloat && w.is_contiguous(), "w: (D) fp32");
+  auto out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xp + m * D;
+    vf acc{};
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) acc += load_vf(row + d) * load_vf(row + d);
+    float ss = hsum(acc);
+    for (; d < D; ++d) ss += row[d] * row[d];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    for (d = 0; d < D; ++d) op[m * D + d] = wp[d] * (row[d] * r);
+  }
+  return out;
+}
+
+// x·cos + rotate_half(x)·sin for one head's hd numbers: `sin` carries rotate_half's sign (−sin on the
+// first half), so the second term is the halves of x swapped times sin.
+inline void rope(const float* x, const float* cos, const float* sin, int64_t hd, float* out) {
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < hd; ++d) out[d] = x[d] * cos[d] + x[d < half ? d + half : d - half] * sin[d];
+}
+
+typedef int32_t vi32 __attribute__((vector_size(16 * sizeof(int32_t))));
+
+// e^x for 16 lanes, x ≤ 0 (softmax's x − max): 2^n · e^r with n = round(x / ln 2), r = x − n·ln 2
+// (ln 2 in two parts, so r is exact) and a degree-6 polynomial for e^r on |r| ≤ ln 2 / 2, within
+// about an ulp of expf; below −87 it is 0 (expf's smallest normal is e^−87.3).
+inline vf exp_neg(vf x) {
+  const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest (|n| < 2^22)
+  const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  vf y = p * r * r + r + 1.f;
+  vi32 bits;
+  std::memcpy(&bits, &y, sizeof(y));
+  bits += __builtin_convertvector(n, vi32) << 23;
+  bits &= (x >= -87.f);  // lanes below: 0
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
+}
+
+// One query token through one attention layer with a static cache: RoPE on q (H·hd) and k (KV·hd)
+// at position pos (the query's tables carry the attention scale), k and v written to the cache at
+// pos, then softmax(q·Kᵀ)·V over positions 0 … pos, query head h reading key head h / (H / KV).
+// Keys are kept transposed, (KV, hd, capacity), so q·Kᵀ runs 16 positions a vector with no
+// horizontal sums; values (KV, capacity, hd). Returns (1, H·hd). Heads are split over threads when
+// the context is long.
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor keys_t, torch::Tensor values,
+                     int64_t pos, torch::Tensor cos, torch::Tensor sin, torch::Tensor cos_q, torch::Tensor sin_q) {
+  TORCH_CHECK(values.dim() == 3 && values.is_contiguous() && values.scalar_type() == torch::kFloat,
+              "values: (KV, capacity, hd) contiguous fp32");
+  const int64_t KV = values.size(0), capacity = values.size(1), hd = values.size(2);
+  TORCH_CHECK(keys_t.dim() == 3 && keys_t.size(0) == KV && keys_t.size(1) == hd && keys_t.size(2) == capacity &&
+                  keys_t.is_contiguous() && keys_t.scalar_type() == torch::kFloat,
+              "keys_t: (KV, hd, capacity) contiguous fp32");
+  TORCH_CHECK(pos >= 0 && pos < capacity && hd % 2 == 0, "pos outside the cache");
+  for (const auto& t : {q, k, v, cos, sin, cos_q, sin_q})
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "q, k, v and the RoPE tables: contiguous fp32");
+  TORCH_CHECK(k.numel() == KV * hd && v.numel() == KV * hd && q.numel() % hd == 0, "k, v: KV·hd numbers; q: H·hd");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) >= capacity && cos.size(1) == hd && sin.sizes() == cos.sizes() &&
+                  cos_q.sizes() == cos.sizes() && sin_q.sizes() == cos.sizes(),
+              "RoPE tables: (capacity, hd)");
+  const int64_t H = q.numel() / hd, group = H / KV, L = pos + 1;
+  TORCH_CHECK(group * KV == H, "query heads must be a multiple of key heads");
+  float* kp = keys_t.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  const float *c = cos.data_ptr<float>() + pos * hd, *s = sin.data_ptr<float>() + pos * hd;
+  std::vector<float> kr(hd);
+  for (int64_t j = 0; j < KV; ++j) {
+    rope(k.data_ptr<float>() + j * hd, c, s, hd, kr.data());
+    for (int64_t d = 0; d < hd; ++d) kp[(j * hd + d) * capacity + pos] = kr[d];
+    std::memcpy(vp + (j * capacity + pos) * hd, v.data_ptr<float>() + j * hd, hd * sizeof(float));
+  }
+  auto out = torch::empty({1, H * hd}, q.options());
+  const float *qp = q.data_ptr<float>(), *cq = cos_q.data_ptr<float>() + pos * hd, *sq = sin_q.data_ptr<float>() + pos * hd;
+  float* op = out.data_ptr<float>();
+  const int64_t L16 = L / 16 * 16;
+  at::parallel_for(0, H, std::max<int64_t>(1, 32768 / (L * hd)), [&](int64_t h0, int64_t h1) {
+    std::vector<float> qr(hd), score(L);
+    for (int64_t h = h0; h < h1; ++h) {
+      rope(qp + h * hd, cq, sq, hd, qr.data());
+      const float* kh = kp + (h / group) * hd * capacity;  // (hd, capacity)
+      const float* vh = vp + (h / group) * capacity * hd;  // (capacity, hd)
+      vf top16 = vf{} - INFINITY;
+      int64_t t = 0;
+      for (; t + 64 <= L16; t += 64) {  // four independent sums keep the FMA pipeline full
+        vf acc[4] = {};
+        for (int64_t d = 0; d < hd; ++d) {
+          const float* row = kh + d * capacity + t;
+          for (int c = 0; c < 4; ++c) acc[c] += qr[d] * load_vf(row + 16 * c);
+        }
+        for (int c = 0; c < 4; ++c) {
+          std::memcpy(score.data() + t + 16 * c, &acc[c], sizeof(vf));
+          top16 = acc[c] > top16 ? acc[c] : top16;
+        }
+      }
+      for (; t < L16; t += 16) {
+        vf acc{};
+        for (int64_t d = 0; d < hd; ++d) acc += qr[d] * load_vf(kh + d * capacity + t);
+        std::memcpy(score.data() + t, &acc, sizeof(acc));
+        top16 = acc > top16 ? acc : top16;
+      }
+      float top = -INFINITY;
+      for (int i = 0; i < 16; ++i) top = std::max(top, top16[i]);
+      for (int64_t t = L16; t < L; ++t) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < hd; ++d) dot += qr[d] * kh[d * capacity + t];
+        score[t] = dot;
+        top = std::max(top, dot);
+      }
+      vf sum16{};
+      for (int64_t t = 0; t < L16; t += 16) {
+        const vf e = exp_neg(load_vf(score.data() + t) - top);
+        std::memcpy(score.data() + t, &e, sizeof(e));
+        sum16 += e;
+      }
+      float total = hsum(sum16);
+      for (int64_t t = L16; t < L; ++t) total += (score[t] = std::exp(score[t] - top));
+      for (int64_t t = 0; t < L; ++t) score[t] /= total;
+      float* oh = op + h * hd;
+      int64_t d0 = 0;
+      for (; d0 + 64 <= hd; d0 += 64) {  // 64 of the head's numbers in four registers over all positions
+        vf acc[4] = {};
+        for (int64_t t = 0; t < L; ++t) {
+          const float* vt = vh + t * hd + d0;
+          for (int c = 0; c < 4; ++c) acc[c] += score[t] * load_vf(vt + 16 * c);
+        }
+        std::memcpy(oh + d0, acc, sizeof(acc));
+      }
+      for (int64_t d = d0; d < hd; ++d) {
+        float acc = 0.f;
+        for (int64_t t = 0; t < L; ++t) acc += score[t] * vh[t * hd + d];
+        oh[d] = acc;
+      }
+    }
+  });
+  return out;
+}
+
+// silu(g)·u, the gated MLP's middle, for (M, F) rows.
+torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
+  TORCH_CHECK(g.scalar_type() == torch::kFloat && g.is_contiguous() && u.sizes() == g.sizes() && u.is_contiguous() &&
+                  u.scalar_type() == torch::kFloat, "g, u: same shape, contiguous fp32");
+  auto out = torch::empty_like(g);
+  const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < g.numel(); ++i) op[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
   return out;
 }
 
@@ -328,5 +507,8 @@ torch::Tensor interleave(torch::Tensor blocks, int64_t kind) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("interleave", &interleave, "row-major blocks -> groups of 4 rows, blocks interleaved (the layout `linear` reads)");
   m.def("pack", &pack, "fp32 weight -> (Q4_1 / Q8_0 blocks, rows given back exactly)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row (LlamaRMSNorm in fp32)");
+  m.def("attend", &attend, "one query token through one attention layer with a static cache (RoPE, GQA, softmax)");
+  m.def("silu_mul", &silu_mul, "silu(g) * u");
   m.def("linear", &packed_linear, "y = x W^T (+ s (x A^T) B^T), W in Q4_1 (kind 0) or Q8_0 (kind 1) blocks");
 }
