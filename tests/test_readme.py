@@ -109,6 +109,7 @@ def _bench_chat(ws: Path, proc: subprocess.CompletedProcess) -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["new_tokens"] > 0 and out["packed_decoder"]  # the shipped model decodes on its packed weights
     assert set(out["bare"]["by_attention"]) == {"sdpa", "eager"} and out["decode_speedup"] > 0  # the same-run anchor
+    assert len(out["tokens_per_s_runs"]) == len(out["bare"]["runs"]) == 3  # ours and the anchor's in turn, 3 each
     assert out["next_turn"]["prompt_tokens"] > out["prompt_tokens"] + out["new_tokens"]  # the answer, then a question
 
 
