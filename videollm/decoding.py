@@ -112,9 +112,9 @@ class PackedDecoder:
         self.layers = llm.model.layers
         self.norm = llm.model.norm
         self.rotary = llm.model.rotary_emb
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.eps, self.hidden = config.rms_norm_eps, config.hidden_size
+        self.eps = config.rms_norm_eps
         self.scaling = self.layers[0].self_attn.scaling
         self.ext = llm.get_output_embeddings().ext  # the packed-weight kernel: also the step's norm and attention
         self.prefix = PrefixCache()

@@ -59,6 +59,16 @@ inline float hsum(vf v) {
   return s;
 }
 
+// Σ a_i b_i over n numbers, 16 lanes at a time.
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc += load_vf(a + i) * load_vf(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // One block's contribution d·Σ q_j x_j to a row's accumulator, per instruction set: x86 builds use
 // AVX-512 or AVX2 + F16C intrinsics (GCC turns the generic code's byte → float conversions into
 // scalar loops); other targets use the generic vector code. `XB` is a block of x loaded
@@ -200,18 +210,11 @@ void groups_range(const uint8_t* wp, int64_t g0, int64_t g1, const float* xp, co
   }
 }
 
-// s·x·Aᵀ (M, r) for x (M, K), A (r, K): r dot products of length K per row of x, 16 lanes wide.
+// s·x·Aᵀ (M, r) for x (M, K), A (r, K): r dot products of length K per row of x.
 std::vector<float> lora_down(const float* xp, const float* ap, int64_t M, int64_t K, int64_t r, float scale) {
   std::vector<float> t(M * r);
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t j = 0; j < r; ++j) {
-      vf acc{};
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16) acc += load_vf(ap + j * K + k) * load_vf(xp + m * K + k);
-      float s = hsum(acc);
-      for (; k < K; ++k) s += ap[j * K + k] * xp[m * K + k];
-      t[m * r + j] = scale * s;
-    }
+    for (int64_t j = 0; j < r; ++j) t[m * r + j] = scale * dot(ap + j * K, xp + m * K, K);
   }
   return t;
 }
@@ -276,13 +279,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   float* op = out.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     const float* row = xp + m * D;
-    vf acc{};
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16) acc += load_vf(row + d) * load_vf(row + d);
-    float ss = hsum(acc);
-    for (; d < D; ++d) ss += row[d] * row[d];
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-    for (d = 0; d < D; ++d) op[m * D + d] = wp[d] * (row[d] * r);
+    const float r = 1.f / std::sqrt(dot(row, row, D) / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) op[m * D + d] = wp[d] * (row[d] * r);
   }
   return out;
 }
