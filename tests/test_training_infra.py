@@ -10,7 +10,7 @@ import torch
 from encoder.errors import UserError
 from training.checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
 from training.config import keys_help, load_config, parse_overrides
-from training.recipe import lr_schedule, open_run, param_groups
+from training.recipe import claim_run, lr_schedule, open_run, param_groups
 
 
 @dataclasses.dataclass
@@ -147,3 +147,29 @@ def test_a_folder_holding_a_run_is_refused_without_resume(tmp_path):
     with pytest.raises(UserError, match="already holds a run \\(metrics.jsonl\\); pass resume=true"):
         open_run(tmp_path / "old", resume=False)
     assert open_run(tmp_path / "old", resume=True) is None  # nothing to resume from: step 0
+
+
+def test_every_process_checks_the_folder_before_the_main_one_writes_its_config(tmp_path):
+    """A late process of a multi-process launch must not take the main process's fresh config.yaml
+    for an old run: the check comes before the barrier, the write after it."""
+    run_dir = tmp_path / "run"
+    events = []
+
+    class Other:  # a non-main process; the main one writes its config the moment the barrier opens
+        is_main = False
+
+        @staticmethod
+        def wait():
+            events.append("wait")
+            run_dir.mkdir()
+            (run_dir / "config.yaml").write_text("steps: 2\n")
+
+    assert claim_run(Other, run_dir, resume=False, config_yaml="steps: 2\n") is None
+    assert events == ["wait"]
+
+    class Main:
+        is_main = True
+        wait = staticmethod(lambda: events.append("main wait"))
+
+    assert claim_run(Main, tmp_path / "fresh", resume=False, config_yaml="steps: 3\n") is None
+    assert (tmp_path / "fresh" / "config.yaml").read_text() == "steps: 3\n"

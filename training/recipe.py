@@ -358,6 +358,18 @@ def open_run(run_dir: Path, resume: bool) -> Path | None:
     return ckpt
 
 
+def claim_run(engine: Engine, run_dir: Path, resume: bool, config_yaml: str) -> Path | None:
+    """`open_run` on every process, then the main one writes the run's config. Every process
+    checks the folder before any writes to it: a process that starts late would otherwise find
+    the main process's fresh config.yaml and refuse the run as an old one."""
+    resume_from = open_run(run_dir, resume)
+    engine.wait()
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
+    return resume_from
+
+
 class Progress:
     """A tqdm bar on a terminal, else (a log file) a log line with the ETA at every logged step."""
 
@@ -439,15 +451,12 @@ def _run(recipe: Recipe, asked: list[str]) -> dict[str, Any]:
     cfg.validate()
     run_dir = Path(cfg.output_dir)
     recipe.engine = engine = Engine(cfg)
-    resume_from = open_run(run_dir, cfg.resume)
+    config_yaml = to_yaml(cfg) + f"# world_size: {engine.world} (processes; the global batch is batch_size × " \
+                                 f"world_size × grad_accum)\n"
+    resume_from = claim_run(engine, run_dir, cfg.resume, config_yaml)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)  # random, numpy, torch
-    config_yaml = to_yaml(cfg) + f"# world_size: {engine.world} (processes; the global batch is batch_size × " \
-                                 f"world_size × grad_accum)\n"
-    if engine.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", config_yaml)
 
     model = recipe.setup(engine)
     optim = recipe.optim
