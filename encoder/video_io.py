@@ -29,7 +29,9 @@ import json
 import logging
 import math
 import mmap
+import queue
 import sys
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -286,12 +288,58 @@ def _collect(decoded, count: int, frame_fn=None):
     """`count` decoded frames (H, W, 3) uint8 → one `_frame_buffer` (count, H, W, 3), or, with
     `frame_fn`, the list of ``frame_fn(frame)``: each frame is dropped once it is mapped."""
     if frame_fn is not None:
-        return [frame_fn(frame) for frame in decoded]
+        return [frame_fn(frame) for frame in _ahead(decoded)]
     frames = None
     for k, frame in enumerate(decoded):
         frames = _frame_buffer(count, frame.shape) if frames is None else frames
         frames[k] = frame
     return frames
+
+
+def _ahead(frames, depth: int = 2):
+    """The items of the generator `frames`, produced in a thread of their own up to `depth` ahead.
+
+    A decoder uses what the cores have only in part (an H.264 stream decodes frame after frame),
+    so the caller's work on one frame (a resize, which lets go of the GIL) runs while the next is
+    decoded. An error in the generator is raised here; stopping early stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in frames:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            result = (done, None)
+        except BaseException as err:  # raised again in the caller's thread
+            result = (done, err)
+        while not stop.is_set():
+            try:
+                items.put(result, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    thread = threading.Thread(target=produce, name="video-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = items.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _DecordReader:

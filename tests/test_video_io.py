@@ -516,3 +516,31 @@ def test_without_the_resize_kernel_native_is_the_reference(monkeypatch):
     frames = np.random.default_rng(0).integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
     monkeypatch.setattr(transforms, "resize_kernel", lambda: None)
     assert torch.equal(transforms.frames_to_tensor(frames, 24, native=True), transforms.frames_to_tensor(frames, 24))
+
+
+def test_frames_decoded_ahead_come_in_order_errors_reach_the_caller_and_stopping_stops_the_decoder():
+    import threading
+
+    assert list(video_io._ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise VideoReadError("clip.mp4", "frame 2 could not be decoded")
+
+    got = []
+    with pytest.raises(VideoReadError, match="frame 2"):
+        for item in video_io._ahead(failing()):
+            got.append(item)
+    assert got == [1]
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    frames = video_io._ahead(endless(), depth=2)
+    assert [next(frames) for _ in range(3)] == [0, 1, 2]
+    frames.close()  # the caller stops early (its frame_fn raised): the decoding thread ends
+    assert not any(t.name == "video-decode" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1

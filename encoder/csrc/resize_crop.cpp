@@ -133,5 +133,7 @@ torch::Tensor resize_crop(torch::Tensor frames, int64_t new_h, int64_t new_w, in
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("resize_crop", &resize_crop, "uint8 frames (T,H,W,3) -> normalised centre crop (3,T,S,S), antialiased bilinear");
+  // The GIL is let go: a reader thread decodes the next frame while this one is resized.
+  m.def("resize_crop", &resize_crop, "uint8 frames (T,H,W,3) -> normalised centre crop (3,T,S,S), antialiased bilinear",
+        py::call_guard<py::gil_scoped_release>());
 }
