@@ -86,7 +86,14 @@ def test_init_from_default_starts_from_exactly_the_shipped_model(shipped, tmp_pa
     inputs = processor([{"role": "user", "content": "What colour is the moving object?"}],
                        video=make_clip(1, 16, 64, "motion").frames)
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, continued(**inputs).logits)
+        # The shipped model is loaded for inference: its prefill runs the adapter merged (float rounding).
+        torch.testing.assert_close(model(**inputs).logits, continued(**inputs).logits, rtol=1e-5, atol=1e-3)
+    adapters = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "lora_a", None), torch.Tensor)}
+    trained = dict(continued.named_parameters())
+    assert len(adapters) > 100
+    for name, layer in adapters.items():  # the very same adapter weights
+        assert torch.equal(trained[f"{name}.lora_A.default.weight"], layer.lora_a)
+        assert torch.equal(trained[f"{name}.lora_B.default.weight"], layer.lora_b)
     words = [w for group in model.config.projector_config.words for w in group]
     rows = word_embedding_rows(model.get_input_embeddings().weight, processor.tokenizer, words)
     assert torch.equal(F.normalize(rows - rows.mean(0), dim=-1), model.projector.anchor_keys)

@@ -78,7 +78,8 @@ def test_packed_linear_matches_the_dense_layer_with_lora(kind, monkeypatch):
     w[3] = torch.randn(64, generator=gen)  # a dense row
     lora_a, lora_b = torch.randn(4, 64, generator=gen), torch.randn(37, 4, generator=gen)
     bias = torch.randn(37, generator=gen)
-    layer = PackedLinear(torch.nn.Parameter(w), torch.nn.Parameter(bias), pack_weight(w, EXT), EXT, lora_a, lora_b, 0.5)
+    layer = PackedLinear(torch.nn.Parameter(w.clone()), torch.nn.Parameter(bias), pack_weight(w, EXT), EXT, lora_a, lora_b,
+                         0.5)  # the adapter is merged into its weight in place
     dense = torch.nn.functional.linear
     for rows in (1, 3, 4, 9):  # the kernel up to 4 rows (decoding), the dense path beyond
         x = torch.randn(1, rows, 64, generator=gen)
@@ -110,6 +111,34 @@ def test_packing_replaces_block_layers_and_keeps_lora_unmerged():
         last = llm(input_ids=x[:, -1:], past_key_values=llm(input_ids=x[:, :-1], use_cache=True).past_key_values).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last[:, -1], before[:, -1], rtol=1e-4, atol=1e-4)  # a decoding step: the kernel
+
+
+def test_merging_the_adapter_leaves_tied_weights_and_the_weights_file_alone(tmp_path):
+    """The adapter is merged into the dense weight for the prefill: in place, but never into a weight
+    another module reads (the LM head tied to the embedding), nor into the file the LLM was loaded from."""
+    from peft import LoraConfig, get_peft_model
+
+    gguf_llama().save_pretrained(tmp_path / "llm")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "llm").eval()
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    llm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    for name, p in llm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    x = torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        before = llm(input_ids=x).logits
+    pack_language_model(llm)
+    model = llm.base_model.model
+    assert isinstance(model.lm_head, PackedLinear) and model.lm_head.lora_a is not None
+    assert torch.equal(model.model.embed_tokens.weight, original["model.embed_tokens.weight"])  # the tied input side
+    q = model.model.layers[0].self_attn.q_proj
+    assert not torch.equal(q.weight, original["model.layers.0.self_attn.q_proj.weight"])  # merged
+    with torch.no_grad():
+        torch.testing.assert_close(llm(input_ids=x).logits, before, rtol=1e-5, atol=1e-4)
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "llm")
+    for name, p in again.named_parameters():
+        assert torch.equal(p, original[name]), name
 
 
 def test_decoder_steps_match_the_transformers_forward():
