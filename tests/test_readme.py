@@ -110,6 +110,9 @@ def _bench_chat(ws: Path, proc: subprocess.CompletedProcess) -> None:
     assert out["new_tokens"] > 0 and out["packed_decoder"]  # the shipped model decodes on its packed weights
     assert set(out["bare"]["by_attention"]) == {"sdpa", "eager"} and out["decode_speedup"] > 0  # the same-run anchor
     assert len(out["tokens_per_s_runs"]) == len(out["bare"]["runs"]) == 3  # ours and the anchor's in turn, 3 each
+    # each of ours a first answer: the clip read and encoded again, the median time to first token reported
+    assert len(out["time_to_first_token_runs_s"]) == 3 and out["decode_s"] > 0 and out["encode_s"] > 0
+    assert out["time_to_first_token_s"] == sorted(out["time_to_first_token_runs_s"])[1]
     assert out["next_turn"]["prompt_tokens"] > out["prompt_tokens"] + out["new_tokens"]  # the answer, then a question
 
 

@@ -6,8 +6,10 @@ The anchor decodes the same number of tokens after a prompt of the same length (
 placeholders as ordinary tokens), greedy, without a streamer, with SDPA and with eager attention;
 the faster of the two is the anchor. Both speeds are measured ``--repeats`` times, ours and the
 anchor's in turn, and their medians compared: a shared machine's speed drifts from minute to minute,
-and one measurement each can land on either side of a drift. peak_rss_mb is ours alone, read before
-the anchor's LLM loads.
+and one measurement each can land on either side of a drift. Each of ours is a whole first answer (the
+video read from its file, nothing kept from the last answer), so time to first token, decode and
+encode times are medians over the same runs. peak_rss_mb is ours alone, read before the anchor's LLM
+loads.
 
 ``next_turn``: a follow-up question about the same clip (decoded once, as `videollm chat` and the
 demo keep it), with the answer in the conversation: the start of its prompt comes from the last
@@ -45,8 +47,8 @@ def parse_args(argv):
     p.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the bare base LLM's own generate (the speed-up's anchor)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="decoding speeds measured this many times each, ours and the bare LLM's in turn; "
-                        "medians compared (a shared machine's speed drifts from minute to minute)")
+                   help="first answers (ours) and decoding speeds (the bare LLM's) measured this many times each, "
+                        "in turn; medians reported (a shared machine's speed drifts from minute to minute)")
     p.add_argument("--cache-dir", default=None, help="LLM cache (default: $VIDEOMAP_LLM_CACHE or ~/.cache/…)")
     return p.parse_args(argv)
 
@@ -103,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                                        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens))
         return timing, text
 
+    def new_conversation():
+        if model.packed_decoder is not None:
+            model.packed_decoder.prefix.clear()  # nothing kept from the last answer
+
     if args.warmup:
         answer(2)
-        if model.packed_decoder is not None:
-            model.packed_decoder.prefix.clear()  # the measured answer is a new conversation
+        new_conversation()
     timing, text = answer(args.max_new_tokens)
     with_anchor = args.anchor and model.config.base_llm
     # Decoded once for the next turn (as the chat keeps it) and the anchor's prompt.
@@ -119,26 +124,36 @@ def main(argv: list[str] | None = None) -> int:
         next_turn = {"prompt_tokens": turn.prompt_tokens, "encode_s": round(turn.encode_seconds, 3),
                      "time_to_first_token_s": round(turn.time_to_first_token, 3)}
     peak = peak_rss_mb()  # ours alone: the anchor's LLM loads next
-    ours = [timing.tokens_per_second]
+    runs = [timing]
     bare = None
+    llm = tokenizer = ids = None
     if with_anchor:
         llm, tokenizer = load_llm(model.config.base_llm, cache_dir=args.cache_dir)
         ids = anchor_prompt(llm, tokenizer, processor(args.question, video=clip)["input_ids"])
-        by_attention = []
-        for r in range(max(1, args.repeats)):
-            if r:  # ours again, the same question about the decoded clip, between the anchor's runs
-                ours.append(answer(args.max_new_tokens, clip)[0].tokens_per_second)
+    by_attention = []
+    for r in range(max(1, args.repeats)):
+        if r:  # ours again, the first question of a new conversation read from the file, between the anchor's runs
+            new_conversation()
+            runs.append(answer(args.max_new_tokens)[0])
+        if with_anchor:
             by_attention.append(bare_speeds(llm, ids, args.max_new_tokens))
+    if with_anchor:
         medians = {a: round(statistics.median(run[a] for run in by_attention), 2) for a in by_attention[0]}
         bare = {"llm": model.config.base_llm, "tokens_per_s": max(medians.values()), "by_attention": medians,
                 "runs": by_attention}
-    tokens_per_s = round(statistics.median(ours), 2)
+
+    def median(field: str, digits: int = 3) -> float:
+        return round(statistics.median(getattr(run, field) for run in runs), digits)
+
+    tokens_per_s = median("tokens_per_second", 2)
     print(json.dumps({
         "bench": "chat", "model": str(args.model), **model_label(model, processor), "video": args.video,
         "frames": timing.num_frames, "video_tokens": timing.video_tokens, "prompt_tokens": timing.prompt_tokens,
-        "new_tokens": timing.new_tokens, "decode_s": round(timing.decode_seconds, 3),
-        "encode_s": round(timing.encode_seconds, 3), "time_to_first_token_s": round(timing.time_to_first_token, 3),
-        "tokens_per_s": tokens_per_s, "tokens_per_s_runs": [round(t, 2) for t in ours], "peak_rss_mb": round(peak, 1),
+        "new_tokens": timing.new_tokens, "decode_s": median("decode_seconds"), "encode_s": median("encode_seconds"),
+        "time_to_first_token_s": median("time_to_first_token"),
+        "time_to_first_token_runs_s": [round(run.time_to_first_token, 3) for run in runs],
+        "tokens_per_s": tokens_per_s, "tokens_per_s_runs": [round(run.tokens_per_second, 2) for run in runs],
+        "peak_rss_mb": round(peak, 1),
         "threads": torch.get_num_threads(), "packed_decoder": model.packed_decoder is not None,
         **({"frames_auto": budget} if budget else {}), **({"next_turn": next_turn} if next_turn else {}),
         **({"bare": bare, "decode_speedup": round(tokens_per_s / bare["tokens_per_s"], 2)} if bare else {}),
