@@ -148,3 +148,17 @@ def test_the_model_card_and_config_state_the_domain():
     scope = json.loads((DEFAULT_WEIGHTS / "config.json").read_text())["scope"]
     assert "synthetic" in scope and "ImageNet" in scope and "--model" in scope
     assert f"## What it knows\n\n{scope}\n" in (DEFAULT_WEIGHTS / "MODEL_CARD.md").read_text()
+
+
+def test_an_inference_load_builds_the_kernels_an_answer_runs():
+    """`load_videollm` (chat, demo, API) has the frame resize and scan kernels ready, so the first
+    question after a fresh install does not wait for them (a fresh process: nothing built before)."""
+    import subprocess
+    import sys
+
+    code = ("import json; from encoder import native; from videollm.modeling_videollm import load_videollm; "
+            "load_videollm(); print(json.dumps(sorted(p.name for p, (ext, _) in native._LOADED.items() "
+            "if ext is not None)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert {"resize_crop.cpp", "selective_scan.cpp", "packed_linear.cpp"} <= set(json.loads(out.stdout.splitlines()[-1]))

@@ -30,6 +30,8 @@ from transformers.modeling_outputs import ModelOutput
 
 from encoder.build import build_encoder
 from encoder.errors import UserError
+from encoder.scan import load_cpu_kernel
+from encoder.transforms import resize_kernel
 from videollm.configuration_videollm import PROJECTOR_CONFIGS, VIDEO_TOKEN, VideoLLMConfig, make_projector_config
 from videollm.decoding import PackedDecoder, generate_packed
 from videollm.llm import load_llm
@@ -505,7 +507,18 @@ def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bo
     processor = VideoLLMProcessor.from_pretrained(path, model.config, num_frames=num_frames,
                                                   use_time_line=use_time_line)
     processor.native_resize = pack and not is_trainable
+    if processor.native_resize:
+        build_answer_kernels(model)
     return model.eval(), processor
+
+
+def build_answer_kernels(model) -> None:
+    """Build the C++ kernels an answer runs (the frame resize; the scan of a VideoMAP encoder on the
+    CPU) while the model loads: built once per machine and cached, they would otherwise make the
+    first question after a fresh install wait about a minute before its first token."""
+    resize_kernel()
+    if model.config.vision_config.model_type == "videomap" and model.device.type == "cpu":
+        load_cpu_kernel()
 
 
 AutoModelForCausalLM.register(VideoLLMConfig, VideoLLMForCausalLM, exist_ok=True)
