@@ -306,26 +306,25 @@ def _ahead(frames, depth: int = 2):
     stop = threading.Event()
     done = object()
 
+    def offer(entry) -> bool:
+        """Queue `entry` unless the caller stopped first."""
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def produce():
         try:
             for item in frames:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not offer((item, None)):
                     return
             result = (done, None)
         except BaseException as err:  # raised again in the caller's thread
             result = (done, err)
-        while not stop.is_set():
-            try:
-                items.put(result, timeout=0.1)
-                return
-            except queue.Full:
-                pass
+        offer(result)
 
     thread = threading.Thread(target=produce, name="video-decode", daemon=True)
     thread.start()

@@ -514,8 +514,8 @@ def load_videollm(path=None, *, num_frames: int | None = None, use_time_line: bo
 
 def build_answer_kernels(model) -> None:
     """Build the C++ kernels an answer runs (the frame resize; the scan of a VideoMAP encoder on the
-    CPU) while the model loads: built once per machine and cached, they would otherwise make the
-    first question after a fresh install wait about a minute before its first token."""
+    CPU) while the model loads: built once per machine and cached, they would otherwise be built
+    while the first question after a fresh install waits for its first token."""
     resize_kernel()
     if model.config.vision_config.model_type == "videomap" and model.device.type == "cpu":
         load_cpu_kernel()

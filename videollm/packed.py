@@ -14,15 +14,16 @@ rank-r side path, so the weights stay the GGUF's) for inference:
   on the blocks, LoRA in the same call;
 - more rows (prefill, scoring) or no kernel: `F.linear` on the dense weight with the adapter merged
   into it, `PackedLinear.forward_ref`, the reference the kernel is tested against. Merged, a LoRA
-  layer's prefill is one GEMM where the side path took two more and a scaled add (a sixth of the
-  prefill). The merge is in place (the blocks keep the base weights), into a copy for a weight another
-  module shares (tied embeddings).
+  layer's prefill is one GEMM where the side path took two more and a scaled add. The merge is in
+  place (the blocks keep the base weights), into a copy for a weight another module shares (tied
+  embeddings).
 
 `pack_language_model(llm)` swaps them in; `load_videollm` does it for inference loads.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,9 +184,7 @@ def pack_language_model(llm: nn.Module) -> dict:
             parts = module, None, None, 1.0
         if parts is not None:
             targets.append((name, parts))
-    uses: dict[int, int] = {}
-    for _, p in llm.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    uses = Counter(id(p) for _, p in llm.named_parameters(remove_duplicate=False))  # tied weights count twice
     skip = set()
     for name, (base, lora_a, lora_b, scale) in targets:
         if any(name.startswith(s + ".") for s in skip):
